@@ -1,0 +1,1 @@
+"""The functional core: pure values and arithmetic, no I/O (see docs/architecture.md)."""

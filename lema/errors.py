@@ -1,0 +1,45 @@
+"""The exception hierarchy of LEMA.
+
+Every error a user can cause derives from :class:`LemaError` and from the builtin it most
+resembles, so ``except ValueError`` keeps working for callers who do not know LEMA. Messages
+name the thing, the value, the bound and the fix; the CLI prints them as one
+``Error: ...`` line.
+"""
+
+from __future__ import annotations
+
+
+class LemaError(Exception):
+    """Base class of every error LEMA raises on purpose."""
+
+
+class ConfigError(LemaError, ValueError):
+    """A configuration value (or a size string, or a CLI option) is invalid."""
+
+
+class ModelFormatError(LemaError, ValueError):
+    """A model file or folder is missing, corrupt, or not an architecture LEMA knows."""
+
+
+class DoesNotFitError(LemaError, MemoryError):
+    """The memory plan does not fit the device (or host) budget.
+
+    Attributes:
+        plan: the :class:`lema.domain.planner.MemoryPlan` that did not fit, if known.
+    """
+
+    def __init__(self, message: str, plan: object | None = None) -> None:
+        super().__init__(message)
+        self.plan = plan
+
+
+class DeviceOutOfMemory(LemaError, MemoryError):
+    """A device was asked to hold more bytes than its capacity."""
+
+
+class CheckpointError(LemaError, ValueError):
+    """A checkpoint or adapter directory is missing, corrupt, or for another model."""
+
+
+class DataError(LemaError, ValueError):
+    """A training data file is empty, malformed, or not UTF-8."""

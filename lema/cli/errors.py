@@ -1,0 +1,42 @@
+"""Turn LEMA's exceptions into one ``Error: ...`` line and an exit status."""
+
+from __future__ import annotations
+
+import click
+
+from lema.errors import DoesNotFitError, LemaError
+
+EXIT_DOES_NOT_FIT = 1
+EXIT_BAD_INPUT = 2
+
+
+class CliError(click.ClickException):
+    """A ClickException with a chosen exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class LemaGroup(click.Group):
+    """A click group that reports LEMA errors without a traceback."""
+
+    def invoke(self, ctx: click.Context):  # noqa: D401 - click API
+        try:
+            return super().invoke(ctx)
+        except DoesNotFitError as exc:
+            raise CliError(str(exc), EXIT_DOES_NOT_FIT) from None
+        except LemaError as exc:
+            raise CliError(str(exc), EXIT_BAD_INPUT) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(_describe_os_error(exc), EXIT_BAD_INPUT) from None
+
+
+def _describe_os_error(exc: Exception) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return f"no such file or directory: {exc.filename}"
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {exc.filename}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"input is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+    return str(exc)

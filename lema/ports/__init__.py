@@ -1,0 +1,1 @@
+"""Ports: typing.Protocol interfaces between the pure core and the adapters."""

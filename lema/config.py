@@ -1,0 +1,149 @@
+"""LemaConfig: everything a training run is configured by (frozen, validated).
+
+Example:
+    >>> from lema import LemaConfig, MemoryStrategy
+    >>> cfg = LemaConfig(model_name_or_path="tiny", gbi_path="tiny.safetensors", lora_rank=8)
+    >>> cfg.strategy is MemoryStrategy.STREAMING
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Sequence
+
+import attrs
+
+from lema.domain.strategy import MemoryStrategy
+from lema.domain.units import parse_size
+from lema.errors import ConfigError
+
+__all__ = ["LemaConfig", "MemoryStrategy"]
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+
+
+def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{attribute.name}: {value!r} must be a positive integer")
+
+
+def _non_negative_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{attribute.name}: {value!r} must be an integer >= 0")
+
+
+def _check_size(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None:
+        parse_size(value, field=attribute.name)
+
+
+def _targets(value: Sequence[str] | str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    return tuple(value)
+
+
+@attrs.frozen(kw_only=True)
+class LemaConfig:
+    """Configuration of a LEMA model and its training run.
+
+    Attributes:
+        model_name_or_path: Hugging Face id or folder of the base model (config, tokenizer).
+        gbi_path: the monolithic ``.safetensors`` file with the weights (made by
+            ``prepare_monolithic_safetensors``); None to read ``model_name_or_path`` directly
+            when it is a local file or folder of safetensors.
+        strategy: ``MemoryStrategy.STREAMING`` (default), ``RESIDENT`` or ``AUTO``.
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        dtype: compute dtype of the base weights; ``"auto"`` keeps the file's.
+        lora_rank, lora_alpha, lora_dropout, lora_target_modules, use_rslora: the adapter.
+            ``lora_target_modules=None`` uses the architecture's default (all attention and
+            MLP projections for Llama-family models, ``c_attn`` for GPT-2).
+        gradient_checkpointing: keep only each layer's input and recompute in backward.
+        prefetch_distance: how many layers are read ahead of the one computing.
+        vram_budget, ram_budget: byte sizes ("8G", an int) the plan must fit; None = the
+            device's capacity (CUDA) or unlimited (CPU).
+        batch_size, max_seq_len: the training shape the memory plan is checked for.
+        max_grad_norm: clip the LoRA gradients' global norm (None or 0 to disable).
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        seed: seeds the adapter initialisation and dropout.
+    """
+
+    model_name_or_path: str | None = None
+    gbi_path: str | None = None
+    strategy: MemoryStrategy = attrs.field(default=MemoryStrategy.STREAMING, converter=MemoryStrategy.parse)
+    device: str = "auto"
+    dtype: str = "auto"
+    lora_rank: int = attrs.field(default=16, validator=_positive_int)
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] | None = attrs.field(default=None, converter=_targets)
+    use_rslora: bool = False
+    gradient_checkpointing: bool = True
+    prefetch_distance: int = attrs.field(default=2, validator=_non_negative_int)
+    vram_budget: str | int | None = attrs.field(default=None, validator=_check_size)
+    ram_budget: str | int | None = attrs.field(default=None, validator=_check_size)
+    batch_size: int = attrs.field(default=1, validator=_positive_int)
+    max_seq_len: int = attrs.field(default=512, validator=_positive_int)
+    max_grad_norm: float | None = 1.0
+    gradient_accumulation_steps: int = attrs.field(default=1, validator=_positive_int)
+    seed: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        problems = []
+        if self.model_name_or_path is None and self.gbi_path is None:
+            problems.append("model_name_or_path or gbi_path: one of them is required")
+        if not isinstance(self.device, str) or not _DEVICE.match(self.device):
+            problems.append(f"device: {self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if not isinstance(self.dtype, str) or self.dtype.lower() not in _DTYPES:
+            problems.append(f"dtype: {self.dtype!r} must be one of {', '.join(_DTYPES)}")
+        if self.lora_alpha is not None and not (_finite(self.lora_alpha) and self.lora_alpha > 0):
+            problems.append(f"lora_alpha: {self.lora_alpha!r} must be a positive number")
+        if not (_finite(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0):
+            problems.append(f"lora_dropout: {self.lora_dropout!r} must be in [0, 1)")
+        if self.max_grad_norm is not None and not (_finite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            problems.append(f"max_grad_norm: {self.max_grad_norm!r} must be a number >= 0 or None")
+        if self.lora_target_modules is not None and (
+            not self.lora_target_modules or not all(isinstance(t, str) and t for t in self.lora_target_modules)
+        ):
+            problems.append(f"lora_target_modules: {self.lora_target_modules!r} must be a non-empty list of names")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            problems.append(f"seed: {self.seed!r} must be an integer")
+        if problems:
+            raise ConfigError("invalid LemaConfig: " + "; ".join(problems))
+
+    @property
+    def alpha(self) -> float:
+        """LoRA alpha; defaults to twice the rank when not given."""
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    @property
+    def vram_bytes(self) -> int | None:
+        return None if self.vram_budget is None else parse_size(self.vram_budget, field="vram_budget")
+
+    @property
+    def ram_bytes(self) -> int | None:
+        return None if self.ram_budget is None else parse_size(self.ram_budget, field="ram_budget")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (for trainer_state.json)."""
+        out = attrs.asdict(self)
+        out["strategy"] = self.strategy.value
+        out["lora_target_modules"] = list(self.lora_target_modules) if self.lora_target_modules else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LemaConfig":
+        known = {f.name for f in attrs.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown LemaConfig fields: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -122,7 +122,8 @@ class LoraSpec:
             raise CheckpointError("adapter_config.json: " + "; ".join(problems))
         try:
             return cls(rank=config.get("r", 8), alpha=config.get("lora_alpha", 8),
-                       dropout=config.get("lora_dropout", 0.0), targets=tuple(sorted(targets or ())),
+                       dropout=config.get("lora_dropout", 0.0),
+                       targets=tuple(sorted(targets)) if targets is not None else None,
                        use_rslora=config.get("use_rslora", False))
         except ConfigError as exc:
             raise CheckpointError(f"adapter_config.json: {exc}") from exc

@@ -27,6 +27,16 @@ from lema.adapters.atomic import atomic_file
 from lema.domain.spec import DTYPES, dtype_code, torch_dtype
 
 Entry = tuple[str, "torch.dtype | str", Sequence[int]]
+_CODES = {dtype: code for code, (dtype, _) in DTYPES.items()}
+
+
+def code_of(dtype: torch.dtype | str) -> str:
+    """The safetensors dtype code of a torch dtype (any DTYPES entry) or a dtype name."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _CODES:
+            raise ValueError(f"dtype {dtype} cannot be stored in safetensors by LEMA")
+        return _CODES[dtype]
+    return dtype_code(dtype)
 
 
 def build_header(entries: Sequence[Entry], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -38,7 +48,7 @@ def build_header(entries: Sequence[Entry], metadata: Mapping[str, str] | None = 
     for name, dtype, shape in entries:
         if name in header or name == "__metadata__":
             raise ValueError(f"tensor name {name!r} appears twice or is reserved")
-        code = dtype_code(dtype)
+        code = code_of(dtype)
         nbytes = math.prod(shape) * DTYPES[code][1]
         header[name] = {"dtype": code, "shape": [int(s) for s in shape], "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -58,7 +68,7 @@ class SafetensorsWriter:
 
     def __init__(self, f: BinaryIO, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None) -> None:
         self._f = f
-        self._entries = [(n, torch_dtype(dtype_code(d)), tuple(int(s) for s in shape)) for n, d, shape in entries]
+        self._entries = [(n, torch_dtype(code_of(d)), tuple(int(s) for s in shape)) for n, d, shape in entries]
         self._next = 0
         f.write(build_header(entries, metadata))
 
@@ -67,8 +77,17 @@ class SafetensorsWriter:
         """Names still to be written, in order."""
         return [n for n, _, _ in self._entries[self._next:]]
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, *, cast: bool = False,
+              device: torch.device | str | None = None, chunk_bytes: int = 16 << 20) -> None:
         """Append the next tensor; it must match the header's next entry exactly.
+
+        Args:
+            name: must be the header's next name.
+            tensor: the data; its shape must match the header, and its dtype too unless
+                ``cast``.
+            cast: convert to the header's dtype in chunks of about ``chunk_bytes``, so the
+                converted copy never exists whole (peak RAM: the tensor plus one chunk).
+            device: where chunks are converted (default: where the tensor is).
 
         Raises:
             ValueError: wrong name (out of order), shape or dtype, or too many tensors.
@@ -78,16 +97,26 @@ class SafetensorsWriter:
         want_name, want_dtype, want_shape = self._entries[self._next]
         if name != want_name:
             raise ValueError(f"tensor {name!r} written out of order: the header expects {want_name!r} next")
-        if tuple(tensor.shape) != want_shape or tensor.dtype != want_dtype:
+        if tuple(tensor.shape) != want_shape or (tensor.dtype != want_dtype and not cast):
             raise ValueError(f"tensor {name!r} is {tensor.dtype}{list(tensor.shape)}, "
                              f"the header says {want_dtype}{list(want_shape)}")
-        t = tensor.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        if t.numel():
-            flat = t.contiguous().reshape(-1).view(torch.uint8)
-            self._f.write(memoryview(flat.numpy()))
+        flat = tensor.detach().contiguous().reshape(-1)
+        if tensor.dtype == want_dtype and device is None:
+            self._write_raw(flat)
+        else:
+            step = max(1, chunk_bytes // max(flat.element_size(), want_dtype.itemsize))
+            for i in range(0, flat.numel(), step):
+                part = flat[i:i + step]
+                if device is not None:
+                    part = part.to(device)
+                self._write_raw(part.to(want_dtype))
         self._next += 1
+
+    def _write_raw(self, flat: torch.Tensor) -> None:
+        if flat.device.type != "cpu":
+            flat = flat.cpu()
+        if flat.numel():
+            self._f.write(memoryview(flat.view(torch.uint8).numpy()))
 
     def finish(self) -> None:
         """Check that every tensor of the header was written."""

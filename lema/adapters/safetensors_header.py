@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from lema.domain.spec import DTYPES
+from lema.domain.spec import DTYPE_BYTES
 from lema.errors import ModelFormatError
 
 # The safetensors library refuses headers above 100 MB; so do we.
@@ -86,9 +86,9 @@ def read_header(path: str | os.PathLike[str], relative_to: str | os.PathLike[str
     for name, entry in header.items():
         try:
             dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            if dtype not in DTYPES or not all(isinstance(s, int) and s >= 0 for s in shape):
+            if dtype not in DTYPE_BYTES or not all(isinstance(s, int) and s >= 0 for s in shape):
                 raise ValueError
-            expected = math.prod(shape) * DTYPES[dtype][1]
+            expected = math.prod(shape) * DTYPE_BYTES[dtype]
         except (KeyError, TypeError, ValueError):
             problems.append(f"tensor {name!r} has a malformed entry {entry!r}")
             continue

@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import attrs
-import torch
 
 from lema.domain import architectures as arch
 from lema.domain.spec import ModelSpec
 from lema.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:  # torch is imported lazily so that planning (`lema plan`) never pays for it
+    import torch
 
 # Every adaptable linear module of a decoder layer, in the layer's execution order.
 MODULE_KEYS: dict[str, tuple[str, ...]] = {
@@ -178,7 +180,7 @@ def module_shape(spec: ModelSpec, key: str) -> tuple[int, int]:
     return (shape[0], shape[1]) if spec.family == "gpt2" else (shape[1], shape[0])
 
 
-LayerLora = dict[str, tuple[torch.Tensor, torch.Tensor]]
+LayerLora = "dict[str, tuple[torch.Tensor, torch.Tensor]]"
 
 
 @attrs.define(eq=False)
@@ -237,6 +239,8 @@ def init_lora(spec: ModelSpec, lora_spec: LoraSpec, seed: int | torch.Generator 
     """
     targets = resolve_targets(spec.family, lora_spec.targets)
     keys = module_keys(spec, targets)
+    import torch
+
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
     layers = []
     for _ in range(spec.n_layers):
@@ -260,6 +264,8 @@ def from_peft_state_dict(spec: ModelSpec, lora_spec: LoraSpec, tensors: Mapping[
     """
     keys = module_keys(spec, resolve_targets(spec.family, lora_spec.targets))
     prefix = _PEFT_LAYER_PREFIX[spec.family]
+    import torch
+
     found: dict[tuple[int, str, str], torch.Tensor] = {}
     unexpected: list[str] = []
     for name, tensor in tensors.items():

@@ -18,42 +18,58 @@ import json
 import math
 from typing import Any, Mapping
 
+from typing import TYPE_CHECKING
+
 import attrs
-import torch
 
 from lema.domain import architectures as arch
 from lema.errors import ModelFormatError
 
-# safetensors dtype code -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype code -> bytes per element. Kept free of torch so that reading a
+# header and planning (``lema plan``) never pays torch's multi-second import.
+DTYPE_BYTES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
 }
-_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def __getattr__(name: str) -> Any:
+    # ``DTYPES`` (code -> (torch dtype, bytes)) is built on first use so importing this
+    # module does not import torch.
+    if name == "DTYPES":
+        import torch
+
+        return {code: (getattr(torch, _TORCH_NAMES[code]), size) for code, size in DTYPE_BYTES.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+_NAMES = {**{name: code for code, name in _TORCH_NAMES.items()},
+          "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
           "fp32": "F32", "fp16": "F16", "bf16": "BF16", "half": "F16", "float": "F32"}
 
 
-def dtype_code(value: str | torch.dtype) -> str:
+def dtype_code(value: "str | torch.dtype") -> str:
     """Normalise ``torch.bfloat16`` / ``"bfloat16"`` / ``"bf16"`` / ``"BF16"`` to ``"BF16"``."""
-    if isinstance(value, torch.dtype):
-        value = str(value).removeprefix("torch.")
-    text = str(value)
-    if text.upper() in DTYPES:
+    text = str(value).removeprefix("torch.")
+    if text.upper() in DTYPE_BYTES:
         return text.upper()
     if text.lower() in _NAMES:
         return _NAMES[text.lower()]
     raise ModelFormatError(f"unknown dtype {value!r}; use float32, float16 or bfloat16")
 
 
-def torch_dtype(code: str) -> torch.dtype:
+def torch_dtype(code: str) -> "torch.dtype":
     """The torch dtype of a safetensors dtype code."""
-    return DTYPES[dtype_code(code)][0]
+    import torch
+
+    return getattr(torch, _TORCH_NAMES[dtype_code(code)])
 
 
 def itemsize(code: str) -> int:
     """Bytes per element of a safetensors dtype code."""
-    return DTYPES[dtype_code(code)][1]
+    return DTYPE_BYTES[dtype_code(code)]
 
 
 @attrs.frozen
@@ -234,7 +250,9 @@ class ModelSpec:
             raise ModelFormatError(f"weights do not match config.json ({dims.model_type}, "
                                    f"{dims.n_layers} layers): {shown}")
         layer_dtypes = [t.dtype for u, t in tensors if u not in (0, dims.n_layers + 1)]
-        code = max(set(layer_dtypes), key=layer_dtypes.count)
+        # The most common decoder dtype; ties broken by name so the result never depends on
+        # set iteration order (string hashing is randomised per process).
+        code = max(sorted(set(layer_dtypes)), key=layer_dtypes.count)
         return cls._build(dims, code, tensors, config)
 
     @classmethod

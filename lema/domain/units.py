@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 
 from lema.errors import ConfigError
 
@@ -38,7 +39,9 @@ def parse_size(value: str | int | float, *, field: str = "size") -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{field}: {value!r} is not a byte size; use e.g. 8G or 512M")
     if isinstance(value, (int, float)):
-        number, exponent = float(value), 0
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{field}: {value!r} is not a finite size; use e.g. 8G")
+        number, exponent = Fraction(value), 0
         text = repr(value)
     elif isinstance(value, str):
         match = _PATTERN.match(value)
@@ -47,13 +50,18 @@ def parse_size(value: str | int | float, *, field: str = "size") -> int:
                 f"{field}: {value!r} is not a byte size; use a number with an optional unit "
                 "K, M, G or T (binary: 8G = 8 GiB), e.g. 8G, 7.5GiB, 512M"
             )
-        number, exponent = float(match.group(1)), _UNITS[match.group(2).upper()]
+        # Exact arithmetic: a float would round byte counts above 2**53. A huge exponent
+        # ("1e999999") is refused before the big integer is built.
+        _, _, power = match.group(1).lower().partition("e")
+        if power and abs(int(power)) > 40:
+            raise ConfigError(f"{field}: {value!r} is out of range; use e.g. 8G")
+        number, exponent = Fraction(match.group(1)), _UNITS[match.group(2).upper()]
         text = repr(value)
     else:
         raise ConfigError(f"{field}: {value!r} is not a byte size; use e.g. 8G or 512M")
-    if math.isnan(number) or math.isinf(number):
-        raise ConfigError(f"{field}: {text} is not a finite size; use e.g. 8G")
     result = number * (1024**exponent)
+    if result > 2**80:
+        raise ConfigError(f"{field}: {text} is larger than any memory ({format_size(2**80)}); use e.g. 8G")
     if result < 1:
         raise ConfigError(f"{field}: {text} must be at least 1 byte; use e.g. 8G")
     return int(round(result))

@@ -1,0 +1,161 @@
+"""``lema plan --model PATH --vram 8G``: will this LoRA run fit, and if not, what would.
+
+Reads only the model's header or config (never a weight byte), so it answers in well
+under two seconds for any size of model. Exit status: 0 fits (or no budget to judge
+against), 1 does not fit (the message says what would), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from lema.errors import ConfigError, DoesNotFitError
+
+DEFAULT_BANDWIDTH = "24G"  # bytes/s: PCIe 4.0 x16 host -> device from pinned memory, roughly
+
+
+@click.command("plan")
+@click.option("--model", "model", metavar="PATH|NAME", help="A .safetensors file, an index.json, a Hugging Face "
+              "folder, a config.json, a built-in name (see --list-models) or a Hub id.")
+@click.option("--vram", metavar="SIZE", help="Device memory budget, e.g. 8G (binary units). "
+              "Default: the local GPU's total memory; without a GPU, no verdict.")
+@click.option("--ram", metavar="SIZE", help="Host RAM budget, e.g. 32G (default: not checked).")
+@click.option("--batch", type=int, default=1, show_default=True, help="Sequences per step.")
+@click.option("--seq", type=int, default=512, show_default=True, help="Tokens per sequence.")
+@click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank.")
+@click.option("--targets", metavar="A,B,...", help="LoRA target modules (default: the family's; 'all-linear').")
+@click.option("--strategy", default="streaming", show_default=True, help="streaming, resident or auto.")
+@click.option("--prefetch", type=int, default=2, show_default=True, help="Layers fetched ahead (slots = prefetch + 1).")
+@click.option("--dtype", metavar="DTYPE", help="Plan at this dtype (float16, bfloat16, float32); default: the file's.")
+@click.option("--config", "config_path", metavar="PATH", help="A config.json to use instead of the model's own.")
+@click.option("--device", "device_kind", default="cuda", show_default=True,
+              help="cuda or cpu (sets the runtime reserve and the attention path).")
+@click.option("--mode", default="train", show_default=True, help="train, or inference (forward only).")
+@click.option("--no-checkpointing", is_flag=True, help="Plan without gradient checkpointing.")
+@click.option("--reserve", metavar="SIZE", help="Runtime reserve (default 512M on cuda, 0 on cpu).")
+@click.option("--bandwidth", default=DEFAULT_BANDWIDTH, show_default=True, metavar="SIZE[/s]",
+              help="Host -> device bandwidth for the link time floor (assumed PCIe 4.0 x16).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--list-models", is_flag=True, help="List the built-in model names and exit.")
+def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: int, rank: int,
+         targets: str | None, strategy: str, prefetch: int, dtype: str | None, config_path: str | None,
+         device_kind: str, mode: str, no_checkpointing: bool, reserve: str | None, bandwidth: str,
+         as_json: bool, list_models: bool) -> None:
+    """Plan the device and host memory of a LoRA run, and say whether it fits."""
+    from lema.adapters.model_files import default_environment_allows_network, resolve_model
+    from lema.domain.planner import Budget, TrainingShape
+    from lema.domain.planner import plan as make_plan
+    from lema.domain.units import parse_size
+
+    if list_models:
+        _list_models(as_json)
+        return
+    if not model:
+        raise ConfigError("--model is required: a .safetensors file, a folder, a config.json or a built-in name "
+                          "(see `lema plan --list-models`)")
+    link = parse_size(bandwidth.removesuffix("/s"), field="--bandwidth")
+    budget, budget_source = None, ""
+    if vram is not None:
+        budget, budget_source = Budget.from_strings(vram, ram), "--vram"
+    elif ram is not None:
+        raise ConfigError("--ram needs --vram too (the device budget); e.g. --vram 8G --ram 32G")
+    shape = TrainingShape(batch=batch, seq=seq, lora_rank=rank, lora_targets=targets, strategy=strategy,
+                          prefetch=prefetch, dtype=dtype, gradient_checkpointing=not no_checkpointing,
+                          device_kind=device_kind, mode=mode,
+                          reserve_bytes=None if reserve is None else _reserve(reserve))
+    resolved = resolve_model(model, config_path, allow_network=default_environment_allows_network())
+    if budget is None:
+        from lema.adapters.device_probe import local_gpu_memory
+
+        gpu = local_gpu_memory()
+        if gpu is not None:
+            budget, budget_source = Budget(gpu[0]), gpu[1]
+    result = make_plan(resolved.spec, shape, budget)
+    floor = result.link_time_floor(link)
+    if as_json:
+        data = result.to_dict()
+        data["source"] = {"ref": model, "kind": resolved.source_kind,
+                          "path": None if resolved.weights_path is None else str(resolved.weights_path),
+                          "note": resolved.note}
+        data["budget_source"] = budget_source or None
+        data["link"] = {"bandwidth_bytes_per_s": link, "time_floor_s": floor}
+        click.echo(json.dumps(data, indent=2))
+    else:
+        _print_human(model, resolved, result, link, floor, budget_source)
+    if not result.fits:
+        raise DoesNotFitError(result.verdict(), result)
+
+
+def _reserve(text: str) -> int:
+    from lema.domain.units import parse_size
+
+    return 0 if text.strip() in ("0", "0B", "0G", "0M") else parse_size(text, field="--reserve")
+
+
+def _print_human(ref: str, resolved, result, link: int, floor: float, budget_source: str) -> None:  # noqa: ANN001
+    from rich.console import Console
+    from rich.table import Table
+
+    from lema.domain.units import format_size
+
+    console = Console(highlight=False, soft_wrap=True)
+    console.width = max(console.width, 110)  # room for the notes column when piped
+    m, s = result.model, result.shape
+    console.print(f"[bold]{ref}[/]: {m.model_type} ({m.family}), {m.n_layers} layers, hidden {m.hidden_size}, "
+                  f"{m.parameters:,} parameters, {format_size(m.weight_bytes)} {m.dtype} "
+                  f"(largest layer {format_size(m.largest_layer_bytes)}, head {format_size(m.head_bytes)})")
+    console.print(f"run: {s.mode}, batch {s.batch}, seq {s.seq}, LoRA rank {s.lora_rank} on "
+                  f"{','.join(m.lora_targets)}; {s.strategy.value}, prefetch {s.prefetch}, checkpointing "
+                  f"{'on' if s.gradient_checkpointing else 'off'}, {s.attention_path} attention, {s.device_kind}")
+    if resolved.note:
+        console.print(f"note: {resolved.note}")
+    table = Table(show_edge=False, pad_edge=False)
+    table.add_column("where")
+    table.add_column("component")
+    table.add_column("size", justify="right")
+    table.add_column("how")
+    for where, items, total in (("device", result.device_items, result.device_total),
+                                ("host", result.host_items, result.host_total)):
+        for item in items:
+            table.add_row(where, item.name, format_size(item.bytes), item.note)
+        table.add_row(where, "[bold]total[/]", f"[bold]{format_size(total)}[/]", "", end_section=True)
+    console.print(table)
+    console.print(f"link: {format_size(result.transfer_bytes_per_step)} host -> device per step; at "
+                  f"{format_size(link)}/s (assumed) at least {floor:.2f} s per step")
+    if result.budget is None:
+        console.print("no --vram given and no GPU visible: " + result.verdict())
+    elif result.fits:
+        where = "" if budget_source == "--vram" else f" (budget: {budget_source})"
+        console.print(f"[bold green]{result.verdict()}[/]{where}")
+    if result.recommendations:
+        console.print("recommendations:")
+    for rec in result.recommendations:
+        console.print(f"  - {rec}")
+
+
+def _list_models(as_json: bool) -> None:
+    from lema.adapters.builtin_models import builtin_config, builtin_names
+    from lema.domain.spec import ModelSpec
+    from lema.domain.units import format_size
+
+    rows = []
+    for name in builtin_names():
+        spec = ModelSpec.from_config(builtin_config(name))
+        rows.append({"name": name, "family": spec.family, "model_type": spec.model_type, "n_layers": spec.n_layers,
+                     "parameters": spec.parameters, "dtype": spec.dtype, "weight_bytes": spec.weight_bytes})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_edge=False, pad_edge=False)
+    for col, justify in (("name", "left"), ("type", "left"), ("layers", "right"), ("parameters", "right"),
+                         ("dtype", "left"), ("weights", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(r["name"], r["model_type"], str(r["n_layers"]), f"{r['parameters'] / 1e9:.2f} B", r["dtype"],
+                      format_size(r["weight_bytes"]))
+    Console(highlight=False).print(table)

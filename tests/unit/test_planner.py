@@ -1,0 +1,236 @@
+"""The memory planner: itemised bytes, verdicts, monotonicity, recommendations, transfers."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lema.adapters.builtin_models import builtin_config
+from lema.domain.planner import Budget, MemoryPlan, TrainingShape, max_resident_layers, plan
+from lema.domain.schedule import Fetch, build_schedule
+from lema.domain.spec import ModelSpec
+from lema.domain.strategy import MemoryStrategy
+from lema.errors import ConfigError
+
+GiB = 1024**3
+TINY = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_hidden_layers": 4, "intermediate_size": 96, "vocab_size": 128, "max_position_embeddings": 4096}
+SPECS = {name: ModelSpec.from_config(builtin_config(name)) for name in ("llama-2-7b", "gpt2", "qwen2.5-0.5b")}
+SPECS["tiny"] = ModelSpec.from_config(TINY, dtype="F32")
+
+specs = st.sampled_from(sorted(SPECS))
+strategies = st.sampled_from(list(MemoryStrategy))
+shapes = st.builds(
+    TrainingShape, batch=st.integers(1, 8), seq=st.integers(1, 2048), lora_rank=st.integers(1, 64),
+    strategy=strategies, prefetch=st.integers(0, 4), gradient_checkpointing=st.booleans(),
+    device_kind=st.sampled_from(["cuda", "cpu"]), mode=st.sampled_from(["train", "inference"]),
+)
+budgets = st.integers(64 * 1024**2, 64 * GiB)
+
+
+def _all_items(p: MemoryPlan):
+    return p.device_items + p.host_items
+
+
+@given(specs, shapes, budgets)
+def test_items_sum_to_totals_and_parts_to_items(name, shape, device):
+    p = plan(SPECS[name], shape, Budget(device))
+    assert p.device_total == sum(i.bytes for i in p.device_items)
+    assert p.host_total == sum(i.bytes for i in p.host_items)
+    d = p.to_dict()
+    assert d["device"]["total_bytes"] == sum(i["bytes"] for i in d["device"]["items"])
+    assert d["host"]["total_bytes"] == sum(i["bytes"] for i in d["host"]["items"])
+    for item in _all_items(p):
+        assert item.bytes >= 0
+        if item.parts:
+            assert item.bytes == sum(x.bytes for x in item.parts)
+    assert p.fits == (p.device_total <= device)
+    assert p.headroom_bytes == device - p.device_total
+
+
+@given(specs, shapes, budgets, st.integers(1, 16 * GiB))
+def test_more_vram_never_turns_fits_into_does_not_fit(name, shape, device, extra):
+    small = plan(SPECS[name], shape, Budget(device))
+    big = plan(SPECS[name], shape, Budget(device + extra))
+    assert not small.fits or big.fits
+
+
+@pytest.mark.parametrize("field, bump", [("batch", 1), ("seq", 7), ("lora_rank", 4), ("prefetch", 1)])
+@settings(max_examples=25)
+@given(name=specs, shape=shapes)
+def test_larger_shape_never_needs_less_memory(field, bump, name, shape):
+    """For fixed residency (STREAMING, RESIDENT) the device and host totals only grow."""
+    if shape.strategy is MemoryStrategy.AUTO:
+        shape = attrs.evolve(shape, strategy=MemoryStrategy.STREAMING)
+    a = plan(SPECS[name], shape)
+    b = plan(SPECS[name], attrs.evolve(shape, **{field: getattr(shape, field) + bump}))
+    assert b.device_total >= a.device_total
+    assert b.host_total >= a.host_total
+
+
+def _recommended(p: MemoryPlan, option: str) -> int | None:
+    for text in p.recommendations:
+        if f"{option} " in text and "largest" in text:
+            return int(text.split(f"{option} ")[1].split()[0])
+    return None
+
+
+@settings(max_examples=30)
+@given(specs, shapes, budgets)
+def test_recommended_batch_and_seq_really_fit(name, shape, device):
+    spec, budget = SPECS[name], Budget(device)
+    p = plan(spec, shape, budget)
+    batch, seq = _recommended(p, "--batch"), _recommended(p, "--seq")
+    if batch is not None:
+        assert plan(spec, attrs.evolve(shape, batch=batch), budget).fits
+        if batch < 1 << 14:
+            assert not plan(spec, attrs.evolve(shape, batch=batch + 1, strategy="streaming"), budget).fits
+    if seq is not None:
+        assert plan(spec, attrs.evolve(shape, seq=seq), budget).fits
+    if not p.fits:
+        assert p.fixes or any("nothing at this budget fits" in r for r in p.recommendations)
+        assert "DOES NOT FIT" in p.verdict()
+
+
+@given(specs, st.integers(0, 4), st.sampled_from(["train", "inference"]), st.data())
+def test_transfer_bytes_match_the_layer_schedule(name, prefetch, mode, data):
+    """The closed form equals the bytes of the Fetch steps of the real schedule."""
+    spec = SPECS[name]
+    n = spec.n_layers
+    k = data.draw(st.integers(0, n + 1))
+    budget = None
+    shape = TrainingShape(prefetch=prefetch, mode=mode, strategy="auto" if k else "streaming")
+    p = plan(spec, shape, budget)
+    if k:  # force k resident units through a budget that fits exactly k
+        from lema.domain.planner import build, facts_for, _summary
+
+        f = facts_for(spec, shape)
+        p = build(_summary(spec, shape, f), f, shape, None, tuple(range(1, k + 1)))
+    units = list(range(1, n + 2))
+    steps = build_schedule(units, prefetch, frozenset(p.resident_units), "train" if mode == "train" else "forward")
+    fetched = sum(spec.units[s.unit].nbytes for s in steps if isinstance(s, Fetch))
+    assert p.transfer_bytes_per_step == fetched
+
+
+def test_transfer_formula_by_hand_for_llama_2_7b():
+    spec = SPECS["llama-2-7b"]
+    layer, head = spec.largest_layer_bytes, spec.head_unit.nbytes
+    p = plan(spec, TrainingShape(prefetch=2))
+    assert p.transfer_bytes_per_step == 32 * layer + head + 30 * layer
+    assert plan(spec, TrainingShape(prefetch=2, mode="inference")).transfer_bytes_per_step == 32 * layer + head
+    assert p.link_time_floor(1e9) == pytest.approx(p.transfer_bytes_per_step / 1e9)
+
+
+def test_default_plan_items_for_llama_2_7b():
+    p = plan(SPECS["llama-2-7b"], TrainingShape(), Budget.from_strings("8G"))
+    assert p.slot_count == 3 and p.slot_bytes == 404_766_720
+    assert p.item("weight_slots").bytes == 3 * 404_766_720
+    lora = 32 * 16 * (3 * (4096 + 4096) + (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096))
+    assert p.model.lora_parameters == lora
+    assert p.item("lora_params").bytes == p.item("lora_grads").bytes == 4 * lora
+    assert p.item("optimizer_states").bytes == 8 * lora
+    assert p.item("checkpointed_inputs").bytes == 32 * 512 * 4096 * 2
+    assert p.item("runtime_reserve").bytes == 512 * 1024**2
+    assert p.item("staging_buffers").bytes == 3 * 404_766_720
+    assert p.fits and p.streamed_units == tuple(range(1, 34)) and p.resident_units == ()
+
+
+def test_resident_strategy_holds_the_weights_in_host_ram():
+    spec = SPECS["qwen2.5-0.5b"]  # tied: the embedding is the head's weight, counted once
+    p = plan(spec, TrainingShape(strategy="resident"), Budget(8 * GiB, 2 * GiB))
+    assert p.host_total == spec.weight_bytes
+    assert p.item("staging_buffers").bytes == 0
+    tight = plan(spec, TrainingShape(strategy="resident"), Budget(8 * GiB, 900 * 1024**2))
+    assert not tight.fits and tight.device_fits and "--strategy streaming" in tight.fixes
+
+
+def test_auto_keeps_layers_from_the_first_upward_and_fits():
+    spec = SPECS["llama-2-7b"]
+    shape = TrainingShape(strategy="auto")
+    p = plan(spec, shape, Budget.from_strings("8G"))
+    k = max_resident_layers(spec, shape, Budget.from_strings("8G"))
+    assert p.fits and 0 < k < 32
+    assert p.resident_units == tuple(range(1, k + 1))
+    assert not plan(spec, shape, Budget(p.device_total + 404_766_720 - 1)).resident_units[k:]
+    everything = plan(spec, shape, Budget.from_strings("80G"))
+    assert everything.resident_units == tuple(range(1, 34)) and everything.transfer_bytes_per_step == 0
+    assert max_resident_layers(spec, shape, None) == 32
+
+
+def test_70b_at_8g_does_not_fit_and_says_what_would():
+    spec = ModelSpec.from_config(builtin_config("llama-2-70b"))
+    p = plan(spec, TrainingShape(), Budget.from_strings("8G"))
+    assert not p.fits and p.headroom_bytes < 0
+    assert p.fixes == ("--prefetch 0",)
+    assert p.verdict().startswith("DOES NOT FIT: needs 9.7 GiB, budget 8.0 GiB; would fit with --prefetch 0")
+    assert "DOES NOT FIT" in p.explain() and "weight_slots" in p.explain()
+    tiny_budget = plan(spec, TrainingShape(), Budget.from_strings("2G"))
+    assert "nothing at this budget fits" in tiny_budget.recommendations[-1]
+
+
+def test_math_attention_adds_the_score_matrix():
+    spec = SPECS["llama-2-7b"]
+    flash = plan(spec, TrainingShape(seq=1024, attention="flash")).item("layer_working_set")
+    math = plan(spec, TrainingShape(seq=1024, attention="math")).item("layer_working_set")
+    scores = {x.name: x.bytes for x in math.parts}["attention_scores"]
+    assert scores == 32 * 1024 * 1024 * 2
+    assert math.bytes > flash.bytes + scores
+    assert TrainingShape(device_kind="cpu").attention_path == "math"
+    assert TrainingShape().attention_path == "flash"
+
+
+def test_inference_plans_have_no_gradients_or_optimizer():
+    p = plan(SPECS["gpt2"], TrainingShape(mode="inference"))
+    names = {i.name for i in p.device_items}
+    assert not names & {"lora_grads", "optimizer_states", "checkpointed_inputs"}
+    assert p.fits and p.budget is None and p.headroom_bytes is None and p.recommendations == ()
+
+
+def test_dtype_override_halves_the_weights_and_is_recommended_for_fp32():
+    spec = SPECS["gpt2"]
+    assert plan(spec, TrainingShape(dtype="bfloat16")).slot_bytes * 2 == plan(spec).slot_bytes
+    p = plan(spec, TrainingShape(prefetch=0, device_kind="cpu", seq=128), Budget(200 * 1024**2))
+    assert not p.fits and "--dtype bfloat16" in p.fixes
+
+
+def test_cpu_plans_reserve_nothing_and_the_reserve_is_configurable():
+    spec = SPECS["tiny"]
+    assert plan(spec, TrainingShape(device_kind="cpu")).item("runtime_reserve").bytes == 0
+    assert plan(spec, TrainingShape(reserve_bytes=123)).item("runtime_reserve").bytes == 123
+
+
+def test_user_targets_are_validated_and_counted():
+    spec = SPECS["gpt2"]
+    p = plan(spec, TrainingShape(lora_targets="c_attn,c_proj", lora_rank=8))
+    # c_attn (768 -> 2304), and "c_proj" hits both attn.c_proj (768 -> 768) and mlp.c_proj (3072 -> 768)
+    assert p.model.lora_parameters == 12 * 8 * ((768 + 2304) + (768 + 768) + (3072 + 768))
+    with pytest.raises(ConfigError, match="match no module"):
+        plan(spec, TrainingShape(lora_targets=("q_proj",)))
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"batch": 0}, "batch=0"), ({"seq": -1}, "seq=-1"), ({"lora_rank": 1.5}, "lora_rank=1.5"),
+    ({"prefetch": -1}, "prefetch=-1"), ({"device_kind": "tpu"}, "device_kind='tpu'"),
+    ({"attention": "fast"}, "attention='fast'"), ({"mode": "eval"}, "mode='eval'"),
+    ({"strategy": "lazy"}, "strategy"), ({"dtype": "float8"}, "dtype"), ({"batch": True}, "batch=True"),
+])
+def test_bad_shapes_raise_config_error_naming_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field.replace("(", r"\(")):
+        TrainingShape(**kwargs)
+
+
+def test_bad_shape_errors_are_collected_into_one():
+    with pytest.raises(ConfigError) as err:
+        TrainingShape(batch=0, seq=0)
+    assert "batch=0" in str(err.value) and "seq=0" in str(err.value)
+
+
+def test_budget_from_strings_names_the_option():
+    assert Budget.from_strings("8G", "32G") == Budget(8 * GiB, 32 * GiB)
+    for bad in ("0", "-1", "nan", "", "lots"):
+        with pytest.raises(ConfigError, match="--vram"):
+            Budget.from_strings(bad)
+    with pytest.raises(ConfigError):
+        Budget(0)

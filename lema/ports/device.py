@@ -1,0 +1,116 @@
+"""Device: where compute runs, and the only place device memory is allocated and counted.
+
+Adapters: :class:`lema.adapters.cpu_device.CpuDevice` (the CPU as a device: real
+compute, exact byte accounting, a capacity, a simulated link) and
+:class:`lema.adapters.cuda_device.CudaDevice` (pinned staging, a copy stream, events).
+
+Uploads are asynchronous and return a :class:`Ticket`. The engine's contract:
+
+* ``upload(host, dev, n, after=t)`` copies ``host[:n]`` into ``dev[:n]`` once ``t`` (the
+  slot's consumed ticket) has completed, without blocking the caller;
+* ``ticket.wait()`` makes the *compute* wait for that upload (on CUDA: the current stream
+  waits on an event; the host does not block);
+* ``host_reusable(ticket)`` blocks the *host* until the staging buffer may be rewritten;
+* ``mark_consumed(slot)`` records that the compute issued so far is done reading a slot.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Ticket(Protocol):
+    """Completion of an asynchronous device operation."""
+
+    def wait(self) -> None:
+        """Order the compute after the operation (re-raises its error, if it failed)."""
+        ...
+
+    def done(self) -> bool:
+        """True once the operation has finished (never blocks)."""
+        ...
+
+
+@runtime_checkable
+class Device(Protocol):
+    """A compute device with counted memory and an asynchronous host -> device link.
+
+    Attributes:
+        torch_device: where tensors for this device live.
+        capacity: bytes the device may hold, or ``None`` for no limit.
+    """
+
+    torch_device: torch.device
+    capacity: int | None
+
+    def alloc(self, nbytes: int, label: str) -> torch.Tensor:
+        """A flat ``uint8`` device tensor of ``nbytes``, counted under ``label``.
+
+        Raises:
+            DeviceOutOfMemory: naming ``label``, ``nbytes``, the capacity and the current use.
+        """
+        ...
+
+    def free(self, tensor: torch.Tensor) -> None:
+        """Stop counting a tensor from :meth:`alloc` (its memory goes when unreferenced)."""
+        ...
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        """A flat ``uint8`` host staging buffer (pinned on CUDA), touched once; not counted."""
+        ...
+
+    def upload(self, host: torch.Tensor, device: torch.Tensor, nbytes: int,
+               after: Ticket | None = None, label: object = None) -> Ticket:
+        """Start copying ``host[:nbytes]`` into ``device[:nbytes]`` after ``after``; returns at once."""
+        ...
+
+    def host_reusable(self, ticket: Ticket) -> None:
+        """Block until the staging buffer of the upload ``ticket`` may be overwritten."""
+        ...
+
+    def mark_consumed(self, slot: torch.Tensor) -> Ticket:
+        """A ticket that completes when the compute issued so far has finished reading ``slot``."""
+        ...
+
+    def track(self, label: str, nbytes: int) -> None:
+        """Count ``nbytes`` of other device memory (LoRA state, saved activations) under ``label``."""
+        ...
+
+    def untrack(self, label: str) -> None:
+        """Stop counting what :meth:`track` counted under ``label``."""
+        ...
+
+    def current_bytes(self) -> int:
+        """Device bytes in use now."""
+        ...
+
+    def peak_bytes(self) -> int:
+        """Most device bytes in use at once since construction or :meth:`reset_peak`."""
+        ...
+
+    def reset_peak(self) -> None:
+        ...
+
+    def measuring(self) -> AbstractContextManager[None]:
+        """Within this context, the compute's own allocations are counted too."""
+        ...
+
+    def record(self, kind: str, *fields: object) -> None:
+        """Append ``(kind, *fields, time)`` to the timeline, when the device keeps one."""
+        ...
+
+    def timeline(self) -> tuple[tuple[object, ...], ...]:
+        """The events recorded so far (empty when the device keeps none)."""
+        ...
+
+    def synchronize(self) -> None:
+        """Block until every operation issued to the device has finished."""
+        ...
+
+    def close(self) -> None:
+        """Stop background workers."""
+        ...

@@ -16,7 +16,22 @@ from lema.errors import (
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "LemaConfig": "lema.config", "MemoryStrategy": "lema.config",
+    "LemaModel": "lema.model", "LemaTrainer": "lema.trainer",
+}
+
+
+def __getattr__(name: str):
+    # Imported on first use so that `import lema.errors` (and the CLI's --help) stays light.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lema' has no attribute {name!r}")
+
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "DeviceOutOfMemory", "DoesNotFitError",
-    "LemaError", "ModelFormatError", "__version__",
+    "LemaConfig", "LemaError", "LemaModel", "LemaTrainer", "MemoryStrategy", "ModelFormatError",
+    "__version__",
 ]

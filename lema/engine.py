@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 import time
 from concurrent.futures import Future
 from typing import Any, Callable, Literal, Mapping, Sequence
@@ -120,8 +121,12 @@ class Engine:
         self._consumed: list[Ticket | None] = [None] * self.n_slots
         self._staged: list[Ticket | None] = [None] * self.n_slots
         self._jobs: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._prefetch_loop, name="lema-prefetch", daemon=True)
+        # The thread holds only a weak reference, so an engine nobody closed is still
+        # collected, and its finalizer stops the thread.
+        self._thread = threading.Thread(target=_prefetch_worker, args=(self._jobs, weakref.ref(self)),
+                                        name="lema-prefetch", daemon=True)
         self._thread.start()
+        weakref.finalize(self, self._jobs.put, None)
 
     # -- construction --------------------------------------------------------------------------
 
@@ -148,25 +153,21 @@ class Engine:
 
     # -- the prefetch thread -------------------------------------------------------------------
 
-    def _prefetch_loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            unit, slot, after, future = job
-            try:
-                previous = self._staged[slot]
-                if previous is not None:
-                    self.device.host_reusable(previous)
-                self.device.record("read_start", unit)
-                self.source.read_unit(unit, self._staging[slot])
-                self.device.record("read_done", unit)
-                ticket = self.device.upload(self._staging[slot], self._slots[slot], self._sizes[unit],
-                                            after=after, label=unit)
-                self._staged[slot] = ticket
-                future.set_result(ticket)
-            except BaseException as exc:  # re-raised on the main thread by future.result()
-                future.set_exception(exc)
+    def _prefetch_one(self, job: tuple) -> None:
+        unit, slot, after, future = job
+        try:
+            previous = self._staged[slot]
+            if previous is not None:
+                self.device.host_reusable(previous)
+            self.device.record("read_start", unit)
+            self.source.read_unit(unit, self._staging[slot])
+            self.device.record("read_done", unit)
+            ticket = self.device.upload(self._staging[slot], self._slots[slot], self._sizes[unit],
+                                        after=after, label=unit)
+            self._staged[slot] = ticket
+            future.set_result(ticket)
+        except BaseException as exc:  # re-raised on the main thread by future.result()
+            future.set_exception(exc)
 
     # -- a pass --------------------------------------------------------------------------------
 
@@ -277,6 +278,18 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _prefetch_worker(jobs: queue.Queue, engine_ref: "weakref.ref[Engine]") -> None:
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        engine = engine_ref()
+        if engine is None:
+            return
+        engine._prefetch_one(job)
+        del engine
 
 
 def _check_plan(plan: Any, device: Device) -> None:

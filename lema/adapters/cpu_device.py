@@ -21,6 +21,7 @@ import collections
 import contextlib
 import queue
 import threading
+import weakref
 import time
 from typing import Iterator
 
@@ -85,6 +86,7 @@ class CpuDevice:
         self._measuring = threading.local()
         self._timeline: collections.deque | None = collections.deque(maxlen=_TIMELINE_MAX) if record_timeline else None
         self._jobs: queue.Queue = queue.Queue()
+        self._finalizer: weakref.finalize | None = None
         self._worker: threading.Thread | None = None
         self.host_buffers_allocated = 0  # how many staging buffers were ever made (tests)
         self.bytes_uploaded = 0
@@ -197,28 +199,29 @@ class CpuDevice:
 
     def _ensure_worker(self) -> None:
         if self._worker is None or not self._worker.is_alive():
-            self._worker = threading.Thread(target=self._work, name="lema-cpu-link", daemon=True)
+            # A weak reference only, so a device nobody closed is still collected (its
+            # finalizer, registered once, stops the worker).
+            self._worker = threading.Thread(target=_link_worker, args=(self._jobs, weakref.ref(self)),
+                                            name="lema-cpu-link", daemon=True)
             self._worker.start()
+            if self._finalizer is None:
+                self._finalizer = weakref.finalize(self, self._jobs.put, None)
 
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            host, device, nbytes, after, label, ticket = job
-            try:
-                if after is not None:
-                    after.wait()
-                if self.link_bandwidth:
-                    time.sleep(nbytes / self.link_bandwidth)
-                device[:nbytes].copy_(host[:nbytes])
-                with self._lock:
-                    self.bytes_uploaded += nbytes
-                if label is not None:
-                    self.record("upload_done", label)
-                ticket._finish()
-            except BaseException as exc:  # handed to whoever waits on the ticket
-                ticket._finish(exc)
+    def _copy(self, job: tuple) -> None:
+        host, device, nbytes, after, label, ticket = job
+        try:
+            if after is not None:
+                after.wait()
+            if self.link_bandwidth:
+                time.sleep(nbytes / self.link_bandwidth)
+            device[:nbytes].copy_(host[:nbytes])
+            with self._lock:
+                self.bytes_uploaded += nbytes
+            if label is not None:
+                self.record("upload_done", label)
+            ticket._finish()
+        except BaseException as exc:  # handed to whoever waits on the ticket
+            ticket._finish(exc)
 
     def host_reusable(self, ticket: CpuTicket) -> None:
         """The staging buffer is free once its copy has run."""
@@ -256,3 +259,15 @@ class CpuDevice:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _link_worker(jobs: "queue.Queue", device_ref: "weakref.ref[CpuDevice]") -> None:
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        device = device_ref()
+        if device is None:
+            return
+        device._copy(job)
+        del device

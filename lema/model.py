@@ -1,0 +1,273 @@
+"""LemaModel: the guide's facade over spec, plan, engine and adapters.
+
+Example (the guide's workflow, with a tiny model)::
+
+    config = LemaConfig(model_name_or_path="tiny", gbi_path="tiny.safetensors", lora_rank=8)
+    model = LemaModel(config)
+    model.initialize_lora()
+    optimizer = torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-4)
+    trainer = model.get_trainer(optimizer)
+    logits, loss = trainer.train_step(input_ids, labels=input_ids)
+    trainer.save_checkpoint("checkpoints/run1")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+
+from lema import bootstrap
+from lema.config import LemaConfig
+from lema.domain import blocks, heads
+from lema.domain.context import BlockContext, make_context
+from lema.domain.lora import LoraSpec, LoraState, adapter_config, from_peft_state_dict, init_lora, resolve_targets
+from lema.domain.planner import MemoryPlan
+from lema.domain.schedule import Phase
+from lema.engine import Engine, StepReport
+from lema.errors import CheckpointError, ConfigError, DoesNotFitError
+from lema.ports.device import Device
+
+if TYPE_CHECKING:
+    from lema.trainer import LemaTrainer
+
+
+class LemaModel:
+    """A base model whose frozen weights stream through the device, plus LoRA adapters.
+
+    Construction reads only the weights file's header, plans memory for the configured
+    training shape and raises :class:`~lema.errors.DoesNotFitError` (with the plan's
+    explanation) before anything large is allocated.
+
+    Args:
+        config: the run's :class:`~lema.config.LemaConfig`.
+        device: a :class:`~lema.ports.device.Device` to use instead of the one the config
+            names (tests pass a ``CpuDevice`` with a capacity).
+
+    Raises:
+        ConfigError, ModelFormatError, DoesNotFitError.
+    """
+
+    def __init__(self, config: LemaConfig, *, device: Device | None = None) -> None:
+        self.config = config
+        self._resolved = bootstrap.open_model(config)
+        self.spec = self._resolved.spec
+        targets = resolve_targets(self.spec.family, config.lora_target_modules)
+        self.lora_spec = LoraSpec(rank=config.lora_rank, alpha=config.alpha, dropout=config.lora_dropout,
+                                  targets=targets, use_rslora=config.use_rslora)
+        self.device = device if device is not None else bootstrap.make_device(config)
+        self.compute_dtype = bootstrap.compute_dtype(config, self.spec)
+        self._plan = bootstrap.make_plan(config, self.spec, self.device)
+        if not self._plan.fits:
+            raise DoesNotFitError(self._plan.explain(), self._plan)
+        self.source = bootstrap.make_source(config.strategy, self._resolved)
+        self.engine = Engine(self.spec, self.source, self.device, prefetch=config.prefetch_distance,
+                             resident_units=self._plan.resident_units, plan=self._plan)
+        self._embed = self.source.read_unit(0)
+        self.lora: LoraState | None = None
+        self.last_report: StepReport | None = None
+        self._trainer: "LemaTrainer | None" = None
+        self._pending_trainer_state: dict[str, Any] | None = None
+
+    # -- the guide's API ---------------------------------------------------------------
+
+    def initialize_lora(self, seed: int | None = None) -> None:
+        """Create fresh adapters (A Kaiming-uniform, B zero, like peft) on the device."""
+        generator = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
+        state = init_lora(self.spec, self.lora_spec, generator)
+        self._set_lora(state)
+
+    def get_trainable_parameters(self) -> list[torch.Tensor]:
+        """The LoRA tensors (fp32 leaves on the device), in a fixed order, for the optimizer."""
+        return self._require_lora().parameters()
+
+    def get_trainer(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> "LemaTrainer":
+        """A :class:`~lema.trainer.LemaTrainer` driving this model with ``optimizer``."""
+        from lema.trainer import LemaTrainer
+
+        self._require_lora()
+        trainer = LemaTrainer(self, optimizer, **kwargs)
+        if self._pending_trainer_state is not None:
+            trainer.restore(self._pending_trainer_state)
+            self._pending_trainer_state = None
+        self._trainer = trainer
+        return trainer
+
+    def plan(self) -> MemoryPlan:
+        """The memory plan this model runs under."""
+        return self._plan
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits ``(batch, seq, vocab)`` of base + adapters; no gradients."""
+        with self.device.measuring():
+            return self._forward(input_ids, attention_mask)
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        ctx, x = self._prepare(input_ids, attention_mask, training=False)
+        state: dict[str, torch.Tensor] = {"x": x}
+        lora = self.lora
+
+        def compute(phase: Phase, unit: int, weights: Any) -> None:
+            weights = self._cast(weights)
+            if unit == self.spec.n_layers + 1:
+                state["logits"] = heads.head_logits(self.spec, weights, state["x"])
+            else:
+                layer = unit - 1
+                adapters = lora.layer(layer) if lora is not None else None
+                state["x"] = blocks.decoder_block(self.spec, weights, adapters, state["x"], ctx, layer)
+
+        self.last_report = self.engine.run(compute, mode="forward")
+        return state["logits"]
+
+    __call__ = forward
+
+    @torch.no_grad()
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+             attention_mask: torch.Tensor | None = None) -> tuple[float, int]:
+        """Summed next-token loss and the number of scored tokens (labels default to inputs)."""
+        with self.device.measuring():
+            return self._loss(input_ids, labels, attention_mask)
+
+    def _loss(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
+              attention_mask: torch.Tensor | None) -> tuple[float, int]:
+        ctx, x = self._prepare(input_ids, attention_mask, training=False)
+        targets = self._targets(input_ids, labels, attention_mask)
+        state: dict[str, Any] = {"x": x}
+        lora = self.lora
+
+        def compute(phase: Phase, unit: int, weights: Any) -> None:
+            weights = self._cast(weights)
+            if unit == self.spec.n_layers + 1:
+                loss_sum, n = heads.head_loss(self.spec, weights, state["x"], targets)
+                state["result"] = (float(loss_sum), n)
+            else:
+                layer = unit - 1
+                adapters = lora.layer(layer) if lora is not None else None
+                state["x"] = blocks.decoder_block(self.spec, weights, adapters, state["x"], ctx, layer)
+
+        self.last_report = self.engine.run(compute, mode="forward")
+        return state["result"]
+
+    def _targets(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
+                 attention_mask: torch.Tensor | None) -> torch.Tensor:
+        # Padding is not a target when the labels default to the inputs; explicit labels are
+        # used as given, as transformers does.
+        default = labels is None
+        labels = _as_batch(input_ids if labels is None else labels, "labels")
+        if default and attention_mask is not None:
+            labels = labels.masked_fill(_as_batch(attention_mask, "attention_mask") == 0, heads.IGNORE_INDEX)
+        return heads.shift_labels(labels).to(self.device.torch_device)
+
+    # -- adapters and checkpoints --------------------------------------------------------
+
+    def load_adapter(self, path: str | Path) -> None:
+        """Load a peft LoRA adapter (trained by LEMA or by peft) for this base model.
+
+        Raises:
+            CheckpointError: missing files, a different base, or shapes/modules that do not
+                match, listing every problem.
+        """
+        from lema.adapters.checkpoints import read_adapter
+
+        config, tensors = read_adapter(path)
+        spec = LoraSpec.from_adapter_config(config)
+        state = from_peft_state_dict(self.spec, spec, tensors)
+        self.lora_spec = spec
+        self._set_lora(state)
+
+    def adapter_config(self) -> dict[str, Any]:
+        """peft's ``adapter_config.json`` for the current adapters."""
+        base = self.config.model_name_or_path or self.config.gbi_path
+        return adapter_config(self.spec, self.lora_spec, base)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str | Path, *, device: Device | None = None,
+                        **overrides: Any) -> "LemaModel":
+        """Rebuild model, adapter and trainer state from a LEMA checkpoint directory.
+
+        The optimizer state is applied to the optimizer given to :meth:`get_trainer`.
+
+        Args:
+            checkpoint_dir: a directory written by ``LemaTrainer.save_checkpoint``.
+            device: optional device override.
+            **overrides: LemaConfig fields to change (e.g. ``gbi_path`` if the file moved).
+        """
+        from lema.adapters.checkpoints import read_checkpoint
+
+        ckpt = read_checkpoint(checkpoint_dir)
+        if not ckpt.trainer_state or "config" not in ckpt.trainer_state:
+            raise CheckpointError(f"{checkpoint_dir}: trainer_state.json has no LemaConfig; "
+                                  "use LemaModel(config).load_adapter(path) for a plain adapter")
+        data = dict(ckpt.trainer_state["config"])
+        data.update(overrides)
+        try:
+            config = LemaConfig.from_dict(data)
+        except ConfigError as exc:
+            raise CheckpointError(f"{checkpoint_dir}: trainer_state.json config is invalid: {exc}") from None
+        model = cls(config, device=device)
+        spec = LoraSpec.from_adapter_config(ckpt.adapter_config)
+        model.lora_spec = spec
+        model._set_lora(from_peft_state_dict(model.spec, spec, ckpt.adapter_tensors))
+        model._pending_trainer_state = {"trainer_state": ckpt.trainer_state,
+                                        "optimizer_tensors": ckpt.optimizer_tensors,
+                                        "optimizer_meta": ckpt.optimizer_meta}
+        return model
+
+    # -- internals --------------------------------------------------------------------
+
+    def _set_lora(self, state: LoraState) -> None:
+        self.lora = state.to(self.device.torch_device)
+        nbytes = sum(t.numel() * t.element_size() for t in self.lora.parameters())
+        self.device.track("lora_params", nbytes)
+
+    def _require_lora(self) -> LoraState:
+        if self.lora is None:
+            raise ConfigError("no LoRA adapters yet: call model.initialize_lora() (or load_adapter) first")
+        return self.lora
+
+    def _cast(self, weights: Any) -> Any:
+        if all(not t.is_floating_point() or t.dtype == self.compute_dtype for t in weights.values()):
+            return weights
+        return {k: (t.to(self.compute_dtype) if t.is_floating_point() else t) for k, t in weights.items()}
+
+    def _prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 training: bool) -> tuple[BlockContext, torch.Tensor]:
+        input_ids = _as_batch(input_ids, "input_ids")
+        if attention_mask is not None:
+            attention_mask = _as_batch(attention_mask, "attention_mask")
+        ids = input_ids.to("cpu")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.spec.vocab_size:
+            raise ConfigError(f"input_ids: token ids must be in [0, {self.spec.vocab_size}); "
+                              f"got {int(ids.min())}..{int(ids.max())}")
+        dev = self.device.torch_device
+        ctx = make_context(self.spec, tuple(ids.shape), attention_mask=attention_mask, device=dev,
+                           dtype=self.compute_dtype, lora=self.lora_spec, training=training)
+        # The embedding is gathered on the host from the mmap'd (or RAM) table: only the
+        # (batch, seq, hidden) activations cross the link, never the vocab-sized matrix.
+        host_ctx = ctx if dev.type == "cpu" else make_context(self.spec, tuple(ids.shape), device="cpu",
+                                                              dtype=self.compute_dtype)
+        x = blocks.embed(self.spec, self._embed, ids, host_ctx).to(self.compute_dtype).to(dev)
+        return ctx, x
+
+
+def _as_batch(tensor: Any, name: str) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        tensor = torch.as_tensor(tensor)
+    if tensor.dim() == 1:
+        tensor = tensor[None]
+    if tensor.dim() != 2 or tensor.shape[1] == 0:
+        raise ConfigError(f"{name}: expected shape (batch, seq), got {list(tensor.shape)}")
+    return tensor.long()
+
+
+def batches_to_tensors(batches: Iterable[Any]) -> Iterable[tuple[torch.Tensor, Any, Any]]:
+    """Accept dicts with input_ids/labels/attention_mask, tuples, or bare tensors."""
+    for batch in batches:
+        if isinstance(batch, dict):
+            yield batch["input_ids"], batch.get("labels"), batch.get("attention_mask")
+        elif isinstance(batch, (tuple, list)):
+            yield (tuple(batch) + (None, None))[:3]
+        else:
+            yield batch, None, None

@@ -39,6 +39,9 @@ from lema.errors import ModelFormatError
 
 Weights = Mapping[str, torch.Tensor]
 Adapters = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+# Called with a layer's new keys and values (after rope), ``(batch, kv_heads, seq, head_dim)``;
+# returns the keys and values to attend over (e.g. the KV cache's past ones prepended).
+KVHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -136,14 +139,17 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: BlockCont
     elif groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, **kwargs)
+    # No mask means causal; with a single query row (a cached decode step) that is every key,
+    # and SDPA's ``is_causal`` would align it to the first key instead.
+    causal = mask is None and q.shape[2] > 1
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, **kwargs)
     if keep is not None:
         out = out * keep.to(out.dtype)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
 def _llama_block(spec: ModelSpec, w: Weights, lora: Adapters, x: torch.Tensor, ctx: BlockContext,
-                 layer: int) -> torch.Tensor:
+                 layer: int, kv_hook: KVHook | None = None) -> torch.Tensor:
     sites = {key: layer * 16 + j for j, key in enumerate(MODULE_KEYS["llama"])}
 
     def proj(h: torch.Tensor, key: str) -> torch.Tensor:
@@ -158,6 +164,8 @@ def _llama_block(spec: ModelSpec, w: Weights, lora: Adapters, x: torch.Tensor, c
     if ctx.rope is None:
         raise ModelFormatError("the context has no rope tables; build it with make_context for this spec")
     q, k = apply_rope(q, k, *ctx.rope)
+    if kv_hook is not None:
+        k, v = kv_hook(k, v)
     attn = _attention(q, k, v, ctx, p.layer_types[layer], hd ** -0.5)
     x = x + proj(attn, "self_attn.o_proj")
     h = rms_norm(x, w["post_attention_layernorm.weight"], p.norm_eps)
@@ -166,7 +174,7 @@ def _llama_block(spec: ModelSpec, w: Weights, lora: Adapters, x: torch.Tensor, c
 
 
 def _gpt2_block(spec: ModelSpec, w: Weights, lora: Adapters, x: torch.Tensor, ctx: BlockContext,
-                layer: int) -> torch.Tensor:
+                layer: int, kv_hook: KVHook | None = None) -> torch.Tensor:
     sites = {key: layer * 16 + j for j, key in enumerate(MODULE_KEYS["gpt2"])}
 
     def proj(h: torch.Tensor, key: str) -> torch.Tensor:
@@ -180,6 +188,8 @@ def _gpt2_block(spec: ModelSpec, w: Weights, lora: Adapters, x: torch.Tensor, ct
     p, hd = ctx.params, spec.head_dim
     q, k, v = (t.view(batch, seq, -1, hd).transpose(1, 2)
                for t in proj(norm(x, "ln_1"), "attn.c_attn").split(hidden, dim=2))
+    if kv_hook is not None:
+        k, v = kv_hook(k, v)
     scale = hd ** -0.5 if p.scale_attn_weights else 1.0
     if p.scale_attn_by_inverse_layer_idx:
         scale /= float(layer + 1)
@@ -205,3 +215,20 @@ def decoder_block(spec: ModelSpec, weights: Weights, lora: Adapters | None, x: t
     """
     block = _gpt2_block if spec.family == "gpt2" else _llama_block
     return block(spec, weights, lora or {}, x, ctx, layer)
+
+
+def decoder_block_kv(spec: ModelSpec, weights: Weights, lora: Adapters | None, x: torch.Tensor,
+                     ctx: BlockContext, layer: int, kv_hook: KVHook) -> torch.Tensor:
+    """:func:`decoder_block` with a hook between the key/value projections and attention.
+
+    ``kv_hook(k, v)`` receives this call's keys (rotated, for the Llama family) and values,
+    ``(batch, kv_heads, seq, head_dim)`` in ``x``'s dtype, and returns the keys and values to
+    attend over; :mod:`lema.domain.decode` uses it to prepend a layer's KV cache. The queries
+    are this call's ``seq`` positions, so ``ctx`` must carry masks of shape
+    ``(batch, 1, seq, keys)`` (:func:`lema.domain.context.make_decode_context`).
+
+    Returns:
+        ``(batch, seq, hidden)`` in ``x``'s dtype.
+    """
+    block = _gpt2_block if spec.family == "gpt2" else _llama_block
+    return block(spec, weights, lora or {}, x, ctx, layer, kv_hook)

@@ -102,11 +102,15 @@ class BlockContext:
         return self.masks[layer_type]
 
 
-def _mask(pad: torch.Tensor | None, seq: int, window: int | None, device: torch.device) -> AttentionMask:
-    if pad is None and (window is None or seq <= window):
+def _mask(pad: torch.Tensor | None, seq: int, window: int | None, device: torch.device,
+          past: int = 0) -> AttentionMask:
+    # Queries are the last ``seq`` of ``past + seq`` key positions (``past`` of them cached);
+    # ``pad`` is ``(batch, past + seq)``. None stands for causal aligned to the last key: SDPA's
+    # ``is_causal`` when there is no past, every key for a single query.
+    if pad is None and (window is None or past + seq <= window) and (past == 0 or seq == 1):
         return None, None
-    q = torch.arange(seq, device=device)[:, None]
-    k = torch.arange(seq, device=device)[None, :]
+    q = torch.arange(past, past + seq, device=device)[:, None]
+    k = torch.arange(past + seq, device=device)[None, :]
     allowed = k <= q
     if window is not None:
         allowed = allowed & (k > q - window)
@@ -169,3 +173,92 @@ def make_context(spec: ModelSpec, input_shape: tuple[int, int], attention_mask: 
     return BlockContext(dtype=dtype, position_ids=position_ids, rope=rope, masks=masks, params=params,
                         lora_scaling=lora.scaling if lora is not None else 1.0, lora_dropout=p,
                         dropout_seed=dropout_seed)
+
+
+def decode_position_ids(attention_mask: torch.Tensor | None, past_len: int, new_len: int,
+                        device: torch.device | str = "cpu") -> torch.Tensor:
+    """Positions of the last ``new_len`` tokens, as transformers' ``generate`` numbers them.
+
+    With a ``(batch, past_len + new_len)`` mask, a token's position is the number of real
+    tokens before it (left padding does not count; padding itself gets 0); without one,
+    ``past_len + arange(new_len)``.
+
+    Example:
+        >>> decode_position_ids(torch.tensor([[0, 1, 1], [1, 1, 1]]), 2, 1).tolist()
+        [[1], [2]]
+    """
+    if attention_mask is None:
+        return torch.arange(past_len, past_len + new_len, device=device)[None]
+    mask = attention_mask.to(device).long()
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return positions[:, past_len:]
+
+
+def make_decode_context(spec: ModelSpec, batch: int, past_len: int, new_len: int,
+                        attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                        lora: LoraSpec | None = None) -> BlockContext:
+    """The context of ``new_len`` tokens following ``past_len`` cached ones (inference, no dropout).
+
+    Queries are the new tokens; keys are the cached ones followed by the new ones. The masks
+    are causal over that key axis (a new token sees every cached key and the new keys up to
+    itself), windowed on sliding-window layers (by key index, as transformers does), and
+    drop padded keys. ``past_len == 0`` is a prefill and gives the same context as
+    :func:`make_context` except for the default positions.
+
+    Args:
+        spec: the model.
+        batch: rows in the batch.
+        past_len: keys already in the KV cache.
+        new_len: tokens in this step (the prompt for a prefill, 1 per generated token).
+        attention_mask: ``(batch, past_len + new_len)``, 1 for tokens and 0 for padding (left
+            padding: padded rows' real tokens are right-aligned); None means no padding.
+        position_ids: ``(batch, new_len)`` or ``(1, new_len)``; default
+            :func:`decode_position_ids` (transformers' ``generate`` numbering).
+        device: where the tables and masks live.
+        dtype: compute dtype of the activations.
+        lora: the adapters' spec (their scaling); None for no adapters.
+
+    Returns:
+        The :class:`BlockContext`; its masks are ``(batch, 1, new_len, past_len + new_len)`` or None.
+
+    Raises:
+        ConfigError: a negative ``past_len``, ``new_len < 1``, or a mask or position tensor of
+            the wrong shape.
+
+    Example:
+        >>> cfg = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+        ...        "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100}
+        >>> spec = ModelSpec.from_config(cfg, dtype="F32")
+        >>> ctx = make_decode_context(spec, 2, 4, 1, attention_mask=torch.tensor([[1] * 5, [0, 1, 1, 1, 1]]))
+        >>> ctx.attention("full_attention")[0].shape, ctx.position_ids.tolist()
+        (torch.Size([2, 1, 1, 5]), [[4], [3]])
+    """
+    problems = []
+    if isinstance(past_len, bool) or not isinstance(past_len, int) or past_len < 0:
+        problems.append(f"past_len={past_len!r} must be an integer >= 0")
+    if isinstance(new_len, bool) or not isinstance(new_len, int) or new_len < 1:
+        problems.append(f"new_len={new_len!r} must be an integer >= 1")
+    if problems:
+        raise ConfigError("make_decode_context: " + "; ".join(problems))
+    total = past_len + new_len
+    device = torch.device(device)
+    params = arch_params(spec.config_json, spec.family, spec.n_layers)
+    pad = None
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (batch, total):
+            raise ConfigError(f"attention_mask has shape {list(attention_mask.shape)}, expected [{batch}, {total}] "
+                              "(cached + new tokens)")
+        pad = attention_mask.to(device).bool()
+    if position_ids is None:
+        position_ids = decode_position_ids(attention_mask, past_len, new_len, device)
+    if position_ids.dim() != 2 or position_ids.shape[-1] != new_len or position_ids.shape[0] not in (1, batch):
+        raise ConfigError(f"position_ids has shape {list(position_ids.shape)}, expected [{batch}, {new_len}]")
+    position_ids = position_ids.to(device).expand(batch, new_len)
+    if pad is not None and bool(pad.all()):
+        pad = None
+    masks = {kind: _mask(pad, new_len, params.sliding_window if kind == SLIDING else None, device, past_len)
+             for kind in set(params.layer_types) | {FULL}}
+    rope = rope_cos_sin(spec.config_json, position_ids, dtype) if spec.family == "llama" else None
+    return BlockContext(dtype=dtype, position_ids=position_ids, rope=rope, masks=masks, params=params,
+                        lora_scaling=lora.scaling if lora is not None else 1.0)

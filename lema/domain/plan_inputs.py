@@ -50,7 +50,12 @@ class TrainingShape:
         gradient_checkpointing: keep only layer inputs and recompute in backward.
         optimizer_states: fp32 states per LoRA parameter (AdamW: 2).
         device_kind: ``"cuda"`` or ``"cpu"`` (sets the default reserve and attention path).
-        attention: ``"flash"`` (no s^2 scores) or ``"math"``; None: flash on cuda, math on cpu.
+        attention: ``"flash"`` (no s^2 scores saved) or ``"math"``; None: flash. PyTorch's SDPA
+            picks a fused kernel on both kinds: on CPU (torch >= 2.x) ``F.scaled_dot_product_attention``
+            runs ``_scaled_dot_product_flash_attention_for_cpu`` for fp32 and bf16, with ``is_causal``
+            or a boolean mask (measured: it saves the output and an fp32 log-sum-exp, no
+            ``s^2`` tensor); on CUDA bf16/fp16 use flash or memory-efficient attention and
+            fp32 the memory-efficient kernel. ``"math"`` plans the unfused path (b H s^2 scores).
         head_chunk_tokens: tokens per chunk of the chunked head.
         reserve_bytes: runtime reserve; None: 512 MiB on cuda, 0 on cpu.
         mode: ``"train"`` or ``"inference"`` (forward only: no grads, optimizer, checkpoints).
@@ -104,7 +109,7 @@ class TrainingShape:
     @property
     def attention_path(self) -> str:
         """``"flash"`` or ``"math"``: the attention the working set assumes."""
-        return self.attention or ("flash" if self.device_kind == "cuda" else "math")
+        return self.attention or "flash"
 
     @property
     def reserve(self) -> int:

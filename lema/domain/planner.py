@@ -11,8 +11,10 @@ units ``1..L+1`` (decoder layers and the head) are streamed through ``min(prefet
 n_streamed)`` slots of the largest streamed unit, unless kept resident (AUTO keeps as many
 decoder layers as fit, from layer 0 upward, then the head). The embedding is gathered on
 the host and only its output is uploaded. LoRA parameters, gradients and AdamW states are
-fp32. With gradient checkpointing each layer's input is kept; one layer's recompute and
-backward adds its working set; the head works through the tokens in chunks.
+fp32. With gradient checkpointing each layer's input is kept. The step's transient phases
+(the forward, the head's chunked loss + backward, one layer's recompute + backward, the
+optimizer step) run one after another, so the device total is the persistent items plus
+``activation_peak``, the largest phase (:func:`activation_phases`), not their sum.
 
 Example:
     >>> from lema.domain.spec import ModelSpec
@@ -161,7 +163,7 @@ def facts_for(spec: ModelSpec, shape: TrainingShape) -> ModelFacts:
 
     targets = lora.resolve_targets(spec.family, shape.lora_targets)
     keys = lora.module_keys(spec, targets)
-    return pi.model_facts(spec, shape.dtype, targets, [lora.module_shape(spec, k) for k in keys])
+    return pi.model_facts(spec, shape.dtype, targets, [lora.module_shape(spec, k) for k in keys], keys)
 
 
 def _summary(spec: ModelSpec, shape: TrainingShape, f: ModelFacts) -> ModelSummary:
@@ -182,41 +184,14 @@ def build(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Bu
     streamed = tuple(i for i in range(1, n + 2) if i not in resident)
     slot_count = min(shape.prefetch + 1, len(streamed))
     slot_bytes = max((f.unit_buffer_bytes[i] for i in streamed), default=0)
-    b, s, a = shape.batch, shape.seq, f.act_bytes
-    tokens, attention = b * s, shape.attention_path
-    lora = pi.lora_parameters(f, shape.lora_rank)
     device = [
         MemoryItem("resident_weights", sum(f.unit_buffer_bytes[i] for i in resident),
                    f"{len(resident)} units kept on the device"),
         MemoryItem("weight_slots", slot_count * slot_bytes,
                    f"{slot_count} slots x {format_size(slot_bytes)} (prefetch {shape.prefetch} + 1)"),
-        MemoryItem("lora_params", lora * pi.FP32, f"{lora:,} fp32 parameters"),
     ]
-    if shape.training:
-        saved = pi.layer_saved_terms(f, b, s, shape.lora_rank, attention)
-        device += [
-            MemoryItem("lora_grads", lora * pi.FP32, "fp32"),
-            MemoryItem("optimizer_states", lora * pi.FP32 * shape.optimizer_states,
-                       f"{shape.optimizer_states} fp32 states per parameter (AdamW)"),
-        ]
-        if shape.gradient_checkpointing:
-            device.append(MemoryItem("checkpointed_inputs", n * tokens * f.hidden * a, f"{n} layers x T h a"))
-            device.append(pi.summed("layer_working_set", saved + pi.backward_terms(f, b, s, attention),
-                                    f"one layer's recompute + backward ({attention} attention)"))
-        else:
-            per_layer = sum(x.bytes for x in saved)
-            device.append(pi.summed("stored_activations", [attrs.evolve(x, bytes=n * x.bytes) for x in saved],
-                                    f"{n} layers x {format_size(per_layer)}, no checkpointing"))
-            device.append(pi.summed("layer_working_set", pi.backward_terms(f, b, s, attention),
-                                    f"one layer's backward ({attention} attention)"))
-        device.append(pi.head_chunk(f, b, s, shape.head_chunk_tokens, train=True))
-        device.append(MemoryItem("activations_io", 3 * tokens * f.hidden * a,
-                                 "hidden state, layer output and its gradient: 3 T h a"))
-    else:
-        device.append(pi.summed("layer_working_set", pi.forward_terms(f, b, s, attention),
-                                f"one layer's forward ({attention} attention)"))
-        device.append(pi.head_chunk(f, b, s, shape.head_chunk_tokens, train=False))
-        device.append(MemoryItem("activations_io", 2 * tokens * f.hidden * a, "hidden state in and out: 2 T h a"))
+    device += persistent_items(summary, f, shape)
+    device.append(activation_peak(f, shape))
     device.append(MemoryItem("runtime_reserve", shape.reserve,
                              "CUDA context + allocator slack" if shape.device_kind == "cuda" else ""))
 
@@ -241,6 +216,94 @@ def build(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Bu
     return MemoryPlan(model=summary, shape=shape, budget=budget, device_items=tuple(device), host_items=tuple(host),
                       resident_units=resident, streamed_units=streamed, slot_count=slot_count, slot_bytes=slot_bytes,
                       transfer_bytes_per_step=transfer)
+
+
+def persistent_items(summary: ModelSummary, f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
+    """Device bytes alive through the whole step besides the weights: LoRA parameters,
+    optimizer states (training), the batch context, and a cast copy of one unit when the
+    compute dtype differs from the file's."""
+    lora = pi.lora_parameters(f, shape.lora_rank)
+    items = [MemoryItem("lora_params", lora * pi.FP32, f"{lora:,} fp32 parameters")]
+    if shape.training:
+        items.append(MemoryItem("optimizer_states", lora * pi.FP32 * shape.optimizer_states,
+                                f"{shape.optimizer_states} fp32 states per parameter (AdamW)"))
+    items.append(pi.batch_context(f, shape.batch, shape.seq, shape.training))
+    if shape.dtype is not None and shape.dtype != summary.file_dtype:
+        items.append(MemoryItem("weight_cast", max(f.unit_bytes[1:]),
+                                f"the computing unit cast from {summary.file_dtype} to {shape.dtype}"))
+    return items
+
+
+def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
+    """The step's transient phases, which never coexist (see :func:`activation_peak`).
+
+    Training with checkpointing (``X = T h a`` one hidden state, ``G`` one layer's fp32
+    LoRA gradients; gradients are created by the backward and freed by ``zero_grad``):
+
+    * ``forward``: the ``L`` layer inputs kept, one layer's no-grad forward;
+    * ``head``: the ``L`` inputs, ``x_L``, the chunked loss + backward;
+    * ``layer_backward``: at unit ``u`` the inputs of units ``1..u`` and the gradients of
+      units ``u..L`` (the larger end: ``L X + G`` or ``X + L G``), the incoming gradient,
+      one layer's recompute + backward;
+    * ``optimizer_step``: every gradient plus the optimizer's temporaries (CUDA foreach:
+      one parameter-sized copy of all; CPU: two of the largest tensor).
+
+    Inference (``LemaModel.forward``): ``forward`` (the embedding output, the hidden state,
+    one layer) and ``head`` (the same two + the full float32 logits it returns).
+    """
+    b, s, n, attention = shape.batch, shape.seq, f.n_layers, shape.attention_path
+    x = b * s * f.hidden * f.act_bytes
+    if not shape.training:
+        # LemaModel.forward keeps the embedding output (a local) besides the current hidden state.
+        states = [MemoryItem("embedding_output", x, "T h a"), MemoryItem("hidden_state", x, "T h a")]
+        return [pi.summed("forward", states + [pi.layer_forward(f, b, s, attention)]),
+                pi.summed("head", states + [pi.head_inference(f, b, s)])]
+    lora = pi.lora_parameters(f, shape.lora_rank)
+    grads = lora * pi.FP32
+    g = grads // max(n, 1)
+    if shape.optimizer_states == 0:
+        opt_temp = 0
+    elif shape.device_kind == "cuda":
+        opt_temp = grads
+    else:
+        opt_temp = 2 * shape.lora_rank * max((max(i, o) for i, o in f.lora_modules), default=0) * pi.FP32
+    optimizer = pi.summed("optimizer_step", [MemoryItem("lora_grads", grads, "fp32"),
+                                              MemoryItem("optimizer_temporaries", opt_temp,
+                                                         "foreach: one copy" if shape.device_kind == "cuda"
+                                                         else "two copies of the largest tensor")])
+    if shape.gradient_checkpointing:
+        if n * x + g >= x + n * g:
+            kept = [MemoryItem("checkpointed_inputs", n * x, f"{n} layers x T h a"),
+                    MemoryItem("lora_grads", g, "the last layer's")]
+        else:
+            kept = [MemoryItem("checkpointed_inputs", x, "the first layer's"),
+                    MemoryItem("lora_grads", n * g, f"{n} layers, fp32")]
+        inputs = MemoryItem("checkpointed_inputs", n * x, f"{n} layers x T h a")
+        return [
+            pi.summed("forward", [inputs, pi.layer_forward(f, b, s, attention)]),
+            pi.summed("head", [inputs, MemoryItem("hidden_state", x, "x_L: T h a"),
+                               pi.head_train(f, b, s, shape.head_chunk_tokens)]),
+            pi.summed("layer_backward", kept + [pi.layer_recompute(f, b, s, shape.lora_rank, attention)]),
+            optimizer,
+        ]
+    m = pi.layer_model(f, b, s, shape.lora_rank, attention)
+    per_layer = x + sum(i.bytes for i in m.saved)
+    stored = MemoryItem("stored_activations", n * per_layer,
+                        f"{n} layers x {format_size(per_layer)} (input + saved), no checkpointing")
+    return [
+        pi.summed("head", [stored, MemoryItem("hidden_state", x, "x_L: T h a"),
+                           pi.head_train(f, b, s, shape.head_chunk_tokens)]),
+        pi.summed("layer_backward", [stored, MemoryItem("lora_grads", grads, "fp32"),
+                                     MemoryItem("temporaries", m.backward_extra, "output, gradients")]),
+        optimizer,
+    ]
+
+
+def activation_peak(f: ModelFacts, shape: TrainingShape) -> MemoryItem:
+    """The largest transient phase: the head, a layer's backward, the forward and the
+    optimizer step run one after another, so the device holds only the largest of them on
+    top of the persistent items (its ``parts`` are every phase)."""
+    return pi.peak_of("activation_peak", activation_phases(f, shape), "the largest phase")
 
 
 def _resident_prefix(n_layers: int, k: int) -> tuple[int, ...]:
@@ -286,7 +349,7 @@ def plan(spec: ModelSpec, shape: TrainingShape | None = None, budget: Budget | N
     from lema.domain.recommend import recommendations
 
     def facts_at(code: str) -> ModelFacts:
-        return pi.model_facts(spec, code, f.targets, f.lora_modules)
+        return pi.model_facts(spec, code, f.targets, f.lora_modules, f.lora_keys)
 
     recs, fixes = recommendations(summary, f, result, facts_at)
     return attrs.evolve(result, recommendations=recs, fixes=fixes)

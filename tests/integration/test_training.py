@@ -114,10 +114,10 @@ def test_training_within_a_device_capacity_matches_the_plan(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=6, num_attention_heads=4,
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=16, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
     path = save_monolithic(LlamaForCausalLM(cfg), tmp_path / "m.safetensors")
-    config = LemaConfig(gbi_path=str(path), device="cpu", lora_rank=8, batch_size=2, max_seq_len=64,
+    config = LemaConfig(gbi_path=str(path), device="cpu", lora_rank=8, batch_size=2, max_seq_len=16,
                         prefetch_distance=1)
     probe = LemaModel(config)
     budget = probe.plan().device_total
@@ -127,7 +127,7 @@ def test_training_within_a_device_capacity_matches_the_plan(tmp_path):
     model.initialize_lora()
     trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3))
     for i in range(2):
-        trainer.train_step(_batch(i, batch=2, seq=64, vocab=256))
+        trainer.train_step(_batch(i, batch=2, seq=16, vocab=256))
     peak = device.peak_bytes()
     assert abs(peak - budget) / budget <= 0.10, (peak, budget)
 

@@ -34,6 +34,22 @@ def _all_items(p: MemoryPlan):
     return p.device_items + p.host_items
 
 
+def _check_parts(item) -> None:
+    if item.parts:
+        combine = max if item.combine == "max" else sum
+        assert item.bytes == combine(x.bytes for x in item.parts)
+        for part in item.parts:
+            _check_parts(part)
+
+
+def _find(item, name: str):
+    """Every nested part called ``name`` of an item."""
+    found = [item] if item.name == name else []
+    for part in item.parts:
+        found += _find(part, name)
+    return found
+
+
 @given(specs, shapes, budgets)
 def test_items_sum_to_totals_and_parts_to_items(name, shape, device):
     p = plan(SPECS[name], shape, Budget(device))
@@ -44,8 +60,7 @@ def test_items_sum_to_totals_and_parts_to_items(name, shape, device):
     assert d["host"]["total_bytes"] == sum(i["bytes"] for i in d["host"]["items"])
     for item in _all_items(p):
         assert item.bytes >= 0
-        if item.parts:
-            assert item.bytes == sum(x.bytes for x in item.parts)
+        _check_parts(item)
     assert p.fits == (p.device_total <= device)
     assert p.headroom_bytes == device - p.device_total
 
@@ -129,9 +144,14 @@ def test_default_plan_items_for_llama_2_7b():
     assert p.item("weight_slots").bytes == 3 * 404_766_720
     lora = 32 * 16 * (3 * (4096 + 4096) + (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096))
     assert p.model.lora_parameters == lora
-    assert p.item("lora_params").bytes == p.item("lora_grads").bytes == 4 * lora
+    assert p.item("lora_params").bytes == 4 * lora
     assert p.item("optimizer_states").bytes == 8 * lora
-    assert p.item("checkpointed_inputs").bytes == 32 * 512 * 4096 * 2
+    peak = p.item("activation_peak")
+    phases = {x.name: x for x in peak.parts}
+    assert set(phases) == {"forward", "head", "layer_backward", "optimizer_step"}
+    assert peak.bytes == max(x.bytes for x in phases.values())
+    assert _find(phases["head"], "checkpointed_inputs")[0].bytes == 32 * 512 * 4096 * 2
+    assert _find(phases["optimizer_step"], "lora_grads")[0].bytes == 4 * lora
     assert p.item("runtime_reserve").bytes == 512 * 1024**2
     assert p.item("staging_buffers").bytes == 3 * 404_766_720
     assert p.fits and p.streamed_units == tuple(range(1, 34)) and p.resident_units == ()
@@ -163,8 +183,8 @@ def test_70b_at_8g_does_not_fit_and_says_what_would():
     spec = ModelSpec.from_config(builtin_config("llama-2-70b"))
     p = plan(spec, TrainingShape(), Budget.from_strings("8G"))
     assert not p.fits and p.headroom_bytes < 0
-    assert p.fixes == ("--prefetch 0",)
-    assert p.verdict().startswith("DOES NOT FIT: needs 9.7 GiB, budget 8.0 GiB; would fit with --prefetch 0")
+    assert p.fixes == ("--prefetch 1",)
+    assert p.verdict().startswith("DOES NOT FIT: needs 9.1 GiB, budget 8.0 GiB; would fit with --prefetch 1")
     assert "DOES NOT FIT" in p.explain() and "weight_slots" in p.explain()
     tiny_budget = plan(spec, TrainingShape(), Budget.from_strings("2G"))
     assert "nothing at this budget fits" in tiny_budget.recommendations[-1]
@@ -172,26 +192,35 @@ def test_70b_at_8g_does_not_fit_and_says_what_would():
 
 def test_math_attention_adds_the_score_matrix():
     spec = SPECS["llama-2-7b"]
-    flash = plan(spec, TrainingShape(seq=1024, attention="flash")).item("layer_working_set")
-    math = plan(spec, TrainingShape(seq=1024, attention="math")).item("layer_working_set")
+    flash = _find(plan(spec, TrainingShape(seq=1024, attention="flash")).item("activation_peak"),
+                  "layer_recompute")[0]
+    math = _find(plan(spec, TrainingShape(seq=1024, attention="math")).item("activation_peak"),
+                 "layer_recompute")[0]
     scores = {x.name: x.bytes for x in math.parts}["attention_scores"]
     assert scores == 32 * 1024 * 1024 * 2
     assert math.bytes > flash.bytes + scores
-    assert TrainingShape(device_kind="cpu").attention_path == "math"
+    assert TrainingShape(device_kind="cpu").attention_path == "flash"  # SDPA's fused CPU kernel
     assert TrainingShape().attention_path == "flash"
 
 
 def test_inference_plans_have_no_gradients_or_optimizer():
     p = plan(SPECS["gpt2"], TrainingShape(mode="inference"))
-    names = {i.name for i in p.device_items}
-    assert not names & {"lora_grads", "optimizer_states", "checkpointed_inputs"}
+    names: set[str] = set()
+    todo = list(p.device_items)
+    while todo:
+        item = todo.pop()
+        names.add(item.name)
+        todo += item.parts
+    assert not names & {"lora_grads", "optimizer_states", "checkpointed_inputs", "optimizer_step"}
     assert p.fits and p.budget is None and p.headroom_bytes is None and p.recommendations == ()
 
 
 def test_dtype_override_halves_the_weights_and_is_recommended_for_fp32():
     spec = SPECS["gpt2"]
     assert plan(spec, TrainingShape(dtype="bfloat16")).slot_bytes * 2 == plan(spec).slot_bytes
-    p = plan(spec, TrainingShape(prefetch=0, device_kind="cpu", seq=128), Budget(200 * 1024**2))
+    # activations dominate at batch 8 x 1024 tokens: 16-bit halves them (the computing unit's
+    # cast copy eats the saving on the weights)
+    p = plan(spec, TrainingShape(prefetch=0, device_kind="cpu", seq=1024, batch=8), Budget(1024 * 1024**2))
     assert not p.fits and "--dtype bfloat16" in p.fixes
 
 

@@ -1,0 +1,36 @@
+"""`lema bench`: LEMA and transformers + peft measured side by side, with a JSON result."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from lema.cli import main
+
+
+def test_bench_measures_lema_and_the_reference_in_one_run(tmp_path):
+    result = CliRunner().invoke(main, [
+        "bench", "--preset", "tiny", "--dtype", "float32", "--batch", "1", "--seq", "16", "--steps", "1",
+        "--warmup", "0", "--strategies", "streaming,resident,auto", "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "bench.json").read_text())
+    names = [r["name"] for r in data["runs"]]
+    assert names == ["lema_streaming", "lema_resident", "lema_auto", "hf_peft_ckpt", "hf_peft_nockpt"]
+    runs = {r["name"]: r for r in data["runs"]}
+    assert all(r["step_s"] > 0 for r in data["runs"])
+    # The streaming run moves weights every step; AUTO with an unlimited CPU budget keeps them all.
+    assert runs["lema_streaming"]["bytes_uploaded_per_step"] > 0
+    assert runs["lema_auto"]["bytes_uploaded_per_step"] == 0
+    for name in ("lema_streaming", "lema_resident"):
+        peak, plan = runs[name]["device_peak_bytes"], runs[name]["plan_device_total_bytes"]
+        assert abs(peak - plan) / plan <= 0.10
+    assert data["link_bandwidth_Bps"] > 0
+    assert "lema_streaming/hf_peft_ckpt" in data["ratios"]
+    assert "ratio lema_streaming/lema_resident" in result.output
+
+
+def test_bench_rejects_an_unknown_strategy(tmp_path):
+    result = CliRunner().invoke(main, ["bench", "--strategies", "fast", "--workdir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.startswith("Error:") and "Traceback" not in result.output

@@ -1,0 +1,125 @@
+"""``lema generate --model PATH --prompt TEXT``: continue a prompt, printing tokens as they come.
+
+The base weights stream through the device once per generated token (after one pass over
+the prompt that fills the KV cache), so models larger than the device generate too.
+Without ``--adapter`` the bare base model generates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lema.errors import CheckpointError, ConfigError, ModelFormatError
+
+
+@click.command("generate")
+@click.option("--model", "model_path", required=True, metavar="PATH",
+              help="LEMA .safetensors model file (from `lema convert`) or a local Hugging Face folder.")
+@click.option("--adapter", metavar="DIR", help="LoRA checkpoint / peft adapter directory (default: the bare base).")
+@click.option("--prompt", required=True, help="The text to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Most tokens to generate.")
+@click.option("--temperature", type=float, default=None, help="Sampling temperature (> 0; default 1.0).")
+@click.option("--top-k", type=click.IntRange(min=0), default=None,
+              help="Sample among the K most likely tokens (0: all).")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling: keep tokens up to this probability mass.")
+@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+@click.option("--greedy/--sample", "greedy", default=None,
+              help="Most likely token, or sample. Default: sample when --temperature, --top-k or --top-p is "
+                   "given, else greedy.")
+@click.option("--tokenizer", "tokenizer_dir", metavar="DIR",
+              help="Tokenizer folder (default: the adapter's folder if it has one, else the model's).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where to compute.")
+@click.option("--strategy", type=click.Choice(["streaming", "resident", "auto"]), default="streaming",
+              show_default=True, help="Where the base weights live between uses.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True, help="Compute dtype (auto: the model file's).")
+@click.option("--no-echo", is_flag=True, help="Print only the generated text, not the prompt.")
+def generate(model_path: str, adapter: str | None, prompt: str, max_new_tokens: int, temperature: float | None,
+             top_k: int | None, top_p: float | None, seed: int | None, greedy: bool | None,
+             tokenizer_dir: str | None, device: str, strategy: str, dtype: str, no_echo: bool) -> None:
+    """Generate text from --prompt with the base model (plus --adapter), streamed to stdout."""
+    if not Path(model_path).expanduser().exists():
+        raise ModelFormatError(f"--model: {model_path} does not exist; pass a .safetensors file made by "
+                               "`lema convert` or a local model folder")
+    if adapter is not None and not Path(adapter).expanduser().is_dir():
+        raise CheckpointError(f"--adapter: {adapter} is not a directory; pass a checkpoint directory holding "
+                              "adapter_config.json and adapter_model.safetensors")
+    tokenizer = _tokenizer(tokenizer_dir, adapter, model_path)
+    do_sample = greedy is False or (greedy is None and any(v is not None for v in (temperature, top_k, top_p)))
+
+    from lema.config import LemaConfig
+    from lema.generation import generate as run_generation
+    from lema.model import LemaModel
+
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        raise ConfigError("--prompt: the prompt encodes to no tokens; pass some text")
+    where = ({"gbi_path": model_path} if Path(model_path).expanduser().is_file()
+             else {"model_name_or_path": model_path})
+    config = LemaConfig(**where, device=device, strategy=strategy, dtype=dtype, batch_size=1,
+                        max_seq_len=ids.shape[1] + max(max_new_tokens, 1))
+    model = LemaModel(config)
+    try:
+        if adapter is not None:
+            model.load_adapter(adapter)
+        printer = _TextStream(tokenizer, "" if no_echo else prompt)
+        run_generation(model, ids, max_new_tokens, do_sample=do_sample,
+                       temperature=1.0 if temperature is None else temperature,
+                       top_k=0 if top_k is None else top_k, top_p=1.0 if top_p is None else top_p, seed=seed,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       stream=printer.add)
+        printer.flush()
+        click.echo()
+    finally:
+        model.engine.close()
+
+
+def _tokenizer(tokenizer_dir: str | None, adapter: str | None, model_path: str) -> Any:
+    from lema.tokenizer import find_tokenizer_dir, load_tokenizer
+
+    if tokenizer_dir is not None:
+        return load_tokenizer(tokenizer_dir)
+    found = find_tokenizer_dir(adapter, model_path)
+    if found is None:
+        places = " or ".join(str(p) for p in (adapter, Path(model_path).expanduser().parent
+                                              if Path(model_path).is_file() else model_path) if p)
+        raise ConfigError(f"no tokenizer files (tokenizer.json, ...) in {places}; pass the tokenizer's folder "
+                          "with --tokenizer DIR")
+    return load_tokenizer(found)
+
+
+class _TextStream:
+    """Print the decoded text of the ids seen so far, holding back an unfinished UTF-8 character.
+
+    ``prefix`` (the echoed prompt) is printed with the first text, so an error raised before
+    the first token leaves stdout empty.
+    """
+
+    def __init__(self, tokenizer: Any, prefix: str = "") -> None:
+        self.tokenizer = tokenizer
+        self.prefix = prefix
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a byte-level token split a character: wait for the rest
+            return
+        self._emit(text)
+
+    def flush(self) -> None:
+        self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def _emit(self, text: str) -> None:
+        if self.prefix:
+            click.echo(self.prefix, nl=False)
+            self.prefix = ""
+        if len(text) > self.printed:
+            click.echo(text[self.printed:], nl=False)
+            self.printed = len(text)

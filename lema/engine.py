@@ -126,7 +126,7 @@ class Engine:
         self._thread = threading.Thread(target=_prefetch_worker, args=(self._jobs, weakref.ref(self)),
                                         name="lema-prefetch", daemon=True)
         self._thread.start()
-        weakref.finalize(self, self._jobs.put, None)
+        weakref.finalize(self, stop_worker, self._jobs, self._thread)
 
     # -- construction --------------------------------------------------------------------------
 
@@ -278,6 +278,18 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def stop_worker(jobs: queue.Queue, thread: threading.Thread) -> None:
+    """Ask a worker thread to finish and wait for it (not from the worker itself).
+
+    Run at garbage collection and at interpreter exit: a worker woken while the interpreter
+    is shutting down would be killed inside C++ frames (std::terminate), so it is joined
+    while Python still runs.
+    """
+    jobs.put(None)
+    if thread is not threading.current_thread() and thread.is_alive():
+        thread.join(timeout=10)
 
 
 def _prefetch_worker(jobs: queue.Queue, engine_ref: "weakref.ref[Engine]") -> None:

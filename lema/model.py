@@ -215,6 +215,17 @@ class LemaModel:
                                         "optimizer_meta": ckpt.optimizer_meta}
         return model
 
+    def close(self) -> None:
+        """Stop the prefetch thread and release the device slots (the model is unusable after)."""
+        self.engine.close()
+        self.device.close()
+
+    def __enter__(self) -> "LemaModel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- internals --------------------------------------------------------------------
 
     def _set_lora(self, state: LoraState) -> None:

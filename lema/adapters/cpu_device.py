@@ -204,8 +204,9 @@ class CpuDevice:
             self._worker = threading.Thread(target=_link_worker, args=(self._jobs, weakref.ref(self)),
                                             name="lema-cpu-link", daemon=True)
             self._worker.start()
-            if self._finalizer is None:
-                self._finalizer = weakref.finalize(self, self._jobs.put, None)
+            if self._finalizer is not None:
+                self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _stop_worker, self._jobs, self._worker)
 
     def _copy(self, job: tuple) -> None:
         host, device, nbytes, after, label, ticket = job
@@ -259,6 +260,13 @@ class CpuDevice:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _stop_worker(jobs: "queue.Queue", thread: threading.Thread) -> None:
+    # Joined while Python still runs (see lema.engine.stop_worker).
+    jobs.put(None)
+    if thread is not threading.current_thread() and thread.is_alive():
+        thread.join(timeout=10)
 
 
 def _link_worker(jobs: "queue.Queue", device_ref: "weakref.ref[CpuDevice]") -> None:

@@ -172,10 +172,18 @@ class LemaModel:
         from lema.adapters.checkpoints import read_adapter
 
         config, tensors = read_adapter(path)
-        spec = LoraSpec.from_adapter_config(config)
-        state = from_peft_state_dict(self.spec, spec, tensors)
+        spec, state = self._adapter_state(path, config, tensors)
         self.lora_spec = spec
         self._set_lora(state)
+
+    def _adapter_state(self, path: str | Path, config: dict[str, Any],
+                       tensors: dict[str, torch.Tensor]) -> tuple[LoraSpec, LoraState]:
+        try:
+            spec = LoraSpec.from_adapter_config(config)
+            return spec, from_peft_state_dict(self.spec, spec, tensors)
+        except ConfigError as exc:  # targets of another architecture: an adapter for another base
+            raise CheckpointError(f"{path}: this adapter does not fit the {self.spec.model_type} base model "
+                                  f"({self.spec.n_layers} layers, hidden {self.spec.hidden_size}): {exc}") from None
 
     def adapter_config(self) -> dict[str, Any]:
         """peft's ``adapter_config.json`` for the current adapters."""
@@ -207,9 +215,9 @@ class LemaModel:
         except ConfigError as exc:
             raise CheckpointError(f"{checkpoint_dir}: trainer_state.json config is invalid: {exc}") from None
         model = cls(config, device=device)
-        spec = LoraSpec.from_adapter_config(ckpt.adapter_config)
+        spec, state = model._adapter_state(checkpoint_dir, ckpt.adapter_config, ckpt.adapter_tensors)
         model.lora_spec = spec
-        model._set_lora(from_peft_state_dict(model.spec, spec, ckpt.adapter_tensors))
+        model._set_lora(state)
         model._pending_trainer_state = {"trainer_state": ckpt.trainer_state,
                                         "optimizer_tensors": ckpt.optimizer_tensors,
                                         "optimizer_meta": ckpt.optimizer_meta}

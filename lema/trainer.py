@@ -114,8 +114,12 @@ class LemaTrainer:
         from lema.adapters.checkpoints import optimizer_to_tensors, rng_state, write_checkpoint
 
         model = self.model
-        names = [name for name, _ in model._require_lora().named_parameters()]
-        opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer, names)
+        named = model._require_lora().named_parameters()
+        opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer, [name for name, _ in named])
+        # Saved mid-accumulation, the gradients gathered so far are part of the state.
+        for name, param in named:
+            if self.micro_step and param.grad is not None:
+                opt_tensors[f"{_GRAD_PREFIX}{name}"] = param.grad.detach()
         state = {
             "global_step": self.global_step,
             "micro_step": self.micro_step,
@@ -141,10 +145,18 @@ class LemaTrainer:
         self.micro_step = int(state.get("micro_step", 0))
         if pending.get("optimizer_tensors") is not None and pending.get("optimizer_meta") is not None:
             load_optimizer_state(self.optimizer, pending["optimizer_tensors"], pending["optimizer_meta"])
+        tensors = pending.get("optimizer_tensors") or {}
+        for name, param in self.model._require_lora().named_parameters():
+            grad = tensors.get(f"{_GRAD_PREFIX}{name}")
+            if grad is not None:
+                param.grad = grad.to(device=param.device, dtype=param.dtype).clone()
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if state.get("rng") is not None:
             set_rng_state(state["rng"])
+
+
+_GRAD_PREFIX = "accumulated_grad."
 
 
 def step_with_cast(model: LemaModel, step: TrainingPass):

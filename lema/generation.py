@@ -152,7 +152,7 @@ def _forward_step(model: "LemaModel", ids: torch.Tensor, mask: torch.Tensor | No
     past = next((kv[0].shape[2] for kv in layers if kv is not None), 0)
     dev = model.device.torch_device
     ctx = make_decode_context(spec, batch, past, new, attention_mask=mask, device=dev, dtype=model.compute_dtype,
-                              lora=model.lora_spec)
+                              lora=model.lora_spec, matmul_dtype=model.matmul_dtype)
     # As in LemaModel: the embedding rows are gathered on the host; only (batch, new, hidden) moves.
     host_ctx = ctx if dev.type == "cpu" else make_decode_context(spec, batch, past, new, attention_mask=mask,
                                                                  dtype=model.compute_dtype)
@@ -161,7 +161,7 @@ def _forward_step(model: "LemaModel", ids: torch.Tensor, mask: torch.Tensor | No
     def compute(phase: Phase, unit: int, weights: object) -> None:
         weights = model._cast(weights)
         if unit == spec.n_layers + 1:
-            state["logits"] = heads.head_logits(spec, weights, state["x"][:, -1:])[:, -1]
+            state["logits"] = heads.head_logits(spec, weights, state["x"][:, -1:], ctx.matmul_dtype)[:, -1]
             return
         layer = unit - 1
         adapters = lora.layer(layer) if lora is not None else None

@@ -58,6 +58,7 @@ class LemaModel:
                                   targets=targets, use_rslora=config.use_rslora)
         self.device = device if device is not None else bootstrap.make_device(config)
         self.compute_dtype = bootstrap.compute_dtype(config, self.spec)
+        self.matmul_dtype = self.device.matmul_dtype(self.compute_dtype)
         self._plan = bootstrap.make_plan(config, self.spec, self.device)
         if not self._plan.fits:
             raise DoesNotFitError(self._plan.explain(), self._plan)
@@ -112,7 +113,7 @@ class LemaModel:
         def compute(phase: Phase, unit: int, weights: Any) -> None:
             weights = self._cast(weights)
             if unit == self.spec.n_layers + 1:
-                state["logits"] = heads.head_logits(self.spec, weights, state["x"])
+                state["logits"] = heads.head_logits(self.spec, weights, state["x"], self.matmul_dtype)
             else:
                 layer = unit - 1
                 adapters = lora.layer(layer) if lora is not None else None
@@ -140,7 +141,8 @@ class LemaModel:
         def compute(phase: Phase, unit: int, weights: Any) -> None:
             weights = self._cast(weights)
             if unit == self.spec.n_layers + 1:
-                loss_sum, n = heads.head_loss(self.spec, weights, state["x"], targets)
+                loss_sum, n = heads.head_loss(self.spec, weights, state["x"], targets,
+                                              matmul_dtype=self.matmul_dtype)
                 state["result"] = (float(loss_sum), n)
             else:
                 layer = unit - 1
@@ -262,7 +264,8 @@ class LemaModel:
                               f"got {int(ids.min())}..{int(ids.max())}")
         dev = self.device.torch_device
         ctx = make_context(self.spec, tuple(ids.shape), attention_mask=attention_mask, device=dev,
-                           dtype=self.compute_dtype, lora=self.lora_spec, training=training)
+                           dtype=self.compute_dtype, lora=self.lora_spec, training=training,
+                           matmul_dtype=self.matmul_dtype)
         # The embedding is gathered on the host from the mmap'd (or RAM) table: only the
         # (batch, seq, hidden) activations cross the link, never the vocab-sized matrix.
         host_ctx = ctx if dev.type == "cpu" else make_context(self.spec, tuple(ids.shape), device="cpu",

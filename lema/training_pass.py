@@ -90,7 +90,8 @@ class TrainingPass:
     def _head(self, weights: Mapping[str, torch.Tensor]) -> None:
         x_last = self.x.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss_sum, n_tokens = heads.head_loss(self.spec, weights, x_last, self.targets, self.chunk_tokens)
+            loss_sum, n_tokens = heads.head_loss(self.spec, weights, x_last, self.targets, self.chunk_tokens,
+                                                 matmul_dtype=self.ctx.matmul_dtype)
             self.n_tokens = n_tokens
             self.loss_sum = float(loss_sum.detach())
             (loss_sum * (self.loss_scale / max(n_tokens, 1))).backward()

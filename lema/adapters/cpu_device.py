@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import queue
 import threading
-import weakref
 import time
-from typing import Iterator
+import weakref
+from typing import Callable, Iterator
 
 import torch
 
@@ -69,7 +70,7 @@ class CpuDevice:
     """
 
     def __init__(self, capacity: int | None = None, link_bandwidth: float | None = None,
-                 record_timeline: bool = True) -> None:
+                 record_timeline: bool = True, count_compute: bool = True) -> None:
         if capacity is not None and capacity <= 0:
             raise ConfigError(f"capacity: {capacity} must be a positive number of bytes (or None)")
         if link_bandwidth is not None and link_bandwidth <= 0:
@@ -77,6 +78,9 @@ class CpuDevice:
         self.torch_device = torch.device("cpu")
         self.capacity = capacity
         self.link_bandwidth = link_bandwidth
+        # Counting every storage costs a Python call per op (a third of a small model's step);
+        # without a capacity to enforce, the composition root turns it off.
+        self.count_compute = count_compute
         self._lock = threading.RLock()
         self._current = 0
         self._peak = 0
@@ -169,7 +173,7 @@ class CpuDevice:
         depth = getattr(self._measuring, "depth", 0)
         self._measuring.depth = depth + 1
         try:
-            if depth:
+            if depth or not self.count_compute:
                 yield
             else:
                 with self._counter:
@@ -239,6 +243,15 @@ class CpuDevice:
                             None, marker))
             marker.wait()
 
+    # -- compute ----------------------------------------------------------------------------------
+
+    def matmul_dtype(self, dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype to multiply frozen weights in: fp32 for bf16/fp16 activations when this
+        CPU has no fast half-precision products (measured once per process), else None."""
+        if dtype not in (torch.bfloat16, torch.float16):
+            return None
+        return torch.float32 if _half_matmul_is_slow(dtype) else None
+
     # -- timeline ------------------------------------------------------------------------------
 
     def record(self, kind: str, *fields: object) -> None:
@@ -279,3 +292,31 @@ def _link_worker(jobs: "queue.Queue", device_ref: "weakref.ref[CpuDevice]") -> N
             return
         device._copy(job)
         del device
+
+
+@functools.lru_cache(maxsize=None)
+def _half_matmul_is_slow(dtype: torch.dtype) -> bool:
+    """Time both orientations a linear layer needs, in ``dtype`` and in fp32 (a few ms).
+
+    AVX2-only CPUs run bf16 products several times slower than fp32 (and ``grad @ W`` up
+    to 100x slower); CPUs with AVX512-BF16/AMX run them faster. Measuring beats guessing
+    from flags.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 256, generator=gen), torch.randn(512, 256, generator=gen)
+    g = torch.randn(64, 512, generator=gen)
+
+    def best(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with paused():
+        xh, wh, gh = x.to(dtype), w.to(dtype), g.to(dtype)
+        half = best(lambda: (xh @ wh.t(), gh @ wh))
+        wide = best(lambda: (xh.float() @ wh.float().t(), gh.float() @ wh.float()))
+    return half > wide

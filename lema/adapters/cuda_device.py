@@ -153,6 +153,10 @@ class CudaDevice:
         event.record(torch.cuda.current_stream(self.torch_device))
         return CudaTicket(event)
 
+    def matmul_dtype(self, dtype: torch.dtype) -> torch.dtype | None:
+        """GPUs multiply half precision natively: compute in the activations' dtype."""
+        return None
+
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.torch_device)
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from lema.domain.context import BlockContext
 from lema.domain.lora import MODULE_KEYS
+from lema.domain.matmul import frozen_linear
 from lema.domain.rope import apply_rope
 from lema.domain.spec import ModelSpec
 from lema.errors import ModelFormatError
@@ -108,6 +109,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ada
     Returns:
         ``(..., out)`` activations in ``x``'s dtype.
     """
+    if ctx.matmul_dtype is not None and ctx.matmul_dtype != x.dtype:
+        out = frozen_linear(x, weight.to(x.dtype), _cast(bias, x.dtype), conv1d=conv1d,
+                            matmul_dtype=ctx.matmul_dtype)
+        if adapter is None:
+            return out
+        return (out + _lora_delta(x, adapter, ctx, site)).to(out.dtype)
     w, b = weight.to(x.dtype), _cast(bias, x.dtype)
     if conv1d:
         flat = x.reshape(-1, x.shape[-1])

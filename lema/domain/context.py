@@ -84,6 +84,8 @@ class BlockContext:
         params: config values the blocks read.
         lora_scaling: the adapters' output scale.
         lora_dropout: dropout probability on the adapters' input (0 outside training).
+        matmul_dtype: dtype the frozen weights' products are computed in, when wider than
+            ``dtype`` (see :mod:`lema.domain.matmul`); None computes in ``dtype``.
         dropout_seed: seeds each (layer, module) dropout mask, so recomputing a layer in the
             backward pass draws the same mask as its forward pass.
     """
@@ -96,6 +98,7 @@ class BlockContext:
     lora_scaling: float = 1.0
     lora_dropout: float = 0.0
     dropout_seed: int = 0
+    matmul_dtype: torch.dtype | None = None
 
     def attention(self, layer_type: str) -> AttentionMask:
         """The ``(mask, keep)`` pair for a layer's attention kind."""
@@ -128,7 +131,7 @@ def _mask(pad: torch.Tensor | None, seq: int, window: int | None, device: torch.
 def make_context(spec: ModelSpec, input_shape: tuple[int, int], attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, lora: LoraSpec | None = None, training: bool = False,
-                 dropout_seed: int | None = None) -> BlockContext:
+                 dropout_seed: int | None = None, matmul_dtype: torch.dtype | None = None) -> BlockContext:
     """Build the per-batch context.
 
     Args:
@@ -142,6 +145,8 @@ def make_context(spec: ModelSpec, input_shape: tuple[int, int], attention_mask: 
         lora: the adapters' spec (scaling, dropout); None for no adapters.
         training: apply LoRA dropout.
         dropout_seed: seed of the dropout masks; drawn from torch's global RNG when None.
+        matmul_dtype: compute the frozen weights' products in this dtype (see
+            :mod:`lema.domain.matmul`); None: in ``dtype``.
 
     Returns:
         The :class:`BlockContext`.
@@ -172,7 +177,7 @@ def make_context(spec: ModelSpec, input_shape: tuple[int, int], attention_mask: 
         dropout_seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
     return BlockContext(dtype=dtype, position_ids=position_ids, rope=rope, masks=masks, params=params,
                         lora_scaling=lora.scaling if lora is not None else 1.0, lora_dropout=p,
-                        dropout_seed=dropout_seed)
+                        dropout_seed=dropout_seed, matmul_dtype=matmul_dtype)
 
 
 def decode_position_ids(attention_mask: torch.Tensor | None, past_len: int, new_len: int,
@@ -197,7 +202,7 @@ def decode_position_ids(attention_mask: torch.Tensor | None, past_len: int, new_
 def make_decode_context(spec: ModelSpec, batch: int, past_len: int, new_len: int,
                         attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                        lora: LoraSpec | None = None) -> BlockContext:
+                        lora: LoraSpec | None = None, matmul_dtype: torch.dtype | None = None) -> BlockContext:
     """The context of ``new_len`` tokens following ``past_len`` cached ones (inference, no dropout).
 
     Queries are the new tokens; keys are the cached ones followed by the new ones. The masks
@@ -261,4 +266,4 @@ def make_decode_context(spec: ModelSpec, batch: int, past_len: int, new_len: int
              for kind in set(params.layer_types) | {FULL}}
     rope = rope_cos_sin(spec.config_json, position_ids, dtype) if spec.family == "llama" else None
     return BlockContext(dtype=dtype, position_ids=position_ids, rope=rope, masks=masks, params=params,
-                        lora_scaling=lora.scaling if lora is not None else 1.0)
+                        lora_scaling=lora.scaling if lora is not None else 1.0, matmul_dtype=matmul_dtype)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lema.domain.blocks import rms_norm
+from lema.domain.matmul import backproject, project
 from lema.domain.context import arch_params
 from lema.domain.spec import ModelSpec
 
@@ -47,10 +48,14 @@ def final_norm(spec: ModelSpec, weights: Mapping[str, torch.Tensor], x: torch.Te
     return rms_norm(x, weights["norm.weight"], eps)
 
 
-def head_logits(spec: ModelSpec, weights: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Logits ``(batch, seq, vocab)`` as float32 (projected in ``x``'s dtype, then upcast like transformers)."""
+def head_logits(spec: ModelSpec, weights: Mapping[str, torch.Tensor], x: torch.Tensor,
+                matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Logits ``(batch, seq, vocab)`` as float32 (projected in ``x``'s dtype, then upcast like transformers).
+
+    ``matmul_dtype`` computes the projection in a wider dtype (see :mod:`lema.domain.matmul`).
+    """
     h = final_norm(spec, weights, x)
-    return F.linear(h, weights["lm_head.weight"].to(h.dtype)).float()
+    return project(h, weights["lm_head.weight"].to(h.dtype), matmul_dtype=matmul_dtype).float()
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -58,13 +63,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                need_h: bool, need_w: bool) -> torch.Tensor:
+                need_h: bool, need_w: bool, matmul_dtype: torch.dtype | None) -> torch.Tensor:
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for start in range(0, h.shape[0], chunk):
             hc, tc = h[start:start + chunk], targets[start:start + chunk]
-            logits = F.linear(hc, weight).float()
+            logits = project(hc, weight, matmul_dtype=matmul_dtype).float()
             loss += F.cross_entropy(logits, tc, ignore_index=IGNORE_INDEX, reduction="sum")
             if not (need_h or need_w):
                 continue
@@ -76,7 +81,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             probs *= valid[:, None]
             g = probs.to(h.dtype)
             if need_h:
-                grad_h[start:start + chunk] = g @ weight
+                grad_h[start:start + chunk] = backproject(g, weight, matmul_dtype=matmul_dtype)
             if need_w:
                 grad_w += (g.t() @ hc).float()
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
@@ -94,11 +99,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             gh = gh * grad_out.to(gh.dtype)
         if need_w:
             gw = (saved.pop(0) * grad_out).to(ctx.w_dtype)
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def head_loss(spec: ModelSpec, weights: Mapping[str, torch.Tensor], x: torch.Tensor, targets: torch.Tensor,
-              chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[torch.Tensor, int]:
+              chunk_tokens: int = DEFAULT_CHUNK_TOKENS, matmul_dtype: torch.dtype | None = None
+              ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy and the number of counted tokens.
 
     ``loss_sum / n_tokens`` equals transformers' ``model(input_ids, labels=labels).loss`` when
@@ -110,6 +116,7 @@ def head_loss(spec: ModelSpec, weights: Mapping[str, torch.Tensor], x: torch.Ten
         weights: the head unit's tensors (``norm.weight``/``ln_f.*`` and ``lm_head.weight``).
         x: ``(batch, seq, hidden)`` output of the last decoder layer.
         targets: ``(batch, seq)`` shifted targets; ``-100`` is ignored.
+        matmul_dtype: compute the products in this wider dtype (see :mod:`lema.domain.matmul`).
         chunk_tokens: tokens per chunk; peak extra memory is about
             ``chunk_tokens * vocab * 8`` bytes (fp32 logits and probabilities).
 
@@ -122,5 +129,5 @@ def head_loss(spec: ModelSpec, weights: Mapping[str, torch.Tensor], x: torch.Ten
     need_h = torch.is_grad_enabled() and flat.requires_grad
     need_w = torch.is_grad_enabled() and weight.requires_grad
     loss = _ChunkedLinearCrossEntropy.apply(flat, weight, targets.reshape(-1).to(flat.device),
-                                            max(1, int(chunk_tokens)), need_h, need_w)
+                                            max(1, int(chunk_tokens)), need_h, need_w, matmul_dtype)
     return loss, int((targets != IGNORE_INDEX).sum())

@@ -107,6 +107,11 @@ class Device(Protocol):
         """The events recorded so far (empty when the device keeps none)."""
         ...
 
+    def matmul_dtype(self, dtype: "torch.dtype") -> "torch.dtype | None":
+        """The dtype products with frozen weights should use for ``dtype`` activations,
+        or None for ``dtype`` itself (a CPU without fast bf16 answers float32)."""
+        ...
+
     def synchronize(self) -> None:
         """Block until every operation issued to the device has finished."""
         ...

@@ -37,7 +37,10 @@ def model_files(tmp_path_factory):
 
 
 def _model(path, **overrides) -> LemaModel:
-    return LemaModel(LemaConfig(gbi_path=str(path), device="cpu", lora_rank=4, **overrides))
+    from lema.adapters.cpu_device import CpuDevice
+
+    # A CpuDevice that counts every allocation, so the KV cache's bytes are observable.
+    return LemaModel(LemaConfig(gbi_path=str(path), device="cpu", lora_rank=4, **overrides), device=CpuDevice())
 
 
 def _with_adapter(model: LemaModel) -> LemaModel:

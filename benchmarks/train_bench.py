@@ -25,9 +25,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--preset", default="100m")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lema-train-bench"))
     args = parser.parse_args()
-    settings = benchmarking.BenchSettings(workdir=args.workdir, preset=args.preset, steps=args.steps,
+    settings = benchmarking.BenchSettings(workdir=args.workdir, preset=args.preset, dtype=args.dtype, steps=args.steps,
                                           warmup=args.warmup, device=args.device,
                                           strategies=("streaming", "resident"))
     result = benchmarking.run(settings)

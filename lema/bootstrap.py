@@ -53,7 +53,8 @@ def make_device(config: LemaConfig) -> Device:
 
         # A capacity is enforced only if every allocation is counted; without one, skip the
         # per-op bookkeeping (LemaModel(config, device=CpuDevice()) still counts everything).
-        return CpuDevice(capacity=config.vram_bytes, count_compute=config.vram_bytes is not None)
+        return CpuDevice(capacity=config.vram_bytes, count_compute=config.vram_bytes is not None,
+                         direct_reads=True)
     from lema.adapters.cuda_device import CudaDevice
 
     index = int(name.split(":")[1]) if ":" in name else 0

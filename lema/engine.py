@@ -112,7 +112,11 @@ class Engine:
         self.bytes_uploaded_total = 0
         try:
             self._slots = [self._alloc(self.slot_nbytes, f"slot {k}") for k in range(self.n_slots)]
-            self._staging = [device.host_buffer(self.slot_nbytes) for _ in range(self.n_slots)]
+            # A device whose memory is host memory (the CPU) is read into directly: no staging
+            # copy, no second pass over the bytes competing with compute for the cores.
+            self._direct = bool(getattr(device, "direct_reads", False))
+            self._staging = [] if self._direct else [device.host_buffer(self.slot_nbytes)
+                                                     for _ in range(self.n_slots)]
             self._resident = self._load_resident(sorted(resident))
         except BaseException:
             self._free_all()
@@ -140,9 +144,16 @@ class Engine:
         if not units:
             return out
         need = max(self._sizes[u] for u in units)
-        staging = self._staging[0] if self._staging and need <= self.slot_nbytes else self.device.host_buffer(need)
+        staging = None
+        if not self._direct:
+            staging = self._staging[0] if self._staging and need <= self.slot_nbytes else self.device.host_buffer(need)
         for u in units:
             buffer = self._alloc(self._sizes[u], f"resident {self.spec.units[u].name}")
+            if staging is None:
+                self.source.read_unit(u, buffer)
+                self.bytes_uploaded_total += self._sizes[u]
+                out[u] = unit_views(buffer, self._layouts[u])
+                continue
             self.source.read_unit(u, staging)
             ticket = self.device.upload(staging, buffer, self._sizes[u], label=u)
             self.device.host_reusable(ticket)
@@ -156,6 +167,15 @@ class Engine:
     def _prefetch_one(self, job: tuple) -> None:
         unit, slot, after, future = job
         try:
+            if self._direct:
+                if after is not None:
+                    after.wait()
+                self.device.record("read_start", unit)
+                self.source.read_unit(unit, self._slots[slot])
+                self.device.record("read_done", unit)
+                self.device.record("upload_done", unit)
+                future.set_result(_DONE)
+                return
             previous = self._staged[slot]
             if previous is not None:
                 self.device.host_reusable(previous)
@@ -278,6 +298,19 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Done:
+    """The ticket of a read that is already complete (direct reads)."""
+
+    def wait(self) -> None:
+        return None
+
+    def done(self) -> bool:
+        return True
+
+
+_DONE = _Done()
 
 
 def stop_worker(jobs: queue.Queue, thread: threading.Thread) -> None:

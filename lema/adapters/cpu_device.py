@@ -64,13 +64,18 @@ class CpuDevice:
         capacity: bytes the device may hold (``None``: unlimited, still counted).
         link_bandwidth: simulated host -> device bytes per second (``None``: memcpy speed).
         record_timeline: keep a timeline of fetch/upload/compute/release events.
+        count_compute: count every storage the compute allocates inside :meth:`measuring`
+            (needed to enforce ``capacity`` and to compare with the plan; costs a Python
+            call per op).
+        direct_reads: let an engine read weights straight into its slots (no staging copy);
+            ignored when ``link_bandwidth`` simulates a link.
 
     Raises:
         ConfigError: a non-positive capacity or bandwidth.
     """
 
     def __init__(self, capacity: int | None = None, link_bandwidth: float | None = None,
-                 record_timeline: bool = True, count_compute: bool = True) -> None:
+                 record_timeline: bool = True, count_compute: bool = True, direct_reads: bool = False) -> None:
         if capacity is not None and capacity <= 0:
             raise ConfigError(f"capacity: {capacity} must be a positive number of bytes (or None)")
         if link_bandwidth is not None and link_bandwidth <= 0:
@@ -81,6 +86,10 @@ class CpuDevice:
         # Counting every storage costs a Python call per op (a third of a small model's step);
         # without a capacity to enforce, the composition root turns it off.
         self.count_compute = count_compute
+        # The device's memory is host memory: an engine may read weights straight into its
+        # slots instead of staging them and "uploading" (a second copy). Off when a link is
+        # simulated, so its delay applies.
+        self.direct_reads = direct_reads and link_bandwidth is None
         self._lock = threading.RLock()
         self._current = 0
         self._peak = 0

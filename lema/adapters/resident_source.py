@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from lema.domain.schedule import unit_buffer_bytes, unit_layout
@@ -104,10 +105,13 @@ class ResidentSource:
         if buffer.dtype != torch.uint8 or buffer.numel() < need or buffer.device.type != "cpu":
             raise ConfigError(f"buffer: needs a CPU uint8 tensor of at least {need} bytes for unit {index}")
         out = {}
+        raw = buffer.numpy()
         for t, offset in self._layouts[index]:
-            view = buffer[offset:offset + t.nbytes].view(torch_dtype(t.dtype)).view(t.shape)
-            view.copy_(tensors[t.key])
-            out[t.key] = view
+            src = tensors[t.key].contiguous().view(-1).view(torch.uint8).numpy()
+            # One plain memcpy that releases the GIL; torch's copy_ would fan out over the
+            # intra-op thread pool and fight the compute for the same cores.
+            np.copyto(raw[offset:offset + t.nbytes], src)
+            out[t.key] = buffer[offset:offset + t.nbytes].view(torch_dtype(t.dtype)).view(t.shape)
         return out
 
     @property

@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from lema.adapters.cpu_device import CpuDevice
 
-        make_device = CpuDevice
+        # As `LemaModel` builds it: weights read straight into the slots (no staging copy).
+        def make_device():
+            return CpuDevice(direct_reads=True, count_compute=False)
     device = make_device()
     staging = device.host_buffer(slot_bytes(spec.units[1:]))
     big = device.host_buffer(size)  # pre-touched, like the engine's staging

@@ -14,7 +14,7 @@ Example (the guide's workflow, with a tiny model)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
@@ -102,25 +102,10 @@ class LemaModel:
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits ``(batch, seq, vocab)`` of base + adapters; no gradients."""
-        with self.device.measuring():
-            return self._forward(input_ids, attention_mask)
+        def head(weights: Any, x: torch.Tensor) -> torch.Tensor:
+            return heads.head_logits(self.spec, weights, x, self.matmul_dtype)
 
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        ctx, x = self._prepare(input_ids, attention_mask, training=False)
-        state: dict[str, torch.Tensor] = {"x": x}
-        lora = self.lora
-
-        def compute(phase: Phase, unit: int, weights: Any) -> None:
-            weights = self._cast(weights)
-            if unit == self.spec.n_layers + 1:
-                state["logits"] = heads.head_logits(self.spec, weights, state["x"], self.matmul_dtype)
-            else:
-                layer = unit - 1
-                adapters = lora.layer(layer) if lora is not None else None
-                state["x"] = blocks.decoder_block(self.spec, weights, adapters, state["x"], ctx, layer)
-
-        self.last_report = self.engine.run(compute, mode="forward")
-        return state["logits"]
+        return self._forward_pass(input_ids, attention_mask, head)
 
     __call__ = forward
 
@@ -128,29 +113,33 @@ class LemaModel:
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
              attention_mask: torch.Tensor | None = None) -> tuple[float, int]:
         """Summed next-token loss and the number of scored tokens (labels default to inputs)."""
-        with self.device.measuring():
-            return self._loss(input_ids, labels, attention_mask)
-
-    def _loss(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
-              attention_mask: torch.Tensor | None) -> tuple[float, int]:
-        ctx, x = self._prepare(input_ids, attention_mask, training=False)
         targets = self._targets(input_ids, labels, attention_mask)
-        state: dict[str, Any] = {"x": x}
-        lora = self.lora
 
-        def compute(phase: Phase, unit: int, weights: Any) -> None:
-            weights = self._cast(weights)
-            if unit == self.spec.n_layers + 1:
-                loss_sum, n = heads.head_loss(self.spec, weights, state["x"], targets,
-                                              matmul_dtype=self.matmul_dtype)
-                state["result"] = (float(loss_sum), n)
-            else:
+        def head(weights: Any, x: torch.Tensor) -> tuple[float, int]:
+            loss_sum, n = heads.head_loss(self.spec, weights, x, targets, matmul_dtype=self.matmul_dtype)
+            return float(loss_sum), n
+
+        return self._forward_pass(input_ids, attention_mask, head)
+
+    def _forward_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      head: Callable[[Any, torch.Tensor], Any]) -> Any:
+        """One forward pass through the engine; ``head(weights, x_L)`` makes the result."""
+        with self.device.measuring():
+            ctx, x = self._prepare(input_ids, attention_mask, training=False)
+            state: dict[str, Any] = {"x": x}
+            lora = self.lora
+
+            def compute(phase: Phase, unit: int, weights: Any) -> None:
+                weights = self._cast(weights)
+                if unit == self.spec.n_layers + 1:
+                    state["result"] = head(weights, state["x"])
+                    return
                 layer = unit - 1
                 adapters = lora.layer(layer) if lora is not None else None
                 state["x"] = blocks.decoder_block(self.spec, weights, adapters, state["x"], ctx, layer)
 
-        self.last_report = self.engine.run(compute, mode="forward")
-        return state["result"]
+            self.last_report = self.engine.run(compute, mode="forward")
+            return state["result"]
 
     def _targets(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
                  attention_mask: torch.Tensor | None) -> torch.Tensor:

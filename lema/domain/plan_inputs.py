@@ -59,6 +59,9 @@ class TrainingShape:
         head_chunk_tokens: tokens per chunk of the chunked head.
         reserve_bytes: runtime reserve; None: 512 MiB on cuda, 0 on cpu.
         mode: ``"train"`` or ``"inference"`` (forward only: no grads, optimizer, checkpoints).
+        wide_matmul: the frozen weights' products run in fp32 although activations are
+            bf16/fp16 (a CPU without fast half precision, see ``lema.domain.matmul``): each
+            product briefly holds fp32 copies of its input, weight and output.
 
     Raises:
         ConfigError: naming every field whose value is out of range, at once.
@@ -78,6 +81,7 @@ class TrainingShape:
     head_chunk_tokens: int = 1024
     reserve_bytes: int | None = None
     mode: str = "train"
+    wide_matmul: bool = False
 
     def __attrs_post_init__(self) -> None:
         problems = []

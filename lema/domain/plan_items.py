@@ -310,3 +310,14 @@ def peak_of(name: str, phases: Sequence[MemoryItem], note: str = "") -> MemoryIt
         return MemoryItem(name, 0, note)
     top = max(kept, key=lambda p: p.bytes)
     return MemoryItem(name, top.bytes, f"{note}{'; ' if note else ''}peak: {top.name}", kept, "max")
+
+
+def wide_matmul_head(f: ModelFacts, batch: int, seq: int, chunk_tokens: int) -> MemoryItem:
+    """The head's products computed wide (:mod:`lema.domain.matmul`). At the head's peak
+    (the gradient towards the hidden states, ``g @ W``) the fp32 probabilities and their
+    half-precision cast are joined by an fp32 copy of the cast (``c V 4`` where the plain
+    path's ``2 c V 4`` holds ``c V 6``: ``c V 2`` more), the fp32 weight ``V h 4`` and the fp32
+    product ``c h 4``."""
+    c = min(batch * seq, chunk_tokens)
+    return MemoryItem("wide_matmul", f.vocab * f.hidden * FP32 + c * f.vocab * 2 + c * f.hidden * FP32,
+                      "fp32 weight V h 4 + c V 2 + c h 4")

@@ -253,11 +253,16 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
     """
     b, s, n, attention = shape.batch, shape.seq, f.n_layers, shape.attention_path
     x = b * s * f.hidden * f.act_bytes
+    wide = shape.wide_matmul and f.act_bytes != pi.FP32
+    # Measured on CpuDevice: a layer's wide products peak below the layer's own peak (their
+    # fp32 temporaries live while little else does), so only the head's count.
+    layer_wide: list[MemoryItem] = []
+    head_wide = [pi.wide_matmul_head(f, b, s, shape.head_chunk_tokens)] if wide else []
     if not shape.training:
         # LemaModel.forward keeps the embedding output (a local) besides the current hidden state.
         states = [MemoryItem("embedding_output", x, "T h a"), MemoryItem("hidden_state", x, "T h a")]
-        return [pi.summed("forward", states + [pi.layer_forward(f, b, s, attention)]),
-                pi.summed("head", states + [pi.head_inference(f, b, s)])]
+        return [pi.summed("forward", states + [pi.layer_forward(f, b, s, attention)] + layer_wide),
+                pi.summed("head", states + [pi.head_inference(f, b, s)] + head_wide)]
     lora = pi.lora_parameters(f, shape.lora_rank)
     grads = lora * pi.FP32
     g = grads // max(n, 1)
@@ -280,10 +285,11 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
                     MemoryItem("lora_grads", n * g, f"{n} layers, fp32")]
         inputs = MemoryItem("checkpointed_inputs", n * x, f"{n} layers x T h a")
         return [
-            pi.summed("forward", [inputs, pi.layer_forward(f, b, s, attention)]),
+            pi.summed("forward", [inputs, pi.layer_forward(f, b, s, attention)] + layer_wide),
             pi.summed("head", [inputs, MemoryItem("hidden_state", x, "x_L: T h a"),
-                               pi.head_train(f, b, s, shape.head_chunk_tokens)]),
-            pi.summed("layer_backward", kept + [pi.layer_recompute(f, b, s, shape.lora_rank, attention)]),
+                               pi.head_train(f, b, s, shape.head_chunk_tokens)] + head_wide),
+            pi.summed("layer_backward", kept + [pi.layer_recompute(f, b, s, shape.lora_rank, attention)]
+                      + layer_wide),
             optimizer,
         ]
     m = pi.layer_model(f, b, s, shape.lora_rank, attention)
@@ -292,9 +298,10 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
                         f"{n} layers x {format_size(per_layer)} (input + saved), no checkpointing")
     return [
         pi.summed("head", [stored, MemoryItem("hidden_state", x, "x_L: T h a"),
-                           pi.head_train(f, b, s, shape.head_chunk_tokens)]),
+                           pi.head_train(f, b, s, shape.head_chunk_tokens)] + head_wide),
         pi.summed("layer_backward", [stored, MemoryItem("lora_grads", grads, "fp32"),
-                                     MemoryItem("temporaries", m.backward_extra, "output, gradients")]),
+                                     MemoryItem("temporaries", m.backward_extra, "output, gradients")]
+                  + layer_wide),
         optimizer,
     ]
 

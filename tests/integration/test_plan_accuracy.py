@@ -43,6 +43,10 @@ CASES = {
     # id: (model builder, file dtype, config)
     "llama-f32": (lambda: _llama(128, 344, 4, 256), None, dict(batch_size=2, max_seq_len=64, lora_rank=8,
                                                                prefetch_distance=1)),
+    # A vocabulary large next to the model: the head's phase (and, on a CPU without fast bf16,
+    # its fp32 products) sets the peak.
+    "llama-bf16-big-vocab": (lambda: _llama(64, 172, 2, 8192), torch.bfloat16,
+                             dict(batch_size=2, max_seq_len=256, lora_rank=8, prefetch_distance=1)),
     "llama-bf16-long": (lambda: _llama(64, 172, 2, 128), torch.bfloat16,
                         dict(batch_size=1, max_seq_len=512, lora_rank=4, prefetch_distance=2)),
     "llama-wide-auto": (lambda: _llama(256, 688, 3, 1024, heads=8, kv=8), None,

@@ -51,10 +51,9 @@ def make_device(config: LemaConfig) -> Device:
     if name == "cpu":
         from lema.adapters.cpu_device import CpuDevice
 
-        # A capacity is enforced only if every allocation is counted; without one, skip the
-        # per-op bookkeeping (LemaModel(config, device=CpuDevice()) still counts everything).
-        return CpuDevice(capacity=config.vram_bytes, count_compute=config.vram_bytes is not None,
-                         direct_reads=True)
+        # Every allocation is counted, so the reported device peak is the real one (`lema
+        # bench` turns counting off for its timed steps: it costs a Python call per op).
+        return CpuDevice(capacity=config.vram_bytes, direct_reads=True)
     from lema.adapters.cuda_device import CudaDevice
 
     index = int(name.split(":")[1]) if ":" in name else 0

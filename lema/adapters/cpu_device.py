@@ -84,7 +84,7 @@ class CpuDevice:
         self.capacity = capacity
         self.link_bandwidth = link_bandwidth
         # Counting every storage costs a Python call per op (a third of a small model's step);
-        # without a capacity to enforce, the composition root turns it off.
+        # `lema bench` turns it off for its timed steps.
         self.count_compute = count_compute
         # The device's memory is host memory: an engine may read weights straight into its
         # slots instead of staging them and "uploading" (a second copy). Off when a link is

@@ -172,7 +172,6 @@ def time_reference(settings: BenchSettings, folder: Path, checkpointing: bool) -
 
     times, losses = _timed(step, settings, _sync(settings.device))
     peak = (torch.cuda.max_memory_allocated() - base) if settings.device.startswith("cuda") else None
-    del model, optimizer
     return {"name": f"hf_peft_{'ckpt' if checkpointing else 'nockpt'}", "step_s": statistics.median(times),
             "step_times_s": times, "losses": losses, "device_peak_bytes": peak}
 

@@ -27,7 +27,7 @@ from lema.adapters.hub import TensorLoader, iter_checkpoint_tensors, read_config
 from lema.adapters.safetensors_header import read_header
 from lema.adapters.safetensors_writer import open_safetensors_writer
 from lema.domain import architectures as arch
-from lema.domain.spec import dtype_code, torch_dtype
+from lema.domain.spec import output_dtype, torch_dtype
 from lema.errors import CheckpointError, ConfigError, ModelFormatError
 from lema.utils.model_utils import plan_tensors
 
@@ -141,12 +141,7 @@ def merge_adapter(
         ModelFormatError: an unreadable base model.
     """
     base, out = Path(base), Path(out)
-    target = None
-    if dtype is not None:
-        try:
-            target = torch_dtype(dtype_code(dtype))
-        except ModelFormatError:
-            raise ConfigError(f"dtype={dtype!r} is not a dtype; use float32, float16 or bfloat16") from None
+    target = output_dtype(dtype)
     adapter_config, adapter_tensors = read_adapter(adapter_dir)
     deltas = lora_deltas(adapter_config, adapter_tensors)
     config_text, names, loader = _open_base(base)

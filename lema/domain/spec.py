@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from lema.domain import architectures as arch
-from lema.errors import ModelFormatError
+from lema.errors import ConfigError, ModelFormatError
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +65,20 @@ def torch_dtype(code: str) -> "torch.dtype":
     import torch
 
     return getattr(torch, _TORCH_NAMES[dtype_code(code)])
+
+
+def output_dtype(value: "str | torch.dtype | None") -> "torch.dtype | None":
+    """A user's ``dtype=`` option (None: keep) as a torch dtype.
+
+    Raises:
+        ConfigError: for a value that is not a dtype.
+    """
+    if value is None:
+        return None
+    try:
+        return torch_dtype(dtype_code(value))
+    except ModelFormatError:
+        raise ConfigError(f"dtype={value!r} is not a dtype; use float32, float16 or bfloat16") from None
 
 
 def itemsize(code: str) -> int:

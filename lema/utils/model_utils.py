@@ -19,7 +19,7 @@ import torch
 from lema.adapters.hub import iter_checkpoint_tensors, read_config_text, resolve_model
 from lema.adapters.safetensors_writer import code_of, open_safetensors_writer
 from lema.domain import architectures as arch
-from lema.domain.spec import ModelSpec, dtype_code, torch_dtype
+from lema.domain.spec import ModelSpec, output_dtype
 from lema.errors import ConfigError, ModelFormatError
 
 Progress = Callable[[int, int, str], None]
@@ -102,12 +102,7 @@ def prepare_monolithic_safetensors(
     out = Path(out_path)
     if out.is_dir():
         raise ModelFormatError(f"{out}: is a folder; pass a file name ending in .safetensors")
-    target = None
-    if dtype is not None:
-        try:
-            target = torch_dtype(dtype_code(dtype))
-        except ModelFormatError:
-            raise ConfigError(f"dtype={dtype!r} is not a dtype; use float32, float16 or bfloat16") from None
+    target = output_dtype(dtype)
     dev = resolve_device(device)
     folder = resolve_model(model, revision=revision, token=token)
     config_text = read_config_text(folder)

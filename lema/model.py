@@ -182,7 +182,7 @@ class LemaModel:
         return adapter_config(self.spec, self.lora_spec, base)
 
     @classmethod
-    def from_pretrained(cls, checkpoint_dir: str | Path, *, device: Device | None = None,
+    def from_pretrained(cls, checkpoint_dir: str | Path, *, device: "Device | str | None" = None,
                         **overrides: Any) -> "LemaModel":
         """Rebuild model, adapter and trainer state from a LEMA checkpoint directory.
 
@@ -190,7 +190,8 @@ class LemaModel:
 
         Args:
             checkpoint_dir: a directory written by ``LemaTrainer.save_checkpoint``.
-            device: optional device override.
+            device: a Device object, or a device name (``"cpu"``, ``"cuda:1"``) that replaces
+                the saved config's.
             **overrides: LemaConfig fields to change (e.g. ``gbi_path`` if the file moved).
         """
         from lema.adapters.checkpoints import read_checkpoint
@@ -200,6 +201,8 @@ class LemaModel:
             raise CheckpointError(f"{checkpoint_dir}: trainer_state.json has no LemaConfig; "
                                   "use LemaModel(config).load_adapter(path) for a plain adapter")
         data = dict(ckpt.trainer_state["config"])
+        if isinstance(device, str):
+            overrides["device"], device = device, None
         data.update(overrides)
         try:
             config = LemaConfig.from_dict(data)

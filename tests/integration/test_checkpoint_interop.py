@@ -167,3 +167,16 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
         assert torch.equal(resumed[key], tensor), key
     state = json.loads((tmp_path / "resumed" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and state["micro_step"] == 0
+
+
+def test_from_pretrained_accepts_a_device_name_and_config_overrides(tmp_path):
+    hf = build_hf_model("llama", seed=4)
+    save_monolithic(hf, tmp_path / "model.safetensors")
+    model = LemaModel(LemaConfig(gbi_path=str(tmp_path / "model.safetensors"), device="auto", lora_rank=4))
+    model.initialize_lora()
+    model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3)).save_checkpoint(tmp_path / "c")
+    moved = tmp_path / "moved.safetensors"
+    (tmp_path / "model.safetensors").rename(moved)
+    again = LemaModel.from_pretrained(tmp_path / "c", device="cpu", gbi_path=str(moved))
+    assert again.config.device == "cpu" and again.device.torch_device.type == "cpu"
+    assert again.config.gbi_path == str(moved)

@@ -23,9 +23,8 @@ Example:
 from __future__ import annotations
 
 import queue
-import threading
-import weakref
 import time
+import weakref
 from concurrent.futures import Future
 from typing import Any, Callable, Literal, Mapping, Sequence
 
@@ -33,6 +32,7 @@ import attrs
 import torch
 
 from lema.adapters.safetensors_source import unit_views
+from lema.adapters.workers import start_worker, stop_worker
 from lema.domain.schedule import (Compute, Fetch, Phase, Release, build_schedule, slot_bytes, slot_count,
                                   unit_buffer_bytes, unit_layout)
 from lema.domain.spec import ModelSpec
@@ -127,9 +127,7 @@ class Engine:
         self._jobs: queue.Queue = queue.Queue()
         # The thread holds only a weak reference, so an engine nobody closed is still
         # collected, and its finalizer stops the thread.
-        self._thread = threading.Thread(target=_prefetch_worker, args=(self._jobs, weakref.ref(self)),
-                                        name="lema-prefetch", daemon=True)
-        self._thread.start()
+        self._thread = start_worker(self, self._jobs, Engine._prefetch_one, "lema-prefetch")
         weakref.finalize(self, stop_worker, self._jobs, self._thread)
 
     # -- construction --------------------------------------------------------------------------
@@ -311,30 +309,6 @@ class _Done:
 
 
 _DONE = _Done()
-
-
-def stop_worker(jobs: queue.Queue, thread: threading.Thread) -> None:
-    """Ask a worker thread to finish and wait for it (not from the worker itself).
-
-    Run at garbage collection and at interpreter exit: a worker woken while the interpreter
-    is shutting down would be killed inside C++ frames (std::terminate), so it is joined
-    while Python still runs.
-    """
-    jobs.put(None)
-    if thread is not threading.current_thread() and thread.is_alive():
-        thread.join(timeout=10)
-
-
-def _prefetch_worker(jobs: queue.Queue, engine_ref: "weakref.ref[Engine]") -> None:
-    while True:
-        job = jobs.get()
-        if job is None:
-            return
-        engine = engine_ref()
-        if engine is None:
-            return
-        engine._prefetch_one(job)
-        del engine
 
 
 def _check_plan(plan: Any, device: Device) -> None:

@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 import torch
 
 from lema.adapters.cpu_memory import AllocationCounter, paused
+from lema.adapters.workers import start_worker, stop_worker
 from lema.domain.units import format_size
 from lema.errors import ConfigError, DeviceOutOfMemory
 
@@ -214,12 +215,10 @@ class CpuDevice:
         if self._worker is None or not self._worker.is_alive():
             # A weak reference only, so a device nobody closed is still collected (its
             # finalizer, registered once, stops the worker).
-            self._worker = threading.Thread(target=_link_worker, args=(self._jobs, weakref.ref(self)),
-                                            name="lema-cpu-link", daemon=True)
-            self._worker.start()
+            self._worker = start_worker(self, self._jobs, CpuDevice._copy, "lema-cpu-link")
             if self._finalizer is not None:
                 self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, _stop_worker, self._jobs, self._worker)
+            self._finalizer = weakref.finalize(self, stop_worker, self._jobs, self._worker)
 
     def _copy(self, job: tuple) -> None:
         host, device, nbytes, after, label, ticket = job
@@ -282,25 +281,6 @@ class CpuDevice:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _stop_worker(jobs: "queue.Queue", thread: threading.Thread) -> None:
-    # Joined while Python still runs (see lema.engine.stop_worker).
-    jobs.put(None)
-    if thread is not threading.current_thread() and thread.is_alive():
-        thread.join(timeout=10)
-
-
-def _link_worker(jobs: "queue.Queue", device_ref: "weakref.ref[CpuDevice]") -> None:
-    while True:
-        job = jobs.get()
-        if job is None:
-            return
-        device = device_ref()
-        if device is None:
-            return
-        device._copy(job)
-        del device
 
 
 @functools.lru_cache(maxsize=None)

@@ -59,7 +59,7 @@ def write_model(path: Path):
     if path.exists():
         return {"path": str(path), "bytes": path.stat().st_size, "reused": True}
     from benchmarks.write_random_model import write_random_model
-    from lema.adapters.builtin_models import builtin_config
+    from lema.adapters.weights.builtin_models import builtin_config
 
     start = time.perf_counter()
     n = write_random_model(builtin_config("llama-2-7b"), str(path), "float16")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lema.adapters.builtin_models import builtin_config  # noqa: E402
+from lema.adapters.weights.builtin_models import builtin_config  # noqa: E402
 from tests.sparse_models import write_sparse_safetensors  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def main() -> None:
         _wall(cmd)  # warm the page cache and the bytecode cache
         runs = [_wall(cmd) for _ in range(args.repeat)]
         # The same command with torch replaced by an empty stub module: what `lema plan`
-        # costs once nothing on its path imports torch (today lema.domain.lora does).
+        # costs once nothing on its path imports torch (today lema.domain.model.lora does).
         stub = ("import sys, types; t = types.ModuleType('torch'); t.Tensor = t.Generator = object; "
                 "t.dtype = type(None); sys.modules['torch'] = t; from lema.cli import main; "
                 f"sys.argv = ['lema', 'plan', '--model', {str(path)!r}, '--vram', '8G']; main()")

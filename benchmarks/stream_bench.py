@@ -41,7 +41,7 @@ def write_model(folder: Path, config: dict) -> Path:
     """Write random bf16 weights once (tensor by tensor is not possible with save_file; ~1 GB RAM)."""
     from safetensors.torch import save_file
 
-    from lema.domain.spec import ModelSpec
+    from lema.domain.model.spec import ModelSpec
 
     path = folder / "model.safetensors"
     if path.exists() and json.loads((folder / "config.json").read_text()) == config:
@@ -77,7 +77,7 @@ def warm_cache(path: Path) -> None:
 
 
 def plain_read(path: Path, buffer: torch.Tensor) -> tuple[int, float]:
-    from lema.adapters.safetensors_source import byte_view
+    from lema.adapters.weights.safetensors_source import byte_view
 
     view = byte_view(buffer, 0, buffer.numel())
     total = 0
@@ -92,8 +92,8 @@ def plain_read(path: Path, buffer: torch.Tensor) -> tuple[int, float]:
 
 
 def source_read(spec, root: Path, method: str, staging: torch.Tensor) -> tuple[int, float]:
-    from lema.adapters.safetensors_source import SafetensorsSource
-    from lema.domain.schedule import unit_buffer_bytes
+    from lema.adapters.weights.safetensors_source import SafetensorsSource
+    from lema.domain.schedule.layer_schedule import unit_buffer_bytes
 
     with SafetensorsSource(spec, root, method=method) as source:
         start = time.perf_counter()
@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = parser.parse_args(argv)
 
-    from lema.adapters.safetensors_header import read_header
-    from lema.domain.schedule import slot_bytes
-    from lema.domain.spec import ModelSpec
+    from lema.adapters.weights.safetensors_header import read_header
+    from lema.domain.schedule.layer_schedule import slot_bytes
+    from lema.domain.model.spec import ModelSpec
 
     config = model_config(args)
     path = write_model(args.path, config)
@@ -147,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     size = path.stat().st_size
 
     if args.device == "cuda":
-        from lema.adapters.cuda_device import CudaDevice
+        from lema.adapters.devices.cuda import CudaDevice
 
         make_device = CudaDevice
     else:
-        from lema.adapters.cpu_device import CpuDevice
+        from lema.adapters.devices.cpu import CpuDevice
 
         # As `LemaModel` builds it: weights read straight into the slots (no staging copy).
         def make_device():
@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     staging = device.host_buffer(slot_bytes(spec.units[1:]))
     big = device.host_buffer(size)  # pre-touched, like the engine's staging
 
-    from lema.adapters.safetensors_source import SafetensorsSource
-    from lema.engine import Engine
+    from lema.adapters.weights.safetensors_source import SafetensorsSource
+    from lema.app.engine import Engine
 
     # Built once, like a training run: slots and staging are allocated and touched here.
     sources = {m: SafetensorsSource(spec, args.path, method=m) for m in ("pread", "mmap")}

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from lema.adapters.builtin_models import builtin_config
-from lema.adapters.safetensors_writer import open_safetensors_writer
-from lema.domain import architectures as arch
-from lema.domain.spec import dtype_code, torch_dtype
+from lema.adapters.weights.builtin_models import builtin_config
+from lema.adapters.weights.safetensors_writer import open_safetensors_writer
+from lema.domain.families import registry as arch
+from lema.domain.model.spec import dtype_code, torch_dtype
 
 
 def write_random_model(config: dict, out: str, dtype: str = "float16", seed: int = 0) -> int:

@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "LemaConfig": "lema.config", "MemoryStrategy": "lema.config",
-    "LemaModel": "lema.model", "LemaTrainer": "lema.trainer",
+    "LemaModel": "lema.app.model", "LemaTrainer": "lema.app.trainer",
 }
 
 

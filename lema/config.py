@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import attrs
 
-from lema.domain.strategy import MemoryStrategy
+from lema.domain.plan.strategy import MemoryStrategy
 from lema.domain.units import parse_size
 from lema.errors import ConfigError
 

@@ -25,7 +25,7 @@ class DoesNotFitError(LemaError, MemoryError):
     """The memory plan does not fit the device (or host) budget.
 
     Attributes:
-        plan: the :class:`lema.domain.planner.MemoryPlan` that did not fit, if known.
+        plan: the :class:`lema.domain.plan.planner.MemoryPlan` that did not fit, if known.
     """
 
     def __init__(self, message: str, plan: object | None = None) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lema.datasets import shipped_corpus
+from lema.data.examples import shipped_corpus
 
 TINY_VOCAB = 300
 
@@ -22,7 +22,7 @@ TINY_VOCAB = 300
 @functools.lru_cache(maxsize=None)
 def byte_tokenizer(vocab_size: int = TINY_VOCAB) -> Any:
     """A byte-level BPE trained on the first 8 KB of the shipped corpus."""
-    from lema.tokenizer import build_byte_tokenizer
+    from lema.data.tokenizer import build_byte_tokenizer
 
     return build_byte_tokenizer(shipped_corpus()[:8000], vocab_size=vocab_size)
 

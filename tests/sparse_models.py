@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 from typing import Any, Iterable
 
-from lema.domain.spec import DTYPE_BYTES, ModelSpec, dtype_code
+from lema.domain.model.spec import DTYPE_BYTES, ModelSpec, dtype_code
 
 
 def model_tensors(config: dict[str, Any], dtype: str) -> list[tuple[str, str, tuple[int, ...]]]:

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lema.adapters.safetensors_header import read_header, read_sharded
-from lema.domain.spec import ModelSpec
+from lema.adapters.weights.safetensors_header import read_header, read_sharded
+from lema.domain.model.spec import ModelSpec
 
 
 def stream_config(layers: int = 3, tied: bool = False, bias: bool = True) -> dict:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lema.domain.spec import ModelSpec
+from lema.domain.model.spec import ModelSpec
 
 KINDS = ("llama", "llama3_rope", "mistral", "qwen2", "gpt2")
 

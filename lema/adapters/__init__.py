@@ -1,1 +1,1 @@
-"""Adapters: the code that touches files, devices and the network, behind lema.ports."""
+"""Adapters: what touches files, devices and the network, each satisfying a port by shape."""

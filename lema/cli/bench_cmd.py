@@ -30,8 +30,8 @@ import click
 def bench(model, preset, dtype, batch, seq, steps, warmup, rank, prefetch, device, strategies, no_reference,
           workdir, json_out) -> None:
     """Measure step time, device peak vs plan and bytes moved vs the link, in one run."""
-    from lema import benchmarking
-    from lema.domain.strategy import MemoryStrategy
+    from lema.app import benchmarking
+    from lema.domain.plan.strategy import MemoryStrategy
     from lema.errors import ConfigError
 
     names = tuple(s.strip() for s in strategies.split(",") if s.strip())

@@ -50,7 +50,7 @@ def tensor_progress(verb: str) -> Iterator[Callable[[int, int, str], None]]:
               help="Where dtype conversion runs: auto, cpu or cuda.")
 def convert(model: str, out: str, dtype: str | None, revision: str | None, token: str | None, device: str) -> None:
     """Convert MODEL (local folder or Hub id) into the single file OUT that LEMA streams."""
-    from lema.utils.model_utils import prepare_monolithic_safetensors
+    from lema.app.convert import prepare_monolithic_safetensors
 
     with tensor_progress("converting") as progress:
         path = prepare_monolithic_safetensors(model, out, device=device, dtype=dtype, revision=revision,

@@ -67,7 +67,7 @@ def build_base_model(folder: Path, tokenizer: Any, size: str, seed: int) -> Path
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lema.utils.model_utils import prepare_monolithic_safetensors
+    from lema.app.convert import prepare_monolithic_safetensors
 
     hidden, layers, heads, kv, inter = SIZES[size]
     config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -99,7 +99,7 @@ def build_base_model(folder: Path, tokenizer: Any, size: str, seed: int) -> Path
 
 def held_out_loss(model: Any, examples: Any, pad_id: int, batch: int) -> float:
     """Mean next-token loss over the held-out examples (no gradients)."""
-    from lema.datasets import batches
+    from lema.data.examples import batches
 
     total, count = 0.0, 0
     for b in batches(examples, batch, pad_id, shuffle=False):
@@ -110,12 +110,12 @@ def held_out_loss(model: Any, examples: Any, pad_id: int, batch: int) -> float:
 
 
 def greedy(model: Any, tokenizer: Any, prompt: str, new_tokens: int) -> str:
-    """Greedy continuation of ``prompt`` (uses ``lema.generation.generate`` when present)."""
+    """Greedy continuation of ``prompt`` (uses ``lema.app.generation.generate`` when present)."""
     import torch
 
     ids = torch.tensor([tokenizer(prompt)["input_ids"]])
     try:
-        from lema.generation import generate
+        from lema.app.generation import generate
     except ImportError:
         generate = None
     if generate is not None:
@@ -147,9 +147,9 @@ def demo(out: str, steps: int | None, size: str, seed: int) -> None:
 
     from lema.cli.train_cmd import FINAL, LoopOptions, make_optimizer, plan_summary, train_loop
     from lema.config import LemaConfig
-    from lema.datasets import read_examples, shipped_corpus
-    from lema.model import LemaModel
-    from lema.tokenizer import build_byte_tokenizer
+    from lema.data.examples import read_examples, shipped_corpus
+    from lema.app.model import LemaModel
+    from lema.data.tokenizer import build_byte_tokenizer
 
     settings = DemoSettings(size=size, seed=seed, **({} if steps is None else {"steps": steps}))
     began = time.perf_counter()

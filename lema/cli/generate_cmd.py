@@ -53,8 +53,8 @@ def generate(model_path: str, adapter: str | None, prompt: str, max_new_tokens: 
     do_sample = greedy is False or (greedy is None and any(v is not None for v in (temperature, top_k, top_p)))
 
     from lema.config import LemaConfig
-    from lema.generation import generate as run_generation
-    from lema.model import LemaModel
+    from lema.app.generation import generate as run_generation
+    from lema.app.model import LemaModel
 
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
@@ -80,7 +80,7 @@ def generate(model_path: str, adapter: str | None, prompt: str, max_new_tokens: 
 
 
 def _tokenizer(tokenizer_dir: str | None, adapter: str | None, model_path: str) -> Any:
-    from lema.tokenizer import find_tokenizer_dir, load_tokenizer
+    from lema.data.tokenizer import find_tokenizer_dir, load_tokenizer
 
     if tokenizer_dir is not None:
         return load_tokenizer(tokenizer_dir)

@@ -44,9 +44,9 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
          device_kind: str, mode: str, no_checkpointing: bool, reserve: str | None, bandwidth: str,
          as_json: bool, list_models: bool) -> None:
     """Plan the device and host memory of a LoRA run, and say whether it fits."""
-    from lema.adapters.model_files import default_environment_allows_network, resolve_model
-    from lema.domain.planner import Budget, TrainingShape
-    from lema.domain.planner import plan as make_plan
+    from lema.adapters.weights.model_files import default_environment_allows_network, resolve_model
+    from lema.domain.plan.planner import Budget, TrainingShape
+    from lema.domain.plan.planner import plan as make_plan
     from lema.domain.units import parse_size
 
     if list_models:
@@ -67,7 +67,7 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
                           reserve_bytes=None if reserve is None else _reserve(reserve))
     resolved = resolve_model(model, config_path, allow_network=default_environment_allows_network())
     if budget is None:
-        from lema.adapters.device_probe import local_gpu_memory
+        from lema.adapters.devices.probe import local_gpu_memory
 
         gpu = local_gpu_memory()
         if gpu is not None:
@@ -136,8 +136,8 @@ def _print_human(ref: str, resolved, result, link: int, floor: float, budget_sou
 
 
 def _list_models(as_json: bool) -> None:
-    from lema.adapters.builtin_models import builtin_config, builtin_names
-    from lema.domain.spec import ModelSpec
+    from lema.adapters.weights.builtin_models import builtin_config, builtin_names
+    from lema.domain.model.spec import ModelSpec
     from lema.domain.units import format_size
 
     rows = []

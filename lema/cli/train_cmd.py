@@ -103,7 +103,7 @@ def resolve_model_arg(model: str, echo: Callable[[str], None] = click.echo) -> t
 
 
 def _converted(folder: Path, bins: list[Path], echo: Callable[[str], None]) -> Path:
-    from lema.utils.model_utils import prepare_monolithic_safetensors
+    from lema.app.convert import prepare_monolithic_safetensors
 
     key = hashlib.sha256(str(folder.resolve()).encode())
     for f in [folder / "config.json", *bins, *folder.glob("pytorch_model.bin.index.json")]:
@@ -121,7 +121,7 @@ def open_tokenizer(tokenizer: str | None, model: str) -> tuple[Any, Path | None]
 
     Returns ``(tokenizer, folder)``; the folder is copied into every checkpoint.
     """
-    from lema.tokenizer import find_tokenizer_dir, load_tokenizer
+    from lema.data.tokenizer import find_tokenizer_dir, load_tokenizer
 
     if tokenizer is not None:
         p = Path(tokenizer).expanduser()
@@ -226,8 +226,8 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
                tokenizer_dir: Path | None, echo: Callable[[str], None] = click.echo) -> LoopResult:
     """Run optimizer steps ``trainer.global_step + 1 .. opts.steps``: progress, metrics,
     periodic checkpoints, and a checkpoint on Ctrl-C (see the module docstring)."""
-    from lema.adapters.checkpoints import rng_state, set_rng_state
-    from lema.datasets import batches
+    from lema.adapters.checkpoints.store import rng_state, set_rng_state
+    from lema.data.examples import batches
 
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
@@ -410,8 +410,8 @@ def train(ctx: click.Context, model_path: str, data: str, out: str, steps: int |
                  --steps 1000 --batch 4 --seq 512 --lr 2e-4 --save-steps 200
     """
     from lema.config import LemaConfig
-    from lema.datasets import batches_per_epoch, read_examples
-    from lema.model import LemaModel
+    from lema.data.examples import batches_per_epoch, read_examples
+    from lema.app.model import LemaModel
 
     if steps is not None and epochs is not None:
         raise ConfigError("pass --steps or --epochs, not both")
@@ -445,7 +445,7 @@ def train(ctx: click.Context, model_path: str, data: str, out: str, steps: int |
                    vram_budget=vram, prefetch_distance=prefetch, batch_size=batch, max_seq_len=seq,
                    gradient_accumulation_steps=grad_accum)
     if ckpt is not None:
-        from lema import bootstrap
+        from lema.app import bootstrap
 
         # from_pretrained's `device` keyword takes a Device object, so the device this run
         # asks for is built here rather than passed as a config override.

@@ -1,1 +1,1 @@
-"""The functional core: pure values and arithmetic, no I/O (see docs/architecture.md)."""
+"""The pure core: values and arithmetic only, no file, device, clock or environment access."""

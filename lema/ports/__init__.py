@@ -1,1 +1,1 @@
-"""Ports: typing.Protocol interfaces between the pure core and the adapters."""
+"""The ports: typing.Protocol interfaces the application needs (WeightSource, Device)."""

@@ -1,8 +1,8 @@
 """Device: where compute runs, and the only place device memory is allocated and counted.
 
-Adapters: :class:`lema.adapters.cpu_device.CpuDevice` (the CPU as a device: real
+Adapters: :class:`lema.adapters.devices.cpu.CpuDevice` (the CPU as a device: real
 compute, exact byte accounting, a capacity, a simulated link) and
-:class:`lema.adapters.cuda_device.CudaDevice` (pinned staging, a copy stream, events).
+:class:`lema.adapters.devices.cuda.CudaDevice` (pinned staging, a copy stream, events).
 
 Uploads are asynchronous and return a :class:`Ticket`. The engine's contract:
 

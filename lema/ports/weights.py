@@ -1,8 +1,8 @@
 """WeightSource: where the frozen base weights come from, one unit at a time.
 
-Adapters: :class:`lema.adapters.safetensors_source.SafetensorsSource` (mmap / positional
+Adapters: :class:`lema.adapters.weights.safetensors_source.SafetensorsSource` (mmap / positional
 reads from one file or a sharded folder) and
-:class:`lema.adapters.resident_source.ResidentSource` (everything in RAM; also the
+:class:`lema.adapters.weights.resident_source.ResidentSource` (everything in RAM; also the
 reference fake of the contract tests).
 """
 
@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from lema.domain.spec import ModelSpec
+from lema.domain.model.spec import ModelSpec
 
 
 @runtime_checkable
@@ -31,8 +31,8 @@ class WeightSource(Protocol):
         Args:
             index: unit index (0 embedding, 1..L decoders, L+1 head).
             buffer: optional flat ``uint8`` CPU tensor of at least
-                :func:`lema.domain.schedule.unit_buffer_bytes` bytes. When given, the unit's
-                bytes are written into it laid out by :func:`lema.domain.schedule.unit_layout`
+                :func:`lema.domain.schedule.layer_schedule.unit_buffer_bytes` bytes. When given, the unit's
+                bytes are written into it laid out by :func:`lema.domain.schedule.layer_schedule.unit_layout`
                 and the returned tensors are views of it. When omitted, the source returns
                 tensors it may share with others (mmap-backed views, or its RAM copies):
                 callers must not modify them.

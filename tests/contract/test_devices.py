@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lema.adapters.cpu_device import CpuDevice
-from lema.adapters.resident_source import ResidentSource
-from lema.engine import Engine
+from lema.adapters.devices.cpu import CpuDevice
+from lema.adapters.weights.resident_source import ResidentSource
+from lema.app.engine import Engine
 from lema.errors import DeviceOutOfMemory
 from tests.stream_models import stream_config, write_model
 
@@ -15,7 +15,7 @@ from tests.stream_models import stream_config, write_model
 def make_device(kind: str, capacity: int | None = None):
     if kind == "cpu":
         return CpuDevice(capacity=capacity)
-    from lema.adapters.cuda_device import CudaDevice
+    from lema.adapters.devices.cuda import CudaDevice
 
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()

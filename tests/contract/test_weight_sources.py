@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lema.adapters.resident_source import ResidentSource
-from lema.adapters.safetensors_source import SafetensorsSource
-from lema.domain.schedule import unit_buffer_bytes
+from lema.adapters.weights.resident_source import ResidentSource
+from lema.adapters.weights.safetensors_source import SafetensorsSource
+from lema.domain.schedule.layer_schedule import unit_buffer_bytes
 from lema.errors import ConfigError, ModelFormatError
 from tests.stream_models import write_model
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lema.adapters.atomic import atomic_directory, atomic_write_text, backup_path
-from lema.adapters.checkpoints import (
+from lema.adapters.checkpoints.atomic import atomic_directory, atomic_write_text, backup_path
+from lema.adapters.checkpoints.store import (
     load_optimizer_state,
     optimizer_to_tensors,
     read_adapter,
@@ -189,7 +189,7 @@ def test_failed_write_leaves_the_old_directory_and_no_temporaries(tmp_path):
 
 CHILD = textwrap.dedent("""
     import sys, torch
-    from lema.adapters.checkpoints import write_checkpoint
+    from lema.adapters.checkpoints.store import write_checkpoint
     path, size = sys.argv[1], int(sys.argv[2])
     version = 2
     while True:

@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lema.adapters.hub import iter_checkpoint_tensors, resolve_model
-from lema.adapters.safetensors_header import read_header
+from lema.adapters.weights.hub import iter_checkpoint_tensors, resolve_model
+from lema.adapters.weights.safetensors_header import read_header
 from lema.cli import main
-from lema.domain import architectures as arch
-from lema.domain.spec import ModelSpec
+from lema.domain.families import registry as arch
+from lema.domain.model.spec import ModelSpec
 from lema.errors import ConfigError, ModelFormatError
 from lema.utils.model_utils import prepare_monolithic_safetensors
 
@@ -198,7 +198,7 @@ def test_cli_convert_missing_model_is_one_error_line(tmp_path):
 
 
 def test_streaming_writer_output_loads_with_safetensors_and_checks_its_input(tmp_path):
-    from lema.adapters.safetensors_writer import open_safetensors_writer
+    from lema.adapters.weights.safetensors_writer import open_safetensors_writer
 
     tensors = {"z": torch.randn(3, 5).to(torch.bfloat16), "a": torch.arange(7), "scalar": torch.tensor(2.5),
                "empty": torch.zeros(0, 4), "flag": torch.tensor([True, False])}

@@ -1,4 +1,4 @@
-"""Reading training data (lema.datasets) and the byte tokenizer (lema.tokenizer)."""
+"""Reading training data (lema.data.examples) and the byte tokenizer (lema.data.tokenizer)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lema.datasets import IGNORE_INDEX, batches, collate, detect_format, read_examples, shipped_corpus
+from lema.data.examples import IGNORE_INDEX, batches, collate, detect_format, read_examples, shipped_corpus
 from lema.errors import ConfigError, DataError
-from lema.tokenizer import build_byte_tokenizer, find_tokenizer_dir, load_tokenizer
+from lema.data.tokenizer import build_byte_tokenizer, find_tokenizer_dir, load_tokenizer
 from tests.demo_models import byte_tokenizer
 
 
@@ -161,7 +161,7 @@ def test_missing_file_is_a_data_error(tmp_path, tok):
 
 
 def test_collate_right_pads_with_ignored_labels(tok):
-    from lema.datasets import Example
+    from lema.data.examples import Example
 
     batch = collate([Example((1, 5, 6), (1, 5, 6)), Example((1, 7), (IGNORE_INDEX, 7))], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]]
@@ -170,7 +170,7 @@ def test_collate_right_pads_with_ignored_labels(tok):
 
 
 def _examples(n: int):
-    from lema.datasets import Example
+    from lema.data.examples import Example
 
     return [Example((1, i + 3), (1, i + 3)) for i in range(n)]
 

@@ -9,11 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lema.adapters.cpu_device import CpuDevice
-from lema.adapters.resident_source import ResidentSource
-from lema.adapters.safetensors_source import SafetensorsSource
-from lema.domain.schedule import Phase, expected_transfers, slot_bytes, slot_count, unit_buffer_bytes
-from lema.engine import Engine
+from lema.adapters.devices.cpu import CpuDevice
+from lema.adapters.weights.resident_source import ResidentSource
+from lema.adapters.weights.safetensors_source import SafetensorsSource
+from lema.domain.schedule.layer_schedule import Phase, expected_transfers, slot_bytes, slot_count, unit_buffer_bytes
+from lema.app.engine import Engine
 from lema.errors import ConfigError, DoesNotFitError, ModelFormatError
 from tests.stream_models import write_model
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from lema import LemaConfig, LemaModel
 from lema.cli import main
 from lema.errors import ConfigError
-from lema.generation import choose_tokens, generate, kv_cache_bytes
+from lema.app.generation import choose_tokens, generate, kv_cache_bytes
 from tests.model_files import save_monolithic
 from tests.tiny_models import build_hf_model
 
@@ -37,7 +37,7 @@ def model_files(tmp_path_factory):
 
 
 def _model(path, **overrides) -> LemaModel:
-    from lema.adapters.cpu_device import CpuDevice
+    from lema.adapters.devices.cpu import CpuDevice
 
     # A CpuDevice that counts every allocation, so the KV cache's bytes are observable.
     return LemaModel(LemaConfig(gbi_path=str(path), device="cpu", lora_rank=4, **overrides), device=CpuDevice())
@@ -170,7 +170,7 @@ def cli_model(tmp_path_factory):
     """A tiny llama whose vocabulary is a byte-level BPE tokenizer's, saved beside it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lema.tokenizer import build_byte_tokenizer
+    from lema.data.tokenizer import build_byte_tokenizer
     from tests.tiny_models import tiny_config
 
     folder = tmp_path_factory.mktemp("cli")

@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lema.adapters.checkpoints import read_adapter, write_checkpoint
+from lema.adapters.checkpoints.store import read_adapter, write_checkpoint
 from lema.cli import main
 from lema.errors import CheckpointError
-from lema.merge import merge_adapter
-from lema.utils.model_utils import prepare_monolithic_safetensors
+from lema.app.merge import merge_adapter
+from lema.app.convert import prepare_monolithic_safetensors
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

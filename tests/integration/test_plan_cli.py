@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lema.adapters.builtin_models import builtin_config, builtin_names
+from lema.adapters.weights.builtin_models import builtin_config, builtin_names
 from lema.cli import main
 from tests.sparse_models import write_sparse_safetensors, write_sparse_sharded
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lema import LemaConfig, LemaModel, MemoryStrategy
-from lema.adapters.cpu_device import CpuDevice
+from lema.adapters.devices.cpu import CpuDevice
 from lema.errors import DoesNotFitError
 from tests.model_files import save_monolithic
 from tests.tiny_models import build_hf_model
@@ -93,7 +93,7 @@ def test_auto_with_room_for_everything_uploads_no_weights_after_the_first_step(l
 
 
 def test_auto_with_half_the_room_streams_about_half(tmp_path):
-    from lema.domain.planner import Budget, plan
+    from lema.domain.plan.planner import Budget, plan
 
     path = save_monolithic(build_hf_model_layers(6), tmp_path / "six.safetensors")
     _, streaming = _train(path, steps=1, strategy=MemoryStrategy.STREAMING)

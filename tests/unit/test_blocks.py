@@ -12,9 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_models import KINDS, build_hf_model, spec_of, unit_weights  # noqa: E402
 
-from lema.domain.blocks import decoder_block, embed  # noqa: E402
-from lema.domain.context import make_context  # noqa: E402
-from lema.domain.heads import head_logits, head_loss, shift_labels  # noqa: E402
+from lema.domain.model.blocks import decoder_block, embed  # noqa: E402
+from lema.domain.model.context import make_context  # noqa: E402
+from lema.domain.model.heads import head_logits, head_loss, shift_labels  # noqa: E402
 from lema.errors import ConfigError, ModelFormatError  # noqa: E402
 
 SEQ = 12
@@ -152,7 +152,7 @@ def test_context_rejects_mismatched_mask_shape():
 
 def test_unknown_activation_is_a_model_format_error():
     """A config naming an activation LEMA lacks fails with the name and the supported list."""
-    from lema.domain.blocks import activation
+    from lema.domain.model.blocks import activation
 
     with pytest.raises(ModelFormatError, match="'swiglu_oai'"):
         activation("swiglu_oai")

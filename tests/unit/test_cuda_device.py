@@ -9,14 +9,14 @@ from lema.errors import ConfigError
 
 
 def test_importing_the_cuda_adapter_needs_no_gpu():
-    import lema.adapters.cuda_device as module
+    import lema.adapters.devices.cuda as module
 
     assert hasattr(module, "CudaDevice")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_constructing_without_cuda_is_a_config_error():
-    from lema.adapters.cuda_device import CudaDevice
+    from lema.adapters.devices.cuda import CudaDevice
 
     with pytest.raises(ConfigError, match="CUDA is not available; use device='cpu'"):
         CudaDevice()
@@ -24,7 +24,7 @@ def test_constructing_without_cuda_is_a_config_error():
 
 @pytest.mark.cuda
 def test_staging_is_pinned_and_slots_live_on_the_gpu():
-    from lema.adapters.cuda_device import CudaDevice
+    from lema.adapters.devices.cuda import CudaDevice
 
     device = CudaDevice()
     host = device.host_buffer(1 << 20)
@@ -36,7 +36,7 @@ def test_staging_is_pinned_and_slots_live_on_the_gpu():
 @pytest.mark.cuda
 def test_an_upload_waits_for_the_slots_last_compute():
     """The copy into a slot is ordered after the compute that was reading it (events, no host sync)."""
-    from lema.adapters.cuda_device import CudaDevice
+    from lema.adapters.devices.cuda import CudaDevice
 
     device = CudaDevice()
     n = 1 << 22
@@ -58,9 +58,9 @@ def test_an_upload_waits_for_the_slots_last_compute():
 
 @pytest.mark.cuda
 def test_engine_streams_bit_identical_weights_to_the_gpu(tmp_path):
-    from lema.adapters.cuda_device import CudaDevice
-    from lema.adapters.safetensors_source import SafetensorsSource
-    from lema.engine import Engine
+    from lema.adapters.devices.cuda import CudaDevice
+    from lema.adapters.weights.safetensors_source import SafetensorsSource
+    from lema.app.engine import Engine
     from tests.stream_models import write_model
 
     spec, root, state = write_model(tmp_path / "m", layers=4)

@@ -14,10 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_models import build_hf_model, spec_of, unit_weights  # noqa: E402
 
-from lema.domain.blocks import decoder_block, embed  # noqa: E402
-from lema.domain.context import make_context  # noqa: E402
-from lema.domain.heads import head_loss, shift_labels  # noqa: E402
-from lema.domain.lora import (  # noqa: E402
+from lema.domain.model.blocks import decoder_block, embed  # noqa: E402
+from lema.domain.model.context import make_context  # noqa: E402
+from lema.domain.model.heads import head_loss, shift_labels  # noqa: E402
+from lema.domain.model.lora import (  # noqa: E402
     LoraSpec, adapter_config, from_peft_state_dict, init_lora, module_keys, module_shape, resolve_targets,
 )
 from lema.errors import CheckpointError, ConfigError  # noqa: E402

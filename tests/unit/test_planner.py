@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lema.adapters.builtin_models import builtin_config
-from lema.domain.planner import Budget, MemoryPlan, TrainingShape, max_resident_layers, plan
-from lema.domain.schedule import Fetch, build_schedule
-from lema.domain.spec import ModelSpec
-from lema.domain.strategy import MemoryStrategy
+from lema.adapters.weights.builtin_models import builtin_config
+from lema.domain.plan.planner import Budget, MemoryPlan, TrainingShape, max_resident_layers, plan
+from lema.domain.schedule.layer_schedule import Fetch, build_schedule
+from lema.domain.model.spec import ModelSpec
+from lema.domain.plan.strategy import MemoryStrategy
 from lema.errors import ConfigError
 
 GiB = 1024**3
@@ -119,7 +119,7 @@ def test_transfer_bytes_match_the_layer_schedule(name, prefetch, mode, data):
     shape = TrainingShape(prefetch=prefetch, mode=mode, strategy="auto" if k else "streaming")
     p = plan(spec, shape, budget)
     if k:  # force k resident units through a budget that fits exactly k
-        from lema.domain.planner import build, facts_for, _summary
+        from lema.domain.plan.assemble import _summary, build, facts_for
 
         f = facts_for(spec, shape)
         p = build(_summary(spec, shape, f), f, shape, None, tuple(range(1, k + 1)))

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from lema.adapters.builtin_models import builtin_config, builtin_names
-from lema.adapters.safetensors_header import read_header
-from lema.domain.spec import ModelSpec, dtype_code, itemsize, torch_dtype
+from lema.adapters.weights.builtin_models import builtin_config, builtin_names
+from lema.adapters.weights.safetensors_header import read_header
+from lema.domain.model.spec import ModelSpec, dtype_code, itemsize, torch_dtype
 from lema.errors import ModelFormatError
 from tests.sparse_models import model_tensors, write_sparse_safetensors
 
@@ -127,7 +127,7 @@ def test_dtype_code_rejects_unknown_names():
 
 def test_importing_spec_does_not_import_torch():
     """Planning must start fast: the spec and header reader leave torch unimported."""
-    code = ("import sys, lema.domain.spec, lema.adapters.safetensors_header, lema.adapters.model_files; "
+    code = ("import sys, lema.domain.model.spec, lema.adapters.weights.safetensors_header, lema.adapters.weights.model_files; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

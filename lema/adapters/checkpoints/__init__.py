@@ -1,0 +1,1 @@
+"""Checkpoints: peft-format adapter directories, optimizer and trainer state, atomic writes."""

@@ -1,0 +1,143 @@
+"""Atomic writes of files and directories: a crash leaves the old version or the new one.
+
+Files: write a sibling temporary file, flush + fsync it, ``os.replace`` it over the target,
+then fsync the folder so the rename itself is durable.
+
+Directories (``rename(2)`` cannot replace a non-empty directory, so a swap takes three
+renames). The protocol for a target ``dir/name``:
+
+1. Write everything into the sibling ``dir/.name.tmp-<random>``; fsync every file and
+   the temporary directory.
+2. If ``dir/name`` exists, rename it to the backup ``dir/.name.backup`` (a stale backup
+   from an earlier crash is deleted first: it is obsolete while ``dir/name`` exists).
+3. Rename the temporary directory to ``dir/name``; fsync ``dir``.
+4. Delete the backup.
+
+A kill between steps 2 and 3 leaves no ``dir/name`` but a complete ``dir/.name.backup``;
+:func:`recover_directory` (called by the next :func:`atomic_directory` on that path and by
+readers such as :func:`lema.adapters.checkpoints.store.read_checkpoint`) renames it back. A
+kill at any other point leaves ``dir/name`` complete (old or new). Leftover temporary
+directories are removed by the next write to the same path, which assumes one writer per
+path at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory so that renames inside it survive a power cut (no-op on Windows)."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Open a temporary binary file that replaces ``path`` only if the block succeeds.
+
+    Example:
+        >>> with atomic_file(tmp / "weights.bin") as f:  # doctest: +SKIP
+        ...     f.write(b"...")
+
+    On an exception the temporary file is deleted and ``path`` is left untouched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
+    """Write ``text`` to ``path`` atomically (temp file, fsync, rename)."""
+    atomic_write_bytes(path, text.encode(encoding))
+
+
+def backup_path(path: str | os.PathLike[str]) -> Path:
+    """Where :func:`atomic_directory` parks the old directory during the swap."""
+    path = Path(path)
+    return path.parent / f".{path.name}.backup"
+
+
+def recover_directory(path: str | os.PathLike[str]) -> bool:
+    """Finish an interrupted directory swap: restore the backup if ``path`` is missing.
+
+    Returns:
+        True if a backup was restored.
+    """
+    path = Path(path)
+    backup = backup_path(path)
+    if not path.exists() and backup.is_dir():
+        os.replace(backup, path)
+        fsync_dir(path.parent)
+        return True
+    return False
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``path`` as a whole if the block succeeds.
+
+    Example:
+        >>> with atomic_directory(tmp / "ckpt") as d:  # doctest: +SKIP
+        ...     (d / "a.json").write_text("{}")
+
+    See the module docstring for the crash-safety protocol. On an exception the temporary
+    directory is deleted and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(path)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    backup = backup_path(path)
+    if path.exists():
+        if backup.exists():
+            shutil.rmtree(backup)
+        os.replace(path, backup)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Devices: the CPU (real compute, byte accounting, simulated link), CUDA, and probes."""

@@ -1,0 +1,311 @@
+"""CpuDevice: the CPU playing the accelerator, with exact accounting and a capacity.
+
+It computes for real (CPU tensors), counts every byte it is asked to hold (slots,
+resident units, what callers :meth:`track`, and, inside :meth:`measuring`, every storage
+the compute allocates), keeps the peak, and raises :class:`~lema.errors.DeviceOutOfMemory`
+when a request would pass its capacity. Uploads run on a worker thread, like a copy
+stream, optionally slowed to a simulated link bandwidth, and every step is recorded on a
+timeline so tests can check overlap structurally rather than by timing.
+
+Example:
+    >>> dev = CpuDevice(capacity=1 << 20)
+    >>> slot = dev.alloc(4096, "slot 0")
+    >>> dev.current_bytes()
+    4096
+    >>> dev.close()
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import queue
+import threading
+import time
+import weakref
+from typing import Callable, Iterator
+
+import torch
+
+from lema.adapters.devices.allocation_counter import AllocationCounter, paused
+from lema.adapters.workers import start_worker, stop_worker
+from lema.domain.units import format_size
+from lema.errors import ConfigError, DeviceOutOfMemory
+
+_TIMELINE_MAX = 200_000
+
+
+class CpuTicket:
+    """Completion of one operation of the CPU device's upload worker."""
+
+    def __init__(self, done: bool = False) -> None:
+        self._event = threading.Event()
+        self._error: BaseException | None = None
+        if done:
+            self._event.set()
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        self._error = error
+        self._event.set()
+
+    def wait(self) -> None:
+        self._event.wait()
+        if self._error is not None:
+            raise self._error
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+
+class CpuDevice:
+    """The CPU as a :class:`~lema.ports.device.Device`.
+
+    Args:
+        capacity: bytes the device may hold (``None``: unlimited, still counted).
+        link_bandwidth: simulated host -> device bytes per second (``None``: memcpy speed).
+        record_timeline: keep a timeline of fetch/upload/compute/release events.
+        count_compute: count every storage the compute allocates inside :meth:`measuring`
+            (needed to enforce ``capacity`` and to compare with the plan; costs a Python
+            call per op).
+        direct_reads: let an engine read weights straight into its slots (no staging copy);
+            ignored when ``link_bandwidth`` simulates a link.
+
+    Raises:
+        ConfigError: a non-positive capacity or bandwidth.
+    """
+
+    def __init__(self, capacity: int | None = None, link_bandwidth: float | None = None,
+                 record_timeline: bool = True, count_compute: bool = True, direct_reads: bool = False) -> None:
+        if capacity is not None and capacity <= 0:
+            raise ConfigError(f"capacity: {capacity} must be a positive number of bytes (or None)")
+        if link_bandwidth is not None and link_bandwidth <= 0:
+            raise ConfigError(f"link_bandwidth: {link_bandwidth} must be positive bytes/s (or None)")
+        self.torch_device = torch.device("cpu")
+        self.capacity = capacity
+        self.link_bandwidth = link_bandwidth
+        # Counting every storage costs a Python call per op (a third of a small model's step);
+        # `lema bench` turns it off for its timed steps.
+        self.count_compute = count_compute
+        # The device's memory is host memory: an engine may read weights straight into its
+        # slots instead of staging them and "uploading" (a second copy). Off when a link is
+        # simulated, so its delay applies.
+        self.direct_reads = direct_reads and link_bandwidth is None
+        self._lock = threading.RLock()
+        self._current = 0
+        self._peak = 0
+        self._allocs: dict[int, tuple[str, int]] = {}  # data_ptr -> (label, nbytes)
+        self._tracked: dict[str, int] = {}
+        self._counter = AllocationCounter(self._count_compute, self._uncount)
+        self._measuring = threading.local()
+        self._timeline: collections.deque | None = collections.deque(maxlen=_TIMELINE_MAX) if record_timeline else None
+        self._jobs: queue.Queue = queue.Queue()
+        self._finalizer: weakref.finalize | None = None
+        self._worker: threading.Thread | None = None
+        self.host_buffers_allocated = 0  # how many staging buffers were ever made (tests)
+        self.bytes_uploaded = 0
+
+    # -- accounting --------------------------------------------------------------------------
+
+    def _count(self, nbytes: int, label: str) -> None:
+        with self._lock:
+            if self.capacity is not None and self._current + nbytes > self.capacity:
+                raise DeviceOutOfMemory(
+                    f"device out of memory: {label} asks for {format_size(nbytes)} ({nbytes} bytes) while "
+                    f"{format_size(self._current)} of the {format_size(self.capacity)} capacity "
+                    f"({self.capacity} bytes) is in use; lower batch_size, max_seq_len or prefetch_distance, "
+                    "or raise the device budget"
+                )
+            self._current += nbytes
+            self._peak = max(self._peak, self._current)
+
+    def _uncount(self, nbytes: int) -> None:
+        with self._lock:
+            self._current -= nbytes
+
+    def _count_compute(self, nbytes: int, op: str) -> None:
+        self._count(nbytes, f"compute ({op})")
+
+    def alloc(self, nbytes: int, label: str) -> torch.Tensor:
+        """See :meth:`lema.ports.device.Device.alloc`."""
+        self._count(nbytes, label)
+        with paused():
+            # Written once now, so first-touch page faults are paid here, not in the first pass.
+            tensor = torch.zeros(nbytes, dtype=torch.uint8)
+        with self._lock:
+            self._allocs[tensor.data_ptr()] = (label, nbytes)
+        return tensor
+
+    def free(self, tensor: torch.Tensor) -> None:
+        with self._lock:
+            entry = self._allocs.pop(tensor.data_ptr(), None)
+            if entry is not None:
+                self._current -= entry[1]
+
+    def track(self, label: str, nbytes: int) -> None:
+        """Count ``nbytes`` under ``label`` (replacing what ``label`` counted before).
+
+        Use it for memory made outside :meth:`measuring` (inside, it is counted already).
+        """
+        self.untrack(label)
+        self._count(nbytes, label)
+        with self._lock:
+            self._tracked[label] = nbytes
+
+    def untrack(self, label: str) -> None:
+        with self._lock:
+            self._current -= self._tracked.pop(label, 0)
+
+    def current_bytes(self) -> int:
+        with self._lock:
+            return self._current
+
+    def peak_bytes(self) -> int:
+        with self._lock:
+            return self._peak
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self._peak = self._current
+
+    def usage(self) -> dict[str, int]:
+        """Bytes in use by label (allocations, tracked items, and ``"compute"``)."""
+        with self._lock:
+            out: dict[str, int] = {}
+            for label, nbytes in list(self._allocs.values()) + list(self._tracked.items()):
+                out[label] = out.get(label, 0) + nbytes
+        out["compute"] = self._counter.live_bytes
+        return out
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        """Count the storages the compute allocates in this thread (forward and backward)."""
+        depth = getattr(self._measuring, "depth", 0)
+        self._measuring.depth = depth + 1
+        try:
+            if depth or not self.count_compute:
+                yield
+            else:
+                with self._counter:
+                    yield
+        finally:
+            self._measuring.depth = depth
+
+    # -- host staging and the link -----------------------------------------------------------
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        """A flat uint8 host buffer, written once so its pages exist before the first read."""
+        with paused():
+            buffer = torch.zeros(nbytes, dtype=torch.uint8)
+        self.host_buffers_allocated += 1
+        return buffer
+
+    def upload(self, host: torch.Tensor, device: torch.Tensor, nbytes: int,
+               after: CpuTicket | None = None, label: object = None) -> CpuTicket:
+        """Queue ``device[:nbytes] = host[:nbytes]`` on the worker (after ``after``); returns at once."""
+        if nbytes > host.numel() or nbytes > device.numel():
+            raise ConfigError(f"upload of {nbytes} bytes overruns a {host.numel()}-byte staging buffer "
+                              f"or a {device.numel()}-byte slot")
+        ticket = CpuTicket()
+        self._ensure_worker()
+        self._jobs.put((host, device, nbytes, after, label, ticket))
+        return ticket
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            # A weak reference only, so a device nobody closed is still collected (its
+            # finalizer, registered once, stops the worker).
+            self._worker = start_worker(self, self._jobs, CpuDevice._copy, "lema-cpu-link")
+            if self._finalizer is not None:
+                self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, stop_worker, self._jobs, self._worker)
+
+    def _copy(self, job: tuple) -> None:
+        host, device, nbytes, after, label, ticket = job
+        try:
+            if after is not None:
+                after.wait()
+            if self.link_bandwidth:
+                time.sleep(nbytes / self.link_bandwidth)
+            device[:nbytes].copy_(host[:nbytes])
+            with self._lock:
+                self.bytes_uploaded += nbytes
+            if label is not None:
+                self.record("upload_done", label)
+            ticket._finish()
+        except BaseException as exc:  # handed to whoever waits on the ticket
+            ticket._finish(exc)
+
+    def host_reusable(self, ticket: CpuTicket) -> None:
+        """The staging buffer is free once its copy has run."""
+        ticket.wait()
+
+    def mark_consumed(self, slot: torch.Tensor) -> CpuTicket:
+        """CPU compute is synchronous: once the caller is here, the slot has been read."""
+        return CpuTicket(done=True)
+
+    def synchronize(self) -> None:
+        if self._worker is not None and self._worker.is_alive():
+            marker = CpuTicket()
+            self._jobs.put((torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8), 0, None,
+                            None, marker))
+            marker.wait()
+
+    # -- compute ----------------------------------------------------------------------------------
+
+    def matmul_dtype(self, dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype to multiply frozen weights in: fp32 for bf16/fp16 activations when this
+        CPU has no fast half-precision products (measured once per process), else None."""
+        if dtype not in (torch.bfloat16, torch.float16):
+            return None
+        return torch.float32 if _half_matmul_is_slow(dtype) else None
+
+    # -- timeline ------------------------------------------------------------------------------
+
+    def record(self, kind: str, *fields: object) -> None:
+        if self._timeline is not None:
+            self._timeline.append((kind, *fields, time.perf_counter()))
+
+    def timeline(self) -> tuple[tuple[object, ...], ...]:
+        return tuple(self._timeline) if self._timeline is not None else ()
+
+    def close(self) -> None:
+        """Stop the upload worker (after the queued copies)."""
+        if self._worker is not None and self._worker.is_alive():
+            self._jobs.put(None)
+            self._worker.join()
+        self._worker = None
+
+    def __enter__(self) -> "CpuDevice":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@functools.lru_cache(maxsize=None)
+def _half_matmul_is_slow(dtype: torch.dtype) -> bool:
+    """Time both orientations a linear layer needs, in ``dtype`` and in fp32 (a few ms).
+
+    AVX2-only CPUs run bf16 products several times slower than fp32 (and ``grad @ W`` up
+    to 100x slower); CPUs with AVX512-BF16/AMX run them faster. Measuring beats guessing
+    from flags.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 256, generator=gen), torch.randn(512, 256, generator=gen)
+    g = torch.randn(64, 512, generator=gen)
+
+    def best(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with paused():
+        xh, wh, gh = x.to(dtype), w.to(dtype), g.to(dtype)
+        half = best(lambda: (xh @ wh.t(), gh @ wh))
+        wide = best(lambda: (xh.float() @ wh.float().t(), gh.float() @ wh.float()))
+    return half > wide

@@ -1,0 +1,203 @@
+"""SafetensorsSource: stream units from one safetensors file or a sharded folder.
+
+Two ways to fill a caller's staging buffer:
+
+* ``method="pread"`` (default): positional reads (``os.preadv``) straight into the buffer,
+  one call per run of file-contiguous tensors. On a warm page cache this streams at memory
+  speed and predictably; it is also thread-safe without locks (no shared file position).
+* ``method="mmap"``: a ``memcpy`` out of a mapping of the file; page faults make its speed
+  bimodal, so it is kept for comparison (``benchmarks/stream_bench.py``).
+
+Without a buffer, :meth:`SafetensorsSource.read_unit` returns zero-copy tensors backed by
+a private (copy-on-write) mapping of the file: nothing is read until touched, and the
+whole model is never loaded.
+
+Example:
+    >>> src = SafetensorsSource(spec, "/models/tiny")          # doctest: +SKIP
+    >>> layer = src.read_unit(1)["self_attn.q_proj.weight"]     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import threading
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lema.domain.schedule.layer_schedule import unit_buffer_bytes, unit_layout
+from lema.domain.model.spec import ModelSpec, TensorSpec, torch_dtype
+from lema.errors import ConfigError, ModelFormatError
+
+Method = Literal["pread", "mmap"]
+# Linux moves at most 0x7ffff000 bytes per read call; larger requests loop.
+_MAX_READ = 0x7FFFF000
+
+
+def byte_view(buffer: torch.Tensor, offset: int, nbytes: int) -> memoryview:
+    """A writable memoryview of ``nbytes`` of a contiguous CPU tensor, starting at byte ``offset``."""
+    if buffer.device.type != "cpu" or not buffer.is_contiguous():
+        raise ConfigError("buffer: must be a contiguous CPU tensor")
+    total = buffer.numel() * buffer.element_size()
+    if offset < 0 or offset + nbytes > total:
+        raise ConfigError(f"buffer: {total} bytes, too small for bytes {offset}..{offset + nbytes}")
+    if nbytes == 0:
+        return memoryview(bytearray(0))
+    array = (ctypes.c_ubyte * nbytes).from_address(buffer.data_ptr() + offset)
+    return memoryview(array).cast("B")
+
+
+def unit_views(buffer: torch.Tensor, layout: tuple[tuple[TensorSpec, int], ...]) -> dict[str, torch.Tensor]:
+    """Typed views of a flat ``uint8`` buffer laid out by :func:`unit_layout` (any device)."""
+    out = {}
+    for t, offset in layout:
+        out[t.key] = buffer[offset:offset + t.nbytes].view(torch_dtype(t.dtype)).view(t.shape)
+    return out
+
+
+def read_runs(layout: tuple[tuple[TensorSpec, int], ...]) -> list[tuple[str, int, int, int]]:
+    """Coalesce a unit layout into ``(file, file_start, buffer_offset, nbytes)`` reads."""
+    runs: list[list] = []
+    for t, offset in layout:
+        last = runs[-1] if runs else None
+        if last and last[0] == t.file and last[1] + last[3] == t.start and last[2] + last[3] == offset:
+            last[3] += t.nbytes
+        else:
+            runs.append([t.file, t.start, offset, t.nbytes])
+    return [tuple(r) for r in runs]  # type: ignore[misc]
+
+
+class SafetensorsSource:
+    """A :class:`~lema.ports.weights.WeightSource` over safetensors files.
+
+    Args:
+        spec: built from the files' headers (``TensorSpec.file`` relative to ``root``).
+        root: the folder holding the file(s), or the ``.safetensors`` file itself.
+        method: how :meth:`read_unit` fills a buffer: ``"pread"`` or ``"mmap"``.
+
+    Raises:
+        ModelFormatError: a file the spec names is missing. ConfigError: unknown method.
+    """
+
+    def __init__(self, spec: ModelSpec, root: str | os.PathLike[str], method: Method = "pread") -> None:
+        if method not in ("pread", "mmap"):
+            raise ConfigError(f"method: {method!r} must be 'pread' or 'mmap'")
+        root = Path(root)
+        self.spec = spec
+        self.root = root.parent if root.is_file() else root
+        self.method = method
+        self._layouts = {u.index: unit_layout(u) for u in spec.units}
+        self._runs = {i: read_runs(layout) for i, layout in self._layouts.items()}
+        missing = [f for f in spec.files if not (self.root / f).is_file()]
+        if missing:
+            raise ModelFormatError(f"{self.root}: missing weight file(s) {', '.join(missing)}; "
+                                   "re-download or re-convert the model")
+        self._lock = threading.Lock()
+        self._fds: dict[str, int] = {}
+        self._maps: dict[str, mmap.mmap] = {}
+        self._closed = False
+
+    # -- files, opened lazily and once ---------------------------------------------------
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            with self._lock:
+                self._check_open()
+                fd = self._fds.get(file)
+                if fd is None:
+                    fd = os.open(self.root / file, os.O_RDONLY)
+                    self._fds[file] = fd
+        return fd
+
+    def _map(self, file: str) -> mmap.mmap:
+        mm = self._maps.get(file)
+        if mm is None:
+            fd = self._fd(file)
+            with self._lock:
+                mm = self._maps.get(file)
+                if mm is None:
+                    # ACCESS_COPY: a private mapping, writable for torch.frombuffer, and a
+                    # stray write can never reach the model file.
+                    mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                    self._maps[file] = mm
+        return mm
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConfigError("SafetensorsSource is closed")
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def _pread(self, file: str, start: int, view: memoryview) -> None:
+        fd = self._fd(file)
+        done, n = 0, len(view)
+        while done < n:
+            got = os.preadv(fd, [view[done:done + min(n - done, _MAX_READ)]], start + done)
+            if got <= 0:
+                raise ModelFormatError(f"{self.root / file}: ends at byte {start + done}, header says "
+                                       f"{start + n}; the file is truncated")
+            done += got
+
+    def _copy_from_map(self, file: str, start: int, view: memoryview) -> None:
+        mm = self._map(file)
+        if start + len(view) > len(mm):
+            raise ModelFormatError(f"{self.root / file}: shorter than its header says; the file is truncated")
+        with memoryview(mm) as whole:
+            view[:] = whole[start:start + len(view)]
+
+    def read_into(self, index: int, buffer: torch.Tensor) -> None:
+        """Write unit ``index``'s bytes into ``buffer`` (layout of :func:`unit_layout`)."""
+        self._check_open()
+        fill = self._pread if self.method == "pread" else self._copy_from_map
+        for file, start, offset, nbytes in self._runs[index]:
+            fill(file, start, byte_view(buffer, offset, nbytes))
+
+    def read_unit(self, index: int, buffer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """See :meth:`lema.ports.weights.WeightSource.read_unit`."""
+        if not 0 <= index < len(self.spec.units):
+            raise IndexError(f"unit {index} out of range 0..{len(self.spec.units) - 1}")
+        if buffer is not None:
+            need = unit_buffer_bytes(self.spec.units[index])
+            if buffer.dtype != torch.uint8 or buffer.numel() < need:
+                raise ConfigError(f"buffer: needs a uint8 tensor of at least {need} bytes for unit {index}")
+            self.read_into(index, buffer)
+            return unit_views(buffer, self._layouts[index])
+        self._check_open()
+        return {t.key: self._mapped(t) for t, _ in self._layouts[index]}
+
+    def _mapped(self, t: TensorSpec) -> torch.Tensor:
+        mm = self._map(t.file)
+        if t.end > len(mm):
+            raise ModelFormatError(f"{self.root / t.file}: {t.name} runs past the end of the file; it is truncated")
+        if t.nbytes == 0:
+            return torch.empty(t.shape, dtype=torch_dtype(t.dtype))
+        raw = torch.frombuffer(mm, dtype=torch.uint8, count=t.nbytes, offset=t.start)
+        return raw.view(torch_dtype(t.dtype)).view(t.shape)
+
+    def read_tensor(self, t: TensorSpec) -> torch.Tensor:
+        """A fresh, owned copy of one tensor (positional read; used to load into RAM)."""
+        out = torch.empty(t.shape, dtype=torch_dtype(t.dtype))
+        if t.nbytes:
+            self._pread(t.file, t.start, byte_view(out, 0, t.nbytes))
+        return out
+
+    def close(self) -> None:
+        """Close the files. Mappings are dropped, not unmapped: tensors returned without a
+        buffer keep their mapping alive (``torch.frombuffer`` holds a reference to it), and
+        it is unmapped with the last of them."""
+        with self._lock:
+            self._closed = True
+            self._maps.clear()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self) -> "SafetensorsSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,104 @@
+"""The composition root: turn a LemaConfig into a spec, a plan, a device, a source, an engine.
+
+The Python API (:class:`lema.LemaModel`) and the CLI both build their objects here, so
+there is one place that knows which adapter serves which port.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import torch
+
+from lema.adapters.weights.model_files import ResolvedModel, resolve_model
+from lema.config import LemaConfig
+from lema.domain.plan.planner import Budget, MemoryPlan, TrainingShape, plan
+from lema.domain.model.spec import ModelSpec, dtype_code
+from lema.domain.plan.strategy import MemoryStrategy
+from lema.errors import ConfigError, ModelFormatError
+from lema.ports.device import Device
+from lema.ports.weights import WeightSource
+
+
+def open_model(config: LemaConfig) -> ResolvedModel:
+    """Find the weights and config a LemaConfig names, reading only headers.
+
+    ``gbi_path`` wins; its config comes from the file's metadata, else a ``config.json``
+    beside it, else ``model_name_or_path`` when that is a local folder holding one.
+    """
+    if config.gbi_path is not None:
+        config_path = None
+        if config.model_name_or_path and (Path(config.model_name_or_path) / "config.json").is_file():
+            config_path = str(Path(config.model_name_or_path) / "config.json")
+        resolved = resolve_model(str(config.gbi_path), config_path=config_path, allow_network=False)
+    else:
+        resolved = resolve_model(str(config.model_name_or_path), allow_network=False)
+    if resolved.weights_path is None:
+        raise ModelFormatError(
+            f"{config.gbi_path or config.model_name_or_path}: no safetensors weights to train on; "
+            "convert the model first with `lema convert MODEL OUT.safetensors` (or "
+            "prepare_monolithic_safetensors) and pass gbi_path=OUT.safetensors"
+        )
+    return resolved
+
+
+def make_device(config: LemaConfig) -> Device:
+    """The device a config asks for: CUDA when available for "auto", else the CPU."""
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        from lema.adapters.devices.cpu import CpuDevice
+
+        # Every allocation is counted, so the reported device peak is the real one (`lema
+        # bench` turns counting off for its timed steps: it costs a Python call per op).
+        return CpuDevice(capacity=config.vram_bytes, direct_reads=True)
+    from lema.adapters.devices.cuda import CudaDevice
+
+    index = int(name.split(":")[1]) if ":" in name else 0
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        raise ConfigError(f"device: {config.device!r} but CUDA is not available here "
+                          f"({torch.cuda.device_count()} GPUs visible); use device='cpu'")
+    # Without a budget, plan against the whole card.
+    capacity = config.vram_bytes or torch.cuda.get_device_properties(index).total_memory
+    return CudaDevice(index=index, capacity=capacity)
+
+
+def compute_dtype(config: LemaConfig, spec: ModelSpec) -> torch.dtype:
+    """The dtype the base weights compute in: the file's unless the config says otherwise."""
+    from lema.domain.model.spec import torch_dtype
+
+    return torch_dtype(spec.dtype if config.dtype == "auto" else dtype_code(config.dtype))
+
+
+def training_shape(config: LemaConfig, spec: ModelSpec, device: Device) -> TrainingShape:
+    """The shape the memory plan is checked for."""
+    kind = "cuda" if device.torch_device.type == "cuda" else "cpu"
+    return TrainingShape(
+        batch=config.batch_size, seq=config.max_seq_len, lora_rank=config.lora_rank,
+        lora_targets=config.lora_target_modules, strategy=config.strategy,
+        prefetch=config.prefetch_distance, dtype=None if config.dtype == "auto" else dtype_code(config.dtype),
+        gradient_checkpointing=config.gradient_checkpointing, device_kind=kind,
+        wide_matmul=device.matmul_dtype(compute_dtype(config, spec)) is not None,
+    )
+
+
+def make_plan(config: LemaConfig, spec: ModelSpec, device: Device, mode: str = "train") -> MemoryPlan:
+    """Plan the run against the config's budget (or the device's capacity)."""
+    shape = attrs.evolve(training_shape(config, spec, device), mode=mode)
+    capacity = config.vram_bytes if config.vram_bytes is not None else device.capacity
+    budget = None if capacity is None else Budget(device_bytes=capacity, host_bytes=config.ram_bytes)
+    return plan(spec, shape, budget)
+
+
+def make_source(strategy: MemoryStrategy, resolved: ResolvedModel) -> WeightSource:
+    """RESIDENT loads every layer into RAM once; STREAMING and AUTO read the file per pass."""
+    from lema.adapters.weights.resident_source import ResidentSource
+    from lema.adapters.weights.safetensors_source import SafetensorsSource
+
+    if resolved.root is None:
+        raise ConfigError("internal: a weight source needs a model root folder")
+    if strategy is MemoryStrategy.RESIDENT:
+        return ResidentSource.from_safetensors(resolved.spec, resolved.root)
+    return SafetensorsSource(resolved.spec, resolved.root)

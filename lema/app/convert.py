@@ -1,0 +1,132 @@
+"""Convert a Hugging Face model into the one ``.safetensors`` file LEMA streams from.
+
+Example:
+    >>> from lema.utils.model_utils import prepare_monolithic_safetensors
+    >>> prepare_monolithic_safetensors("NousResearch/Llama-2-7b-hf", "llama2_7b.safetensors",
+    ...                                device="auto")  # doctest: +SKIP
+    PosixPath('llama2_7b.safetensors')
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from lema.adapters.weights.hub import iter_checkpoint_tensors, read_config_text, resolve_model
+from lema.adapters.weights.safetensors_writer import code_of, open_safetensors_writer
+from lema.domain.families import registry as arch
+from lema.domain.model.spec import ModelSpec, output_dtype
+from lema.errors import ConfigError, ModelFormatError
+
+Progress = Callable[[int, int, str], None]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as given (validated)."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={device!r} is not a device; use 'auto', 'cpu' or 'cuda'") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available; use 'auto' or 'cpu'")
+    return resolved
+
+
+def plan_tensors(names: list[str], config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Which tensors the converted file holds, in order, and where each comes from (pure).
+
+    Returns ``(output name, source name)`` pairs: every expected tensor in unit order (both
+    names of a tied embedding/head, the missing one cloned from the other), then any other
+    source tensor, minus non-weight buffers.
+    """
+    dims = arch.dims_of(config)
+    kept = [n for n in names if not arch.is_ignored(n)]
+    present = set(kept)
+    prefix = arch.gpt2_prefix(present) if dims.family == "gpt2" else None
+    expected = arch.expected_tensors(dims, prefix)
+    source: dict[str, str] = {n: n for n in kept}
+    for e in expected:
+        have = [n for n in e.names if n in present]
+        if len(e.names) > 1 and have:
+            for name in e.names:
+                source.setdefault(name, have[0])
+    order: list[str] = []
+    for e in expected:
+        order += [n for n in e.names if n in source and n not in order]
+    seen = set(order)
+    order += [n for n in kept if n not in seen]
+    return [(n, source[n]) for n in order]
+
+
+def prepare_monolithic_safetensors(
+    model: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    device: str = "auto",
+    dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Write ``model``'s weights as one self-describing ``.safetensors`` file.
+
+    Streams tensor by tensor (peak RAM near the largest tensor), clones tied weights so
+    both the embedding and ``lm_head.weight`` are present, drops non-weight buffers, and
+    stores ``config.json`` in the file's metadata (keys ``config``, ``format``,
+    ``lema_version``). The file appears at ``out_path`` only when complete.
+
+    Args:
+        model: a local transformers folder or a Hugging Face Hub id.
+        out_path: the ``.safetensors`` file to write (replaced atomically).
+        device: where dtype conversion runs: ``"auto"`` (CUDA if available), ``"cpu"``,
+            ``"cuda"``.
+        dtype: convert floating tensors to this (``"float16"``, ``"bfloat16"``,
+            ``"float32"``); None keeps each tensor's dtype.
+        revision: Hub revision.
+        token: Hub token.
+        progress: called as ``progress(done, total, name)`` after each tensor.
+
+    Returns:
+        ``out_path`` as a Path.
+
+    Raises:
+        ModelFormatError: unknown architecture, missing or mis-shaped tensors, unreadable or
+            unsafe weights, Hub failures.
+        ConfigError: a bad ``dtype`` or ``device``.
+    """
+    out = Path(out_path)
+    if out.is_dir():
+        raise ModelFormatError(f"{out}: is a folder; pass a file name ending in .safetensors")
+    target = output_dtype(dtype)
+    dev = resolve_device(device)
+    folder = resolve_model(model, revision=revision, token=token)
+    config_text = read_config_text(folder)
+    config = json.loads(config_text)
+    names, loader = iter_checkpoint_tensors(folder)
+    plan = plan_tensors(names, config)
+
+    def out_dtype(src: str) -> torch.dtype:
+        d = loader.meta[src][0]
+        return target if target is not None and d.is_floating_point else d
+
+    entries = [(name, out_dtype(src), loader.meta[src][1]) for name, src in plan]
+    # Validate names and shapes against the config before writing a byte.
+    ModelSpec.from_header({n: {"dtype": code_of(d), "shape": list(s)} for n, d, s in entries}, config)
+    from lema import __version__
+
+    metadata = {"format": "pt", "config": config_text, "lema_version": __version__}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open_safetensors_writer(out, entries, metadata) as writer:
+        for done, ((name, src), (_, want, _)) in enumerate(zip(plan, entries), start=1):
+            tensor = loader.get(src)
+            # Converted chunk by chunk (on the GPU with device="cuda"), never whole.
+            writer.write(name, tensor, cast=True, device=dev if tensor.dtype != want and dev.type != "cpu" else None)
+            del tensor
+            if progress is not None:
+                progress(done, len(plan), name)
+    return out

@@ -1,0 +1,149 @@
+"""The data path of one training step (DESIGN.md §2), as callbacks the engine calls.
+
+The engine walks the layer schedule and, for every compute step, hands over the unit's
+weights already on the device. This module decides what a compute *does*:
+
+* forward of decoder layer i: remember its input ``x_i`` (gradient checkpointing at
+  layer granularity), then ``x_{i+1} = block(x_i)`` with no autograd graph;
+* forward of the head (the turn): chunked cross-entropy with autograd on ``x_L`` only,
+  backward to get ``dL/dx_L``;
+* backward of decoder layer i: recompute ``block(x_i)`` with autograd from the saved input,
+  backpropagate the incoming gradient (LoRA gradients accumulate in their ``.grad``), and
+  pass ``dL/dx_i`` on.
+
+With ``gradient_checkpointing=False`` the forward keeps each layer's autograd graph and the
+backward skips the recompute. The graph would pin the layer's weight slot, so saved base
+weights are swapped for a reference and looked up again in the slot the engine refills
+for the backward step (``torch.autograd.graph.saved_tensors_hooks``).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from lema.domain.model import blocks
+from lema.domain.model import heads
+from lema.domain.model.context import BlockContext
+from lema.domain.model.lora import LoraState
+from lema.domain.schedule.layer_schedule import Phase
+from lema.domain.model.spec import ModelSpec
+
+
+class TrainingPass:
+    """State of one training micro-step while the engine walks the schedule.
+
+    Args:
+        spec: the model.
+        lora: the adapters on the device.
+        ctx: the batch context (masks, rope, dropout seed) on the device.
+        x0: the embedding output on the device, ``(batch, seq, hidden)``.
+        targets: shifted targets ``(batch, seq)`` on the device (-100 ignored).
+        loss_scale: the loss is multiplied by this before backward (1 / accumulation steps).
+        checkpointing: recompute each layer in backward (True) or keep its graph (False).
+        chunk_tokens: tokens per cross-entropy chunk.
+    """
+
+    def __init__(self, spec: ModelSpec, lora: LoraState, ctx: BlockContext, x0: torch.Tensor,
+                 targets: torch.Tensor, *, loss_scale: float = 1.0, checkpointing: bool = True, chunk_tokens: int = heads.DEFAULT_CHUNK_TOKENS) -> None:
+        self.spec, self.lora, self.ctx, self.targets = spec, lora, ctx, targets
+        self.loss_scale, self.checkpointing = loss_scale, checkpointing
+        self.chunk_tokens = chunk_tokens
+        self.x = x0
+        self.saved: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.grad: torch.Tensor | None = None
+        self.loss_sum: float = 0.0
+        self.n_tokens: int = 0
+        self._weights: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, phase: Phase, unit: int, weights: Mapping[str, torch.Tensor]) -> None:
+        if unit == self.spec.n_layers + 1:
+            self._head(weights)
+        elif phase is Phase.FORWARD:
+            self._forward(unit, weights)
+        else:
+            self._backward(unit, weights)
+
+    def _forward(self, unit: int, weights: Mapping[str, torch.Tensor]) -> None:
+        layer = unit - 1
+        x_in = self.x
+        if self.checkpointing:
+            self.saved[unit] = x_in
+            with torch.no_grad():
+                self.x = blocks.decoder_block(self.spec, weights, self.lora.layer(layer), x_in, self.ctx, layer)
+            return
+        x_in = x_in.detach().requires_grad_(True)
+        self.saved[unit] = x_in
+        refs = _WeightRefs(unit, weights)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(refs.pack, self._unpack):
+            out = blocks.decoder_block(self.spec, weights, self.lora.layer(layer), x_in, self.ctx, layer)
+        self.outputs[unit] = out
+        self.x = out.detach()
+
+    def _unpack(self, packed: object) -> torch.Tensor:
+        if isinstance(packed, tuple) and len(packed) == 3 and packed[0] is _WeightRefs.TAG:
+            _, unit, view = packed
+            return _rebuild(self._weights[unit], view)
+        return packed  # type: ignore[return-value]
+
+    def _head(self, weights: Mapping[str, torch.Tensor]) -> None:
+        x_last = self.x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss_sum, n_tokens = heads.head_loss(self.spec, weights, x_last, self.targets, self.chunk_tokens,
+                                                 matmul_dtype=self.ctx.matmul_dtype)
+            self.n_tokens = n_tokens
+            self.loss_sum = float(loss_sum.detach())
+            (loss_sum * (self.loss_scale / max(n_tokens, 1))).backward()
+        self.grad = x_last.grad
+        self.x = None  # type: ignore[assignment]
+
+    def _backward(self, unit: int, weights: Mapping[str, torch.Tensor]) -> None:
+        layer = unit - 1
+        x_in = self.saved.pop(unit)
+        if self.checkpointing:
+            x_in = x_in.detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = blocks.decoder_block(self.spec, weights, self.lora.layer(layer), x_in, self.ctx, layer)
+                torch.autograd.backward(out, self.grad)
+        else:
+            self._weights[unit] = dict(weights)
+            out = self.outputs.pop(unit)
+            torch.autograd.backward(out, self.grad)
+            del self._weights[unit]
+        self.grad = x_in.grad
+        del out, x_in
+
+
+class _WeightRefs:
+    """Pack hook: store views of base weights as (unit, key, view) instead of the slot's storage.
+
+    Any saved tensor whose data lies inside one of the unit's weights (the weight itself, a
+    transpose, a reshape) is recorded relative to that weight and rebuilt with
+    ``as_strided`` on the copy the engine provides for the backward step, so the graph never
+    holds a slot that the prefetcher overwrites.
+    """
+
+    TAG = object()
+
+    def __init__(self, unit: int, weights: Mapping[str, torch.Tensor]) -> None:
+        self.unit = unit
+        self.ranges = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), k, t)
+                       for k, t in weights.items()]
+
+    def pack(self, tensor: torch.Tensor) -> object:
+        if tensor.requires_grad:
+            return tensor
+        ptr = tensor.data_ptr()
+        for begin, end, key, base in self.ranges:
+            if begin <= ptr < end and tensor.dtype == base.dtype:
+                delta = (ptr - begin) // tensor.element_size()
+                return (self.TAG, self.unit, (key, delta, tuple(tensor.shape), tensor.stride()))
+        return tensor
+
+
+def _rebuild(weights: Mapping[str, torch.Tensor], view: tuple) -> torch.Tensor:
+    key, delta, shape, stride = view
+    base = weights[key]
+    return torch.as_strided(base, shape, stride, base.storage_offset() + delta)

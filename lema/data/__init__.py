@@ -1,0 +1,1 @@
+"""Training data: reading examples, tokenization, batching; the shipped demo corpus."""

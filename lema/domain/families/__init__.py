@@ -1,0 +1,1 @@
+"""One module per model family (tensor names, shapes, LoRA targets) and the registry that lists them."""

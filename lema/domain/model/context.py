@@ -1,0 +1,269 @@
+"""BlockContext: what every layer of one batch shares (positions, rope tables, masks, dropout).
+
+Built once per batch by :func:`make_context` and passed to every block, so the blocks stay
+plain functions of ``(weights, adapters, activations, context)``.
+
+Masks follow transformers' SDPA path: causal (and sliding-window where the config asks for
+it) combined with the ``(batch, seq)`` padding mask; with no padding the mask is None and
+SDPA runs with ``is_causal=True``. A query row whose keys are all masked (a left-padded
+position) attends to itself inside SDPA (finite on every backend) and its output is then
+zeroed, which is what PyTorch's SDPA returns for such rows in transformers.
+
+Example:
+    >>> import torch
+    >>> from lema.domain.model.spec import ModelSpec
+    >>> cfg = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+    ...        "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100}
+    >>> spec = ModelSpec.from_config(cfg, dtype="F32")
+    >>> ctx = make_context(spec, (2, 5), attention_mask=torch.tensor([[1] * 5, [0, 0, 1, 1, 1]]))
+    >>> ctx.attention("full_attention")[0].shape
+    torch.Size([2, 1, 5, 5])
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import attrs
+import torch
+
+from lema.domain.model.lora import LoraSpec
+from lema.domain.model.rope import rope_cos_sin
+from lema.domain.model.spec import ModelSpec
+from lema.errors import ConfigError
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+# A mask and the multiplier (1 keep / 0 zero) of its fully masked query rows, both optional.
+AttentionMask = tuple["torch.Tensor | None", "torch.Tensor | None"]
+
+
+@attrs.frozen
+class ArchParams:
+    """The config values the blocks read, parsed once per config."""
+
+    norm_eps: float
+    activation: str
+    layer_types: tuple[str, ...]
+    sliding_window: int | None
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+
+
+@functools.lru_cache(maxsize=32)
+def arch_params(config_json: str, family: str, n_layers: int) -> ArchParams:
+    """Read norm epsilon, activation, per-layer attention kind from a ``config.json`` text."""
+    config: dict[str, Any] = json.loads(config_json)
+    if family == "gpt2":
+        return ArchParams(norm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
+                          activation=str(config.get("activation_function", "gelu_new")),
+                          layer_types=(FULL,) * n_layers, sliding_window=None,
+                          scale_attn_weights=bool(config.get("scale_attn_weights", True)),
+                          scale_attn_by_inverse_layer_idx=bool(config.get("scale_attn_by_inverse_layer_idx", False)))
+    window = config.get("sliding_window")
+    if config.get("model_type") == "qwen2" and not config.get("use_sliding_window", False):
+        window = None
+    types = config.get("layer_types") or [SLIDING if window else FULL] * n_layers
+    return ArchParams(norm_eps=float(config.get("rms_norm_eps", 1e-6)), activation=str(config.get("hidden_act", "silu")),
+                      layer_types=tuple(types), sliding_window=int(window) if window else None)
+
+
+@attrs.frozen(eq=False)
+class BlockContext:
+    """Per-batch values shared by every block.
+
+    Attributes:
+        dtype: the compute dtype of the activations.
+        position_ids: ``(batch, seq)`` positions.
+        rope: ``(cos, sin)`` tables ``(batch, seq, head_dim)`` (Llama family) or None.
+        masks: attention kind -> ``(mask, keep)``: a boolean ``(batch, 1, seq, seq)`` SDPA mask
+            (True attends) or None for plain causal, and a ``(batch, 1, seq, 1)`` multiplier
+            that zeroes fully masked rows, or None.
+        params: config values the blocks read.
+        lora_scaling: the adapters' output scale.
+        lora_dropout: dropout probability on the adapters' input (0 outside training).
+        matmul_dtype: dtype the frozen weights' products are computed in, when wider than
+            ``dtype`` (see :mod:`lema.domain.model.matmul`); None computes in ``dtype``.
+        dropout_seed: seeds each (layer, module) dropout mask, so recomputing a layer in the
+            backward pass draws the same mask as its forward pass.
+    """
+
+    dtype: torch.dtype
+    position_ids: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    masks: dict[str, AttentionMask]
+    params: ArchParams
+    lora_scaling: float = 1.0
+    lora_dropout: float = 0.0
+    dropout_seed: int = 0
+    matmul_dtype: torch.dtype | None = None
+
+    def attention(self, layer_type: str) -> AttentionMask:
+        """The ``(mask, keep)`` pair for a layer's attention kind."""
+        return self.masks[layer_type]
+
+
+def _mask(pad: torch.Tensor | None, seq: int, window: int | None, device: torch.device,
+          past: int = 0) -> AttentionMask:
+    # Queries are the last ``seq`` of ``past + seq`` key positions (``past`` of them cached);
+    # ``pad`` is ``(batch, past + seq)``. None stands for causal aligned to the last key: SDPA's
+    # ``is_causal`` when there is no past, every key for a single query.
+    if pad is None and (window is None or past + seq <= window) and (past == 0 or seq == 1):
+        return None, None
+    q = torch.arange(past, past + seq, device=device)[:, None]
+    k = torch.arange(past + seq, device=device)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    allowed = allowed[None, None]
+    if pad is None:
+        return allowed, None
+    allowed = allowed & pad[:, None, None, :]
+    dead = ~allowed.any(dim=-1, keepdim=True)
+    if not bool(dead.any()):
+        return allowed, None
+    allowed = allowed | (dead & (q == k))
+    return allowed, (~dead).to(torch.float32)
+
+
+def make_context(spec: ModelSpec, input_shape: tuple[int, int], attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, lora: LoraSpec | None = None, training: bool = False,
+                 dropout_seed: int | None = None, matmul_dtype: torch.dtype | None = None) -> BlockContext:
+    """Build the per-batch context.
+
+    Args:
+        spec: the model.
+        input_shape: ``(batch, seq)`` of the token ids.
+        attention_mask: ``(batch, seq)`` 1 for tokens, 0 for padding; None means no padding.
+        position_ids: ``(batch, seq)`` or ``(1, seq)``; default ``arange(seq)`` for every row,
+            as transformers' ``LlamaForCausalLM``/``GPT2LMHeadModel`` do with no cache.
+        device: where the tables and masks live.
+        dtype: compute dtype of the activations.
+        lora: the adapters' spec (scaling, dropout); None for no adapters.
+        training: apply LoRA dropout.
+        dropout_seed: seed of the dropout masks; drawn from torch's global RNG when None.
+        matmul_dtype: compute the frozen weights' products in this dtype (see
+            :mod:`lema.domain.model.matmul`); None: in ``dtype``.
+
+    Returns:
+        The :class:`BlockContext`.
+
+    Raises:
+        ConfigError: when a mask or position tensor does not have shape ``(batch, seq)``.
+    """
+    batch, seq = input_shape
+    device = torch.device(device)
+    params = arch_params(spec.config_json, spec.family, spec.n_layers)
+    if position_ids is None:
+        position_ids = torch.arange(seq, device=device)[None]
+    if position_ids.shape[-1] != seq or position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch):
+        raise ConfigError(f"position_ids has shape {list(position_ids.shape)}, expected [{batch}, {seq}]")
+    position_ids = position_ids.to(device).expand(batch, seq)
+    pad = None
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (batch, seq):
+            raise ConfigError(f"attention_mask has shape {list(attention_mask.shape)}, expected [{batch}, {seq}]")
+        pad = attention_mask.to(device).bool()
+        if bool(pad.all()):
+            pad = None
+    masks = {kind: _mask(pad, seq, params.sliding_window if kind == SLIDING else None, device)
+             for kind in set(params.layer_types) | {FULL}}
+    rope = rope_cos_sin(spec.config_json, position_ids, dtype) if spec.family == "llama" else None
+    p = lora.dropout if (lora is not None and training) else 0.0
+    if dropout_seed is None:
+        dropout_seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+    return BlockContext(dtype=dtype, position_ids=position_ids, rope=rope, masks=masks, params=params,
+                        lora_scaling=lora.scaling if lora is not None else 1.0, lora_dropout=p,
+                        dropout_seed=dropout_seed, matmul_dtype=matmul_dtype)
+
+
+def decode_position_ids(attention_mask: torch.Tensor | None, past_len: int, new_len: int,
+                        device: torch.device | str = "cpu") -> torch.Tensor:
+    """Positions of the last ``new_len`` tokens, as transformers' ``generate`` numbers them.
+
+    With a ``(batch, past_len + new_len)`` mask, a token's position is the number of real
+    tokens before it (left padding does not count; padding itself gets 0); without one,
+    ``past_len + arange(new_len)``.
+
+    Example:
+        >>> decode_position_ids(torch.tensor([[0, 1, 1], [1, 1, 1]]), 2, 1).tolist()
+        [[1], [2]]
+    """
+    if attention_mask is None:
+        return torch.arange(past_len, past_len + new_len, device=device)[None]
+    mask = attention_mask.to(device).long()
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return positions[:, past_len:]
+
+
+def make_decode_context(spec: ModelSpec, batch: int, past_len: int, new_len: int,
+                        attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                        lora: LoraSpec | None = None, matmul_dtype: torch.dtype | None = None) -> BlockContext:
+    """The context of ``new_len`` tokens following ``past_len`` cached ones (inference, no dropout).
+
+    Queries are the new tokens; keys are the cached ones followed by the new ones. The masks
+    are causal over that key axis (a new token sees every cached key and the new keys up to
+    itself), windowed on sliding-window layers (by key index, as transformers does), and
+    drop padded keys. ``past_len == 0`` is a prefill and gives the same context as
+    :func:`make_context` except for the default positions.
+
+    Args:
+        spec: the model.
+        batch: rows in the batch.
+        past_len: keys already in the KV cache.
+        new_len: tokens in this step (the prompt for a prefill, 1 per generated token).
+        attention_mask: ``(batch, past_len + new_len)``, 1 for tokens and 0 for padding (left
+            padding: padded rows' real tokens are right-aligned); None means no padding.
+        position_ids: ``(batch, new_len)`` or ``(1, new_len)``; default
+            :func:`decode_position_ids` (transformers' ``generate`` numbering).
+        device: where the tables and masks live.
+        dtype: compute dtype of the activations.
+        lora: the adapters' spec (their scaling); None for no adapters.
+
+    Returns:
+        The :class:`BlockContext`; its masks are ``(batch, 1, new_len, past_len + new_len)`` or None.
+
+    Raises:
+        ConfigError: a negative ``past_len``, ``new_len < 1``, or a mask or position tensor of
+            the wrong shape.
+
+    Example:
+        >>> cfg = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+        ...        "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100}
+        >>> spec = ModelSpec.from_config(cfg, dtype="F32")
+        >>> ctx = make_decode_context(spec, 2, 4, 1, attention_mask=torch.tensor([[1] * 5, [0, 1, 1, 1, 1]]))
+        >>> ctx.attention("full_attention")[0].shape, ctx.position_ids.tolist()
+        (torch.Size([2, 1, 1, 5]), [[4], [3]])
+    """
+    problems = []
+    if isinstance(past_len, bool) or not isinstance(past_len, int) or past_len < 0:
+        problems.append(f"past_len={past_len!r} must be an integer >= 0")
+    if isinstance(new_len, bool) or not isinstance(new_len, int) or new_len < 1:
+        problems.append(f"new_len={new_len!r} must be an integer >= 1")
+    if problems:
+        raise ConfigError("make_decode_context: " + "; ".join(problems))
+    total = past_len + new_len
+    device = torch.device(device)
+    params = arch_params(spec.config_json, spec.family, spec.n_layers)
+    pad = None
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (batch, total):
+            raise ConfigError(f"attention_mask has shape {list(attention_mask.shape)}, expected [{batch}, {total}] "
+                              "(cached + new tokens)")
+        pad = attention_mask.to(device).bool()
+    if position_ids is None:
+        position_ids = decode_position_ids(attention_mask, past_len, new_len, device)
+    if position_ids.dim() != 2 or position_ids.shape[-1] != new_len or position_ids.shape[0] not in (1, batch):
+        raise ConfigError(f"position_ids has shape {list(position_ids.shape)}, expected [{batch}, {new_len}]")
+    position_ids = position_ids.to(device).expand(batch, new_len)
+    if pad is not None and bool(pad.all()):
+        pad = None
+    masks = {kind: _mask(pad, new_len, params.sliding_window if kind == SLIDING else None, device, past_len)
+             for kind in set(params.layer_types) | {FULL}}
+    rope = rope_cos_sin(spec.config_json, position_ids, dtype) if spec.family == "llama" else None
+    return BlockContext(dtype=dtype, position_ids=position_ids, rope=rope, masks=masks, params=params,
+                        lora_scaling=lora.scaling if lora is not None else 1.0, matmul_dtype=matmul_dtype)

@@ -1,0 +1,290 @@
+"""ModelSpec: what a model is, tensor by tensor, without reading any weights.
+
+Built from a safetensors header (names, dtypes, shapes, byte ranges) plus the model's
+``config.json`` dict, or from the config alone (shapes implied, no file). Pure: the
+header is read by :mod:`lema.adapters.weights.safetensors_header`.
+
+Example:
+    >>> cfg = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+    ...        "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100}
+    >>> spec = ModelSpec.from_config(cfg, dtype="BF16")
+    >>> spec.n_layers, spec.units[1].name
+    (2, 'layers.0')
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Mapping
+
+from typing import TYPE_CHECKING
+
+import attrs
+
+from lema.domain.families import registry as arch
+from lema.errors import ConfigError, ModelFormatError
+
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype code -> bytes per element. Kept free of torch so that reading a
+# header and planning (``lema plan``) never pays torch's multi-second import.
+DTYPE_BYTES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+}
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def __getattr__(name: str) -> Any:
+    # ``DTYPES`` (code -> (torch dtype, bytes)) is built on first use so importing this
+    # module does not import torch.
+    if name == "DTYPES":
+        import torch
+
+        return {code: (getattr(torch, _TORCH_NAMES[code]), size) for code, size in DTYPE_BYTES.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+_NAMES = {**{name: code for code, name in _TORCH_NAMES.items()},
+          "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+          "fp32": "F32", "fp16": "F16", "bf16": "BF16", "half": "F16", "float": "F32"}
+
+
+def dtype_code(value: "str | torch.dtype") -> str:
+    """Normalise ``torch.bfloat16`` / ``"bfloat16"`` / ``"bf16"`` / ``"BF16"`` to ``"BF16"``."""
+    text = str(value).removeprefix("torch.")
+    if text.upper() in DTYPE_BYTES:
+        return text.upper()
+    if text.lower() in _NAMES:
+        return _NAMES[text.lower()]
+    raise ModelFormatError(f"unknown dtype {value!r}; use float32, float16 or bfloat16")
+
+
+def torch_dtype(code: str) -> "torch.dtype":
+    """The torch dtype of a safetensors dtype code."""
+    import torch
+
+    return getattr(torch, _TORCH_NAMES[dtype_code(code)])
+
+
+def output_dtype(value: "str | torch.dtype | None") -> "torch.dtype | None":
+    """A user's ``dtype=`` option (None: keep) as a torch dtype.
+
+    Raises:
+        ConfigError: for a value that is not a dtype.
+    """
+    if value is None:
+        return None
+    try:
+        return torch_dtype(dtype_code(value))
+    except ModelFormatError:
+        raise ConfigError(f"dtype={value!r} is not a dtype; use float32, float16 or bfloat16") from None
+
+
+def itemsize(code: str) -> int:
+    """Bytes per element of a safetensors dtype code."""
+    return DTYPE_BYTES[dtype_code(code)]
+
+
+@attrs.frozen
+class TensorSpec:
+    """One stored tensor.
+
+    Attributes:
+        name: its name in the file.
+        key: its name inside its unit (what the blocks read).
+        dtype: safetensors dtype code (``"F16"``).
+        shape: the tensor's shape.
+        file: the file holding it, relative to the model folder ("" when there is no file).
+        start: absolute byte offset of its data in ``file`` (-1 when there is no file).
+    """
+
+    name: str
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str = ""
+    start: int = -1
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.nbytes
+
+
+@attrs.frozen
+class LayerUnit:
+    """A group of tensors fetched together: the embedding, one decoder layer, or the head."""
+
+    index: int
+    kind: str  # arch.EMBED, arch.DECODER or arch.HEAD
+    name: str  # "embed", "layers.3", "head"
+    tensors: tuple[TensorSpec, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def tensor(self, key: str) -> TensorSpec:
+        for t in self.tensors:
+            if t.key == key:
+                return t
+        raise KeyError(key)
+
+
+@attrs.frozen(eq=False)
+class ModelSpec:
+    """A model's architecture and storage layout.
+
+    Units: ``units[0]`` is the embedding, ``units[1..n_layers]`` the decoder layers and
+    ``units[n_layers + 1]`` the head. Tied weights appear in both the embedding and the
+    head unit but are counted once in :attr:`parameters` and :attr:`weight_bytes`.
+    """
+
+    family: str
+    model_type: str
+    n_layers: int
+    hidden_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tied_embeddings: bool
+    attention_bias: bool
+    max_positions: int
+    dtype: str
+    units: tuple[LayerUnit, ...]
+    config_json: str  # the Hugging Face config, as JSON text (kept hashable and immutable)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return json.loads(self.config_json)
+
+    @property
+    def embed_unit(self) -> LayerUnit:
+        return self.units[0]
+
+    @property
+    def head_unit(self) -> LayerUnit:
+        return self.units[-1]
+
+    @property
+    def decoder_units(self) -> tuple[LayerUnit, ...]:
+        return self.units[1:-1]
+
+    def _unique(self) -> dict[str, TensorSpec]:
+        return {t.name: t for u in self.units for t in u.tensors}
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.numel for t in self._unique().values())
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self._unique().values())
+
+    @property
+    def largest_layer_bytes(self) -> int:
+        """Bytes of the largest decoder layer."""
+        return max(u.nbytes for u in self.decoder_units)
+
+    @property
+    def largest_unit_bytes(self) -> int:
+        """Bytes of the largest unit streamed to the device (decoder layers and head)."""
+        return max(u.nbytes for u in self.units[1:])
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(sorted({t.file for u in self.units for t in u.tensors if t.file}))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], dtype: str | None = None) -> "ModelSpec":
+        """Shapes implied by a config alone (no weights file), e.g. to plan before downloading.
+
+        Args:
+            config: the Hugging Face ``config.json`` dict.
+            dtype: storage dtype; defaults to the config's ``torch_dtype``/``dtype`` or F16.
+        """
+        dims = arch.dims_of(config)
+        code = dtype_code(dtype or config.get("dtype") or config.get("torch_dtype") or "float16")
+        tensors = [
+            (e.unit, TensorSpec(name=e.names[-1] if e.key == "lm_head.weight" and dims.tied_embeddings else e.names[0],
+                                key=e.key, dtype=code, shape=e.shape))
+            for e in arch.expected_tensors(dims)
+        ]
+        return cls._build(dims, code, tensors, config)
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any]) -> "ModelSpec":
+        """Match a safetensors header against the tensors the config implies.
+
+        Args:
+            header: tensor name -> ``{"dtype": "F16", "shape": [..], "file": "model.safetensors",
+                "start": absolute_offset}`` for every tensor of the model (all shards merged;
+                ``__metadata__`` removed).
+            config: the Hugging Face ``config.json`` dict.
+
+        Raises:
+            ModelFormatError: listing every missing tensor and every shape that disagrees
+                with the config, or when the file has no recognisable layers.
+        """
+        dims = arch.dims_of(config)
+        prefix = arch.gpt2_prefix(set(header)) if dims.family == "gpt2" else None
+        expected = arch.expected_tensors(dims, prefix)
+        problems: list[str] = []
+        tensors: list[tuple[int, TensorSpec]] = []
+        for e in expected:
+            name = next((n for n in e.names if n in header), None)
+            if name is None:
+                problems.append(f"missing {e.names[0]}")
+                continue
+            entry = header[name]
+            shape = tuple(int(s) for s in entry["shape"])
+            if shape != e.shape:
+                problems.append(f"{name} has shape {list(shape)}, config implies {list(e.shape)}")
+                continue
+            tensors.append((e.unit, TensorSpec(name=name, key=e.key, dtype=dtype_code(entry["dtype"]), shape=shape,
+                                               file=str(entry.get("file", "")), start=int(entry.get("start", -1)))))
+        decoder_found = any(u not in (0, dims.n_layers + 1) for u, _ in tensors)
+        if not decoder_found:
+            raise ModelFormatError(
+                f"no recognisable {dims.family} decoder layers in the weights (expected names like "
+                f"{expected[1].names[0]}); is the config for this file?"
+            )
+        if problems:
+            shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+            raise ModelFormatError(f"weights do not match config.json ({dims.model_type}, "
+                                   f"{dims.n_layers} layers): {shown}")
+        layer_dtypes = [t.dtype for u, t in tensors if u not in (0, dims.n_layers + 1)]
+        # The most common decoder dtype; ties broken by name so the result never depends on
+        # set iteration order (string hashing is randomised per process).
+        code = max(sorted(set(layer_dtypes)), key=layer_dtypes.count)
+        return cls._build(dims, code, tensors, config)
+
+    @classmethod
+    def _build(cls, dims: arch.Dims, code: str, tensors: list[tuple[int, TensorSpec]],
+               config: Mapping[str, Any]) -> "ModelSpec":
+        grouped: dict[int, list[TensorSpec]] = {i: [] for i in range(dims.n_layers + 2)}
+        for unit, t in tensors:
+            grouped[unit].append(t)
+        units = []
+        for i, ts in grouped.items():
+            kind = arch.EMBED if i == 0 else arch.HEAD if i == dims.n_layers + 1 else arch.DECODER
+            name = "embed" if i == 0 else "head" if kind == arch.HEAD else f"layers.{i - 1}"
+            units.append(LayerUnit(index=i, kind=kind, name=name, tensors=tuple(ts)))
+        return cls(
+            family=dims.family, model_type=dims.model_type, n_layers=dims.n_layers,
+            hidden_size=dims.hidden_size, n_heads=dims.n_heads, n_kv_heads=dims.n_kv_heads,
+            head_dim=dims.head_dim, intermediate_size=dims.intermediate_size,
+            vocab_size=dims.vocab_size, tied_embeddings=dims.tied_embeddings,
+            attention_bias=dims.attention_bias, max_positions=dims.max_positions, dtype=code,
+            units=tuple(units), config_json=json.dumps(dict(config), sort_keys=True),
+        )

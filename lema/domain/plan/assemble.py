@@ -1,0 +1,192 @@
+"""Assembling a plan: the model facts a shape needs, the device and host items, AUTO residency (pure).
+
+See :mod:`lema.domain.plan.planner` for the device model these items follow.
+"""
+
+from __future__ import annotations
+
+from lema.domain.model.spec import ModelSpec
+from lema.domain.plan import items as pi
+from lema.domain.plan.inputs import Budget, TrainingShape
+from lema.domain.plan.items import MemoryItem, ModelFacts
+from lema.domain.plan.memory_plan import MemoryPlan, ModelSummary
+from lema.domain.plan.strategy import MemoryStrategy
+from lema.domain.units import format_size
+
+
+def facts_for(spec: ModelSpec, shape: TrainingShape) -> ModelFacts:
+    """The model numbers a plan of this shape needs (validates the LoRA targets)."""
+    # lema.domain.model.lora imports torch; importing it here keeps `lema plan`'s start-up light
+    # for callers that never plan.
+    from lema.domain.model import lora
+
+    targets = lora.resolve_targets(spec.family, shape.lora_targets)
+    keys = lora.module_keys(spec, targets)
+    return pi.model_facts(spec, shape.dtype, targets, [lora.module_shape(spec, k) for k in keys], keys)
+
+
+def _summary(spec: ModelSpec, shape: TrainingShape, f: ModelFacts) -> ModelSummary:
+    weight = f.embed_only_bytes + f.streamed_bytes
+    return ModelSummary(
+        family=spec.family, model_type=spec.model_type, n_layers=spec.n_layers, hidden_size=spec.hidden_size,
+        max_positions=spec.max_positions, parameters=spec.parameters, weight_bytes=weight,
+        largest_layer_bytes=max(f.unit_bytes[1:-1]),
+        head_bytes=f.unit_bytes[-1], dtype=shape.dtype or spec.dtype, file_dtype=spec.dtype,
+        lora_parameters=pi.lora_parameters(f, shape.lora_rank), lora_targets=f.targets,
+    )
+
+
+def build(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Budget | None,
+          resident: tuple[int, ...]) -> MemoryPlan:
+    """The plan with exactly these units (indices ``1..L+1``) resident; no recommendations."""
+    n = f.n_layers
+    streamed = tuple(i for i in range(1, n + 2) if i not in resident)
+    slot_count = min(shape.prefetch + 1, len(streamed))
+    slot_bytes = max((f.unit_buffer_bytes[i] for i in streamed), default=0)
+    device = [
+        MemoryItem("resident_weights", sum(f.unit_buffer_bytes[i] for i in resident),
+                   f"{len(resident)} units kept on the device"),
+        MemoryItem("weight_slots", slot_count * slot_bytes,
+                   f"{slot_count} slots x {format_size(slot_bytes)} (prefetch {shape.prefetch} + 1)"),
+    ]
+    device += persistent_items(summary, f, shape)
+    device.append(activation_peak(f, shape))
+    device.append(MemoryItem("runtime_reserve", shape.reserve,
+                             "CUDA context + allocator slack" if shape.device_kind == "cuda" else ""))
+
+    resident_strategy = shape.strategy is MemoryStrategy.RESIDENT
+    host = [
+        MemoryItem("staging_buffers", 0 if resident_strategy else slot_count * slot_bytes,
+                   "" if resident_strategy else
+                   f"{slot_count} x {format_size(slot_bytes)}" + (", pinned" if shape.device_kind == "cuda" else "")),
+        MemoryItem("resident_weights_host", f.streamed_bytes if resident_strategy else 0,
+                   "decoder layers + head in RAM" if resident_strategy else "read from the mmap'd file"),
+        MemoryItem("embedding", f.embed_only_bytes if resident_strategy else 0,
+                   "in RAM" if resident_strategy else "rows gathered from the mmap'd file"),
+    ]
+
+    decoders = [i for i in streamed if i <= n]
+    transfer = sum(f.unit_bytes[i] for i in streamed)
+    if shape.training:
+        # The last fetched units (head + the last `prefetch` decoders) are still in their
+        # slots at the turn, so backward re-fetches only the other streamed decoders.
+        kept = slot_count - (1 if (n + 1) in streamed else 0)
+        transfer += sum(f.unit_bytes[i] for i in decoders[:len(decoders) - max(kept, 0)])
+    return MemoryPlan(model=summary, shape=shape, budget=budget, device_items=tuple(device), host_items=tuple(host),
+                      resident_units=resident, streamed_units=streamed, slot_count=slot_count, slot_bytes=slot_bytes,
+                      transfer_bytes_per_step=transfer)
+
+
+def persistent_items(summary: ModelSummary, f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
+    """Device bytes alive through the whole step besides the weights: LoRA parameters,
+    optimizer states (training), the batch context, and a cast copy of one unit when the
+    compute dtype differs from the file's."""
+    lora = pi.lora_parameters(f, shape.lora_rank)
+    items = [MemoryItem("lora_params", lora * pi.FP32, f"{lora:,} fp32 parameters")]
+    if shape.training:
+        items.append(MemoryItem("optimizer_states", lora * pi.FP32 * shape.optimizer_states,
+                                f"{shape.optimizer_states} fp32 states per parameter (AdamW)"))
+    items.append(pi.batch_context(f, shape.batch, shape.seq, shape.training))
+    if shape.dtype is not None and shape.dtype != summary.file_dtype:
+        items.append(MemoryItem("weight_cast", max(f.unit_bytes[1:]),
+                                f"the computing unit cast from {summary.file_dtype} to {shape.dtype}"))
+    return items
+
+
+def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
+    """The step's transient phases, which never coexist (see :func:`activation_peak`).
+
+    Training with checkpointing (``X = T h a`` one hidden state, ``G`` one layer's fp32
+    LoRA gradients; gradients are created by the backward and freed by ``zero_grad``):
+
+    * ``forward``: the ``L`` layer inputs kept, one layer's no-grad forward;
+    * ``head``: the ``L`` inputs, ``x_L``, the chunked loss + backward;
+    * ``layer_backward``: at unit ``u`` the inputs of units ``1..u`` and the gradients of
+      units ``u..L`` (the larger end: ``L X + G`` or ``X + L G``), the incoming gradient,
+      one layer's recompute + backward;
+    * ``optimizer_step``: every gradient plus the optimizer's temporaries (CUDA foreach:
+      one parameter-sized copy of all; CPU: two of the largest tensor).
+
+    Inference (``LemaModel.forward``): ``forward`` (the embedding output, the hidden state,
+    one layer) and ``head`` (the same two + the full float32 logits it returns).
+    """
+    b, s, n, attention = shape.batch, shape.seq, f.n_layers, shape.attention_path
+    x = b * s * f.hidden * f.act_bytes
+    wide = shape.wide_matmul and f.act_bytes != pi.FP32
+    # Measured on CpuDevice: a layer's wide products peak below the layer's own peak (their
+    # fp32 temporaries live while little else does), so only the head's count.
+    layer_wide: list[MemoryItem] = []
+    head_wide = [pi.wide_matmul_head(f, b, s, shape.head_chunk_tokens)] if wide else []
+    if not shape.training:
+        # LemaModel.forward keeps the embedding output (a local) besides the current hidden state.
+        states = [MemoryItem("embedding_output", x, "T h a"), MemoryItem("hidden_state", x, "T h a")]
+        return [pi.summed("forward", states + [pi.layer_forward(f, b, s, attention)] + layer_wide),
+                pi.summed("head", states + [pi.head_inference(f, b, s)] + head_wide)]
+    lora = pi.lora_parameters(f, shape.lora_rank)
+    grads = lora * pi.FP32
+    g = grads // max(n, 1)
+    if shape.optimizer_states == 0:
+        opt_temp = 0
+    elif shape.device_kind == "cuda":
+        opt_temp = grads
+    else:
+        opt_temp = 2 * shape.lora_rank * max((max(i, o) for i, o in f.lora_modules), default=0) * pi.FP32
+    optimizer = pi.summed("optimizer_step", [MemoryItem("lora_grads", grads, "fp32"),
+                                              MemoryItem("optimizer_temporaries", opt_temp,
+                                                         "foreach: one copy" if shape.device_kind == "cuda"
+                                                         else "two copies of the largest tensor")])
+    if shape.gradient_checkpointing:
+        if n * x + g >= x + n * g:
+            kept = [MemoryItem("checkpointed_inputs", n * x, f"{n} layers x T h a"),
+                    MemoryItem("lora_grads", g, "the last layer's")]
+        else:
+            kept = [MemoryItem("checkpointed_inputs", x, "the first layer's"),
+                    MemoryItem("lora_grads", n * g, f"{n} layers, fp32")]
+        inputs = MemoryItem("checkpointed_inputs", n * x, f"{n} layers x T h a")
+        return [
+            pi.summed("forward", [inputs, pi.layer_forward(f, b, s, attention)] + layer_wide),
+            pi.summed("head", [inputs, MemoryItem("hidden_state", x, "x_L: T h a"),
+                               pi.head_train(f, b, s, shape.head_chunk_tokens)] + head_wide),
+            pi.summed("layer_backward", kept + [pi.layer_recompute(f, b, s, shape.lora_rank, attention)]
+                      + layer_wide),
+            optimizer,
+        ]
+    m = pi.layer_model(f, b, s, shape.lora_rank, attention)
+    per_layer = x + sum(i.bytes for i in m.saved)
+    stored = MemoryItem("stored_activations", n * per_layer,
+                        f"{n} layers x {format_size(per_layer)} (input + saved), no checkpointing")
+    return [
+        pi.summed("head", [stored, MemoryItem("hidden_state", x, "x_L: T h a"),
+                           pi.head_train(f, b, s, shape.head_chunk_tokens)] + head_wide),
+        pi.summed("layer_backward", [stored, MemoryItem("lora_grads", grads, "fp32"),
+                                     MemoryItem("temporaries", m.backward_extra, "output, gradients")]
+                  + layer_wide),
+        optimizer,
+    ]
+
+
+def activation_peak(f: ModelFacts, shape: TrainingShape) -> MemoryItem:
+    """The largest transient phase: the head, a layer's backward, the forward and the
+    optimizer step run one after another, so the device holds only the largest of them on
+    top of the persistent items (its ``parts`` are every phase)."""
+    return pi.peak_of("activation_peak", activation_phases(f, shape), "the largest phase")
+
+
+def _resident_prefix(n_layers: int, k: int) -> tuple[int, ...]:
+    # AUTO keeps decoder layers from the first upward (they are the ones fetched twice),
+    # then the head once every decoder layer is resident.
+    return tuple(range(1, k + 1))
+
+
+def auto_resident(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Budget | None
+                  ) -> tuple[int, ...]:
+    """AUTO's resident units: the most units (layer 0 upward, then the head) that fit."""
+    n = f.n_layers
+    if budget is None:
+        return _resident_prefix(n, n + 1)
+    best = 0
+    # Not monotone near the end (fewer streamed units need fewer slots), so scan them all.
+    for k in range(n + 2):
+        if build(summary, f, shape, budget, _resident_prefix(n, k)).fits:
+            best = k
+    return _resident_prefix(n, best)

@@ -1,0 +1,148 @@
+"""The inputs of a memory plan: the run's :class:`TrainingShape` and the :class:`Budget`.
+
+Both are frozen, validated values (change them with ``attrs.evolve``); errors are
+``ConfigError`` naming every offending field at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from lema.domain.model.spec import dtype_code
+from lema.domain.plan.strategy import MemoryStrategy
+from lema.domain.units import parse_size
+from lema.errors import ConfigError, ModelFormatError
+
+DEFAULT_CUDA_RESERVE = 512 * 1024**2
+_POSITIVE = ("batch", "seq", "lora_rank", "head_chunk_tokens")
+_NON_NEGATIVE = ("prefetch", "optimizer_states")
+
+
+def _targets(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.split(",")]
+    return tuple(str(v).strip() for v in value)
+
+
+def _dtype(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return dtype_code(value)
+    except ModelFormatError:
+        raise ConfigError(f"dtype: {value!r} is not a dtype; use float32, float16 or bfloat16") from None
+
+
+@attrs.frozen
+class TrainingShape:
+    """What the run looks like: the shape of a batch, the adapter, the strategy.
+
+    Attributes:
+        batch, seq: sequences per step and tokens per sequence.
+        lora_rank, lora_targets: the adapter (targets None = the family's defaults).
+        strategy: STREAMING (default), RESIDENT or AUTO.
+        prefetch: layers fetched ahead of compute (slots = prefetch + 1).
+        dtype: compute/storage dtype override (``"bfloat16"``); None keeps the file's.
+        gradient_checkpointing: keep only layer inputs and recompute in backward.
+        optimizer_states: fp32 states per LoRA parameter (AdamW: 2).
+        device_kind: ``"cuda"`` or ``"cpu"`` (sets the default reserve and attention path).
+        attention: ``"flash"`` (no s^2 scores saved) or ``"math"``; None: flash. PyTorch's SDPA
+            picks a fused kernel on both kinds: on CPU (torch >= 2.x) ``F.scaled_dot_product_attention``
+            runs ``_scaled_dot_product_flash_attention_for_cpu`` for fp32 and bf16, with ``is_causal``
+            or a boolean mask (measured: it saves the output and an fp32 log-sum-exp, no
+            ``s^2`` tensor); on CUDA bf16/fp16 use flash or memory-efficient attention and
+            fp32 the memory-efficient kernel. ``"math"`` plans the unfused path (b H s^2 scores).
+        head_chunk_tokens: tokens per chunk of the chunked head.
+        reserve_bytes: runtime reserve; None: 512 MiB on cuda, 0 on cpu.
+        mode: ``"train"`` or ``"inference"`` (forward only: no grads, optimizer, checkpoints).
+        wide_matmul: the frozen weights' products run in fp32 although activations are
+            bf16/fp16 (a CPU without fast half precision, see ``lema.domain.model.matmul``): each
+            product briefly holds fp32 copies of its input, weight and output.
+
+    Raises:
+        ConfigError: naming every field whose value is out of range, at once.
+    """
+
+    batch: int = 1
+    seq: int = 512
+    lora_rank: int = 16
+    lora_targets: tuple[str, ...] | None = attrs.field(default=None, converter=_targets)
+    strategy: MemoryStrategy = attrs.field(default=MemoryStrategy.STREAMING, converter=MemoryStrategy.parse)
+    prefetch: int = 2
+    dtype: str | None = attrs.field(default=None, converter=_dtype)
+    gradient_checkpointing: bool = True
+    optimizer_states: int = 2
+    device_kind: str = "cuda"
+    attention: str | None = None
+    head_chunk_tokens: int = 1024
+    reserve_bytes: int | None = None
+    mode: str = "train"
+    wide_matmul: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        problems = []
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in _POSITIVE:
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                problems.append(f"{name}={value!r} must be a positive integer")
+        for name in _NON_NEGATIVE:
+            value = getattr(self, name)
+            if not is_int(value) or value < 0:
+                problems.append(f"{name}={value!r} must be an integer >= 0")
+        if self.reserve_bytes is not None and (not is_int(self.reserve_bytes) or self.reserve_bytes < 0):
+            problems.append(f"reserve_bytes={self.reserve_bytes!r} must be an integer >= 0")
+        if self.device_kind not in ("cuda", "cpu"):
+            problems.append(f"device_kind={self.device_kind!r} must be 'cuda' or 'cpu'")
+        if self.attention not in (None, "flash", "math"):
+            problems.append(f"attention={self.attention!r} must be 'flash' or 'math'")
+        if self.mode not in ("train", "inference"):
+            problems.append(f"mode={self.mode!r} must be 'train' or 'inference'")
+        if self.lora_targets is not None and (not self.lora_targets or not all(self.lora_targets)):
+            problems.append(f"lora_targets={self.lora_targets!r} must be non-empty module names")
+        if problems:
+            raise ConfigError("training shape: " + "; ".join(problems))
+
+    @property
+    def attention_path(self) -> str:
+        """``"flash"`` or ``"math"``: the attention the working set assumes."""
+        return self.attention or "flash"
+
+    @property
+    def reserve(self) -> int:
+        """The runtime reserve in bytes."""
+        if self.reserve_bytes is not None:
+            return self.reserve_bytes
+        return DEFAULT_CUDA_RESERVE if self.device_kind == "cuda" else 0
+
+    @property
+    def training(self) -> bool:
+        return self.mode == "train"
+
+
+@attrs.frozen
+class Budget:
+    """Memory available: device bytes, and optionally host RAM bytes."""
+
+    device_bytes: int
+    host_bytes: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("device_bytes", "host_bytes"):
+            value = getattr(self, name)
+            if value is None and name == "host_bytes":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"budget: {name}={value!r} must be a positive number of bytes")
+
+    @classmethod
+    def from_strings(cls, device: str, host: str | None = None) -> "Budget":
+        """``Budget.from_strings("8G", "32G")``; errors name ``--vram`` / ``--ram``."""
+        return cls(parse_size(device, field="--vram"), None if host is None else parse_size(host, field="--ram"))

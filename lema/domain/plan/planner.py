@@ -1,0 +1,84 @@
+"""The memory planner: how many bytes a LoRA run needs on the device, the host and the link.
+
+Pure arithmetic over a :class:`~lema.domain.model.spec.ModelSpec` and a :class:`TrainingShape`
+(DESIGN.md section 4). The plan itemises the device and host bytes, gives a verdict
+against a :class:`Budget` with the headroom, counts the bytes moved host -> device per
+step, and says what would make it fit (:mod:`lema.domain.plan.recommend`). Sizes are integer
+bytes; formatting happens at the edge.
+
+The device model (what the engine allocates, in this order of size for big models):
+units ``1..L+1`` (decoder layers and the head) are streamed through ``min(prefetch + 1,
+n_streamed)`` slots of the largest streamed unit, unless kept resident (AUTO keeps as many
+decoder layers as fit, from layer 0 upward, then the head). The embedding is gathered on
+the host and only its output is uploaded. LoRA parameters, gradients and AdamW states are
+fp32. With gradient checkpointing each layer's input is kept. The step's transient phases
+(the forward, the head's chunked loss + backward, one layer's recompute + backward, the
+optimizer step) run one after another, so the device total is the persistent items plus
+``activation_peak``, the largest phase (:func:`activation_phases`), not their sum.
+
+Example:
+    >>> from lema.domain.model.spec import ModelSpec
+    >>> cfg = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+    ...        "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100}
+    >>> p = plan(ModelSpec.from_config(cfg, dtype="F32"), TrainingShape(seq=32), Budget(2**30))
+    >>> p.fits, p.slot_count
+    (True, 3)
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from lema.domain.model.spec import ModelSpec
+from lema.domain.plan import items as pi
+from lema.domain.plan.assemble import _summary, auto_resident, build, facts_for
+from lema.domain.plan.inputs import Budget, TrainingShape
+from lema.domain.plan.items import MemoryItem, ModelFacts
+from lema.domain.plan.memory_plan import MemoryPlan, ModelSummary
+from lema.domain.plan.recommend import recommendations
+from lema.domain.plan.strategy import MemoryStrategy
+
+__all__ = ["Budget", "MemoryItem", "MemoryPlan", "ModelSummary", "TrainingShape", "max_resident_layers", "plan"]
+
+
+def plan(spec: ModelSpec, shape: TrainingShape | None = None, budget: Budget | None = None) -> MemoryPlan:
+    """Plan a LoRA run of ``spec`` with ``shape`` against ``budget``.
+
+    Args:
+        spec: the model.
+        shape: the run (default: :class:`TrainingShape` defaults).
+        budget: the memory available; None = unlimited (the plan fits, no recommendations).
+
+    Returns:
+        The itemised :class:`MemoryPlan` with a verdict and recommendations.
+
+    Raises:
+        ConfigError: when the LoRA targets match no module of the family.
+    """
+    shape = TrainingShape() if shape is None else shape
+    f = facts_for(spec, shape)
+    summary = _summary(spec, shape, f)
+    result = _plan_with(summary, f, shape, budget)
+    if budget is None:
+        return result
+    def facts_at(code: str) -> ModelFacts:
+        return pi.model_facts(spec, code, f.targets, f.lora_modules, f.lora_keys)
+
+    recs, fixes = recommendations(summary, f, result, facts_at)
+    return attrs.evolve(result, recommendations=recs, fixes=fixes)
+
+
+def _plan_with(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Budget | None) -> MemoryPlan:
+    if shape.strategy is MemoryStrategy.AUTO:
+        resident = auto_resident(summary, f, shape, budget)
+    else:
+        resident = ()
+    return build(summary, f, shape, budget, resident)
+
+
+def max_resident_layers(spec: ModelSpec, shape: TrainingShape | None = None, budget: Budget | None = None) -> int:
+    """How many decoder layers AUTO keeps on the device at this budget (0..n_layers)."""
+    shape = TrainingShape() if shape is None else shape
+    f = facts_for(spec, shape)
+    resident = auto_resident(_summary(spec, shape, f), f, shape, budget)
+    return sum(1 for i in resident if i <= spec.n_layers)

@@ -1,0 +1,108 @@
+"""What would make a plan fit (pure).
+
+Every recommended value is found by planning again (binary search over the pure plan),
+so a recommended ``--batch`` or ``--seq`` really fits when planned with it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import attrs
+
+from lema.domain.plan import items as pi
+from lema.domain.plan.assemble import auto_resident, build
+from lema.domain.plan.inputs import TrainingShape
+from lema.domain.plan.memory_plan import MemoryPlan, ModelSummary
+from lema.domain.plan.strategy import MemoryStrategy
+from lema.domain.units import format_size
+
+MAX_BATCH = 1 << 14
+
+
+def _fits(summary: ModelSummary, f: pi.ModelFacts, shape: TrainingShape, p: MemoryPlan) -> bool:
+    # With nothing resident: AUTO fits exactly when its all-streamed plan fits.
+    return build(summary, f, shape, p.budget, ()).fits
+
+
+def _largest(ok: Callable[[int], bool], lo: int, hi: int) -> int | None:
+    """The largest n in [lo, hi] with ok(n), assuming ok is monotone (true, then false)."""
+    if hi < lo or not ok(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def recommendations(summary: ModelSummary, f: pi.ModelFacts, p: MemoryPlan,
+                    facts_at: Callable[[str], pi.ModelFacts] | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Recommendations (sentences) and fixes (CLI options that each make ``p`` fit).
+
+    Args:
+        summary, f: the model, as the plan saw it.
+        p: a plan with a budget.
+        facts_at: the model's facts at another dtype code (for the ``--dtype`` suggestion).
+    """
+    s, recs, fixes = p.shape, [], []
+
+    def fits(**changes: object) -> bool:
+        return _fits(summary, f, attrs.evolve(s, **changes), p)
+
+    batch = _largest(lambda b: fits(batch=b), 1, MAX_BATCH)
+    seq = _largest(lambda q: fits(seq=q), 1, max(summary.max_positions, s.seq))
+    if p.fits:
+        if batch is not None:
+            recs.append(f"largest batch that fits at seq {s.seq}: --batch {batch}")
+        if seq is not None:
+            capped = " (the model's context length)" if seq == summary.max_positions else ""
+            recs.append(f"largest sequence that fits at batch {s.batch}: --seq {seq}{capped}")
+        _residency(summary, f, p, recs)
+        return tuple(recs), ()
+    if not p.device_fits or not p.host_fits:
+        if batch is not None and batch < s.batch:
+            fixes.append(f"--batch {batch}")
+            recs.append(f"largest batch that fits at seq {s.seq}: --batch {batch}")
+        if seq is not None and seq < s.seq:
+            fixes.append(f"--seq {seq}")
+            recs.append(f"largest sequence that fits at batch {s.batch}: --seq {seq}")
+        prefetch = _largest(lambda d: fits(prefetch=d), 0, s.prefetch - 1) if s.prefetch > 0 else None
+        if prefetch is not None:
+            fixes.append(f"--prefetch {prefetch}")
+            slots = "1 weight slot" if prefetch == 0 else f"{prefetch + 1} weight slots"
+            recs.append(f"--prefetch {prefetch} fits ({slots} instead of {p.slot_count})")
+        if not p.host_fits and s.strategy is MemoryStrategy.RESIDENT and fits(strategy=MemoryStrategy.STREAMING):
+            fixes.append("--strategy streaming")
+            recs.append("--strategy streaming fits: weights stay in the mmap'd file instead of host RAM")
+        if facts_at is not None and f.act_bytes > 2:
+            half = facts_at("BF16")
+            if _fits(summary, half, attrs.evolve(s, dtype="BF16"), p):
+                fixes.append("--dtype bfloat16")
+                recs.append("--dtype bfloat16 fits (weights cast to 16-bit on load, half the bytes)")
+    if not fixes:
+        floor = build(summary, f, attrs.evolve(s, batch=1, seq=1, prefetch=0), None, ())
+        recs.append(f"nothing at this budget fits: even batch 1, seq 1, prefetch 0 needs "
+                    f"{format_size(floor.device_total)} on the device (largest streamed unit "
+                    f"{format_size(floor.slot_bytes)}); use a larger device or a smaller model")
+    return tuple(recs), tuple(fixes)
+
+
+def _residency(summary: ModelSummary, f: pi.ModelFacts, p: MemoryPlan, recs: list[str]) -> None:
+    n = summary.n_layers
+    if p.shape.strategy is MemoryStrategy.AUTO:
+        layers = sum(1 for i in p.resident_units if i <= n)
+        head = " and the head" if n + 1 in p.resident_units else ""
+        recs.append(f"AUTO keeps {layers} of {n} decoder layers{head} on the device")
+        return
+    if p.shape.strategy is MemoryStrategy.RESIDENT:
+        return
+    auto = build(summary, f, p.shape, p.budget, auto_resident(summary, f, p.shape, p.budget))
+    layers = sum(1 for i in auto.resident_units if i <= n)
+    if layers:
+        head = " and the head" if n + 1 in auto.resident_units else ""
+        recs.append(f"--strategy auto keeps {layers} of {n} decoder layers{head} on the device: "
+                    f"{format_size(auto.transfer_bytes_per_step)} per step over the link instead of "
+                    f"{format_size(p.transfer_bytes_per_step)}")

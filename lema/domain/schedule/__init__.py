@@ -1,0 +1,1 @@
+"""The layer schedule: the ordered fetch / compute / release steps of a pass."""

@@ -1,0 +1,269 @@
+"""LayerSchedule: the ordered fetch / compute / release steps of one pass (pure).
+
+The functional core of streaming (cosmicpython's ``determine_actions``): plain inputs in,
+a tuple of steps out; :mod:`lema.app.engine` carries them out. Nothing here touches a file,
+a device, a clock or a thread.
+
+Vocabulary:
+
+* *units* are spec unit indices in forward order (usually ``1..L+1``: the decoder layers,
+  then the head; the embedding is gathered on the host and never streamed).
+* *resident* units live on the device for the whole run: the engine uploads them once
+  when it is built, and the schedule never fetches or releases them (their ``Compute``
+  steps carry ``slot=None``).
+* every other unit is *streamed* through ``slot_count(n_streamed, prefetch)`` slots.
+
+Prefetch semantics: before the compute of a streamed unit, the fetches for the next
+``prefetch`` streamed computes are issued (as far as that is possible without a fetch).
+``prefetch=0`` is fetch-then-compute with one slot. A slot is released (free to
+overwrite) right after the last compute that reads it. At the forward -> backward turn
+the units still held in slots are reused by their backward compute instead of being
+fetched again; when a fetch must overwrite a free slot, it picks the one whose content is
+needed furthest in the future (Belady), which in the forward pass is plain ring order.
+
+Example:
+    >>> steps = build_schedule([1, 2, 3], prefetch=1)
+    >>> [str(s) for s in steps[:4]]
+    ['fetch 1->0', 'fetch 2->1', 'forward 1@0', 'release 1@0']
+    >>> transfer_count(steps)  # 3 forward + 3 backward - 2 still in the slots at the turn
+    4
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal, Sequence, Union
+
+import attrs
+
+from lema.domain.model.spec import LayerUnit, TensorSpec
+from lema.errors import ConfigError
+
+# Every tensor starts at a multiple of this many bytes inside a slot (cache line / SIMD
+# friendly, and a multiple of every dtype's size so ``view(dtype)`` is always legal).
+SLOT_ALIGN = 64
+
+
+class Phase(str, enum.Enum):
+    FORWARD = "forward"
+    BACKWARD = "backward"
+
+
+@attrs.frozen
+class Fetch:
+    """Read ``unit`` from the weight source and upload it into device slot ``slot``."""
+
+    unit: int
+    slot: int
+
+    def __str__(self) -> str:
+        return f"fetch {self.unit}->{self.slot}"
+
+
+@attrs.frozen
+class Compute:
+    """Run ``unit``'s ``phase`` on the weights in ``slot`` (``None``: a resident unit)."""
+
+    unit: int
+    phase: Phase
+    slot: int | None
+
+    def __str__(self) -> str:
+        return f"{self.phase.value} {self.unit}@{'resident' if self.slot is None else self.slot}"
+
+
+@attrs.frozen
+class Release:
+    """Compute is done with ``slot`` (holding ``unit``): a later fetch may overwrite it."""
+
+    unit: int
+    slot: int
+
+    def __str__(self) -> str:
+        return f"release {self.unit}@{self.slot}"
+
+
+Step = Union[Fetch, Compute, Release]
+
+
+def slot_count(n_streamed: int, prefetch: int) -> int:
+    """Device slots needed to stream ``n_streamed`` units with ``prefetch`` depth."""
+    if prefetch < 0:
+        raise ConfigError(f"prefetch: {prefetch} must be >= 0 (0 fetches each layer just before use)")
+    return min(prefetch + 1, n_streamed) if n_streamed > 0 else 0
+
+
+def _align(n: int) -> int:
+    return -(-n // SLOT_ALIGN) * SLOT_ALIGN
+
+
+def unit_layout(unit: LayerUnit) -> tuple[tuple[TensorSpec, int], ...]:
+    """Where each tensor of ``unit`` sits in a flat slot buffer: ``(tensor, byte offset)``.
+
+    Tensors go in file order (so contiguous file ranges stay contiguous and are read in
+    one call), each at an offset rounded up to :data:`SLOT_ALIGN` bytes.
+    """
+    ordered = sorted(unit.tensors, key=lambda t: (t.file, t.start)) if all(t.start >= 0 for t in unit.tensors) \
+        else list(unit.tensors)
+    out: list[tuple[TensorSpec, int]] = []
+    offset = 0
+    for t in ordered:
+        out.append((t, offset))
+        offset = _align(offset + t.nbytes)
+    return tuple(out)
+
+
+def unit_buffer_bytes(unit: LayerUnit) -> int:
+    """Bytes of a flat buffer holding ``unit`` laid out by :func:`unit_layout`.
+
+    Equals ``sum(align64(t.nbytes))`` over the unit's tensors, which is ``unit.nbytes``
+    whenever every tensor's size is a multiple of 64 bytes (all real models).
+    """
+    return sum(_align(t.nbytes) for t in unit.tensors)
+
+
+def slot_bytes(units: Sequence[LayerUnit]) -> int:
+    """Bytes of one streaming slot (and of one host staging buffer): the largest unit."""
+    return max((unit_buffer_bytes(u) for u in units), default=0)
+
+
+def build_schedule(
+    units: Sequence[int],
+    prefetch: int,
+    resident: frozenset[int] = frozenset(),
+    mode: Literal["train", "forward"] = "train",
+    backward_units: frozenset[int] | None = None,
+) -> tuple[Step, ...]:
+    """The steps of one pass over ``units``.
+
+    Args:
+        units: spec unit indices in forward order (distinct).
+        prefetch: how many streamed computes ahead fetches are issued (0 = serial).
+        resident: units kept on the device for the whole run; never fetched here.
+        mode: ``"train"`` (forward, then backward in reverse) or ``"forward"``.
+        backward_units: units with a backward compute (train mode; default: all units).
+
+    Returns:
+        Fetch, Compute and Release steps in the order the engine issues them.
+
+    Raises:
+        ConfigError: negative prefetch, repeated units, an unknown mode, or backward
+            units that are not among ``units``.
+    """
+    units = tuple(units)
+    if len(set(units)) != len(units):
+        raise ConfigError(f"units: {list(units)} repeats a unit; each unit is computed once per phase")
+    if mode not in ("train", "forward"):
+        raise ConfigError(f"mode: {mode!r} must be 'train' or 'forward'")
+    if mode == "train":
+        backward = frozenset(units) if backward_units is None else frozenset(backward_units)
+        stray = sorted(backward - set(units))
+        if stray:
+            raise ConfigError(f"backward_units: {stray} are not among the units {list(units)}")
+        uses = [(u, Phase.FORWARD) for u in units] + [(u, Phase.BACKWARD) for u in reversed(units) if u in backward]
+    else:
+        uses = [(u, Phase.FORWARD) for u in units]
+    n_slots = slot_count(sum(1 for u in units if u not in resident), prefetch)
+    return _Simulation(uses, frozenset(resident), prefetch, n_slots).run()
+
+
+class _Simulation:
+    """Walks the uses once, deciding each streamed use's slot at the time it is issued."""
+
+    def __init__(self, uses: list[tuple[int, Phase]], resident: frozenset[int], prefetch: int, n_slots: int):
+        self.uses = uses
+        self.resident = resident
+        self.streamed = [i for i, (u, _) in enumerate(uses) if u not in resident]
+        self.prefetch = prefetch
+        self.content: list[int | None] = [None] * n_slots  # unit whose bytes the slot holds
+        self.holders: list[set[int]] = [set() for _ in range(n_slots)]  # issued, uncomputed uses
+        self.slot_of: dict[int, int] = {}  # use index -> slot
+        self.pointer = 0  # ring position of the next fetch
+        self.steps: list[Step] = []
+
+    def _next_use(self, unit: int | None, after: int) -> float:
+        for i in self.streamed:
+            if i > after and self.uses[i][0] == unit:
+                return i
+        return float("inf")
+
+    def _issue(self, use: int) -> None:
+        unit = self.uses[use][0]
+        held = [s for s, c in enumerate(self.content) if c == unit]
+        if held:  # still in a slot (being computed, or released and not yet overwritten)
+            slot = held[0]
+        else:
+            free = [s for s in range(len(self.content)) if not self.holders[s]]
+            n = len(self.content)
+            ring = sorted(free, key=lambda s: (s - self.pointer) % n)
+            slot = max(ring, key=lambda s: (self._next_use(self.content[s], use), -ring.index(s)))
+            self.pointer = (slot + 1) % n
+            self.content[slot] = unit
+            self.steps.append(Fetch(unit, slot))
+        self.holders[slot].add(use)
+        self.slot_of[use] = slot
+
+    def run(self) -> tuple[Step, ...]:
+        issued = 0  # position in self.streamed of the next use to issue
+        for index, (unit, phase) in enumerate(self.uses):
+            if unit in self.resident:
+                self.steps.append(Compute(unit, phase, None))
+                continue
+            position = self.streamed.index(index)
+            while issued < len(self.streamed) and issued <= position + self.prefetch:
+                self._issue(self.streamed[issued])
+                issued += 1
+            slot = self.slot_of[index]
+            self.steps.append(Compute(unit, phase, slot))
+            self.holders[slot].discard(index)
+            if not self.holders[slot]:
+                self.steps.append(Release(unit, slot))
+        return _drop_early_releases(self.steps)
+
+
+def _drop_early_releases(steps: list[Step]) -> tuple[Step, ...]:
+    """Keep a slot held from a compute until the last compute that reuses its content.
+
+    The simulation frees a slot after each compute and lets a later use pick its bytes up
+    again if nothing overwrote them; a Release between two computes of the same bytes is
+    moved to after the last of them, so a slot is released exactly once per fetch.
+    """
+    out = list(steps)
+    last_compute: dict[int, int] = {}  # slot -> index in out of the latest compute on it
+    for i, step in enumerate(out):
+        if isinstance(step, Compute) and step.slot is not None:
+            prev = last_compute.get(step.slot)
+            if prev is not None:
+                for j in range(prev + 1, i):
+                    other = out[j]
+                    if isinstance(other, Release) and other.slot == step.slot:
+                        out[j] = None  # type: ignore[call-overload]
+                        break
+            last_compute[step.slot] = i
+        elif isinstance(step, Fetch):
+            last_compute.pop(step.slot, None)
+    return tuple(s for s in out if s is not None)
+
+
+def transfer_count(schedule: Sequence[Step]) -> int:
+    """Units moved host -> device by a schedule (its Fetch steps)."""
+    return sum(1 for s in schedule if isinstance(s, Fetch))
+
+
+def expected_transfers(units: Sequence[int], prefetch: int, resident: frozenset[int] = frozenset(),
+                       mode: Literal["train", "forward"] = "train",
+                       backward_units: frozenset[int] | None = None) -> int:
+    """Closed form of :func:`transfer_count` (what the planner charges the link per step).
+
+    Forward fetches every streamed unit once. Backward fetches every streamed backward
+    unit again except those still held in a slot at the turn: the last ``slot_count``
+    streamed units of the forward pass that have a backward compute.
+    """
+    streamed = [u for u in units if u not in resident]
+    if mode == "forward":
+        return len(streamed)
+    backward = frozenset(units) if backward_units is None else backward_units
+    n_slots = slot_count(len(streamed), prefetch)
+    at_turn = streamed[len(streamed) - n_slots:] if n_slots else []
+    kept = sum(1 for u in at_turn if u in backward)
+    return len(streamed) + sum(1 for u in streamed if u in backward) - kept

@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from lema.adapters.weights.safetensors_header import read_header
-    from lema.domain.schedule.layer_schedule import slot_bytes
     from lema.domain.model.spec import ModelSpec
+    from lema.domain.schedule.layer_schedule import slot_bytes
 
     config = model_config(args)
     path = write_model(args.path, config)

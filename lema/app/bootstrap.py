@@ -13,8 +13,8 @@ import torch
 
 from lema.adapters.weights.model_files import ResolvedModel, resolve_model
 from lema.config import LemaConfig
-from lema.domain.plan.planner import Budget, MemoryPlan, TrainingShape, plan
 from lema.domain.model.spec import ModelSpec, dtype_code
+from lema.domain.plan.planner import Budget, MemoryPlan, TrainingShape, plan
 from lema.domain.plan.strategy import MemoryStrategy
 from lema.errors import ConfigError, ModelFormatError
 from lema.ports.device import Device

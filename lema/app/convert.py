@@ -16,7 +16,11 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from lema.adapters.weights.hub import iter_checkpoint_tensors, read_config_text, resolve_model
+from lema.adapters.weights.hub import (
+    iter_checkpoint_tensors,
+    read_config_text,
+    resolve_model,
+)
 from lema.adapters.weights.safetensors_writer import code_of, open_safetensors_writer
 from lema.domain.families import registry as arch
 from lema.domain.model.spec import ModelSpec, output_dtype

@@ -33,9 +33,18 @@ import torch
 
 from lema.adapters.weights.safetensors_source import unit_views
 from lema.adapters.workers import start_worker, stop_worker
-from lema.domain.schedule.layer_schedule import (Compute, Fetch, Phase, Release, build_schedule, slot_bytes, slot_count,
-                                  unit_buffer_bytes, unit_layout)
 from lema.domain.model.spec import ModelSpec
+from lema.domain.schedule.layer_schedule import (
+    Compute,
+    Fetch,
+    Phase,
+    Release,
+    build_schedule,
+    slot_bytes,
+    slot_count,
+    unit_buffer_bytes,
+    unit_layout,
+)
 from lema.domain.units import format_size
 from lema.errors import ConfigError, DoesNotFitError
 from lema.ports.device import Device, Ticket

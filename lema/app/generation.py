@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from lema.domain.model import blocks
-from lema.domain.model import heads
+from lema.domain.model import blocks, heads
 from lema.domain.model.context import make_decode_context
 from lema.domain.model.decode import KV, decoder_block_cached
 from lema.domain.schedule.layer_schedule import Phase

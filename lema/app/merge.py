@@ -23,13 +23,17 @@ import torch
 
 from lema.adapters.checkpoints.atomic import atomic_directory
 from lema.adapters.checkpoints.store import copy_tokenizer_files, read_adapter
-from lema.adapters.weights.hub import TensorLoader, iter_checkpoint_tensors, read_config_text
+from lema.adapters.weights.hub import (
+    TensorLoader,
+    iter_checkpoint_tensors,
+    read_config_text,
+)
 from lema.adapters.weights.safetensors_header import read_header
 from lema.adapters.weights.safetensors_writer import open_safetensors_writer
+from lema.app.convert import plan_tensors
 from lema.domain.families import registry as arch
 from lema.domain.model.spec import output_dtype, torch_dtype
 from lema.errors import CheckpointError, ConfigError, ModelFormatError
-from lema.app.convert import plan_tensors
 
 Progress = Callable[[int, int, str], None]
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")

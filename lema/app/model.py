@@ -19,15 +19,21 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from lema.app import bootstrap
-from lema.config import LemaConfig
-from lema.domain.model import blocks
-from lema.domain.model import heads
-from lema.domain.model.context import BlockContext, make_context
-from lema.domain.model.lora import LoraSpec, LoraState, adapter_config, from_peft_state_dict, init_lora, resolve_targets
-from lema.domain.plan.planner import MemoryPlan
-from lema.domain.schedule.layer_schedule import Phase
 from lema.app.batches import as_batch
 from lema.app.engine import Engine, StepReport
+from lema.config import LemaConfig
+from lema.domain.model import blocks, heads
+from lema.domain.model.context import BlockContext, make_context
+from lema.domain.model.lora import (
+    LoraSpec,
+    LoraState,
+    adapter_config,
+    from_peft_state_dict,
+    init_lora,
+    resolve_targets,
+)
+from lema.domain.plan.planner import MemoryPlan
+from lema.domain.schedule.layer_schedule import Phase
 from lema.errors import CheckpointError, ConfigError, DoesNotFitError
 from lema.ports.device import Device
 

@@ -114,7 +114,11 @@ class LemaTrainer:
         the LemaConfig). No pickle anywhere. A crash during the save leaves the previous
         checkpoint at ``path`` intact.
         """
-        from lema.adapters.checkpoints.store import optimizer_to_tensors, rng_state, write_checkpoint
+        from lema.adapters.checkpoints.store import (
+            optimizer_to_tensors,
+            rng_state,
+            write_checkpoint,
+        )
 
         model = self.model
         named = model.require_lora().named_parameters()

@@ -23,12 +23,11 @@ from typing import Mapping
 
 import torch
 
-from lema.domain.model import blocks
-from lema.domain.model import heads
+from lema.domain.model import blocks, heads
 from lema.domain.model.context import BlockContext
 from lema.domain.model.lora import LoraState
-from lema.domain.schedule.layer_schedule import Phase
 from lema.domain.model.spec import ModelSpec
+from lema.domain.schedule.layer_schedule import Phase
 
 
 class TrainingPass:

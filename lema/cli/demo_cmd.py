@@ -145,10 +145,17 @@ def demo(out: str, steps: int | None, size: str, seed: int) -> None:
     """Fine-tune a LoRA adapter on a small local model, streaming layers on the CPU."""
     import torch
 
-    from lema.cli.train_cmd import FINAL, LoopOptions, make_optimizer, plan_summary, train_loop
+    from lema.app.model import LemaModel
+    from lema.app.train_loop import (
+        FINAL,
+        LoopOptions,
+        make_optimizer,
+        plan_summary,
+        train_loop,
+    )
+    from lema.cli.progress import TrainingProgress
     from lema.config import LemaConfig
     from lema.data.examples import read_examples, shipped_corpus
-    from lema.app.model import LemaModel
     from lema.data.tokenizer import build_byte_tokenizer
 
     settings = DemoSettings(size=size, seed=seed, **({} if steps is None else {"steps": steps}))
@@ -189,7 +196,7 @@ def demo(out: str, steps: int | None, size: str, seed: int) -> None:
         shutil.rmtree(root / FINAL)
     optimizer, scheduler = make_optimizer(model, opts)
     trainer = model.get_trainer(optimizer, scheduler=scheduler)
-    result = train_loop(model, trainer, train.examples, pad, opts, base_dir)
+    result = train_loop(model, trainer, train.examples, pad, opts, base_dir, echo=click.echo, progress=TrainingProgress)
     if result.interrupted:
         click.echo(f"interrupted at step {result.steps_done}: saved {result.checkpoint}")
         click.get_current_context().exit(130)

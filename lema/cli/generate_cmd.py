@@ -52,9 +52,9 @@ def generate(model_path: str, adapter: str | None, prompt: str, max_new_tokens: 
     tokenizer = _tokenizer(tokenizer_dir, adapter, model_path)
     do_sample = greedy is False or (greedy is None and any(v is not None for v in (temperature, top_k, top_p)))
 
-    from lema.config import LemaConfig
     from lema.app.generation import generate as run_generation
     from lema.app.model import LemaModel
+    from lema.config import LemaConfig
 
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:

@@ -44,7 +44,10 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
          device_kind: str, mode: str, no_checkpointing: bool, reserve: str | None, bandwidth: str,
          as_json: bool, list_models: bool) -> None:
     """Plan the device and host memory of a LoRA run, and say whether it fits."""
-    from lema.adapters.weights.model_files import default_environment_allows_network, resolve_model
+    from lema.adapters.weights.model_files import (
+        default_environment_allows_network,
+        resolve_model,
+    )
     from lema.domain.plan.planner import Budget, TrainingShape
     from lema.domain.plan.planner import plan as make_plan
     from lema.domain.units import parse_size

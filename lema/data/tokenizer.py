@@ -43,7 +43,14 @@ def build_byte_tokenizer(corpus_text: str | Iterable[str], vocab_size: int = 512
     Raises:
         ConfigError: ``vocab_size`` below 259 or an empty corpus.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < _MIN_VOCAB:

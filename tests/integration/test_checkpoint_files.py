@@ -15,7 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lema.adapters.checkpoints.atomic import atomic_directory, atomic_write_text, backup_path
+from lema.adapters.checkpoints.atomic import (
+    atomic_directory,
+    atomic_write_text,
+    backup_path,
+)
 from lema.adapters.checkpoints.store import (
     load_optimizer_state,
     optimizer_to_tensors,

@@ -8,9 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from lema.data.examples import IGNORE_INDEX, batches, collate, detect_format, read_examples, shipped_corpus
-from lema.errors import ConfigError, DataError
+from lema.data.examples import (
+    IGNORE_INDEX,
+    batches,
+    collate,
+    detect_format,
+    read_examples,
+    shipped_corpus,
+)
 from lema.data.tokenizer import build_byte_tokenizer, find_tokenizer_dir, load_tokenizer
+from lema.errors import ConfigError, DataError
 from tests.demo_models import byte_tokenizer
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import attrs
 import pytest
 import torch
@@ -12,8 +11,14 @@ from hypothesis import strategies as st
 from lema.adapters.devices.cpu import CpuDevice
 from lema.adapters.weights.resident_source import ResidentSource
 from lema.adapters.weights.safetensors_source import SafetensorsSource
-from lema.domain.schedule.layer_schedule import Phase, expected_transfers, slot_bytes, slot_count, unit_buffer_bytes
 from lema.app.engine import Engine
+from lema.domain.schedule.layer_schedule import (
+    Phase,
+    expected_transfers,
+    slot_bytes,
+    slot_count,
+    unit_buffer_bytes,
+)
 from lema.errors import ConfigError, DoesNotFitError, ModelFormatError
 from tests.stream_models import write_model
 

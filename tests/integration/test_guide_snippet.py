@@ -11,6 +11,7 @@ from tests.tiny_models import build_hf_model
 def _the_guide(dataloader, model_dir):
     # --- SEED_USER_GUIDE.md §2, unchanged except for the model paths ----------------------
     import torch
+
     from lema import LemaConfig, LemaModel, LemaTrainer
 
     # 1. Setup Config

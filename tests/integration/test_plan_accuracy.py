@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lema import LemaConfig, LemaModel
-from lema.app import bootstrap
 from lema.adapters.devices.cpu import CpuDevice
+from lema.app import bootstrap
 from tests.model_files import save_monolithic
 
 TOLERANCE = 0.10

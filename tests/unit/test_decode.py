@@ -10,7 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lema.domain.model.blocks import decoder_block
-from lema.domain.model.context import decode_position_ids, make_context, make_decode_context
+from lema.domain.model.context import (
+    decode_position_ids,
+    make_context,
+    make_decode_context,
+)
 from lema.domain.model.decode import KVCache, decoder_block_cached
 from lema.domain.model.lora import LoraSpec, init_lora
 from lema.errors import ConfigError

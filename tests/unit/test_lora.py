@@ -18,7 +18,13 @@ from lema.domain.model.blocks import decoder_block, embed  # noqa: E402
 from lema.domain.model.context import make_context  # noqa: E402
 from lema.domain.model.heads import head_loss, shift_labels  # noqa: E402
 from lema.domain.model.lora import (  # noqa: E402
-    LoraSpec, adapter_config, from_peft_state_dict, init_lora, module_keys, module_shape, resolve_targets,
+    LoraSpec,
+    adapter_config,
+    from_peft_state_dict,
+    init_lora,
+    module_keys,
+    module_shape,
+    resolve_targets,
 )
 from lema.errors import CheckpointError, ConfigError  # noqa: E402
 

@@ -8,10 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lema.adapters.weights.builtin_models import builtin_config
-from lema.domain.plan.planner import Budget, MemoryPlan, TrainingShape, max_resident_layers, plan
-from lema.domain.schedule.layer_schedule import Fetch, build_schedule
 from lema.domain.model.spec import ModelSpec
+from lema.domain.plan.planner import (
+    Budget,
+    MemoryPlan,
+    TrainingShape,
+    max_resident_layers,
+    plan,
+)
 from lema.domain.plan.strategy import MemoryStrategy
+from lema.domain.schedule.layer_schedule import Fetch, build_schedule
 from lema.errors import ConfigError
 
 GiB = 1024**3

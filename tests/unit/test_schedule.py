@@ -6,8 +6,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lema.domain.schedule.layer_schedule import (Compute, Fetch, Phase, Release, build_schedule, expected_transfers, slot_count,
-                                  transfer_count)
+from lema.domain.schedule.layer_schedule import (
+    Compute,
+    Fetch,
+    Phase,
+    Release,
+    build_schedule,
+    expected_transfers,
+    slot_count,
+    transfer_count,
+)
 from lema.errors import ConfigError
 
 

@@ -16,8 +16,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from lema.domain.schedule.layer_schedule import unit_buffer_bytes, unit_layout
 from lema.domain.model.spec import ModelSpec, torch_dtype
+from lema.domain.schedule.layer_schedule import unit_buffer_bytes, unit_layout
 from lema.errors import ConfigError, ModelFormatError
 
 

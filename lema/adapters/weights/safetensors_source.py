@@ -28,8 +28,8 @@ from typing import Literal
 
 import torch
 
-from lema.domain.schedule.layer_schedule import unit_buffer_bytes, unit_layout
 from lema.domain.model.spec import ModelSpec, TensorSpec, torch_dtype
+from lema.domain.schedule.layer_schedule import unit_buffer_bytes, unit_layout
 from lema.errors import ConfigError, ModelFormatError
 
 Method = Literal["pread", "mmap"]

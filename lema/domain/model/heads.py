@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from lema.domain.model.blocks import rms_norm
-from lema.domain.model.matmul import backproject, project
 from lema.domain.model.context import arch_params
+from lema.domain.model.matmul import backproject, project
 from lema.domain.model.spec import ModelSpec
 
 IGNORE_INDEX = -100

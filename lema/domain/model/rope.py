@@ -26,7 +26,9 @@ import torch
 @functools.lru_cache(maxsize=16)
 def hf_config(config_json: str) -> Any:
     """A transformers config object for a ``config.json`` text (cached; treat as read-only)."""
-    from transformers import AutoConfig  # heavy import, and only the Llama family needs it
+    from transformers import (
+        AutoConfig,  # heavy import, and only the Llama family needs it
+    )
 
     return AutoConfig.for_model(**json.loads(config_json))
 

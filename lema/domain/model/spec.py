@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Mapping
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
 
 import attrs
 

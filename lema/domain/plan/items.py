@@ -19,8 +19,8 @@ from typing import Any, Mapping, Sequence
 
 import attrs
 
-from lema.domain.schedule.layer_schedule import SLOT_ALIGN
 from lema.domain.model.spec import ModelSpec, itemsize
+from lema.domain.schedule.layer_schedule import SLOT_ALIGN
 
 MiB = 1024**2
 FP32 = 4

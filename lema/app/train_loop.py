@@ -1,0 +1,258 @@
+"""The training loop a command-line run uses (``lema train`` and ``lema demo``).
+
+It runs optimizer steps through a :class:`~lema.app.trainer.LemaTrainer`, writes
+``metrics.jsonl``, periodic checkpoints and the final one, and on Ctrl-C rolls back to the
+last optimizer step and saves a resumable checkpoint. The LR schedule, the checkpoint
+naming and resume-point discovery live here too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import attrs
+
+from lema.errors import CheckpointError, ConfigError
+
+METRICS = "metrics.jsonl"
+ARGS = "train_args.json"
+FINAL = "final"
+# Options that change which batches a step sees: a resumed run must use the same values.
+DATA_ARGS = ("data", "batch", "seq", "grad_accum", "seed")
+
+
+@attrs.frozen(kw_only=True)
+class LoopOptions:
+    """What the training loop needs besides the model, the tokenizer and the data."""
+
+    out: Path
+    steps: int
+    batch: int
+    seq: int
+    lr: float
+    seed: int = 0
+    grad_accum: int = 1
+    save_steps: int = 0
+    warmup: int = 0
+    lr_schedule: str = "constant"
+    log_every: int = 0  # 0: about ten lines per run when not on a terminal
+    resume_hint: str = ""
+
+
+@attrs.frozen
+class LoopResult:
+    """How a training loop ended."""
+
+    steps_done: int
+    last_loss: float | None
+    checkpoint: Path | None
+    interrupted: bool
+    seconds: float
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The LR multiplier after ``step`` optimizer steps: linear warmup, then constant, cosine
+    (to 0) or linear (to 0) decay over the remaining steps."""
+    if kind not in ("constant", "cosine", "linear"):
+        raise ConfigError(f"--lr-schedule: {kind!r} must be constant, cosine or linear")
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return factor
+
+
+def checkpoint_step(path: Path) -> int:
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        return int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint in ``out`` with the highest step (``final`` or ``checkpoint-<step>``)."""
+    candidates = [p for p in [out / FINAL, *out.glob("checkpoint-*")] if (p / "trainer_state.json").is_file()]
+    scored = [(checkpoint_step(p), p.name == FINAL, p) for p in candidates]
+    scored = [s for s in scored if s[0] >= 0]
+    return max(scored, key=lambda s: (s[0], s[1]))[2] if scored else None
+
+
+def _trim_metrics(path: Path, keep_through: int) -> None:
+    # Steps after the checkpoint we resume from are trained again: drop their old lines.
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= keep_through:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to stop at the next optimizer step; a second one raises
+    KeyboardInterrupt at once. Only installed in the main thread (where signals arrive)."""
+
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        self.requested = False
+        self._echo = echo
+        self._previous: Any = None
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._echo("stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def make_optimizer(model: Any, opts: LoopOptions) -> tuple[Any, Any]:
+    """AdamW on the LoRA parameters and its warmup/decay schedule."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.get_trainable_parameters(), lr=opts.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opts.lr_schedule, opts.warmup, opts.steps))
+    return optimizer, scheduler
+
+
+def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopOptions,
+               tokenizer_dir: Path | None, echo: Callable[[str], None] = print,
+               progress: Callable[[int, int], Any] | None = None) -> LoopResult:
+    """Run optimizer steps ``trainer.global_step + 1 .. opts.steps``: progress, metrics,
+    periodic checkpoints, and a checkpoint on Ctrl-C (see the module docstring).
+
+    Args:
+        echo: where progress lines go (the CLI passes ``click.echo``).
+        progress: ``progress(total, start)`` gives a context manager with ``live`` (True when
+            it shows the progress itself, so no lines are logged) and ``update(step, record)``;
+            None logs lines only.
+    """
+    from lema.adapters.checkpoints.store import rng_state, set_rng_state
+    from lema.data.examples import batches
+
+    out = opts.out
+    out.mkdir(parents=True, exist_ok=True)
+    start = trainer.global_step
+    if trainer.micro_step:
+        raise CheckpointError("the checkpoint was saved in the middle of a gradient accumulation; "
+                              "resume from an earlier checkpoint")
+    _trim_metrics(out / METRICS, start)
+    stream = batches(examples, opts.batch, pad_id, seq=opts.seq, seed=opts.seed, epochs=None,
+                     skip=start * opts.grad_accum)
+    log_every = opts.log_every or max(1, (opts.steps - start) // 10)
+    saved: Path | None = None
+    last_loss: float | None = None
+    began = time.perf_counter()
+    boundary_rng = rng_state()
+    interrupted = False
+    bar_cm = progress(opts.steps, start) if progress is not None else _NoProgress()
+    with _StopFlag(echo) as stop, bar_cm as bar, \
+            open(out / METRICS, "a", encoding="utf-8") as metrics:
+        try:
+            while trainer.global_step < opts.steps and not stop.requested:
+                t0 = time.perf_counter()
+                lr = _current_lr(trainer)  # the scheduler moves it after the step: log the one used
+                losses, tokens = [], 0
+                for _ in range(opts.grad_accum):
+                    batch = next(stream)
+                    _, loss = trainer.train_step(batch["input_ids"], labels=batch["labels"],
+                                                 attention_mask=batch["attention_mask"])
+                    losses.append(loss)
+                    tokens += int(batch["attention_mask"].sum())
+                seconds = time.perf_counter() - t0
+                boundary_rng = rng_state()
+                step = trainer.global_step
+                last_loss = sum(losses) / len(losses)
+                report = getattr(model, "last_report", None)
+                peak = getattr(report, "device_peak_bytes", None)
+                record = {"step": step, "loss": last_loss, "lr": lr,
+                          "tokens_per_s": tokens / seconds if seconds > 0 else None,
+                          "device_peak_bytes": peak, "tokens": tokens, "seconds": seconds}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                bar.update(step, record)
+                if not bar.live and (step % log_every == 0 or step == opts.steps):
+                    echo(_log_line(record, opts.steps))
+                if opts.save_steps and step % opts.save_steps == 0 and step < opts.steps:
+                    saved = trainer.save_checkpoint(out / f"checkpoint-{step}", tokenizer_dir=tokenizer_dir)
+        except KeyboardInterrupt:
+            interrupted = True
+            # Roll back to the last optimizer step: drop the partial accumulation so that the
+            # checkpoint describes exactly `global_step` steps, RNG included.
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.micro_step = 0
+            set_rng_state(boundary_rng)
+        interrupted = (interrupted or stop.requested) and trainer.global_step < opts.steps
+    step = trainer.global_step
+    if interrupted:
+        saved = trainer.save_checkpoint(out / f"checkpoint-{step}", tokenizer_dir=tokenizer_dir)
+    else:
+        saved = trainer.save_checkpoint(out / FINAL, tokenizer_dir=tokenizer_dir)
+    return LoopResult(step, last_loss, saved, interrupted, time.perf_counter() - began)
+
+
+def _current_lr(trainer: Any) -> float:
+    return float(trainer.optimizer.param_groups[0]["lr"])
+
+
+def _log_line(record: dict[str, Any], total: int) -> str:
+    from lema.domain.units import format_size
+
+    tps = record.get("tokens_per_s")
+    peak = record.get("device_peak_bytes")
+    return (f"step {record['step']}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}"
+            + (f"  {tps:,.0f} tok/s" if tps else "") + (f"  device {format_size(peak)}" if peak else ""))
+
+
+class _NoProgress:
+    """No progress display: the loop logs lines instead."""
+
+    live = False
+
+    def __enter__(self) -> "_NoProgress":
+        return self
+
+    def update(self, step: int, record: dict[str, Any]) -> None:
+        pass
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def plan_summary(model: Any) -> str:
+    """A compact plan: strategy, shape, device total against the budget, the verdict."""
+    from lema.domain.units import format_size
+
+    p = model.plan()
+    s = p.shape
+    head = (f"plan: {s.strategy.value} on {model.device.torch_device}, batch {s.batch} x seq {s.seq}, "
+            f"LoRA rank {s.lora_rank} ({p.model.lora_parameters:,} trainable parameters), "
+            f"{p.model.n_layers} layers, {len(p.resident_units)} units resident")
+    if p.budget is None:
+        body = f"device {format_size(p.device_total)} needed (no budget to check against)"
+    else:
+        body = (f"device {format_size(p.device_total)} of {format_size(p.budget.device_bytes)} budget "
+                f"(headroom {format_size(p.headroom_bytes)}): {'fits' if p.fits else 'DOES NOT FIT'}")
+    return head + "\n      " + body

@@ -1,0 +1,64 @@
+"""The GPT-2 family (LayerNorm, learned positions, Conv1D ``[in, out]`` weights, GELU, tied
+head): names, shapes, LoRA targets (pure)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from lema.domain.model.layout import Dims, ExpectedTensor
+from lema.domain.model.layout import config_int as _int
+
+NAME = "gpt2"
+MODEL_TYPES = ("gpt2",)
+TARGETS = ("c_attn", "c_proj", "c_fc")
+DEFAULT_TARGETS = ("c_attn",)
+
+
+def dims(config: Mapping[str, Any]) -> Dims:
+    """Read the dimensions of a GPT-2 config dict."""
+    model_type = str(config["model_type"]).lower()
+    family = NAME
+    hidden = _int(config, "n_embd", "hidden_size")
+    heads = _int(config, "n_head", "num_attention_heads")
+    return Dims(
+        family=family, model_type=model_type,
+        n_layers=_int(config, "n_layer", "num_hidden_layers"), hidden_size=hidden,
+        n_heads=heads, n_kv_heads=heads, head_dim=hidden // heads,
+        intermediate_size=_int(config, "n_inner", default=4 * hidden),
+        vocab_size=_int(config, "vocab_size"), tied_embeddings=bool(config.get("tie_word_embeddings", True)),
+        attention_bias=True, max_positions=_int(config, "n_positions", "n_ctx", default=1024),
+    )
+
+
+def expected_tensors(d: Dims, prefix: str | None = None) -> list[ExpectedTensor]:
+    """Every tensor a GPT-2 model has; ``prefix`` is ``"transformer."`` (transformers' layout,
+    the default) or ``""`` (the original OpenAI checkpoints)."""
+    p = "transformer." if prefix is None else prefix
+    h, ff = d.hidden_size, d.intermediate_size
+    out = [
+        ExpectedTensor(0, "wte.weight", (p + "wte.weight",), (d.vocab_size, h)),
+        ExpectedTensor(0, "wpe.weight", (p + "wpe.weight",), (d.max_positions, h)),
+    ]
+    for i in range(d.n_layers):
+        lp = f"{p}h.{i}."
+        layer = [
+            ("ln_1.weight", (h,)), ("ln_1.bias", (h,)),
+            ("attn.c_attn.weight", (h, 3 * h)), ("attn.c_attn.bias", (3 * h,)),
+            ("attn.c_proj.weight", (h, h)), ("attn.c_proj.bias", (h,)),
+            ("ln_2.weight", (h,)), ("ln_2.bias", (h,)),
+            ("mlp.c_fc.weight", (h, ff)), ("mlp.c_fc.bias", (ff,)),
+            ("mlp.c_proj.weight", (ff, h)), ("mlp.c_proj.bias", (h,)),
+        ]
+        out += [ExpectedTensor(i + 1, key, (lp + key,), shape) for key, shape in layer]
+    head = d.n_layers + 1
+    out += [
+        ExpectedTensor(head, "ln_f.weight", (p + "ln_f.weight",), (h,)),
+        ExpectedTensor(head, "ln_f.bias", (p + "ln_f.bias",), (h,)),
+        ExpectedTensor(head, "lm_head.weight", ("lm_head.weight", p + "wte.weight"), (d.vocab_size, h)),
+    ]
+    return out
+
+
+def layout_prefix(names: set[str]) -> str:
+    """``"transformer."`` or ``""``, whichever layout a set of GPT-2 tensor names uses."""
+    return "" if "wte.weight" in names and "transformer.wte.weight" not in names else "transformer."

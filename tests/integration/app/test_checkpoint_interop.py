@@ -16,7 +16,7 @@ from lema.errors import CheckpointError
 from tests.model_files import save_monolithic
 from tests.tiny_models import build_hf_model
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _ids(seed: int) -> torch.Tensor:
@@ -124,7 +124,7 @@ _RESUME = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {repo!r})
     from lema import LemaModel
-    from tests.integration.test_checkpoint_interop import _ids
+    from tests.integration.app.test_checkpoint_interop import _ids
     model = LemaModel.from_pretrained({ckpt!r})
     trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=5e-2))
     consumed = trainer.global_step * trainer.accumulation + trainer.micro_step

@@ -43,3 +43,11 @@ class CheckpointError(LemaError, ValueError):
 
 class DataError(LemaError, ValueError):
     """A training data file is empty, malformed, or not UTF-8."""
+
+
+class PinningRefused(LemaError, MemoryError):
+    """The system refused to page-lock host memory (a locked-memory limit, or no driver)."""
+
+
+class LemaWarning(UserWarning):
+    """Something LEMA worked around; the run goes on (the CLI prints it as one line)."""

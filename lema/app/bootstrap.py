@@ -6,6 +6,7 @@ there is one place that knows which adapter serves which port.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import attrs
@@ -16,9 +17,13 @@ from lema.config import LemaConfig
 from lema.domain.model.spec import ModelSpec, dtype_code
 from lema.domain.plan.planner import Budget, MemoryPlan, TrainingShape, plan
 from lema.domain.plan.strategy import MemoryStrategy
-from lema.errors import ConfigError, ModelFormatError
+from lema.errors import ConfigError, LemaWarning, ModelFormatError, PinningRefused
 from lema.ports.device import Device
 from lema.ports.weights import WeightSource
+
+# Reader threads per unit when streaming to a GPU: enough to keep a page cache or an NVMe
+# queue busy, few enough to leave the host its cores.
+READERS = 4
 
 
 def open_model(config: LemaConfig) -> ResolvedModel:
@@ -51,8 +56,8 @@ def make_device(config: LemaConfig) -> Device:
     if name == "cpu":
         from lema.adapters.devices.cpu import CpuDevice
 
-        # Every allocation is counted, so the reported device peak is the real one (`lema
-        # bench` turns counting off for its timed steps: it costs a Python call per op).
+        # The compute's allocations are counted (a Python call per op) only when a budget
+        # must be enforced; otherwise the step runs free and its report says what it counted.
         return CpuDevice(capacity=config.vram_bytes, direct_reads=True)
     from lema.adapters.devices.cuda import CudaDevice
 
@@ -92,13 +97,28 @@ def make_plan(config: LemaConfig, spec: ModelSpec, device: Device, mode: str = "
     return plan(spec, shape, budget)
 
 
-def make_source(strategy: MemoryStrategy, resolved: ResolvedModel) -> WeightSource:
-    """RESIDENT loads every layer into RAM once; STREAMING and AUTO read the file per pass."""
-    from lema.adapters.weights.resident_source import ResidentSource
+def make_source(strategy: MemoryStrategy, resolved: ResolvedModel, device: Device | None = None) -> WeightSource:
+    """RESIDENT loads every layer into RAM once; STREAMING and AUTO read the file per pass.
+
+    RESIDENT on a device that uploads from page-locked memory (CUDA) loads the weights
+    straight into pinned buffers, one per unit, so every step's uploads are pure DMA; when
+    the system refuses to pin that much, it warns once (naming the limit) and keeps them
+    in ordinary RAM, uploaded through the staging buffers. STREAMING reads each unit with a
+    small pool of threads when the device is a GPU (on the CPU the cores are the compute's).
+    """
+    from lema.adapters.weights.resident_source import ResidentSource, ram_buffer
     from lema.adapters.weights.safetensors_source import SafetensorsSource
 
     if resolved.root is None:
         raise ConfigError("internal: a weight source needs a model root folder")
+    gpu = device is not None and device.torch_device.type != "cpu"
     if strategy is MemoryStrategy.RESIDENT:
-        return ResidentSource.from_safetensors(resolved.spec, resolved.root)
-    return SafetensorsSource(resolved.spec, resolved.root)
+        if device is not None and not getattr(device, "direct_reads", False):
+            try:
+                return ResidentSource.from_safetensors(resolved.spec, resolved.root, allocate=device.pinned_buffer,
+                                                       pinned=True)
+            except PinningRefused as exc:
+                warnings.warn(LemaWarning(f"RESIDENT weights stay in pageable RAM and go through staging "
+                                          f"buffers: {exc}"), stacklevel=2)
+        return ResidentSource.from_safetensors(resolved.spec, resolved.root, allocate=ram_buffer)
+    return SafetensorsSource(resolved.spec, resolved.root, readers=READERS if gpu else 1)

@@ -7,7 +7,10 @@ the engine is built, plus one device buffer per resident unit (uploaded once). A
 
 * ``Fetch``: hand the unit to the prefetch thread, which reads it from the weight source
   into the slot's staging buffer and starts the device upload (after the slot's previous
-  reader finished: the device's consumed ticket);
+  reader finished: the device's consumed ticket). A source that holds the unit in
+  page-locked memory (RESIDENT on CUDA: :meth:`WeightSource.host_unit`) is uploaded from
+  directly: no read, no staging copy. On a device whose memory is host memory (the CPU)
+  the unit is read straight into the slot;
 * ``Compute``: wait for the unit's upload, call ``compute(phase, unit, weights)`` with
   typed views of the slot (or the resident tensors);
 * ``Release``: mark the slot consumed, so the next fetch into it may overwrite it.
@@ -64,6 +67,14 @@ class StepReport:
         compute_seconds: time spent inside the compute callback.
         seconds: wall time of the pass.
         device_peak_bytes: the device's peak during the pass.
+        bytes_read: host bytes the weight source copied into staging or slots (0 when every
+            upload came straight from page-locked memory).
+        link_floor_seconds: ``bytes_uploaded / device.link_bandwidth``, the least time the
+            link needs for this pass (None when the device's bandwidth is unknown).
+        peak_counts_compute: whether ``device_peak_bytes`` includes every allocation of the
+            compute (False on a CPU device that does not count them: then it is the peak of
+            what the device holds for the run: slots, resident units, adapters, optimizer
+            states and tracked activations).
         timeline: the device's events recorded during the pass (empty if it keeps none).
     """
 
@@ -73,6 +84,9 @@ class StepReport:
     compute_seconds: float
     seconds: float
     device_peak_bytes: int
+    bytes_read: int = 0
+    link_floor_seconds: float | None = None
+    peak_counts_compute: bool = True
     timeline: tuple[tuple[Any, ...], ...] = ()
 
 
@@ -156,6 +170,13 @@ class Engine:
             staging = self._staging[0] if self._staging and need <= self.slot_nbytes else self.device.host_buffer(need)
         for u in units:
             buffer = self._alloc(self._sizes[u], f"resident {self.spec.units[u].name}")
+            host = None if self._direct else self.source.host_unit(u)
+            if host is not None:
+                ticket = self.device.upload(host, buffer, self._sizes[u], label=u)
+                ticket.wait()
+                self.bytes_uploaded_total += self._sizes[u]
+                out[u] = unit_views(buffer, self._layouts[u])
+                continue
             if staging is None:
                 self.source.read_unit(u, buffer)
                 self.bytes_uploaded_total += self._sizes[u]
@@ -182,6 +203,12 @@ class Engine:
                 self.device.record("read_done", unit)
                 self.device.record("upload_done", unit)
                 future.set_result(_DONE)
+                return
+            host = self.source.host_unit(unit)
+            if host is not None:
+                # Page-locked already: DMA straight from the source's copy, no staging.
+                future.set_result(self.device.upload(host, self._slots[slot], self._sizes[unit], after=after,
+                                                     label=unit))
                 return
             previous = self._staged[slot]
             if previous is not None:
@@ -225,6 +252,7 @@ class Engine:
         pending: dict[int, Future] = {}
         issued: list[Future] = []
         stats = {"waited": 0.0, "computed": 0.0, "moved": 0, "fetches": 0}
+        read_before = self.source.bytes_copied
         try:
             with device.measuring():  # the compute's own allocations count toward the device peak
                 self._walk(steps, compute, pending, issued, stats)
@@ -238,10 +266,14 @@ class Engine:
             for future in issued:
                 future.exception()
         self.bytes_uploaded_total += stats["moved"]
+        bandwidth = device.link_bandwidth
         return StepReport(
             bytes_uploaded=stats["moved"], n_fetches=stats["fetches"], wait_seconds=stats["waited"],
             compute_seconds=stats["computed"],
             seconds=time.perf_counter() - start, device_peak_bytes=device.peak_bytes(),
+            bytes_read=self.source.bytes_copied - read_before,
+            link_floor_seconds=stats["moved"] / bandwidth if bandwidth else None,
+            peak_counts_compute=bool(getattr(device, "counts_compute", True)),
             timeline=tuple(e for e in device.timeline() if isinstance(e[-1], float) and e[-1] >= start),
         )
 

@@ -70,7 +70,7 @@ class LemaModel:
         self._plan = bootstrap.make_plan(config, self.spec, self.device)
         if not self._plan.fits:
             raise DoesNotFitError(self._plan.explain(), self._plan)
-        self.source = bootstrap.make_source(config.strategy, self._resolved)
+        self.source = bootstrap.make_source(config.strategy, self._resolved, self.device)
         self.engine = Engine(self.spec, self.source, self.device, prefetch=config.prefetch_distance,
                              resident_units=self._plan.resident_units, plan=self._plan)
         self.embedding = self.source.read_unit(0)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import click
 
-from lema.errors import DoesNotFitError, LemaError
+from lema.errors import DoesNotFitError, LemaError, LemaWarning
 
 EXIT_DOES_NOT_FIT = 1
 EXIT_BAD_INPUT = 2
@@ -23,13 +25,23 @@ class LemaGroup(click.Group):
 
     def invoke(self, ctx: click.Context):  # noqa: D401 - click API
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except DoesNotFitError as exc:
             raise CliError(str(exc), EXIT_DOES_NOT_FIT) from None
         except LemaError as exc:
             raise CliError(str(exc), EXIT_BAD_INPUT) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise CliError(_describe_os_error(exc), EXIT_BAD_INPUT) from None
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # LEMA's own warnings are one line for the user; others keep Python's format.
+    if issubclass(category, LemaWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        click.echo(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), err=True)
 
 
 def _describe_os_error(exc: Exception) -> str:

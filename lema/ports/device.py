@@ -42,10 +42,16 @@ class Device(Protocol):
     Attributes:
         torch_device: where tensors for this device live.
         capacity: bytes the device may hold, or ``None`` for no limit.
+        link_bandwidth: host -> device bytes per second from page-locked memory, when
+            known (simulated on the CPU, measured on CUDA by :meth:`measure_link`); the
+            engine's report turns it into a time floor.
+        bytes_uploaded: host -> device bytes copied so far.
     """
 
     torch_device: torch.device
     capacity: int | None
+    link_bandwidth: float | None
+    bytes_uploaded: int
 
     def alloc(self, nbytes: int, label: str) -> torch.Tensor:
         """A flat ``uint8`` device tensor of ``nbytes``, counted under ``label``.
@@ -61,6 +67,16 @@ class Device(Protocol):
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A flat ``uint8`` host staging buffer (pinned on CUDA), touched once; not counted."""
+        ...
+
+    def pinned_buffer(self, nbytes: int) -> torch.Tensor:
+        """A flat ``uint8`` host buffer the device uploads from directly, with no staging
+        copy (page-locked on CUDA), touched once; not counted as device memory.
+
+        Raises:
+            PinningRefused: the system would not lock that much memory (the message names
+                the limit).
+        """
         ...
 
     def upload(self, host: torch.Tensor, device: torch.Tensor, nbytes: int,

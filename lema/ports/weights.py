@@ -21,9 +21,12 @@ class WeightSource(Protocol):
 
     Attributes:
         spec: the model the source serves; ``spec.units[i]`` describes unit ``i``.
+        bytes_copied: host bytes written into callers' buffers so far (each read of a unit
+            into a buffer counts its bytes once: how much host copying the source did).
     """
 
     spec: ModelSpec
+    bytes_copied: int
 
     def read_unit(self, index: int, buffer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The tensors of unit ``index``, keyed by :attr:`TensorSpec.key`.
@@ -40,6 +43,12 @@ class WeightSource(Protocol):
         Raises:
             IndexError: no such unit. ModelFormatError: the file is shorter than its header says.
         """
+        ...
+
+    def host_unit(self, index: int) -> torch.Tensor | None:
+        """The unit's bytes as one flat host buffer the device can upload from directly
+        (page-locked, laid out by ``unit_layout``), or None when the source has none and the
+        unit must be read into a staging buffer."""
         ...
 
     def close(self) -> None:

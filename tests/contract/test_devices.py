@@ -14,7 +14,7 @@ from tests.stream_models import stream_config, write_model
 
 def make_device(kind: str, capacity: int | None = None):
     if kind == "cpu":
-        return CpuDevice(capacity=capacity)
+        return CpuDevice(capacity=capacity, count_compute=True)
     from lema.adapters.devices.cuda import CudaDevice
 
     torch.cuda.empty_cache()
@@ -132,7 +132,7 @@ def test_engine_slots_fill_the_capacity_exactly_and_one_byte_less_refuses(tmp_pa
 
 
 def test_cpu_measuring_counts_autograd_saved_tensors_until_the_graph_is_freed():
-    device = CpuDevice()
+    device = CpuDevice(count_compute=True)
     w = torch.randn(128, 128, requires_grad=True)
     x = torch.randn(64, 128)
     with device.measuring():
@@ -151,7 +151,7 @@ def test_cpu_measuring_counts_autograd_saved_tensors_until_the_graph_is_freed():
 
 
 def test_cpu_measuring_does_not_count_views_or_inputs_twice():
-    device = CpuDevice()
+    device = CpuDevice(count_compute=True)
     x = torch.randn(1000)
     with device.measuring():
         y = x * 2

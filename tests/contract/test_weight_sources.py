@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lema.adapters.devices.cpu import CpuDevice
 from lema.adapters.weights.resident_source import ResidentSource
 from lema.adapters.weights.safetensors_source import SafetensorsSource
 from lema.domain.schedule.layer_schedule import unit_buffer_bytes
 from lema.errors import ConfigError, ModelFormatError
 from tests.stream_models import write_model
 
-ADAPTERS = ["safetensors-pread", "safetensors-mmap", "safetensors-sharded", "resident-file", "resident-state-dict"]
+ADAPTERS = ["safetensors-pread", "safetensors-pread-parallel", "safetensors-mmap", "safetensors-sharded",
+            "resident-file", "resident-state-dict", "resident-pinned"]
 
 
 @pytest.fixture(params=ADAPTERS)
@@ -19,9 +21,13 @@ def source_and_state(request, tmp_path):
     sharded = request.param == "safetensors-sharded"
     spec, root, state = write_model(tmp_path / "model", layers=3, sharded=sharded, tied=False)
     if request.param.startswith("safetensors"):
-        source = SafetensorsSource(spec, root, method="mmap" if request.param.endswith("mmap") else "pread")
+        source = SafetensorsSource(spec, root, method="mmap" if request.param.endswith("mmap") else "pread",
+                                   readers=3 if request.param.endswith("parallel") else 1)
     elif request.param == "resident-file":
         source = ResidentSource.from_safetensors(spec, root)
+    elif request.param == "resident-pinned":
+        source = ResidentSource.from_safetensors(spec, root, allocate=CpuDevice(pinned_host=True).pinned_buffer,
+                                                 pinned=True)
     else:
         source = ResidentSource.from_state_dict(spec, state)
     yield source, state
@@ -95,3 +101,27 @@ def test_zero_copy_tensors_are_backed_by_the_mapping_not_a_copy(tmp_path):
     assert a.data_ptr() == b.data_ptr()
     source.close()  # tensors still alive keep their mapping valid
     assert torch.isfinite(a.float()).all()
+
+
+def test_host_unit_is_the_sources_own_flat_copy_only_when_pinned(source_and_state):
+    source, _ = source_and_state
+    for unit in source.spec.units[1:]:
+        host = source.host_unit(unit.index)
+        if getattr(source, "pinned", False):
+            buffer = torch.zeros(unit_buffer_bytes(unit), dtype=torch.uint8)
+            source.read_unit(unit.index, buffer)
+            assert torch.equal(host[:unit_buffer_bytes(unit)], buffer)
+        else:
+            assert host is None
+
+
+def test_bytes_copied_counts_each_buffered_read_once(source_and_state):
+    source, _ = source_and_state
+    before = source.bytes_copied
+    unit = source.spec.units[1]
+    source.read_unit(unit.index)  # no buffer: nothing copied
+    assert source.bytes_copied == before
+    source.read_unit(unit.index, torch.zeros(unit_buffer_bytes(unit), dtype=torch.uint8))
+    # a file source reads the tensors' bytes; a RAM source copies its flat copy, padding included
+    expected = unit_buffer_bytes(unit) if isinstance(source, ResidentSource) else sum(t.nbytes for t in unit.tensors)
+    assert source.bytes_copied == before + expected

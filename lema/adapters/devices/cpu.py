@@ -1,9 +1,15 @@
 """CpuDevice: the CPU playing the accelerator, with exact accounting and a capacity.
 
 It computes for real (CPU tensors), counts every byte it is asked to hold (slots,
-resident units, what callers :meth:`track`, and, inside :meth:`measuring`, every storage
-the compute allocates), keeps the peak, and raises :class:`~lema.errors.DeviceOutOfMemory`
-when a request would pass its capacity. Uploads run on a worker thread, like a copy
+resident units, what callers :meth:`track`, and, when ``count_compute`` is on, inside
+:meth:`measuring`, every storage the compute allocates), keeps the peak, and raises
+:class:`~lema.errors.DeviceOutOfMemory` when a request would pass its capacity.
+
+Counting the compute costs a Python call per operator, so it is on only where it is
+needed: when a capacity must be enforced (the CPU standing in for a smaller GPU), in
+tests, plan verification and ``lema bench --trace``. Without it the peak is that of what
+the device holds for the run (slots, resident units, adapters, optimizer states, tracked
+activations) and :attr:`counts_compute` says so. Uploads run on a worker thread, like a copy
 stream, optionally slowed to a simulated link bandwidth, and every step is recorded on a
 timeline so tests can check overlap structurally rather than by timing.
 
@@ -31,7 +37,7 @@ import torch
 from lema.adapters.devices.allocation_counter import AllocationCounter, paused
 from lema.adapters.workers import start_worker, stop_worker
 from lema.domain.units import format_size
-from lema.errors import ConfigError, DeviceOutOfMemory
+from lema.errors import ConfigError, DeviceOutOfMemory, PinningRefused
 
 _TIMELINE_MAX = 200_000
 
@@ -67,16 +73,19 @@ class CpuDevice:
         record_timeline: keep a timeline of fetch/upload/compute/release events.
         count_compute: count every storage the compute allocates inside :meth:`measuring`
             (needed to enforce ``capacity`` and to compare with the plan; costs a Python
-            call per op).
+            call per op). None (the default): on exactly when a capacity is set.
         direct_reads: let an engine read weights straight into its slots (no staging copy);
             ignored when ``link_bandwidth`` simulates a link.
+        pinned_host: play a device that uploads straight from "page-locked" host buffers
+            (:meth:`pinned_buffer`), as CUDA does; for tests of the RESIDENT upload path.
 
     Raises:
         ConfigError: a non-positive capacity or bandwidth.
     """
 
     def __init__(self, capacity: int | None = None, link_bandwidth: float | None = None,
-                 record_timeline: bool = True, count_compute: bool = True, direct_reads: bool = False) -> None:
+                 record_timeline: bool = True, count_compute: bool | None = None, direct_reads: bool = False,
+                 pinned_host: bool = False) -> None:
         if capacity is not None and capacity <= 0:
             raise ConfigError(f"capacity: {capacity} must be a positive number of bytes (or None)")
         if link_bandwidth is not None and link_bandwidth <= 0:
@@ -84,9 +93,10 @@ class CpuDevice:
         self.torch_device = torch.device("cpu")
         self.capacity = capacity
         self.link_bandwidth = link_bandwidth
-        # Counting every storage costs a Python call per op (a third of a small model's step);
-        # `lema bench` turns it off for its timed steps.
-        self.count_compute = count_compute
+        # Counting every storage costs a Python call per op (a fifth to a third of a small
+        # model's step), so it is on only when a capacity must hold (or when asked).
+        self.count_compute = capacity is not None if count_compute is None else bool(count_compute)
+        self.pinned_host = pinned_host
         # The device's memory is host memory: an engine may read weights straight into its
         # slots instead of staging them and "uploading" (a second copy). Off when a link is
         # simulated, so its delay applies.
@@ -200,6 +210,19 @@ class CpuDevice:
         self.host_buffers_allocated += 1
         return buffer
 
+    @property
+    def counts_compute(self) -> bool:
+        """True when the peak includes every storage the compute allocated."""
+        return self.count_compute
+
+    def pinned_buffer(self, nbytes: int) -> torch.Tensor:
+        """See :meth:`lema.ports.device.Device.pinned_buffer`: plain RAM here (the CPU's memory is
+        host memory); with ``pinned_host`` the device plays one that uploads from it directly."""
+        if not self.pinned_host:
+            raise PinningRefused("this CpuDevice has no page-locked host memory (pinned_host=False)")
+        with paused():
+            return torch.zeros(nbytes, dtype=torch.uint8)
+
     def upload(self, host: torch.Tensor, device: torch.Tensor, nbytes: int,
                after: CpuTicket | None = None, label: object = None) -> CpuTicket:
         """Queue ``device[:nbytes] = host[:nbytes]`` on the worker (after ``after``); returns at once."""
@@ -235,6 +258,21 @@ class CpuDevice:
             ticket._finish()
         except BaseException as exc:  # handed to whoever waits on the ticket
             ticket._finish(exc)
+
+    def measure_link(self, nbytes: int = 64 << 20, repeat: int = 5) -> tuple[float, float]:
+        """Host -> device bytes/s (pinned, pageable): the simulated bandwidth when one is set,
+        else what one memcpy moves (the CPU's "link" is its memory)."""
+        if self.link_bandwidth:
+            return self.link_bandwidth, self.link_bandwidth
+        with paused():
+            src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)
+            times = []
+            for _ in range(repeat + 1):
+                start = time.perf_counter()
+                dst.numpy()[:] = src.numpy()
+                times.append(time.perf_counter() - start)
+        speed = nbytes / sorted(times[1:])[len(times[1:]) // 2]
+        return speed, speed
 
     def host_reusable(self, ticket: CpuTicket) -> None:
         """The staging buffer is free once its copy has run."""

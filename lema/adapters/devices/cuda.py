@@ -1,7 +1,8 @@
 """CudaDevice: pinned host staging, a dedicated copy stream, and events.
 
 * Staging buffers are pinned once (``torch.empty(..., pin_memory=True)``), so every
-  ``copy_(non_blocking=True)`` is a true asynchronous DMA.
+  ``copy_(non_blocking=True)`` is a true asynchronous DMA. RESIDENT weights live in pinned
+  buffers too (:meth:`pinned_buffer`, one per unit), and are uploaded straight from them.
 * Uploads run on one copy stream. Before copying into a slot, the copy stream waits on
   the event recorded on the compute stream after the slot's last compute
   (:meth:`mark_consumed`); the compute stream waits on the copy-done event
@@ -17,6 +18,8 @@ raises :class:`~lema.errors.ConfigError`.
 from __future__ import annotations
 
 import contextlib
+import resource
+import statistics
 import threading
 import time
 from typing import Iterator
@@ -24,7 +27,7 @@ from typing import Iterator
 import torch
 
 from lema.domain.units import format_size
-from lema.errors import ConfigError, DeviceOutOfMemory
+from lema.errors import ConfigError, DeviceOutOfMemory, PinningRefused
 
 
 class CudaTicket:
@@ -71,6 +74,8 @@ class CudaDevice:
         self._lock = threading.Lock()
         self._timeline: list[tuple[object, ...]] = []
         self.host_buffers_allocated = 0
+        self.bytes_uploaded = 0
+        self.link_bandwidth: float | None = None  # pinned host -> device bytes/s, once measured
 
     # -- memory ------------------------------------------------------------------------------
 
@@ -126,6 +131,38 @@ class CudaDevice:
         self.host_buffers_allocated += 1
         return buffer
 
+    def pinned_buffer(self, nbytes: int) -> torch.Tensor:
+        """A page-locked host buffer, zeroed once (see :meth:`lema.ports.device.Device.pinned_buffer`)."""
+        try:
+            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError as exc:
+            soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+            limit = "unlimited" if soft == resource.RLIM_INFINITY else format_size(soft)
+            raise PinningRefused(f"could not page-lock {format_size(nbytes)} of host memory (locked-memory limit "
+                                 f"`ulimit -l`: {limit}; {str(exc).splitlines()[0]})") from None
+        buffer.zero_()
+        return buffer
+
+    def measure_link(self, nbytes: int = 256 << 20, repeat: int = 5) -> tuple[float, float]:
+        """Median host -> device bandwidth (bytes/s) from pinned and from pageable memory.
+
+        Also sets :attr:`link_bandwidth` to the pinned figure (the engine's link floor).
+        """
+        dev = torch.empty(nbytes, dtype=torch.uint8, device=self.torch_device)
+        results = []
+        for host in (self.pinned_buffer(nbytes), torch.ones(nbytes, dtype=torch.uint8)):
+            times = []
+            for _ in range(repeat + 1):
+                torch.cuda.synchronize(self.torch_device)
+                start = time.perf_counter()
+                dev.copy_(host, non_blocking=True)
+                torch.cuda.synchronize(self.torch_device)
+                times.append(time.perf_counter() - start)
+            results.append(nbytes / statistics.median(times[1:]))
+        del dev
+        self.link_bandwidth = results[0]
+        return results[0], results[1]
+
     def upload(self, host: torch.Tensor, device: torch.Tensor, nbytes: int,
                after: CudaTicket | None = None, label: object = None) -> CudaTicket:
         """Queue the copy on the copy stream after ``after``; returns at once."""
@@ -139,6 +176,7 @@ class CudaDevice:
                 self._copy_stream.wait_event(after.event)
             device[:nbytes].copy_(host[:nbytes], non_blocking=True)
             event.record(self._copy_stream)
+        self.bytes_uploaded += nbytes
         if label is not None:
             self.record("upload_issued", label)
         return CudaTicket(event)

@@ -2,9 +2,12 @@
 
 Two ways to fill a caller's staging buffer:
 
-* ``method="pread"`` (default): positional reads (``os.preadv``) straight into the buffer,
-  one call per run of file-contiguous tensors. On a warm page cache this streams at memory
-  speed and predictably; it is also thread-safe without locks (no shared file position).
+* ``method="pread"`` (default): positional reads (``os.preadv``) straight into the buffer.
+  A unit's file-contiguous runs are cut into pieces of at most :data:`~lema.adapters.weights.parallel_read.READ_PIECE` bytes
+  and read by a small pool of threads (``readers``), so a page-cached file streams at
+  several cores' memcpy speed and an NVMe drive sees a queue of requests, not one. Each
+  byte is read once, straight into the caller's buffer. Positional reads share no file
+  position, so they need no lock.
 * ``method="mmap"``: a ``memcpy`` out of a mapping of the file; page faults make its speed
   bimodal, so it is kept for comparison (``benchmarks/stream_bench.py``).
 
@@ -28,13 +31,12 @@ from typing import Literal
 
 import torch
 
+from lema.adapters.weights.parallel_read import ParallelReader, pread_full
 from lema.domain.model.spec import ModelSpec, TensorSpec, torch_dtype
 from lema.domain.schedule.layer_schedule import unit_buffer_bytes, unit_layout
 from lema.errors import ConfigError, ModelFormatError
 
 Method = Literal["pread", "mmap"]
-# Linux moves at most 0x7ffff000 bytes per read call; larger requests loop.
-_MAX_READ = 0x7FFFF000
 
 
 def byte_view(buffer: torch.Tensor, offset: int, nbytes: int) -> memoryview:
@@ -77,12 +79,19 @@ class SafetensorsSource:
         spec: built from the files' headers (``TensorSpec.file`` relative to ``root``).
         root: the folder holding the file(s), or the ``.safetensors`` file itself.
         method: how :meth:`read_unit` fills a buffer: ``"pread"`` or ``"mmap"``.
+        readers: threads that read one unit's pieces in parallel (``"pread"`` only; 1:
+            the calling thread reads alone).
+
+    Attributes:
+        bytes_copied: bytes read into callers' buffers so far.
 
     Raises:
-        ModelFormatError: a file the spec names is missing. ConfigError: unknown method.
+        ModelFormatError: a file the spec names is missing. ConfigError: unknown method,
+            or readers < 1.
     """
 
-    def __init__(self, spec: ModelSpec, root: str | os.PathLike[str], method: Method = "pread") -> None:
+    def __init__(self, spec: ModelSpec, root: str | os.PathLike[str], method: Method = "pread",
+                 readers: int = 1) -> None:
         if method not in ("pread", "mmap"):
             raise ConfigError(f"method: {method!r} must be 'pread' or 'mmap'")
         root = Path(root)
@@ -91,6 +100,8 @@ class SafetensorsSource:
         self.method = method
         self._layouts = {u.index: unit_layout(u) for u in spec.units}
         self._runs = {i: read_runs(layout) for i, layout in self._layouts.items()}
+        self._reader = ParallelReader(readers)
+        self.bytes_copied = 0
         missing = [f for f in spec.files if not (self.root / f).is_file()]
         if missing:
             raise ModelFormatError(f"{self.root}: missing weight file(s) {', '.join(missing)}; "
@@ -133,14 +144,7 @@ class SafetensorsSource:
     # -- reads -----------------------------------------------------------------------------
 
     def _pread(self, file: str, start: int, view: memoryview) -> None:
-        fd = self._fd(file)
-        done, n = 0, len(view)
-        while done < n:
-            got = os.preadv(fd, [view[done:done + min(n - done, _MAX_READ)]], start + done)
-            if got <= 0:
-                raise ModelFormatError(f"{self.root / file}: ends at byte {start + done}, header says "
-                                       f"{start + n}; the file is truncated")
-            done += got
+        pread_full(self._fd(file), start, view, str(self.root / file))
 
     def _copy_from_map(self, file: str, start: int, view: memoryview) -> None:
         mm = self._map(file)
@@ -152,9 +156,18 @@ class SafetensorsSource:
     def read_into(self, index: int, buffer: torch.Tensor) -> None:
         """Write unit ``index``'s bytes into ``buffer`` (layout of :func:`unit_layout`)."""
         self._check_open()
-        fill = self._pread if self.method == "pread" else self._copy_from_map
-        for file, start, offset, nbytes in self._runs[index]:
-            fill(file, start, byte_view(buffer, offset, nbytes))
+        if self.method == "mmap":
+            for file, start, offset, nbytes in self._runs[index]:
+                self._copy_from_map(file, start, byte_view(buffer, offset, nbytes))
+        else:
+            self._reader.read([(self._fd(file), start, byte_view(buffer, offset, nbytes), str(self.root / file))
+                               for file, start, offset, nbytes in self._runs[index]])
+        with self._lock:
+            self.bytes_copied += sum(n for _, _, _, n in self._runs[index])
+
+    def host_unit(self, index: int) -> None:
+        """Units are read into staging buffers: there is no page-locked copy to upload from."""
+        return None
 
     def read_unit(self, index: int, buffer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """See :meth:`lema.ports.weights.WeightSource.read_unit`."""
@@ -191,6 +204,8 @@ class SafetensorsSource:
         it is unmapped with the last of them."""
         with self._lock:
             self._closed = True
+        self._reader.close()
+        with self._lock:
             self._maps.clear()
             for fd in self._fds.values():
                 os.close(fd)

@@ -138,10 +138,17 @@ class FailingSource:
     def __attrs_post_init__(self):
         self.spec = self.inner.spec
 
+    @property
+    def bytes_copied(self):
+        return self.inner.bytes_copied
+
     def read_unit(self, index, buffer=None):
         if index == self.bad_unit and buffer is not None:
             raise ModelFormatError(f"unit {index}: the file is truncated")
         return self.inner.read_unit(index, buffer)
+
+    def host_unit(self, index):
+        return None
 
     def close(self):
         self.inner.close()

@@ -40,7 +40,8 @@ def _model(path, **overrides) -> LemaModel:
     from lema.adapters.devices.cpu import CpuDevice
 
     # A CpuDevice that counts every allocation, so the KV cache's bytes are observable.
-    return LemaModel(LemaConfig(gbi_path=str(path), device="cpu", lora_rank=4, **overrides), device=CpuDevice())
+    return LemaModel(LemaConfig(gbi_path=str(path), device="cpu", lora_rank=4, **overrides),
+                     device=CpuDevice(count_compute=True))
 
 
 def _with_adapter(model: LemaModel) -> LemaModel:

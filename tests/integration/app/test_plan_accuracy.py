@@ -36,7 +36,7 @@ def _gpt2(h: int, layers: int, vocab: int):
 def _model(tmp_path, build, dtype, **config) -> LemaModel:
     torch.manual_seed(0)
     path = save_monolithic(build(), tmp_path / "m.safetensors", dtype=dtype)
-    return LemaModel(LemaConfig(gbi_path=str(path), device="cpu", **config), device=CpuDevice())
+    return LemaModel(LemaConfig(gbi_path=str(path), device="cpu", **config), device=CpuDevice(count_compute=True))
 
 
 CASES = {

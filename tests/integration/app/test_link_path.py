@@ -1,0 +1,96 @@
+"""What crosses the host -> device link, and how many times each weight byte is copied.
+
+A CpuDevice that plays a GPU (no direct reads; ``pinned_host`` for page-locked uploads)
+counts every upload, and each weight source counts the host bytes it copies; the tests
+check those counters, not timings.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lema import LemaConfig, LemaModel
+from lema.adapters.devices.cpu import CpuDevice
+from lema.errors import LemaWarning
+from tests.model_files import save_monolithic
+from tests.tiny_models import build_hf_model
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def llama_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama") / "model.safetensors"
+    return save_monolithic(build_hf_model("llama", seed=1), path)
+
+
+def _batch(step: int) -> torch.Tensor:
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(step))
+
+
+def _run(path, strategy: str, device: CpuDevice):
+    config = LemaConfig(gbi_path=str(path), device="cpu", lora_rank=4, seed=3, strategy=strategy, prefetch_distance=1)
+    model = LemaModel(config, device=device)
+    model.initialize_lora()
+    trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-2))
+    steps = []
+    for step in range(STEPS):
+        copied, uploaded = model.source.bytes_copied, device.bytes_uploaded
+        trainer.train_step(_batch(step))
+        device.synchronize()
+        steps.append({"report": model.last_report, "copied": model.source.bytes_copied - copied,
+                      "uploaded": device.bytes_uploaded - uploaded})
+    adapters = [p.detach().clone() for p in model.get_trainable_parameters()]
+    model.close()
+    return steps, adapters
+
+
+def test_resident_on_a_pinned_capable_device_makes_no_host_copy_of_weights(llama_file):
+    steps, adapters = _run(llama_file, "resident", CpuDevice(pinned_host=True))
+    for s in steps:
+        assert s["copied"] == 0 and s["report"].bytes_read == 0  # uploads DMA from the source's buffers
+        assert s["uploaded"] == s["report"].bytes_uploaded > 0
+    _, streamed = _run(llama_file, "streaming", CpuDevice())
+    assert all(torch.equal(a, b) for a, b in zip(adapters, streamed))
+
+
+def test_streaming_copies_each_weight_byte_once_on_the_host(llama_file):
+    steps, _ = _run(llama_file, "streaming", CpuDevice())
+    for s in steps:
+        # read from the file into staging once, uploaded once: nothing copied twice
+        assert s["copied"] == s["report"].bytes_read == s["report"].bytes_uploaded == s["uploaded"] > 0
+
+
+def test_resident_where_pinning_is_refused_warns_once_and_stages(llama_file):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        steps, adapters = _run(llama_file, "resident", CpuDevice(pinned_host=False))
+    lema_warnings = [w for w in caught if issubclass(w.category, LemaWarning)]
+    assert len(lema_warnings) == 1 and "pageable RAM" in str(lema_warnings[0].message)
+    for s in steps:
+        assert s["copied"] == s["report"].bytes_uploaded > 0  # the staging copy, once per byte
+    _, streamed = _run(llama_file, "streaming", CpuDevice())
+    assert all(torch.equal(a, b) for a, b in zip(adapters, streamed))
+
+
+def test_the_report_gives_the_link_floor_of_a_simulated_link(llama_file):
+    steps, _ = _run(llama_file, "streaming", CpuDevice(link_bandwidth=1e9))
+    report = steps[-1]["report"]
+    assert report.link_floor_seconds == pytest.approx(report.bytes_uploaded / 1e9)
+    steps, _ = _run(llama_file, "streaming", CpuDevice())
+    assert steps[-1]["report"].link_floor_seconds is None  # no link to speak of: memory is shared
+
+
+def test_cpu_device_counts_the_compute_only_when_a_capacity_needs_it(llama_file):
+    assert CpuDevice().count_compute is False
+    assert CpuDevice(capacity=1 << 30).count_compute is True
+    assert CpuDevice(count_compute=True).count_compute is True
+    free, _ = _run(llama_file, "streaming", CpuDevice())
+    counted, _ = _run(llama_file, "streaming", CpuDevice(count_compute=True))
+    assert free[-1]["report"].peak_counts_compute is False
+    assert counted[-1]["report"].peak_counts_compute is True
+    # Without the counter the peak is what the device holds for the run, which the compute adds to.
+    assert 0 < free[-1]["report"].device_peak_bytes < counted[-1]["report"].device_peak_bytes

@@ -58,7 +58,7 @@ def make_device(config: LemaConfig) -> Device:
 
         # The compute's allocations are counted (a Python call per op) only when a budget
         # must be enforced; otherwise the step runs free and its report says what it counted.
-        return CpuDevice(capacity=config.vram_bytes, direct_reads=True)
+        return CpuDevice(capacity=config.vram_bytes, direct_reads=True, record_timeline=False)
     from lema.adapters.devices.cuda import CudaDevice
 
     index = int(name.split(":")[1]) if ":" in name else 0

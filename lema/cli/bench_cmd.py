@@ -1,4 +1,9 @@
-"""``lema bench``: LEMA STREAMING / RESIDENT / AUTO vs transformers + peft, side by side."""
+"""``lema bench``: LEMA STREAMING / RESIDENT vs transformers + peft, side by side, against the floor.
+
+The floor of a step is ``max(link floor, compute alone)``; the bench prints each run's
+``step / floor`` and the measured link (pinned and pageable), so a run that adds its
+transfers to its compute instead of overlapping them shows.
+"""
 
 from __future__ import annotations
 
@@ -23,30 +28,50 @@ import click
 @click.option("--strategies", default="streaming,resident", show_default=True,
               help="Comma-separated LEMA strategies; the first is the one the ratios compare.")
 @click.option("--no-reference", is_flag=True, help="Skip transformers + peft (needs the peft package).")
+@click.option("--link-bandwidth", metavar="RATE",
+              help="CPU device only: simulate a host -> device link of RATE bytes per second (e.g. 2G), so "
+                   "the overlap of reads, uploads and compute is measurable without a GPU.")
+@click.option("--reads", metavar="SIZE", default="1G", show_default=True,
+              help="Also time LEMA's weight reader against a sequential read of a page-cached file of SIZE "
+                   "(0 to skip).")
+@click.option("--schedule", type=click.Choice(["auto", "round-robin", "sequential"]), default="auto",
+              show_default=True,
+              help="round-robin builds every run first and steps them in turn (a load change hits all alike); "
+                   "sequential runs one at a time (what a GPU's memory allows). auto: sequential on CUDA.")
+@click.option("--trace", is_flag=True,
+              help="Count every allocation and keep the event timeline in the timed steps (slower; the "
+                   "timeline goes into the JSON result).")
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("lema-bench"), show_default=True,
               help="Where the built model and the JSON result go.")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None,
               help="Result file (default: WORKDIR/bench.json).")
 def bench(model, preset, dtype, batch, seq, steps, warmup, rank, prefetch, device, strategies, no_reference,
-          workdir, json_out) -> None:
+          link_bandwidth, reads, schedule, trace, workdir, json_out) -> None:
     """Measure step time, device peak vs plan and bytes moved vs the link, in one run."""
     from lema.app import benchmarking
     from lema.domain.plan.strategy import MemoryStrategy
+    from lema.domain.units import parse_size
     from lema.errors import ConfigError
 
     names = tuple(s.strip() for s in strategies.split(",") if s.strip())
+    if link_bandwidth is not None and device != "cpu":
+        raise ConfigError("--link-bandwidth: only the CPU device simulates a link; a GPU's is measured")
+    rate = parse_size(link_bandwidth, field="--link-bandwidth") if link_bandwidth is not None else None
+    read_bytes = 0 if reads.strip() in ("0", "0B") else parse_size(reads, field="--reads")
     for name in names:
         MemoryStrategy.parse(name)
     reference = not no_reference
     if reference:
         try:
-            import peft  # noqa: F401
+            import peft  # noqa: F401  (only checks that it is installed)
         except ImportError:
             raise ConfigError("transformers + peft reference needs the peft package: "
                               "pip install peft, or pass --no-reference") from None
     settings = benchmarking.BenchSettings(
         workdir=workdir, model=model, preset=preset, dtype=dtype, batch=batch, seq=seq, steps=steps,
-        warmup=warmup, rank=rank, device=device, strategies=names, reference=reference, prefetch=prefetch)
+        warmup=warmup, rank=rank, device=device, strategies=names, reference=reference, prefetch=prefetch,
+        link_bandwidth=float(rate) if rate else None, trace=trace, read_bytes=read_bytes,
+        schedule=("sequential" if device.startswith("cuda") else "round-robin") if schedule == "auto" else schedule)
     result = benchmarking.run(settings, log=lambda line: click.echo(line, err=True))
     for line in benchmarking.summary_lines(result):
         click.echo(line)

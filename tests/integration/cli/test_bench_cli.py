@@ -12,11 +12,12 @@ from lema.cli import main
 def test_bench_measures_lema_and_the_reference_in_one_run(tmp_path):
     result = CliRunner().invoke(main, [
         "bench", "--preset", "tiny", "--dtype", "float32", "--batch", "1", "--seq", "16", "--steps", "1",
-        "--warmup", "0", "--strategies", "streaming,resident,auto", "--workdir", str(tmp_path)])
+        "--warmup", "0", "--strategies", "streaming,resident,auto", "--reads", "16M", "--workdir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "bench.json").read_text())
     names = [r["name"] for r in data["runs"]]
-    assert names == ["lema_streaming", "lema_resident", "lema_auto", "hf_peft_ckpt", "hf_peft_nockpt"]
+    assert names == ["lema_streaming", "lema_resident", "lema_auto", "lema_compute_alone", "hf_peft_ckpt",
+                     "hf_peft_nockpt"]
     runs = {r["name"]: r for r in data["runs"]}
     assert all(r["step_s"] > 0 for r in data["runs"])
     # The streaming run moves weights every step; AUTO with an unlimited CPU budget keeps them all.
@@ -25,9 +26,35 @@ def test_bench_measures_lema_and_the_reference_in_one_run(tmp_path):
     for name in ("lema_streaming", "lema_resident"):
         peak, plan = runs[name]["device_peak_bytes"], runs[name]["plan_device_total_bytes"]
         assert abs(peak - plan) / plan <= 0.10
-    assert data["link_bandwidth_Bps"] > 0
+    assert data["link_bandwidth_Bps"] > 0 and data["link_bandwidth_pageable_Bps"] > 0
     assert "lema_streaming/hf_peft_ckpt" in data["ratios"]
     assert "ratio lema_streaming/lema_resident" in result.output
+    # The floor: compute alone moves nothing; each streamed run is compared with max(link floor, compute alone).
+    assert runs["lema_compute_alone"]["bytes_uploaded_per_step"] == 0
+    floor = max(runs["lema_streaming"]["link_floor_s"], runs["lema_compute_alone"]["step_s"])
+    assert runs["lema_streaming"]["step_over_floor"] == runs["lema_streaming"]["step_s"] / floor
+    assert "step/floor" in result.output and "link:" in result.output and "machine:" in result.output
+    assert data["reads"]["bytes"] == 16 << 20 and data["reads"]["parallel_Bps"] > 0
+    assert "LEMA's reader" in result.output
+
+
+def test_bench_with_a_simulated_link_reports_its_floor(tmp_path):
+    result = CliRunner().invoke(main, [
+        "bench", "--preset", "tiny", "--dtype", "float32", "--batch", "1", "--seq", "16", "--steps", "1",
+        "--warmup", "0", "--strategies", "streaming", "--no-reference", "--reads", "0", "--link-bandwidth", "100M",
+        "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["link_bandwidth_Bps"] == 100 << 20
+    run = {r["name"]: r for r in data["runs"]}["lema_streaming"]
+    assert run["link_floor_s"] == run["bytes_uploaded_per_step"] / (100 << 20)
+    assert data["reads"] is None
+
+
+def test_bench_refuses_a_simulated_link_on_a_gpu(tmp_path):
+    result = CliRunner().invoke(main, ["bench", "--device", "cuda", "--link-bandwidth", "1G", "--workdir",
+                                       str(tmp_path)])
+    assert result.exit_code == 2 and "--link-bandwidth" in result.output
 
 
 def test_bench_rejects_an_unknown_strategy(tmp_path):

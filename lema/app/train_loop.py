@@ -187,9 +187,11 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
                 last_loss = sum(losses) / len(losses)
                 report = getattr(model, "last_report", None)
                 peak = getattr(report, "device_peak_bytes", None)
+                counted = bool(getattr(report, "peak_counts_compute", True))
                 record = {"step": step, "loss": last_loss, "lr": lr,
                           "tokens_per_s": tokens / seconds if seconds > 0 else None,
-                          "device_peak_bytes": peak, "tokens": tokens, "seconds": seconds}
+                          "device_peak_bytes": peak, "device_peak_counts_compute": counted, "tokens": tokens,
+                          "seconds": seconds}
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 bar.update(step, record)
@@ -218,12 +220,18 @@ def _current_lr(trainer: Any) -> float:
 
 
 def _log_line(record: dict[str, Any], total: int) -> str:
-    from lema.domain.units import format_size
-
     tps = record.get("tokens_per_s")
     peak = record.get("device_peak_bytes")
     return (f"step {record['step']}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}"
-            + (f"  {tps:,.0f} tok/s" if tps else "") + (f"  device {format_size(peak)}" if peak else ""))
+            + (f"  {tps:,.0f} tok/s" if tps else "") + (f"  device {peak_text(record)}" if peak else ""))
+
+
+def peak_text(record: dict[str, Any]) -> str:
+    """The device peak of a metrics record, saying when the compute's allocations are not in it."""
+    from lema.domain.units import format_size
+
+    held = "" if record.get("device_peak_counts_compute", True) else " held (compute not counted)"
+    return f"{format_size(record['device_peak_bytes'])}{held}"
 
 
 class _NoProgress:

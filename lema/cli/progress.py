@@ -37,11 +37,11 @@ class TrainingProgress:
 
     def update(self, step: int, record: dict[str, Any]) -> None:
         if self._bar is not None:
-            from lema.domain.units import format_size
+            from lema.app.train_loop import peak_text
 
             tps, peak = record.get("tokens_per_s"), record.get("device_peak_bytes")
             text = f"loss {record['loss']:.4f}" + (f" | {tps:,.0f} tok/s" if tps else "") + (
-                f" | device {format_size(peak)}" if peak else "")
+                f" | device {peak_text(record)}" if peak else "")
             self._bar.update(self._task, completed=step, description=text)
 
     def __exit__(self, *exc: Any) -> None:

@@ -51,3 +51,33 @@ class PinningRefused(LemaError, MemoryError):
 
 class LemaWarning(UserWarning):
     """Something LEMA worked around; the run goes on (the CLI prints it as one line)."""
+
+
+class OutputError(LemaError, ValueError):
+    """An output path would overwrite or delete an input, or replace existing data the user
+    did not ask to replace (``--overwrite`` / ``overwrite=True``)."""
+
+
+class RunInUseError(LemaError, RuntimeError):
+    """Another live process holds the lock on a training run folder."""
+
+
+class NonFiniteLossError(LemaError, FloatingPointError):
+    """A training step produced a non-finite (inf/NaN) loss or gradient; the optimizer was
+    not stepped with it.
+
+    Attributes:
+        step: the optimizer step that failed (``global_step + 1`` when it was raised).
+        value: the offending loss (or gradient norm) as a float.
+        checkpoint: where the last good state was saved, when a training loop saved it.
+    """
+
+    def __init__(self, message: str, *, step: int, value: float, checkpoint: object | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.value = value
+        self.checkpoint = checkpoint
+
+
+class BaseDropoutWarning(LemaWarning):
+    """The base model's config sets dropouts that LEMA's training does not apply."""

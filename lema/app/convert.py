@@ -22,6 +22,7 @@ from lema.adapters.weights.hub import (
     resolve_model,
 )
 from lema.adapters.weights.safetensors_writer import code_of, open_safetensors_writer
+from lema.app.outputs import check_output, folder_files
 from lema.domain.families import registry as arch
 from lema.domain.model.spec import ModelSpec, output_dtype
 from lema.errors import ConfigError, ModelFormatError
@@ -76,13 +77,16 @@ def prepare_monolithic_safetensors(
     revision: str | None = None,
     token: str | None = None,
     progress: Progress | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Write ``model``'s weights as one self-describing ``.safetensors`` file.
 
     Streams tensor by tensor (peak RAM near the largest tensor), clones tied weights so
     both the embedding and ``lm_head.weight`` are present, drops non-weight buffers, and
     stores ``config.json`` in the file's metadata (keys ``config``, ``format``,
-    ``lema_version``). The file appears at ``out_path`` only when complete.
+    ``lema_version``). The file appears at ``out_path`` only when complete (it is written
+    as a temporary file beside it and renamed); a temporary file a killed conversion left
+    there is deleted first.
 
     Args:
         model: a local transformers folder or a Hugging Face Hub id.
@@ -94,6 +98,9 @@ def prepare_monolithic_safetensors(
         revision: Hub revision.
         token: Hub token.
         progress: called as ``progress(done, total, name)`` after each tensor.
+        overwrite: replace an existing file at ``out_path`` (the guide's behaviour, the
+            default here; ``lema convert`` refuses unless ``--overwrite``). Writing into the
+            model's own folder or over one of its files is always refused.
 
     Returns:
         ``out_path`` as a Path.
@@ -102,13 +109,19 @@ def prepare_monolithic_safetensors(
         ModelFormatError: unknown architecture, missing or mis-shaped tensors, unreadable or
             unsafe weights, Hub failures.
         ConfigError: a bad ``dtype`` or ``device``.
+        OutputError: ``out_path`` is inside the model's folder or one of its files, or
+            exists and ``overwrite`` is False.
     """
     out = Path(out_path)
     if out.is_dir():
         raise ModelFormatError(f"{out}: is a folder; pass a file name ending in .safetensors")
+    local = Path(model).expanduser()
+    if local.is_dir():  # checked before any download or read
+        check_output(out, option="OUT", folders=[local], files=folder_files(local), overwrite=overwrite)
     target = output_dtype(dtype)
     dev = resolve_device(device)
     folder = resolve_model(model, revision=revision, token=token)
+    check_output(out, option="OUT", folders=[folder], files=folder_files(folder), overwrite=overwrite)
     config_text = read_config_text(folder)
     config = json.loads(config_text)
     names, loader = iter_checkpoint_tensors(folder)

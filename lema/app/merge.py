@@ -31,6 +31,7 @@ from lema.adapters.weights.hub import (
 from lema.adapters.weights.safetensors_header import read_header
 from lema.adapters.weights.safetensors_writer import open_safetensors_writer
 from lema.app.convert import plan_tensors
+from lema.app.outputs import check_output, folder_files
 from lema.domain.families import registry as arch
 from lema.domain.model.spec import output_dtype, torch_dtype
 from lema.errors import CheckpointError, ConfigError, ModelFormatError
@@ -120,6 +121,7 @@ def merge_adapter(
     hf_folder: bool = False,
     tokenizer_dir: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write base + LoRA as a plain model, tensor by tensor.
 
@@ -135,6 +137,7 @@ def merge_adapter(
             transformers' naming (a tied ``lm_head.weight`` is left out).
         tokenizer_dir: a folder whose tokenizer files are copied (``hf_folder`` only).
         progress: called as ``progress(done, total, name)`` after each tensor.
+        overwrite: replace an existing non-empty ``out`` (else :class:`OutputError`).
 
     Returns:
         ``out`` as a Path.
@@ -143,8 +146,14 @@ def merge_adapter(
         CheckpointError: an unreadable adapter, adapter keys matching no base weight, shape
             mismatches, or non-finite merged weights (nothing is written).
         ModelFormatError: an unreadable base model.
+        OutputError: ``out`` is, lies inside or (a folder) contains the base, the adapter or
+            the tokenizer folder, or it exists and ``overwrite`` is False.
     """
     base, out = Path(base), Path(out)
+    folders = [base if base.is_dir() else None, Path(adapter_dir), tokenizer_dir]
+    files = [base if base.is_file() else None, *folder_files(adapter_dir),
+             *(folder_files(base) if base.is_dir() else [])]
+    check_output(out, option="--out", folders=folders, files=files, overwrite=overwrite, replaces_folder=hf_folder)
     target = output_dtype(dtype)
     adapter_config, adapter_tensors = read_adapter(adapter_dir)
     deltas = lora_deltas(adapter_config, adapter_tensors)

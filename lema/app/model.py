@@ -21,6 +21,7 @@ import torch
 from lema.app import bootstrap
 from lema.app.batches import as_batch
 from lema.app.engine import Engine, StepReport
+from lema.app.seeds import dropout_seed, init_seed
 from lema.config import LemaConfig
 from lema.domain.model import blocks, heads
 from lema.domain.model.context import BlockContext, make_context
@@ -78,27 +79,45 @@ class LemaModel:
         self.last_report: StepReport | None = None
         self._trainer: "LemaTrainer | None" = None
         self._pending_trainer_state: dict[str, Any] | None = None
+        self._closed = False
+        # LEMA's own RNG for LoRA dropout (never the global one): seeded by config.seed,
+        # saved in checkpoints and restored on resume.
+        self.dropout_generator = torch.Generator().manual_seed(dropout_seed(config.seed))
 
     # -- the guide's API ---------------------------------------------------------------
 
     def initialize_lora(self, seed: int | None = None) -> None:
-        """Create fresh adapters (A Kaiming-uniform, B zero, like peft) on the device."""
-        generator = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
+        """Create fresh adapters (A Kaiming-uniform, B zero, like peft) on the device.
+
+        ``seed`` (default ``config.seed``) seeds the initialisation and restarts the LoRA
+        dropout stream, through LEMA's own generators: the global torch RNG is neither read
+        nor changed, so the same seed gives the same adapters and the same training run.
+        """
+        seed = self.config.seed if seed is None else seed
+        generator = torch.Generator().manual_seed(init_seed(seed))
         state = init_lora(self.spec, self.lora_spec, generator)
+        self.dropout_generator.manual_seed(dropout_seed(seed))
         self.set_lora(state)
 
     def get_trainable_parameters(self) -> list[torch.Tensor]:
         """The LoRA tensors (fp32 leaves on the device), in a fixed order, for the optimizer."""
         return self.require_lora().parameters()
 
-    def get_trainer(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> "LemaTrainer":
-        """A :class:`~lema.app.trainer.LemaTrainer` driving this model with ``optimizer``."""
+    def get_trainer(self, optimizer: torch.optim.Optimizer, *, reset_optimizer: bool = False,
+                    **kwargs: Any) -> "LemaTrainer":
+        """A :class:`~lema.app.trainer.LemaTrainer` driving this model with ``optimizer``.
+
+        After :meth:`from_pretrained`, the checkpoint's optimizer, scheduler, step and RNG
+        states are applied to it (see :meth:`LemaTrainer.restore`); ``reset_optimizer``
+        starts ``optimizer`` fresh instead of from the saved state (needed when the
+        checkpoint has none).
+        """
         from lema.app.trainer import LemaTrainer
 
         self.require_lora()
         trainer = LemaTrainer(self, optimizer, **kwargs)
         if self._pending_trainer_state is not None:
-            trainer.restore(self._pending_trainer_state)
+            trainer.restore(self._pending_trainer_state, reset_optimizer=reset_optimizer)
             self._pending_trainer_state = None
         self._trainer = trainer
         return trainer
@@ -172,12 +191,14 @@ class LemaModel:
         from lema.adapters.checkpoints.store import read_adapter
 
         config, tensors = read_adapter(path)
-        spec, state = self._adapter_state(path, config, tensors)
+        spec, state = self.adapter_state(path, config, tensors)
         self.lora_spec = spec
         self.set_lora(state)
 
-    def _adapter_state(self, path: str | Path, config: dict[str, Any],
-                       tensors: dict[str, torch.Tensor]) -> tuple[LoraSpec, LoraState]:
+    def adapter_state(self, path: str | Path, config: dict[str, Any],
+                      tensors: dict[str, torch.Tensor]) -> tuple[LoraSpec, LoraState]:
+        """The LoRA spec and state of a peft adapter's config and tensors, checked against
+        this base model (CheckpointError naming ``path`` when they do not fit)."""
         try:
             spec = LoraSpec.from_adapter_config(config)
             return spec, from_peft_state_dict(self.spec, spec, tensors)
@@ -218,18 +239,28 @@ class LemaModel:
         except ConfigError as exc:
             raise CheckpointError(f"{checkpoint_dir}: trainer_state.json config is invalid: {exc}") from None
         model = cls(config, device=device)
-        spec, state = model._adapter_state(checkpoint_dir, ckpt.adapter_config, ckpt.adapter_tensors)
+        spec, state = model.adapter_state(checkpoint_dir, ckpt.adapter_config, ckpt.adapter_tensors)
         model.lora_spec = spec
         model.set_lora(state)
         model._pending_trainer_state = {"trainer_state": ckpt.trainer_state,
                                         "optimizer_tensors": ckpt.optimizer_tensors,
-                                        "optimizer_meta": ckpt.optimizer_meta}
+                                        "optimizer_meta": ckpt.optimizer_meta,
+                                        "path": str(checkpoint_dir)}
         return model
 
     def close(self) -> None:
-        """Stop the prefetch thread and release the device slots (the model is unusable after)."""
-        self.engine.close()
-        self.device.close()
+        """Stop the prefetch thread, release the device slots, close the weight source (its
+        open files) and the device; the model is unusable after. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.engine.close()
+        finally:
+            # The embedding views keep the file's mapping (and its descriptor) alive.
+            self.embedding = {}
+            self.source.close()
+            self.device.close()
 
     def __enter__(self) -> "LemaModel":
         return self
@@ -268,9 +299,12 @@ class LemaModel:
             raise ConfigError(f"input_ids: token ids must be in [0, {self.spec.vocab_size}); "
                               f"got {int(ids.min())}..{int(ids.max())}")
         dev = self.device.torch_device
+        seed = 0
+        if training and self.lora_spec.dropout > 0:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.dropout_generator))
         ctx = make_context(self.spec, tuple(ids.shape), attention_mask=attention_mask, device=dev,
                            dtype=self.compute_dtype, lora=self.lora_spec, training=training,
-                           matmul_dtype=self.matmul_dtype)
+                           dropout_seed=seed, matmul_dtype=self.matmul_dtype)
         # The embedding is gathered on the host from the mmap'd (or RAM) table: only the
         # (batch, seq, hidden) activations cross the link, never the vocab-sized matrix.
         host_ctx = ctx if dev.type == "cpu" else make_context(self.spec, tuple(ids.shape), device="cpu",

@@ -1,15 +1,19 @@
-"""LemaTrainer: train_step / evaluate / save_checkpoint, as in the user guide."""
+"""LemaTrainer: train_step / evaluate / save_checkpoint / load_checkpoint, as in the user guide."""
 
 from __future__ import annotations
 
+import json
 import math
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
 from lema.app.batches import batches_to_tensors
+from lema.app.seeds import generator_state, set_generator_state
 from lema.app.training_pass import TrainingPass
+from lema.errors import BaseDropoutWarning, CheckpointError, NonFiniteLossError
 
 if TYPE_CHECKING:
     from lema.app.model import LemaModel
@@ -31,6 +35,7 @@ class LemaTrainer:
         self.global_step = 0  # optimizer steps taken
         self.micro_step = 0  # micro-batches since the last optimizer step
         self.last_report = None
+        _warn_base_dropouts(model)
 
     @property
     def accumulation(self) -> int:
@@ -47,12 +52,19 @@ class LemaTrainer:
             labels: ``(batch, seq)``; defaults to ``input_ids``; -100 is ignored; the shift
                 to next-token targets happens inside.
             attention_mask: ``(batch, seq)`` 1 for tokens, 0 for padding.
-            return_logits: also compute the full float32 logits (costs a forward pass; off by
-                default so that the (batch, seq, vocab) logits never need to exist).
+            return_logits: also return the full float32 logits the loss was computed from
+                (this step's forward, before the optimizer step; off by default so that the
+                ``(batch, seq, vocab)`` logits never need to exist).
 
         Returns:
             ``(logits, loss)``: logits (or None) and the mean loss of this micro-batch as a
             Python float.
+
+        Raises:
+            NonFiniteLossError: the loss (or, at an optimizer step, the gradient norm) is inf
+                or NaN. The optimizer is not stepped; the gradients accumulated since the last
+                optimizer step are discarded (``micro_step`` is 0 again), so training can go on
+                from the last good state or stop there.
         """
         model = self.model
         lora = model.require_lora()
@@ -62,25 +74,46 @@ class LemaTrainer:
             ctx, x0 = model.prepare_inputs(input_ids, attention_mask, training=True)
             targets = model.targets_for(input_ids, labels, attention_mask)
             step = TrainingPass(model.spec, lora, ctx, x0, targets, loss_scale=1.0 / self.accumulation,
-                                checkpointing=model.config.gradient_checkpointing)
+                                checkpointing=model.config.gradient_checkpointing, keep_logits=return_logits)
             del x0
             decoders = frozenset(u.index for u in model.spec.decoder_units)
             self.last_report = model.engine.run(step_with_cast(model, step), mode="train",
                                                 backward_units=decoders)
             model.last_report = self.last_report
             loss = step.loss_sum / max(step.n_tokens, 1)
+            logits = step.logits
             del step, ctx, targets
+            if not math.isfinite(loss):
+                self.discard_accumulation()
+                raise NonFiniteLossError(f"step {self.global_step + 1}: the loss is {loss} (not finite); the optimizer "
+                                         "was not stepped with it. Lower the learning rate, check the data, or "
+                                         "resume from the last good checkpoint", step=self.global_step + 1, value=loss)
             self.micro_step += 1
             if self.micro_step >= self.accumulation:
                 self._optimizer_step()
-        logits = model.forward(input_ids, attention_mask) if return_logits else None
         return logits, loss
+
+    def discard_accumulation(self) -> None:
+        """Drop the gradients gathered since the last optimizer step (``micro_step`` = 0)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for param in self.model.get_trainable_parameters():
+            param.grad = None
+        self.micro_step = 0
 
     def _optimizer_step(self) -> None:
         params = self.model.get_trainable_parameters()
         max_norm = self.model.config.max_grad_norm
+        grads = [p.grad for p in params if p.grad is not None]
         if max_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
+                if grads else 0.0
+        if not math.isfinite(norm):
+            self.discard_accumulation()
+            raise NonFiniteLossError(f"step {self.global_step + 1}: the gradient norm is {norm} (not finite); the "
+                                     "optimizer was not stepped with it. Lower the learning rate, check the data, or "
+                                     "resume from the last good checkpoint", step=self.global_step + 1, value=norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
@@ -131,6 +164,7 @@ class LemaTrainer:
             "global_step": self.global_step,
             "micro_step": self.micro_step,
             "rng": rng_state(),
+            "dropout_rng": generator_state(model.dropout_generator),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "config": model.config.to_dict(),
             "lema_version": _version(),
@@ -143,14 +177,63 @@ class LemaTrainer:
                          trainer_state=state, tokenizer_dir=tokenizer_dir)
         return Path(path)
 
-    def restore(self, pending: dict[str, Any]) -> None:
-        """Apply a checkpoint's trainer and optimizer state (called by ``get_trainer``)."""
+    def load_checkpoint(self, path: str | Path, *, reset_optimizer: bool = False) -> None:
+        """Continue from a checkpoint written by :meth:`save_checkpoint`: its adapters are
+        copied into this model's (the optimizer keeps its parameters), then the optimizer,
+        scheduler, step counters and RNG states are restored as :meth:`restore` does.
+
+        Raises:
+            CheckpointError: a missing or corrupt checkpoint, adapters of another shape, or
+                (without ``reset_optimizer``) no optimizer state.
+        """
+        from lema.adapters.checkpoints.store import read_checkpoint
+
+        ckpt = read_checkpoint(path)
+        if not ckpt.trainer_state:
+            raise CheckpointError(f"{path}: no trainer_state.json; it is an adapter, not a training checkpoint: "
+                                  "use model.load_adapter(path)")
+        _, state = self.model.adapter_state(path, ckpt.adapter_config, ckpt.adapter_tensors)
+        mine = self.model.require_lora().named_parameters()
+        theirs = dict(state.named_parameters())
+        wrong = [n for n, p in mine if n not in theirs or theirs[n].shape != p.shape]
+        if wrong or len(theirs) != len(mine):
+            raise CheckpointError(f"{path}: its adapters (rank, targets) differ from this model's "
+                                  f"(e.g. {(wrong or sorted(theirs))[0]}); build the model with the checkpoint's "
+                                  "LoRA settings, or use LemaModel.from_pretrained(path)")
+        with torch.no_grad():
+            for name, param in mine:
+                param.copy_(theirs[name].to(device=param.device, dtype=param.dtype))
+        self.restore({"trainer_state": ckpt.trainer_state, "optimizer_tensors": ckpt.optimizer_tensors,
+                      "optimizer_meta": ckpt.optimizer_meta, "path": str(path)}, reset_optimizer=reset_optimizer)
+
+    def restore(self, pending: dict[str, Any], *, reset_optimizer: bool = False) -> None:
+        """Apply a checkpoint's trainer and optimizer state (called by ``get_trainer`` after
+        ``LemaModel.from_pretrained``, and by :meth:`load_checkpoint`).
+
+        Restores the step counters, the gradients of an unfinished accumulation, the
+        optimizer and scheduler states, the global RNG states and LEMA's dropout generator.
+
+        Args:
+            pending: ``trainer_state``, ``optimizer_tensors``, ``optimizer_meta`` and the
+                checkpoint's ``path``.
+            reset_optimizer: start the optimizer fresh instead of from the saved state.
+
+        Raises:
+            CheckpointError: the checkpoint has no optimizer state and ``reset_optimizer`` is
+                False (resuming would silently restart the optimizer's moments).
+        """
         from lema.adapters.checkpoints.store import load_optimizer_state, set_rng_state
 
         state = pending["trainer_state"]
+        where = pending.get("path", "the checkpoint")
+        has_optimizer = pending.get("optimizer_tensors") is not None and pending.get("optimizer_meta") is not None
+        if not has_optimizer and not reset_optimizer:
+            raise CheckpointError(f"{where}: optimizer.safetensors is missing, so this would not be an exact resume "
+                                  "(the optimizer's moments would restart from zero); restore the file, or pass "
+                                  "--reset-optimizer (reset_optimizer=True) to continue with a fresh optimizer")
         self.global_step = int(state.get("global_step", 0))
         self.micro_step = int(state.get("micro_step", 0))
-        if pending.get("optimizer_tensors") is not None and pending.get("optimizer_meta") is not None:
+        if has_optimizer and not reset_optimizer:
             load_optimizer_state(self.optimizer, pending["optimizer_tensors"], pending["optimizer_meta"])
         tensors = pending.get("optimizer_tensors") or {}
         for name, param in self.model.require_lora().named_parameters():
@@ -161,6 +244,23 @@ class LemaTrainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if state.get("rng") is not None:
             set_rng_state(state["rng"])
+        if state.get("dropout_rng") is not None:
+            set_generator_state(self.model.dropout_generator, state["dropout_rng"])
+
+    # -- RNG snapshots (the CLI loop rolls back to an optimizer-step boundary) ------------
+
+    def rng_snapshot(self) -> dict[str, Any]:
+        """The global RNG states and LEMA's dropout generator, as :meth:`restore_rng` takes them."""
+        from lema.adapters.checkpoints.store import rng_state
+
+        return {"rng": rng_state(), "dropout_rng": generator_state(self.model.dropout_generator)}
+
+    def restore_rng(self, snapshot: dict[str, Any]) -> None:
+        """Put the RNG states back to a :meth:`rng_snapshot`."""
+        from lema.adapters.checkpoints.store import set_rng_state
+
+        set_rng_state(snapshot["rng"])
+        set_generator_state(self.model.dropout_generator, snapshot["dropout_rng"])
 
 
 _GRAD_PREFIX = "accumulated_grad."
@@ -173,6 +273,17 @@ def step_with_cast(model: LemaModel, step: TrainingPass):
         step(phase, unit, model.cast_weights(weights))
 
     return compute
+
+
+def _warn_base_dropouts(model: LemaModel) -> None:
+    from lema.domain.families.registry import base_dropouts
+
+    found = base_dropouts(json.loads(model.spec.config_json))
+    if found:
+        listed = ", ".join(f"{k}={v:g}" for k, v in found.items())
+        warnings.warn(f"the {model.spec.model_type} config sets {listed}: LEMA does not apply the frozen base model's "
+                      "own dropouts (training matches transformers with them at 0); lora_dropout regularises the "
+                      "adapters", BaseDropoutWarning, stacklevel=4)
 
 
 def _version() -> str:

@@ -42,13 +42,18 @@ class TrainingPass:
         loss_scale: the loss is multiplied by this before backward (1 / accumulation steps).
         checkpointing: recompute each layer in backward (True) or keep its graph (False).
         chunk_tokens: tokens per cross-entropy chunk.
+        keep_logits: also keep the full float32 logits of the last layer's output (the
+            ones the loss is computed from) in :attr:`logits`.
     """
 
     def __init__(self, spec: ModelSpec, lora: LoraState, ctx: BlockContext, x0: torch.Tensor,
-                 targets: torch.Tensor, *, loss_scale: float = 1.0, checkpointing: bool = True, chunk_tokens: int = heads.DEFAULT_CHUNK_TOKENS) -> None:
+                 targets: torch.Tensor, *, loss_scale: float = 1.0, checkpointing: bool = True,
+                 chunk_tokens: int = heads.DEFAULT_CHUNK_TOKENS, keep_logits: bool = False) -> None:
         self.spec, self.lora, self.ctx, self.targets = spec, lora, ctx, targets
         self.loss_scale, self.checkpointing = loss_scale, checkpointing
         self.chunk_tokens = chunk_tokens
+        self.keep_logits = keep_logits
+        self.logits: torch.Tensor | None = None
         self.x = x0
         self.saved: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}
@@ -88,6 +93,9 @@ class TrainingPass:
         return packed  # type: ignore[return-value]
 
     def _head(self, weights: Mapping[str, torch.Tensor]) -> None:
+        if self.keep_logits:
+            with torch.no_grad():
+                self.logits = heads.head_logits(self.spec, weights, self.x, self.ctx.matmul_dtype)
         x_last = self.x.detach().requires_grad_(True)
         with torch.enable_grad():
             loss_sum, n_tokens = heads.head_loss(self.spec, weights, x_last, self.targets, self.chunk_tokens,

@@ -54,11 +54,16 @@ def tensor_progress(verb: str) -> Iterator[Callable[[int, int, str], None]]:
 @click.option("--token", default=None, help="Hugging Face token for gated or private repos.")
 @click.option("--device", default="auto", show_default=True,
               help="Where dtype conversion runs: auto, cpu or cuda.")
-def convert(model: str, out: str, dtype: str | None, revision: str | None, token: str | None, device: str) -> None:
-    """Convert MODEL (local folder or Hub id) into the single file OUT that LEMA streams."""
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUT.")
+def convert(model: str, out: str, dtype: str | None, revision: str | None, token: str | None, device: str,
+            overwrite: bool) -> None:
+    """Convert MODEL (local folder or Hub id) into the single file OUT that LEMA streams.
+
+    OUT must lie outside MODEL's folder; an existing OUT is replaced only with --overwrite.
+    """
     from lema.app.convert import prepare_monolithic_safetensors
 
     with tensor_progress("converting") as progress:
         path = prepare_monolithic_safetensors(model, out, device=device, dtype=dtype, revision=revision,
-                                              token=token, progress=progress)
+                                              token=token, progress=progress, overwrite=overwrite)
     click.echo(f"wrote {path}")

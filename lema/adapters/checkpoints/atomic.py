@@ -6,8 +6,8 @@ then fsync the folder so the rename itself is durable.
 Directories (``rename(2)`` cannot replace a non-empty directory, so a swap takes three
 renames). The protocol for a target ``dir/name``:
 
-1. Write everything into the sibling ``dir/.name.tmp-<random>``; fsync every file and
-   the temporary directory.
+1. Write everything into the sibling ``dir/.name.tmp-<pid>-<random>``; fsync every file
+   and the temporary directory.
 2. If ``dir/name`` exists, rename it to the backup ``dir/.name.backup`` (a stale backup
    from an earlier crash is deleted first: it is obsolete while ``dir/name`` exists).
 3. Rename the temporary directory to ``dir/name``; fsync ``dir``.
@@ -16,19 +16,82 @@ renames). The protocol for a target ``dir/name``:
 A kill between steps 2 and 3 leaves no ``dir/name`` but a complete ``dir/.name.backup``;
 :func:`recover_directory` (called by the next :func:`atomic_directory` on that path and by
 readers such as :func:`lema.adapters.checkpoints.store.read_checkpoint`) renames it back. A
-kill at any other point leaves ``dir/name`` complete (old or new). Leftover temporary
-directories are removed by the next write to the same path, which assumes one writer per
-path at a time.
+kill at any other point leaves ``dir/name`` complete (old or new).
+
+Temporary files and directories carry the writer's pid (``.name.tmp-<pid>-<random>``), so
+what a killed writer left behind is recognisable: :func:`clean_stale_temps` removes those
+whose process is gone (every write to a path calls it for that path first, and ``lema
+train`` for its whole run folder), and never touches a live writer's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+# ``.name.tmp-<pid>-<random>``; older versions wrote ``.name.tmp-<random>`` (no pid).
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?:(?P<pid>\d+)-)?[a-z0-9_]+$")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (ours included)."""
+    if pid == os.getpid():
+        return True
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def temp_prefix(path: str | os.PathLike[str]) -> str:
+    """The name prefix of this process's temporary siblings of ``path``."""
+    return f".{Path(path).name}.tmp-{os.getpid()}-"
+
+
+def clean_stale_temps(folder: str | os.PathLike[str], name: str | None = None) -> list[Path]:
+    """Delete the temporary files and directories that killed writers left in ``folder``.
+
+    Only entries named like this module's temporaries (``.X.tmp-<pid>-<random>``, or the
+    pid-less form of older versions) whose writer process no longer exists are removed.
+
+    Args:
+        folder: where to look (a missing folder holds nothing).
+        name: only the temporaries of the target ``folder/name``; None: all of them.
+
+    Returns:
+        The paths removed.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = list(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if m is None or (name is not None and m["name"] != name):
+            continue
+        if m["pid"] is not None and pid_alive(int(m["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -53,7 +116,8 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     On an exception the temporary file is deleted and ``path`` is left untouched.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale_temps(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -124,9 +188,8 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(path)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    clean_stale_temps(path.parent, path.name)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), dir=path.parent))
     try:
         yield tmp
         _fsync_tree(tmp)

@@ -30,6 +30,20 @@ def dims(config: Mapping[str, Any]) -> Dims:
     )
 
 
+# transformers' GPT2Config defaults: a config without these keys trains with 0.1 each.
+BASE_DROPOUTS = (("embd_pdrop", 0.1), ("attn_pdrop", 0.1), ("resid_pdrop", 0.1))
+
+
+def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
+    """The base model's own dropout probabilities that are not zero (LEMA does not apply them)."""
+    out = {}
+    for key, default in BASE_DROPOUTS:
+        value = config.get(key, default)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            out[key] = float(value)
+    return out
+
+
 def expected_tensors(d: Dims, prefix: str | None = None) -> list[ExpectedTensor]:
     """Every tensor a GPT-2 model has; ``prefix`` is ``"transformer."`` (transformers' layout,
     the default) or ``""`` (the original OpenAI checkpoints)."""

@@ -14,6 +14,17 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 DEFAULT_TARGETS = TARGETS
 
 
+def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
+    """The base model's own dropout probabilities that are not zero (LEMA does not apply them).
+
+    Llama, Mistral and Qwen2 have ``attention_dropout`` (0.0 in transformers and in every
+    released config)."""
+    value = config.get("attention_dropout", 0.0)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return {"attention_dropout": float(value)}
+    return {}
+
+
 def dims(config: Mapping[str, Any]) -> Dims:
     """Read the dimensions of a Llama-family config dict."""
     model_type = str(config["model_type"]).lower()

@@ -1,8 +1,8 @@
 """The registry of model families: which family a config belongs to, and its tables (pure).
 
 A family is one module of :mod:`lema.domain.families` with ``NAME``, ``MODEL_TYPES``,
-``TARGETS`` (every module LoRA can target), ``DEFAULT_TARGETS``, ``dims(config)`` and
-``expected_tensors(dims, prefix)``. Adding a family is one new module listed in
+``TARGETS`` (every module LoRA can target), ``DEFAULT_TARGETS``, ``dims(config)``,
+``expected_tensors(dims, prefix)`` and ``base_dropouts(config)``. Adding a family is one new module listed in
 ``FAMILIES`` plus its tests. Families never import each other; shared math and types live
 in :mod:`lema.domain.model`.
 """
@@ -25,8 +25,9 @@ from lema.errors import ModelFormatError
 
 FAMILIES: dict[str, ModuleType] = {m.NAME: m for m in (llama, gpt2)}
 
-__all__ = ["DECODER", "EMBED", "FAMILIES", "HEAD", "Dims", "ExpectedTensor", "default_targets", "dims_of",
-           "expected_tensors", "family_of", "gpt2_prefix", "is_ignored", "supported_model_types", "target_modules"]
+__all__ = ["DECODER", "EMBED", "FAMILIES", "HEAD", "Dims", "ExpectedTensor", "base_dropouts", "default_targets",
+           "dims_of", "expected_tensors", "family_of", "gpt2_prefix", "is_ignored", "supported_model_types",
+           "target_modules"]
 
 
 def supported_model_types() -> tuple[str, ...]:
@@ -51,6 +52,12 @@ def family_of(config: Mapping[str, Any]) -> str:
 def dims_of(config: Mapping[str, Any]) -> Dims:
     """Read a model's dimensions from its config dict."""
     return FAMILIES[family_of(config)].dims(config)
+
+
+def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
+    """The base model's non-zero dropout probabilities (config key -> p), which LEMA's
+    training does not apply: it trains as transformers does with them set to 0."""
+    return FAMILIES[family_of(config)].base_dropouts(config)
 
 
 def default_targets(family: str) -> tuple[str, ...]:

@@ -7,8 +7,10 @@ so one layer's adapters can never leak into another's. The math mirrors transfor
 (``LlamaDecoderLayer`` with SDPA attention, ``GPT2Block``) and PEFT's ``lora.Linear``, so
 outputs and LoRA gradients match them.
 
-The frozen base model's own dropouts (GPT-2's ``resid_pdrop``/``attn_pdrop``) are not
-applied: only LoRA dropout is.
+The frozen base model's own dropouts (GPT-2's ``embd_pdrop``/``attn_pdrop``/``resid_pdrop``,
+the Llama family's ``attention_dropout``) are not applied: only LoRA dropout is, so training
+matches transformers with those set to 0 (:func:`lema.domain.families.registry.base_dropouts`
+lists them; the model warns when they are not zero).
 
 Example:
     >>> import torch
@@ -127,12 +129,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ada
 
 
 def embed(spec: ModelSpec, weights: Weights, input_ids: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
-    """Token (and, for GPT-2, learned position) embeddings, ``(batch, seq, hidden)`` in ``ctx.dtype``."""
+    """Token (and, for GPT-2, learned position) embeddings, ``(batch, seq, hidden)`` in ``ctx.dtype``.
+
+    GPT-2's ``wte + wpe`` is summed in ``ctx.dtype`` (the compute dtype), as transformers
+    does with weights loaded in that dtype: a bf16 file run as float32 sums in float32.
+    """
     if spec.family == "gpt2":
-        x = F.embedding(input_ids, weights["wte.weight"]) + F.embedding(ctx.position_ids, weights["wpe.weight"])
-    else:
-        x = F.embedding(input_ids, weights["embed_tokens.weight"])
-    return x.to(ctx.dtype)
+        tokens = F.embedding(input_ids, weights["wte.weight"]).to(ctx.dtype)
+        return tokens + F.embedding(ctx.position_ids, weights["wpe.weight"]).to(ctx.dtype)
+    return F.embedding(input_ids, weights["embed_tokens.weight"]).to(ctx.dtype)
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext, layer_type: str,

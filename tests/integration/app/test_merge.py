@@ -115,7 +115,7 @@ def test_non_finite_merge_keeps_an_existing_output(tmp_path):
     tensors = {k: v * 1e30 for k, v in tensors.items()}  # B @ A overflows float32
     write_checkpoint(tmp_path / "huge", adapter_tensors=tensors, adapter_config=config)
     with pytest.raises(CheckpointError, match="non-finite"):
-        merge_adapter(tmp_path / "base", tmp_path / "huge", out)
+        merge_adapter(tmp_path / "base", tmp_path / "huge", out, overwrite=True)
     assert out.read_bytes() == before
 
 

@@ -1,9 +1,12 @@
 """The training loop a command-line run uses (``lema train`` and ``lema demo``).
 
 It runs optimizer steps through a :class:`~lema.app.trainer.LemaTrainer`, writes
-``metrics.jsonl``, periodic checkpoints and the final one, and on Ctrl-C rolls back to the
-last optimizer step and saves a resumable checkpoint. The LR schedule, the checkpoint
-naming and resume-point discovery live here too.
+``metrics.jsonl``, periodic checkpoints and the final one. On Ctrl-C or SIGTERM (what
+schedulers and ``docker stop`` send) it rolls back to the last optimizer step and saves a
+resumable checkpoint; on a non-finite loss it does the same and raises
+:class:`~lema.errors.NonFiniteLossError` naming the step and the checkpoint. The LR
+schedule and the checkpoint naming live here too; the run folder (lock, resume point) in
+:mod:`lema.app.run_folder`.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from typing import Any, Callable
 
 import attrs
 
-from lema.errors import CheckpointError, ConfigError
+from lema.adapters.checkpoints.atomic import atomic_write_text
+from lema.app.run_folder import ARGS, FINAL, METRICS, checkpoint_step, latest_checkpoint
+from lema.errors import CheckpointError, ConfigError, NonFiniteLossError
 
-METRICS = "metrics.jsonl"
-ARGS = "train_args.json"
-FINAL = "final"
+__all__ = ["ARGS", "DATA_ARGS", "FINAL", "METRICS", "LoopOptions", "LoopResult", "checkpoint_step",
+           "latest_checkpoint", "lr_lambda", "make_optimizer", "plan_summary", "train_loop"]
+
 # Options that change which batches a step sees: a resumed run must use the same values.
 DATA_ARGS = ("data", "batch", "seq", "grad_accum", "seed")
 
@@ -47,13 +52,15 @@ class LoopOptions:
 
 @attrs.frozen
 class LoopResult:
-    """How a training loop ended."""
+    """How a training loop ended; ``signal`` names what interrupted it (``"SIGINT"``,
+    ``"SIGTERM"``) or is None."""
 
     steps_done: int
     last_loss: float | None
     checkpoint: Path | None
     interrupted: bool
     seconds: float
+    signal: str | None = None
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -73,22 +80,6 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def checkpoint_step(path: Path) -> int:
-    try:
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        return int(state["global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return -1
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The checkpoint in ``out`` with the highest step (``final`` or ``checkpoint-<step>``)."""
-    candidates = [p for p in [out / FINAL, *out.glob("checkpoint-*")] if (p / "trainer_state.json").is_file()]
-    scored = [(checkpoint_step(p), p.name == FINAL, p) for p in candidates]
-    scored = [s for s in scored if s[0] >= 0]
-    return max(scored, key=lambda s: (s[0], s[1]))[2] if scored else None
-
-
 def _trim_metrics(path: Path, keep_through: int) -> None:
     # Steps after the checkpoint we resume from are trained again: drop their old lines.
     if not path.is_file():
@@ -100,32 +91,40 @@ def _trim_metrics(path: Path, keep_through: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue
-    path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
 
 
 class _StopFlag:
-    """First Ctrl-C asks the loop to stop at the next optimizer step; a second one raises
-    KeyboardInterrupt at once. Only installed in the main thread (where signals arrive)."""
+    """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the next optimizer step;
+    a second one raises KeyboardInterrupt at once (the loop still rolls back and saves).
+    Only installed in the main thread (where signals arrive)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, echo: Callable[[str], None]) -> None:
         self.requested = False
+        self.signal: str | None = None
         self._echo = echo
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopFlag":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        self._echo("stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)")
+        self.signal = signal.Signals(signum).name
+        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        self._echo(f"{self.signal}: stopping after this step and saving a checkpoint ({again} again to stop at once)")
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
 
 
 def make_optimizer(model: Any, opts: LoopOptions) -> tuple[Any, Any]:
@@ -149,7 +148,6 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
             it shows the progress itself, so no lines are logged) and ``update(step, record)``;
             None logs lines only.
     """
-    from lema.adapters.checkpoints.store import rng_state, set_rng_state
     from lema.data.examples import batches
 
     out = opts.out
@@ -165,8 +163,9 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
     saved: Path | None = None
     last_loss: float | None = None
     began = time.perf_counter()
-    boundary_rng = rng_state()
+    boundary_rng = trainer.rng_snapshot()
     interrupted = False
+    failure: NonFiniteLossError | None = None
     bar_cm = progress(opts.steps, start) if progress is not None else _NoProgress()
     with _StopFlag(echo) as stop, bar_cm as bar, \
             open(out / METRICS, "a", encoding="utf-8") as metrics:
@@ -182,7 +181,7 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
                     losses.append(loss)
                     tokens += int(batch["attention_mask"].sum())
                 seconds = time.perf_counter() - t0
-                boundary_rng = rng_state()
+                boundary_rng = trainer.rng_snapshot()
                 step = trainer.global_step
                 last_loss = sum(losses) / len(losses)
                 report = getattr(model, "last_report", None)
@@ -199,20 +198,25 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
                     echo(_log_line(record, opts.steps))
                 if opts.save_steps and step % opts.save_steps == 0 and step < opts.steps:
                     saved = trainer.save_checkpoint(out / f"checkpoint-{step}", tokenizer_dir=tokenizer_dir)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, NonFiniteLossError) as exc:
             interrupted = True
+            if isinstance(exc, NonFiniteLossError):
+                failure = exc
             # Roll back to the last optimizer step: drop the partial accumulation so that the
             # checkpoint describes exactly `global_step` steps, RNG included.
-            trainer.optimizer.zero_grad(set_to_none=True)
-            trainer.micro_step = 0
-            set_rng_state(boundary_rng)
+            trainer.discard_accumulation()
+            trainer.restore_rng(boundary_rng)
         interrupted = (interrupted or stop.requested) and trainer.global_step < opts.steps
     step = trainer.global_step
     if interrupted:
         saved = trainer.save_checkpoint(out / f"checkpoint-{step}", tokenizer_dir=tokenizer_dir)
     else:
         saved = trainer.save_checkpoint(out / FINAL, tokenizer_dir=tokenizer_dir)
-    return LoopResult(step, last_loss, saved, interrupted, time.perf_counter() - began)
+    if failure is not None:
+        raise NonFiniteLossError(f"{failure}; the last good step ({step}) is saved in {saved}",
+                                 step=failure.step, value=failure.value, checkpoint=saved) from None
+    return LoopResult(step, last_loss, saved, interrupted, time.perf_counter() - began,
+                      signal=stop.signal if interrupted else None)
 
 
 def _current_lr(trainer: Any) -> float:

@@ -45,14 +45,24 @@ import click
               help="Where the built model and the JSON result go.")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None,
               help="Result file (default: WORKDIR/bench.json).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing result file.")
 def bench(model, preset, dtype, batch, seq, steps, warmup, rank, prefetch, device, strategies, no_reference,
-          link_bandwidth, reads, schedule, trace, workdir, json_out) -> None:
-    """Measure step time, device peak vs plan and bytes moved vs the link, in one run."""
+          link_bandwidth, reads, schedule, trace, workdir, json_out, overwrite) -> None:
+    """Measure step time, device peak vs plan and bytes moved vs the link, in one run.
+
+    WORKDIR keeps the models it builds (reused by the next run); the result file is
+    replaced only with --overwrite.
+    """
     from lema.app import benchmarking
+    from lema.app.outputs import check_output
     from lema.domain.plan.strategy import MemoryStrategy
     from lema.domain.units import parse_size
     from lema.errors import ConfigError
 
+    out = json_out or workdir / "bench.json"
+    inputs = [model] if model is not None else []
+    check_output(workdir, option="--workdir", folders=inputs, overwrite=None)
+    check_output(out, option="--json-out", folders=inputs, overwrite=overwrite)
     names = tuple(s.strip() for s in strategies.split(",") if s.strip())
     if link_bandwidth is not None and device != "cpu":
         raise ConfigError("--link-bandwidth: only the CPU device simulates a link; a GPU's is measured")
@@ -75,6 +85,5 @@ def bench(model, preset, dtype, batch, seq, steps, warmup, rank, prefetch, devic
     result = benchmarking.run(settings, log=lambda line: click.echo(line, err=True))
     for line in benchmarking.summary_lines(result):
         click.echo(line)
-    out = json_out or workdir / "bench.json"
     benchmarking.dump(result, out)
     click.echo(f"wrote {out}")

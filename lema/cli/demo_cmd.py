@@ -141,13 +141,16 @@ def _one_line(text: str, width: int = 100) -> str:
 @click.option("--size", type=click.Choice(sorted(SIZES)), default="small", show_default=True,
               help="small: hidden 256, 4 layers (~3M parameters); tiny: hidden 64, 2 layers.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def demo(out: str, steps: int | None, size: str, seed: int) -> None:
+@click.option("--overwrite", is_flag=True, help="Run in a non-empty --out, replacing the demo's files there.")
+def demo(out: str, steps: int | None, size: str, seed: int, overwrite: bool) -> None:
     """Fine-tune a LoRA adapter on a small local model, streaming layers on the CPU."""
     import torch
 
+    from lema.adapters.checkpoints.atomic import atomic_write_text
+    from lema.app.outputs import check_output
+
     from lema.app.model import LemaModel
     from lema.app.train_loop import (
-        FINAL,
         LoopOptions,
         make_optimizer,
         plan_summary,
@@ -157,15 +160,19 @@ def demo(out: str, steps: int | None, size: str, seed: int) -> None:
     from lema.config import LemaConfig
     from lema.data.examples import read_examples, shipped_corpus
     from lema.data.tokenizer import build_byte_tokenizer
+    from lema.errors import OutputError
 
     settings = DemoSettings(size=size, seed=seed, **({} if steps is None else {"steps": steps}))
     began = time.perf_counter()
     root = Path(out).expanduser().absolute()  # absolute: the checkpoint records these paths
+    if root.exists() and not root.is_dir():
+        raise OutputError(f"--out {out} is a file; pass a folder")
+    check_output(root, option="--out", overwrite=overwrite)
     data_dir, base_dir = root / "data", root / "base"
     data_dir.mkdir(parents=True, exist_ok=True)
     train_text, held_text = split_corpus(shipped_corpus())
-    (data_dir / "train.txt").write_text(train_text, encoding="utf-8")
-    (data_dir / "heldout.txt").write_text(held_text, encoding="utf-8")
+    atomic_write_text(data_dir / "train.txt", train_text)
+    atomic_write_text(data_dir / "heldout.txt", held_text)
 
     click.echo(f"1/4 tokenizer: byte-level BPE, {VOCAB} tokens, trained on the shipped corpus "
                f"({len(train_text):,} characters)")
@@ -192,8 +199,6 @@ def demo(out: str, steps: int | None, size: str, seed: int) -> None:
                f"lr {settings.lr:g}, LoRA rank {settings.rank} on {', '.join(model.lora_spec.targets)}")
     opts = LoopOptions(out=root, steps=settings.steps, batch=settings.batch, seq=settings.seq, lr=settings.lr,
                        seed=seed, lr_schedule="cosine", warmup=max(1, settings.steps // 20))
-    if (root / FINAL).exists():
-        shutil.rmtree(root / FINAL)
     optimizer, scheduler = make_optimizer(model, opts)
     trainer = model.get_trainer(optimizer, scheduler=scheduler)
     result = train_loop(model, trainer, train.examples, pad, opts, base_dir, echo=click.echo, progress=TrainingProgress)

@@ -6,9 +6,10 @@ import warnings
 
 import click
 
-from lema.errors import DoesNotFitError, LemaError, LemaWarning
+from lema.errors import DoesNotFitError, LemaError, LemaWarning, NonFiniteLossError
 
 EXIT_DOES_NOT_FIT = 1
+EXIT_TRAINING_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 
@@ -30,6 +31,8 @@ class LemaGroup(click.Group):
                 return super().invoke(ctx)
         except DoesNotFitError as exc:
             raise CliError(str(exc), EXIT_DOES_NOT_FIT) from None
+        except NonFiniteLossError as exc:
+            raise CliError(str(exc), EXIT_TRAINING_FAILED) from None
         except LemaError as exc:
             raise CliError(str(exc), EXIT_BAD_INPUT) from None
         except (OSError, UnicodeDecodeError) as exc:

@@ -9,36 +9,46 @@ What the run leaves in ``DIR``:
   device_peak_bytes, ...);
 * ``train_args.json``: the options of the run, compared on ``--resume``.
 
-``--resume`` continues from the checkpoint in ``DIR`` with the highest step (``final`` or a
-``checkpoint-<step>``): adapter, optimizer, LR schedule and RNG states are restored and the
-batches already consumed are skipped, so a resumed run ends with the same adapter as a
-straight one (bit for bit on CPU).
+``--resume`` continues from the complete checkpoint in ``DIR`` with the highest step
+(``final`` or a ``checkpoint-<step>``, including the recovery copy an interrupted save
+leaves): adapter, optimizer, LR schedule and RNG states (LoRA dropout's included) are
+restored and the batches already consumed are skipped, so a resumed run ends with the same
+adapter as a straight one (bit for bit on CPU). Without ``--resume`` ``DIR`` must be new or
+empty. While it runs, ``DIR/.lema.lock`` (holding the pid) keeps a second ``lema train``
+out of ``DIR``.
 
-Exit status: 0 done, 1 the plan does not fit (the message says what would), 2 bad input,
-130 stopped by Ctrl-C (after saving a checkpoint).
+Exit status: 0 done, 1 the plan does not fit (the message says what would) or a
+non-finite loss stopped the run (after saving the last good step), 2 bad input, 130
+stopped by Ctrl-C, 143 stopped by SIGTERM (both after saving a checkpoint).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
+import attrs
 import click
 
+from lema.adapters.checkpoints.atomic import atomic_write_text
+from lema.app.outputs import check_output
+from lema.app.run_folder import open_run
 from lema.app.run_inputs import open_tokenizer, resolve_model_arg
 from lema.app.train_loop import (
     ARGS,
     DATA_ARGS,
     LoopOptions,
-    latest_checkpoint,
     make_optimizer,
     plan_summary,
     train_loop,
 )
 from lema.cli.progress import TrainingProgress
-from lema.errors import CheckpointError, ConfigError, DataError
+from lema.errors import ConfigError, DataError, LemaWarning
+
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 # -- the command -----------------------------------------------------------------------------
 
@@ -67,8 +77,14 @@ from lema.errors import CheckpointError, ConfigError, DataError
               help="Micro-batches per optimizer step.")
 @click.option("--save-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Write DIR/checkpoint-<step> every N optimizer steps (0: only at the end).")
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in DIR.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the adapter init and data order.")
+@click.option("--resume", is_flag=True, help="Continue from the latest complete checkpoint in DIR.")
+@click.option("--reset-optimizer", is_flag=True,
+              help="With --resume: start AdamW fresh instead of from the checkpoint's optimizer state "
+                   "(required when optimizer.safetensors is missing).")
+@click.option("--lora-dropout", type=click.FloatRange(min=0.0, max=1.0, max_open=True), default=0.0,
+              show_default=True, help="Dropout on the adapters' input (seeded by --seed; exact on --resume).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the adapter init, LoRA dropout and data order.")
 @click.option("--tokenizer", metavar="PATH", help="Tokenizer folder (default: the model's folder).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--prefetch", type=click.IntRange(min=0), default=2, show_default=True,
@@ -77,56 +93,92 @@ from lema.errors import CheckpointError, ConfigError, DataError
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine", "linear"]), default="constant",
               show_default=True)
 @click.pass_context
-def train(ctx: click.Context, model_path: str, data: str, out: str, steps: int | None, epochs: int | None,
-          batch: int, seq: int, lr: float, rank: int, alpha: float | None, targets: str | None, strategy: str,
-          vram: str | None, grad_accum: int, save_steps: int, resume: bool, seed: int, tokenizer: str | None,
-          device: str, prefetch: int, warmup: int, lr_schedule: str) -> None:
+def train(ctx: click.Context, **options: Any) -> None:
     """Fine-tune a LoRA adapter on --data and write it to --out.
 
-    OUT gets checkpoint-<step>/ every --save-steps and on Ctrl-C, final/ when the run
-    completes (peft adapter + optimizer state + tokenizer), and metrics.jsonl. --resume
-    continues from the latest of them exactly where it stopped.
+    OUT gets checkpoint-<step>/ every --save-steps and on Ctrl-C or SIGTERM, final/ when
+    the run completes (peft adapter + optimizer state + tokenizer), and metrics.jsonl.
+    OUT must be new or empty; --resume continues the run in it exactly where it stopped.
 
     \b
     Example:
       lema train --model llama2_7b.safetensors --data train.jsonl --out runs/a \\
                  --steps 1000 --batch 4 --seq 512 --lr 2e-4 --save-steps 200
     """
+    o = TrainOptions(**options)
+    if o.steps is not None and o.epochs is not None:
+        raise ConfigError("pass --steps or --epochs, not both")
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        raise ConfigError(f"--lr: {o.lr!r} must be a positive number")
+    if o.reset_optimizer and not o.resume:
+        raise ConfigError("--reset-optimizer only applies with --resume")
+    out_dir = Path(o.out)
+    model_arg = Path(o.model_path).expanduser()
+    check_output(out_dir, option="--out", overwrite=None, folders=[model_arg if model_arg.is_dir() else None],
+                 files=[model_arg if model_arg.is_file() else None, Path(o.data)])
+    with open_run(out_dir, resume=o.resume, echo=click.echo) as run:
+        if run.checkpoint is not None:
+            _check_resume_args(out_dir, o.args())
+        code = _train(o, out_dir, run.checkpoint)
+    if code:
+        ctx.exit(code)
+
+
+@attrs.frozen(kw_only=True)
+class TrainOptions:
+    """The command's options, as click passes them."""
+
+    model_path: str
+    data: str
+    out: str
+    steps: int | None
+    epochs: int | None
+    batch: int
+    seq: int
+    lr: float
+    rank: int
+    alpha: float | None
+    targets: str | None
+    strategy: str
+    vram: str | None
+    grad_accum: int
+    save_steps: int
+    resume: bool
+    reset_optimizer: bool
+    lora_dropout: float
+    seed: int
+    tokenizer: str | None
+    device: str
+    prefetch: int
+    warmup: int
+    lr_schedule: str
+
+    def args(self) -> dict[str, Any]:
+        """What ``train_args.json`` records (compared on ``--resume``)."""
+        return {"model": self.model_path, "data": str(self.data), "batch": self.batch, "seq": self.seq,
+                "grad_accum": self.grad_accum, "seed": self.seed, "rank": self.rank, "alpha": self.alpha,
+                "targets": self.targets, "lr": self.lr, "steps": self.steps, "epochs": self.epochs,
+                "warmup": self.warmup, "lr_schedule": self.lr_schedule, "lora_dropout": self.lora_dropout}
+
+
+def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None) -> int:
+    """The run itself, in a locked ``out_dir``; returns the exit status."""
     from lema.app.model import LemaModel
     from lema.config import LemaConfig
     from lema.data.examples import batches_per_epoch, read_examples
 
-    if steps is not None and epochs is not None:
-        raise ConfigError("pass --steps or --epochs, not both")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ConfigError(f"--lr: {lr!r} must be a positive number")
-    out_dir = Path(out)
-    args = {"model": model_path, "data": str(data), "batch": batch, "seq": seq, "grad_accum": grad_accum,
-            "seed": seed, "rank": rank, "alpha": alpha, "targets": targets, "lr": lr, "steps": steps,
-            "epochs": epochs, "warmup": warmup, "lr_schedule": lr_schedule}
-    ckpt = None
-    if resume:
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
-            raise CheckpointError(f"--resume: no checkpoint in {out_dir} (looked for final/ and checkpoint-<step>/); "
-                                  "run without --resume to start fresh")
-        _check_resume_args(out_dir, args)
-    elif out_dir.is_dir() and latest_checkpoint(out_dir) is not None:
-        raise ConfigError(f"--out: {out_dir} already holds checkpoints; pass --resume to continue that run, "
-                          "or choose another --out")
-
-    gbi_path, name_or_path = resolve_model_arg(model_path, echo=click.echo)
-    tok, tok_dir = open_tokenizer(tokenizer, model_path)
-    dataset = read_examples(data, tok, seq)
-    per_epoch = batches_per_epoch(len(dataset.examples), batch)
-    total = steps if steps is not None else max(1, math.ceil((epochs or 1) * per_epoch / grad_accum))
-    click.echo(f"data: {data}: {dataset.format}, {len(dataset.examples):,} examples, {dataset.n_tokens:,} tokens"
-               + (f" ({dataset.n_truncated} truncated to --seq {seq})" if dataset.n_truncated else "")
+    gbi_path, name_or_path = resolve_model_arg(o.model_path, echo=click.echo)
+    tok, tok_dir = open_tokenizer(o.tokenizer, o.model_path)
+    dataset = read_examples(o.data, tok, o.seq)
+    per_epoch = batches_per_epoch(len(dataset.examples), o.batch)
+    total = o.steps if o.steps is not None else max(1, math.ceil((o.epochs or 1) * per_epoch / o.grad_accum))
+    click.echo(f"data: {o.data}: {dataset.format}, {len(dataset.examples):,} examples, {dataset.n_tokens:,} tokens"
+               + (f" ({dataset.n_truncated} truncated to --seq {o.seq})" if dataset.n_truncated else "")
                + f"; {per_epoch} batches per epoch; {total} optimizer steps")
 
-    runtime = dict(gbi_path=gbi_path, model_name_or_path=name_or_path, strategy=strategy, device=device,
-                   vram_budget=vram, prefetch_distance=prefetch, batch_size=batch, max_seq_len=seq,
-                   gradient_accumulation_steps=grad_accum)
+    runtime = dict(gbi_path=gbi_path, model_name_or_path=name_or_path, strategy=o.strategy, device=o.device,
+                   vram_budget=o.vram, prefetch_distance=o.prefetch, batch_size=o.batch, max_seq_len=o.seq,
+                   gradient_accumulation_steps=o.grad_accum)
     if ckpt is not None:
         from lema.app import bootstrap
 
@@ -136,34 +188,42 @@ def train(ctx: click.Context, model_path: str, data: str, out: str, steps: int |
         model = LemaModel.from_pretrained(ckpt, device=dev,
                                           **{k: v for k, v in runtime.items() if k != "device"})
     else:
-        config = LemaConfig(lora_rank=rank, lora_alpha=alpha, seed=seed,
-                            lora_target_modules=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
-                            **runtime)
+        targets = [t.strip() for t in o.targets.split(",") if t.strip()] if o.targets else None
+        config = LemaConfig(lora_rank=o.rank, lora_alpha=o.alpha, lora_dropout=o.lora_dropout, seed=o.seed,
+                            lora_target_modules=targets, **runtime)
         model = LemaModel(config)
         model.initialize_lora()
-    click.echo(plan_summary(model))
-    _check_vocab(dataset, model, data)
-    opts = LoopOptions(out=out_dir, steps=total, batch=batch, seq=seq, lr=lr, seed=seed, grad_accum=grad_accum,
-                       save_steps=save_steps, warmup=warmup, lr_schedule=lr_schedule)
-    optimizer, scheduler = make_optimizer(model, opts)
-    trainer = model.get_trainer(optimizer, scheduler=scheduler)
-    if ckpt is not None:
-        click.echo(f"resuming from {ckpt} at step {trainer.global_step}")
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / ARGS).write_text(json.dumps(args, indent=2), encoding="utf-8")
-    if trainer.global_step >= total:
-        click.echo(f"already trained {trainer.global_step} steps (asked for {total}); nothing to do")
-        return
-    result = train_loop(model, trainer, dataset.examples, tok.pad_token_id, opts, tok_dir,
-                        echo=click.echo, progress=TrainingProgress)
+    with model:
+        click.echo(plan_summary(model))
+        _check_vocab(dataset, model, o.data)
+        opts = LoopOptions(out=out_dir, steps=total, batch=o.batch, seq=o.seq, lr=o.lr, seed=o.seed,
+                           grad_accum=o.grad_accum, save_steps=o.save_steps, warmup=o.warmup,
+                           lr_schedule=o.lr_schedule)
+        optimizer, scheduler = make_optimizer(model, opts)
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always", LemaWarning)
+            trainer = model.get_trainer(optimizer, scheduler=scheduler, reset_optimizer=o.reset_optimizer)
+        for note in notes:
+            if issubclass(note.category, LemaWarning):
+                click.echo(f"note: {note.message}")
+        if ckpt is not None:
+            click.echo(f"resuming from {ckpt} at step {trainer.global_step}"
+                       + (" with a fresh optimizer (--reset-optimizer)" if o.reset_optimizer else ""))
+        else:
+            atomic_write_text(out_dir / ARGS, json.dumps(o.args(), indent=2))
+        if trainer.global_step >= total:
+            click.echo(f"already trained {trainer.global_step} steps (asked for {total}); nothing to do")
+            return 0
+        result = train_loop(model, trainer, dataset.examples, tok.pad_token_id, opts, tok_dir,
+                            echo=click.echo, progress=TrainingProgress)
     if result.interrupted:
         click.echo(f"interrupted at step {result.steps_done}: saved {result.checkpoint}; continue with the same "
                    "command plus --resume")
-        ctx.exit(130)
+        return EXIT_SIGNAL.get(result.signal or "SIGINT", 130)
     click.echo(f"done: {result.steps_done} steps in {result.seconds:.1f} s, last loss "
                f"{result.last_loss if result.last_loss is None else format(result.last_loss, '.4f')}; "
                f"adapter in {result.checkpoint}")
+    return 0
 
 
 def _check_resume_args(out: Path, args: dict[str, Any]) -> None:

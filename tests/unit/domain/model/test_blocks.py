@@ -156,3 +156,24 @@ def test_unknown_activation_is_a_model_format_error():
 
     with pytest.raises(ModelFormatError, match="'swiglu_oai'"):
         activation("swiglu_oai")
+
+
+def test_gpt2_embedding_of_a_bf16_file_run_as_float32_sums_in_float32():
+    """transformers loads a bf16 file with dtype=float32 as float32 weights and sums wte + wpe
+    in float32; the sum in bf16 is ~1e-3 off."""
+    model = build_hf_model("gpt2", seed=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float() * 16)  # bf16-representable values, large enough to round
+    spec = spec_of(model)
+    units = unit_weights(spec, model.state_dict())
+    bf16_units = [{k: v.to(torch.bfloat16) for k, v in u.items()} for u in units]  # what the file holds
+    ids, _ = _batch(spec.vocab_size, None)
+    ctx = make_context(spec, tuple(ids.shape), dtype=torch.float32)
+    with torch.no_grad():
+        expected = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(SEQ)[None])
+    ours = embed(spec, bf16_units[0], ids, ctx)
+    assert ours.dtype == torch.float32
+    assert torch.equal(ours, expected)
+    summed_in_bf16 = (bf16_units[0]["wte.weight"][ids] + bf16_units[0]["wpe.weight"][:SEQ][None]).float()
+    assert not torch.equal(summed_in_bf16, expected)

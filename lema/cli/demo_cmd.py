@@ -204,7 +204,7 @@ def demo(out: str, steps: int | None, size: str, seed: int, overwrite: bool) -> 
     result = train_loop(model, trainer, train.examples, pad, opts, base_dir, echo=click.echo, progress=TrainingProgress)
     if result.interrupted:
         click.echo(f"interrupted at step {result.steps_done}: saved {result.checkpoint}")
-        click.get_current_context().exit(130)
+        click.get_current_context().exit(143 if result.signal == "SIGTERM" else 130)
     after_loss = held_out_loss(model, held.examples, pad, settings.batch)
     after_text = greedy(model, tokenizer, PROMPT, 24)
     click.echo("")

@@ -248,6 +248,17 @@ class LemaModel:
                                         "path": str(checkpoint_dir)}
         return model
 
+    def input_paths(self) -> list[Path]:
+        """The files and folders this model reads (weight files, the weights folder of a
+        sharded model, the local ``model_name_or_path`` folder): what a save must not replace."""
+        resolved = self._resolved
+        paths = [resolved.root / f for f in self.spec.files] if resolved.root is not None else []
+        if resolved.weights_path is not None:
+            paths.append(Path(resolved.weights_path))
+        if self.config.model_name_or_path and Path(self.config.model_name_or_path).is_dir():
+            paths.append(Path(self.config.model_name_or_path))
+        return paths
+
     def close(self) -> None:
         """Stop the prefetch thread, release the device slots, close the weight source (its
         open files) and the device; the model is unusable after. Safe to call twice."""

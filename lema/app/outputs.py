@@ -91,7 +91,8 @@ def check_output(out: str | os.PathLike[str], *, option: str,
     inputs = [f for f in files if f is not None]
     for file in inputs:
         if _same(out, file):
-            raise OutputError(f"{option} {out} is the input file {file}; writing it would destroy the input: "
+            kind = "folder" if Path(file).is_dir() else "file"
+            raise OutputError(f"{option} {out} is the input {kind} {file}; writing it would destroy the input: "
                               "choose another path")
     if replaces_folder:
         for item in [*inputs, *(f for f in folders if f is not None)]:

@@ -22,11 +22,8 @@ from typing import Any, Callable
 import attrs
 
 from lema.adapters.checkpoints.atomic import atomic_write_text
-from lema.app.run_folder import ARGS, FINAL, METRICS, checkpoint_step, latest_checkpoint
+from lema.app.run_folder import FINAL, METRICS
 from lema.errors import CheckpointError, ConfigError, NonFiniteLossError
-
-__all__ = ["ARGS", "DATA_ARGS", "FINAL", "METRICS", "LoopOptions", "LoopResult", "checkpoint_step",
-           "latest_checkpoint", "lr_lambda", "make_optimizer", "plan_summary", "train_loop"]
 
 # Options that change which batches a step sees: a resumed run must use the same values.
 DATA_ARGS = ("data", "batch", "seq", "grad_accum", "seed")

@@ -146,7 +146,12 @@ class LemaTrainer:
         ``trainer_state.json`` (step, accumulation position, RNG states, scheduler state and
         the LemaConfig). No pickle anywhere. A crash during the save leaves the previous
         checkpoint at ``path`` intact.
+
+        Raises:
+            OutputError: ``path`` is, or contains, a file or folder the model reads (the
+                save replaces ``path`` as a whole).
         """
+        from lema.app.outputs import check_output
         from lema.adapters.checkpoints.store import (
             optimizer_to_tensors,
             rng_state,
@@ -154,6 +159,8 @@ class LemaTrainer:
         )
 
         model = self.model
+        check_output(path, option="checkpoint path", files=[*model.input_paths(), tokenizer_dir], overwrite=True,
+                     replaces_folder=True)
         named = model.require_lora().named_parameters()
         opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer, [name for name, _ in named])
         # Saved mid-accumulation, the gradients gathered so far are part of the state.

@@ -35,10 +35,9 @@ import click
 
 from lema.adapters.checkpoints.atomic import atomic_write_text
 from lema.app.outputs import check_output
-from lema.app.run_folder import open_run
+from lema.app.run_folder import ARGS, open_run
 from lema.app.run_inputs import open_tokenizer, resolve_model_arg
 from lema.app.train_loop import (
-    ARGS,
     DATA_ARGS,
     LoopOptions,
     make_optimizer,

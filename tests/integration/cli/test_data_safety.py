@@ -108,6 +108,19 @@ def test_the_python_api_protects_inputs_too(inputs, tmp_path):
     assert snapshot(inputs) == before
 
 
+def test_save_checkpoint_never_replaces_what_the_model_reads(inputs, tmp_path):
+    before = snapshot(inputs)
+    with LemaModel(LemaConfig(model_name_or_path=str(inputs / "hf"), device="cpu", lora_rank=2)) as model:
+        model.initialize_lora()
+        trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-2))
+        for path, needle in [(inputs / "hf", "is the input folder"), (inputs, "contains the input"),
+                             (inputs / "hf" / "model.safetensors", "is the input file")]:
+            with pytest.raises(OutputError, match=needle):
+                trainer.save_checkpoint(path)
+        trainer.save_checkpoint(tmp_path / "ckpt")  # anywhere else is fine
+    assert snapshot(inputs) == before
+
+
 _KILLED_WRITE = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r})

@@ -229,3 +229,40 @@ def test_sigkill_during_write_leaves_a_loadable_checkpoint(tmp_path, delay):
         assert torch.all(tensor == (1.0 if version == 1 else float(version)))
     if version > 1:
         assert len(result.adapter_tensors) == 8
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temporaries_of_dead_writers_are_cleaned_and_live_ones_kept(tmp_path):
+    from lema.adapters.checkpoints.atomic import clean_stale_temps
+
+    dead, live = _dead_pid(), os.getpid()
+    (tmp_path / f".ck.tmp-{dead}-abc").mkdir()
+    (tmp_path / f".ck.tmp-{dead}-abc" / "adapter_model.safetensors").write_bytes(b"half")
+    (tmp_path / f".model.safetensors.tmp-{dead}-x1").write_bytes(b"half")
+    (tmp_path / ".old.tmp-k2j3h4g5").mkdir()  # an older version's name, without a pid
+    (tmp_path / f".ck.tmp-{live}-def").mkdir()
+    (tmp_path / "ck.tmp-1-abc").write_text("not ours: no leading dot")
+    assert {p.name for p in clean_stale_temps(tmp_path, "model.safetensors")} == {f".model.safetensors.tmp-{dead}-x1"}
+    assert {p.name for p in clean_stale_temps(tmp_path)} == {f".ck.tmp-{dead}-abc", ".old.tmp-k2j3h4g5"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".ck.tmp-{live}-def", "ck.tmp-1-abc"]
+
+
+def test_a_run_lock_is_exclusive_and_released(tmp_path):
+    from lema.adapters.checkpoints.run_lock import LOCK_NAME, acquire_run_lock
+    from lema.errors import RunInUseError
+
+    lock, note = acquire_run_lock(tmp_path / "run")
+    assert note is None and (tmp_path / "run" / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+    with pytest.raises(RunInUseError, match=f"process {os.getpid()}"):
+        acquire_run_lock(tmp_path / "run")  # a second holder, even in this process
+    lock.release()
+    lock.release()
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+    with acquire_run_lock(tmp_path / "run")[0] as again:
+        assert again.held
+    assert not again.held

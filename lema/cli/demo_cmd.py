@@ -185,28 +185,31 @@ def demo(out: str, steps: int | None, size: str, seed: int, overwrite: bool) -> 
                         device="cpu", lora_rank=settings.rank, batch_size=settings.batch,
                         max_seq_len=settings.seq, seed=seed)
     model = LemaModel(config)
-    model.initialize_lora()
-    n_params = model.plan().model.parameters
-    click.echo(f"3/4 {plan_summary(model)}\n      ({n_params:,} base parameters streamed from {weights})")
-    train = read_examples(data_dir / "train.txt", tokenizer, settings.seq)
-    held = read_examples(data_dir / "heldout.txt", tokenizer, settings.seq)
-    pad = tokenizer.pad_token_id
-    torch.manual_seed(seed)
-    before_loss = held_out_loss(model, held.examples, pad, settings.batch)
-    before_text = greedy(model, tokenizer, PROMPT, 24)
+    try:
+        model.initialize_lora()
+        n_params = model.plan().model.parameters
+        click.echo(f"3/4 {plan_summary(model)}\n      ({n_params:,} base parameters streamed from {weights})")
+        train = read_examples(data_dir / "train.txt", tokenizer, settings.seq)
+        held = read_examples(data_dir / "heldout.txt", tokenizer, settings.seq)
+        pad = tokenizer.pad_token_id
+        torch.manual_seed(seed)
+        before_loss = held_out_loss(model, held.examples, pad, settings.batch)
+        before_text = greedy(model, tokenizer, PROMPT, 24)
 
-    click.echo(f"4/4 fine-tuning: {settings.steps} steps of {settings.batch} x {settings.seq} tokens, "
-               f"lr {settings.lr:g}, LoRA rank {settings.rank} on {', '.join(model.lora_spec.targets)}")
-    opts = LoopOptions(out=root, steps=settings.steps, batch=settings.batch, seq=settings.seq, lr=settings.lr,
-                       seed=seed, lr_schedule="cosine", warmup=max(1, settings.steps // 20))
-    optimizer, scheduler = make_optimizer(model, opts)
-    trainer = model.get_trainer(optimizer, scheduler=scheduler)
-    result = train_loop(model, trainer, train.examples, pad, opts, base_dir, echo=click.echo, progress=TrainingProgress)
-    if result.interrupted:
-        click.echo(f"interrupted at step {result.steps_done}: saved {result.checkpoint}")
-        click.get_current_context().exit(143 if result.signal == "SIGTERM" else 130)
-    after_loss = held_out_loss(model, held.examples, pad, settings.batch)
-    after_text = greedy(model, tokenizer, PROMPT, 24)
+        click.echo(f"4/4 fine-tuning: {settings.steps} steps of {settings.batch} x {settings.seq} tokens, "
+                   f"lr {settings.lr:g}, LoRA rank {settings.rank} on {', '.join(model.lora_spec.targets)}")
+        opts = LoopOptions(out=root, steps=settings.steps, batch=settings.batch, seq=settings.seq, lr=settings.lr,
+                           seed=seed, lr_schedule="cosine", warmup=max(1, settings.steps // 20))
+        optimizer, scheduler = make_optimizer(model, opts)
+        trainer = model.get_trainer(optimizer, scheduler=scheduler)
+        result = train_loop(model, trainer, train.examples, pad, opts, base_dir, echo=click.echo, progress=TrainingProgress)
+        if result.interrupted:
+            click.echo(f"interrupted at step {result.steps_done}: saved {result.checkpoint}")
+            click.get_current_context().exit(143 if result.signal == "SIGTERM" else 130)
+        after_loss = held_out_loss(model, held.examples, pad, settings.batch)
+        after_text = greedy(model, tokenizer, PROMPT, 24)
+    finally:
+        model.close()
     click.echo("")
     click.echo(f"held-out loss: before {before_loss:.3f} -> after {after_loss:.3f} "
                f"({'fell' if after_loss < before_loss else 'did not fall'} by {before_loss - after_loss:.3f})")

@@ -76,7 +76,7 @@ def generate(model_path: str, adapter: str | None, prompt: str, max_new_tokens: 
         printer.flush()
         click.echo()
     finally:
-        model.engine.close()
+        model.close()
 
 
 def _tokenizer(tokenizer_dir: str | None, adapter: str | None, model_path: str) -> Any:

@@ -14,7 +14,7 @@ from lema.errors import CheckpointError, NonFiniteLossError
 from tests.model_files import save_monolithic
 from tests.tiny_models import build_hf_model
 
-STEPS = 6
+STEPS = 4
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +219,7 @@ def test_a_huge_learning_rate_stops_at_the_first_non_finite_step(llama_file):
     assert trainer.global_step >= 1
 
 
+@pytest.mark.slow
 def test_open_and_close_a_thousand_models_keeps_the_fd_count_flat(llama_file):
     fds = "/proc/self/fd"
     if not os.path.isdir(fds):

@@ -199,12 +199,9 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None) -> int:
                            grad_accum=o.grad_accum, save_steps=o.save_steps, warmup=o.warmup,
                            lr_schedule=o.lr_schedule)
         optimizer, scheduler = make_optimizer(model, opts)
-        with warnings.catch_warnings(record=True) as notes:
-            warnings.simplefilter("always", LemaWarning)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", LemaWarning)  # every run says it (the CLI prints "warning: ...")
             trainer = model.get_trainer(optimizer, scheduler=scheduler, reset_optimizer=o.reset_optimizer)
-        for note in notes:
-            if issubclass(note.category, LemaWarning):
-                click.echo(f"note: {note.message}")
         if ckpt is not None:
             click.echo(f"resuming from {ckpt} at step {trainer.global_step}"
                        + (" with a fresh optimizer (--reset-optimizer)" if o.reset_optimizer else ""))

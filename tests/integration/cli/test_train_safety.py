@@ -214,3 +214,17 @@ def test_sigterm_checkpoints_exits_143_and_the_resumed_run_matches_a_straight_on
     assert_same_adapter(straight / "final", out / "final")
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses == [json.loads(x)["loss"] for x in (straight / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_base_model_dropouts_are_named_in_one_warning_line(tmp_path, model_dir, data):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for item in model_dir.iterdir():
+        (folder / item.name).symlink_to(item)
+    config = json.loads((model_dir / "config.json").read_text())
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.1}))
+    result = run(*args(folder, data, tmp_path / "run", "--steps", "1"))
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 1 and "attention_dropout=0.1" in lines[0] and "does not apply" in lines[0]

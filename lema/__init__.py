@@ -12,6 +12,7 @@ from lema.errors import (
     DoesNotFitError,
     LemaError,
     ModelFormatError,
+    RankFailedError,
 )
 
 __version__ = "0.1.0"
@@ -33,5 +34,5 @@ def __getattr__(name: str):
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "DeviceOutOfMemory", "DoesNotFitError",
     "LemaConfig", "LemaError", "LemaModel", "LemaTrainer", "MemoryStrategy", "ModelFormatError",
-    "__version__",
+    "RankFailedError", "__version__",
 ]

@@ -81,3 +81,10 @@ class NonFiniteLossError(LemaError, FloatingPointError):
 
 class BaseDropoutWarning(LemaWarning):
     """The base model's config sets dropouts that LEMA's training does not apply."""
+
+
+class RankFailedError(LemaError, RuntimeError):
+    """Another rank of a data-parallel run (torchrun) failed, so this one stops too.
+
+    The message names the rank and carries its error; the CLI prints it once, on rank 0.
+    """

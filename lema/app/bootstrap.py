@@ -13,6 +13,7 @@ import attrs
 import torch
 
 from lema.adapters.weights.model_files import ResolvedModel, resolve_model
+from lema.app.distributed import default_cuda_index, local_world_size
 from lema.config import LemaConfig
 from lema.domain.model.spec import ModelSpec, dtype_code
 from lema.domain.plan.planner import Budget, MemoryPlan, TrainingShape, plan
@@ -61,8 +62,10 @@ def make_device(config: LemaConfig) -> Device:
         return CpuDevice(capacity=config.vram_bytes, direct_reads=True, record_timeline=False)
     from lema.adapters.devices.cuda import CudaDevice
 
-    index = int(name.split(":")[1]) if ":" in name else 0
-    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+    # "cuda" is this rank's GPU under torchrun (cuda:LOCAL_RANK), else the current device.
+    available = torch.cuda.is_available()
+    index = int(name.split(":")[1]) if ":" in name else (default_cuda_index() if available else 0)
+    if not available or index >= torch.cuda.device_count():
         raise ConfigError(f"device: {config.device!r} but CUDA is not available here "
                           f"({torch.cuda.device_count()} GPUs visible); use device='cpu'")
     # Without a budget, plan against the whole card.
@@ -86,6 +89,7 @@ def training_shape(config: LemaConfig, spec: ModelSpec, device: Device) -> Train
         prefetch=config.prefetch_distance, dtype=None if config.dtype == "auto" else dtype_code(config.dtype),
         gradient_checkpointing=config.gradient_checkpointing, device_kind=kind,
         wide_matmul=device.matmul_dtype(compute_dtype(config, spec)) is not None,
+        local_ranks=local_world_size(),
     )
 
 
@@ -105,6 +109,10 @@ def make_source(strategy: MemoryStrategy, resolved: ResolvedModel, device: Devic
     the system refuses to pin that much, it warns once (naming the limit) and keeps them
     in ordinary RAM, uploaded through the staging buffers. STREAMING reads each unit with a
     small pool of threads when the device is a GPU (on the CPU the cores are the compute's).
+
+    With several ranks on this machine (torchrun), RESIDENT maps the file instead: its pages
+    sit once in the OS page cache, shared by every local rank, rather than one private (or
+    pinned) copy per rank; on CUDA they then go through the staging buffers.
     """
     from lema.adapters.weights.resident_source import ResidentSource, ram_buffer
     from lema.adapters.weights.safetensors_source import SafetensorsSource
@@ -113,6 +121,8 @@ def make_source(strategy: MemoryStrategy, resolved: ResolvedModel, device: Devic
         raise ConfigError("internal: a weight source needs a model root folder")
     gpu = device is not None and device.torch_device.type != "cpu"
     if strategy is MemoryStrategy.RESIDENT:
+        if local_world_size() > 1:
+            return ResidentSource.shared_from_safetensors(resolved.spec, resolved.root)
         if device is not None and not getattr(device, "direct_reads", False):
             try:
                 return ResidentSource.from_safetensors(resolved.spec, resolved.root, allocate=device.pinned_buffer,

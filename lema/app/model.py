@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from lema.app import bootstrap
+from lema.app import bootstrap, distributed
 from lema.app.batches import as_batch
 from lema.app.engine import Engine, StepReport
 from lema.app.seeds import dropout_seed, init_seed
@@ -40,6 +40,10 @@ from lema.ports.device import Device
 
 if TYPE_CHECKING:
     from lema.app.trainer import LemaTrainer
+
+# Mixed into the LoRA dropout seed under data parallel, so that ranks drop out their rows
+# with different masks.
+_RANK_SALT = 0x9E3779B97F4A7C15
 
 
 class LemaModel:
@@ -313,6 +317,9 @@ class LemaModel:
         seed = 0
         if training and self.lora_spec.dropout > 0:
             seed = int(torch.randint(0, 2**62, (1,), generator=self.dropout_generator))
+            # Under torchrun every rank draws the same stream and drops out its own rows:
+            # salted by the rank, so the ranks' masks differ.
+            seed = (seed + _RANK_SALT * distributed.current().rank) % 2**62
         ctx = make_context(self.spec, tuple(ids.shape), attention_mask=attention_mask, device=dev,
                            dtype=self.compute_dtype, lora=self.lora_spec, training=training,
                            dropout_seed=seed, matmul_dtype=self.matmul_dtype)

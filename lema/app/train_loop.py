@@ -7,6 +7,12 @@ resumable checkpoint; on a non-finite loss it does the same and raises
 :class:`~lema.errors.NonFiniteLossError` naming the step and the checkpoint. The LR
 schedule and the checkpoint naming live here too; the run folder (lock, resume point) in
 :mod:`lema.app.run_folder`.
+
+Under torchrun every rank runs this loop on its rows of each batch
+(:func:`lema.data.sharding.rank_batches`); rank 0 alone writes ``metrics.jsonl`` and the
+checkpoints (the others wait for it inside ``save_checkpoint``). The ranks agree at every
+step whether a signal asked any of them to stop, so they stop and save together; a second
+Ctrl-C (torchrun forwards its own) ends them without a checkpoint of its own.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from lema.app.run_folder import FINAL, METRICS
 from lema.errors import CheckpointError, ConfigError, NonFiniteLossError
 
 # Options that change which batches a step sees: a resumed run must use the same values.
-DATA_ARGS = ("data", "batch", "seq", "grad_accum", "seed")
+DATA_ARGS = ("data", "global_batch", "seq", "grad_accum", "seed")
 
 
 @attrs.frozen(kw_only=True)
@@ -145,17 +151,20 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
             it shows the progress itself, so no lines are logged) and ``update(step, record)``;
             None logs lines only.
     """
-    from lema.data.examples import batches
+    from lema.app import distributed
+    from lema.data.sharding import rank_batches
 
+    ranks = distributed.current()
     out = opts.out
-    out.mkdir(parents=True, exist_ok=True)
     start = trainer.global_step
     if trainer.micro_step:
         raise CheckpointError("the checkpoint was saved in the middle of a gradient accumulation; "
                               "resume from an earlier checkpoint")
-    _trim_metrics(out / METRICS, start)
-    stream = batches(examples, opts.batch, pad_id, seq=opts.seq, seed=opts.seed, epochs=None,
-                     skip=start * opts.grad_accum)
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _trim_metrics(out / METRICS, start)
+    stream = rank_batches(examples, opts.batch, pad_id, rank=ranks.rank, world=ranks.world, seq=opts.seq,
+                          seed=opts.seed, epochs=None, skip=start * opts.grad_accum)
     log_every = opts.log_every or max(1, (opts.steps - start) // 10)
     saved: Path | None = None
     last_loss: float | None = None
@@ -164,10 +173,11 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
     interrupted = False
     failure: NonFiniteLossError | None = None
     bar_cm = progress(opts.steps, start) if progress is not None else _NoProgress()
-    with _StopFlag(echo) as stop, bar_cm as bar, \
-            open(out / METRICS, "a", encoding="utf-8") as metrics:
+    metrics_cm = open(out / METRICS, "a", encoding="utf-8") if ranks.is_main else _NoMetrics()
+    stopping = False
+    with _StopFlag(echo) as stop, bar_cm as bar, metrics_cm as metrics:
         try:
-            while trainer.global_step < opts.steps and not stop.requested:
+            while trainer.global_step < opts.steps and not (stopping := _stop_agreed(stop, ranks)):
                 t0 = time.perf_counter()
                 lr = _current_lr(trainer)  # the scheduler moves it after the step: log the one used
                 losses, tokens = [], 0
@@ -176,7 +186,7 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
                     _, loss = trainer.train_step(batch["input_ids"], labels=batch["labels"],
                                                  attention_mask=batch["attention_mask"])
                     losses.append(loss)
-                    tokens += int(batch["attention_mask"].sum())
+                    tokens += int(batch["tokens"])  # the whole batch's, over all ranks
                 seconds = time.perf_counter() - t0
                 boundary_rng = trainer.rng_snapshot()
                 step = trainer.global_step
@@ -196,6 +206,8 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
                 if opts.save_steps and step % opts.save_steps == 0 and step < opts.steps:
                     saved = trainer.save_checkpoint(out / f"checkpoint-{step}", tokenizer_dir=tokenizer_dir)
         except (KeyboardInterrupt, NonFiniteLossError) as exc:
+            if ranks.distributed and isinstance(exc, KeyboardInterrupt):
+                raise  # the ranks are at different points: no collective save
             interrupted = True
             if isinstance(exc, NonFiniteLossError):
                 failure = exc
@@ -203,7 +215,7 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
             # checkpoint describes exactly `global_step` steps, RNG included.
             trainer.discard_accumulation()
             trainer.restore_rng(boundary_rng)
-        interrupted = (interrupted or stop.requested) and trainer.global_step < opts.steps
+        interrupted = (interrupted or stopping) and trainer.global_step < opts.steps
     step = trainer.global_step
     if interrupted:
         saved = trainer.save_checkpoint(out / f"checkpoint-{step}", tokenizer_dir=tokenizer_dir)
@@ -213,7 +225,16 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
         raise NonFiniteLossError(f"{failure}; the last good step ({step}) is saved in {saved}",
                                  step=failure.step, value=failure.value, checkpoint=saved) from None
     return LoopResult(step, last_loss, saved, interrupted, time.perf_counter() - began,
-                      signal=stop.signal if interrupted else None)
+                      signal=(stop.signal or ("SIGTERM" if stopping else None)) if interrupted else None)
+
+
+def _stop_agreed(stop: _StopFlag, ranks: Any) -> bool:
+    """Whether a signal asked this rank (or, under torchrun, any rank) to stop."""
+    if not ranks.distributed:
+        return stop.requested
+    from lema.app.rank_agreement import settle
+
+    return settle(None, [float(stop.requested)])[0] > 0
 
 
 def _current_lr(trainer: Any) -> float:
@@ -233,6 +254,22 @@ def peak_text(record: dict[str, Any]) -> str:
 
     held = "" if record.get("device_peak_counts_compute", True) else " held (compute not counted)"
     return f"{format_size(record['device_peak_bytes'])}{held}"
+
+
+class _NoMetrics:
+    """Where ranks other than 0 write their metrics: nowhere."""
+
+    def __enter__(self) -> "_NoMetrics":
+        return self
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
 
 
 class _NoProgress:

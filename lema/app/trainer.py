@@ -10,12 +10,16 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
+from lema.app import distributed
 from lema.app.batches import batches_to_tensors
+from lema.app.grad_buckets import DEFAULT_BUCKET_BYTES
 from lema.app.seeds import generator_state, set_generator_state
 from lema.app.training_pass import TrainingPass
+from lema.domain.model import heads
 from lema.errors import BaseDropoutWarning, CheckpointError, NonFiniteLossError
 
 if TYPE_CHECKING:
+    from lema.app.data_parallel import DataParallel
     from lema.app.model import LemaModel
 
 
@@ -26,15 +30,21 @@ class LemaTrainer:
         model: the :class:`~lema.app.model.LemaModel` (adapters initialised or loaded).
         optimizer: any torch optimizer over ``model.get_trainable_parameters()``.
         scheduler: an optional LR scheduler, stepped after every optimizer step.
+        bucket_bytes: under a process group (torchrun), the size of the buckets in which the
+            gradients are all-reduced during the backward (whole decoder layers per bucket;
+            see :mod:`lema.app.data_parallel`).
     """
 
-    def __init__(self, model: LemaModel, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> None:
+    def __init__(self, model: LemaModel, optimizer: torch.optim.Optimizer, scheduler: Any = None, *,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
+        self.bucket_bytes = bucket_bytes
         self.global_step = 0  # optimizer steps taken
         self.micro_step = 0  # micro-batches since the last optimizer step
         self.last_report = None
+        self._dp: DataParallel | None = None
         _warn_base_dropouts(model)
 
     @property
@@ -65,33 +75,65 @@ class LemaTrainer:
                 or NaN. The optimizer is not stepped; the gradients accumulated since the last
                 optimizer step are discarded (``micro_step`` is 0 again), so training can go on
                 from the last good state or stop there.
+
+        Under a process group of several ranks (torchrun), each rank passes its rows of the
+        micro-batch (possibly none) and gets the loss of the whole micro-batch; the
+        gradients are summed over the ranks during the backward (see
+        :mod:`lema.app.data_parallel` and docs/distributed.md).
         """
-        model = self.model
-        lora = model.require_lora()
+        dp = self._data_parallel()
+        if dp is not None:
+            return dp.micro_step(input_ids, labels, attention_mask, return_logits)
         # Everything the step allocates on the device counts: activations, gradients, and the
         # optimizer's states (created lazily by its first step).
-        with model.device.measuring():
-            ctx, x0 = model.prepare_inputs(input_ids, attention_mask, training=True)
-            targets = model.targets_for(input_ids, labels, attention_mask)
-            step = TrainingPass(model.spec, lora, ctx, x0, targets, loss_scale=1.0 / self.accumulation,
-                                checkpointing=model.config.gradient_checkpointing, keep_logits=return_logits)
-            del x0
-            decoders = frozenset(u.index for u in model.spec.decoder_units)
-            self.last_report = model.engine.run(step_with_cast(model, step), mode="train",
-                                                backward_units=decoders)
-            model.last_report = self.last_report
-            loss = step.loss_sum / max(step.n_tokens, 1)
-            logits = step.logits
-            del step, ctx, targets
-            if not math.isfinite(loss):
-                self.discard_accumulation()
-                raise NonFiniteLossError(f"step {self.global_step + 1}: the loss is {loss} (not finite); the optimizer "
-                                         "was not stepped with it. Lower the learning rate, check the data, or "
-                                         "resume from the last good checkpoint", step=self.global_step + 1, value=loss)
-            self.micro_step += 1
-            if self.micro_step >= self.accumulation:
-                self._optimizer_step()
+        with self.model.device.measuring():
+            batch = self.prepare_batch(input_ids, labels, attention_mask)
+            loss_sum, n_tokens, logits = self.run_batch(batch, keep_logits=return_logits)
+            loss = loss_sum / max(n_tokens, 1)
+            self.end_micro_step(loss)
         return logits, loss
+
+    # -- the parts of a micro-step (data parallel runs them between collectives) ------------
+
+    def prepare_batch(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
+                      attention_mask: torch.Tensor | None) -> PreparedBatch:
+        """Validate a micro-batch and embed it on the device (no pass yet)."""
+        model = self.model
+        model.require_lora()
+        ctx, x0 = model.prepare_inputs(input_ids, attention_mask, training=True)
+        targets = model.targets_for(input_ids, labels, attention_mask)
+        return PreparedBatch(ctx, x0, targets, int((targets != heads.IGNORE_INDEX).sum()))
+
+    def run_batch(self, batch: PreparedBatch, token_count: int | None = None,
+                  keep_logits: bool = False) -> tuple[float, int, torch.Tensor | None]:
+        """Forward and backward of a prepared micro-batch through the engine; gradients add
+        into ``.grad``. The loss is divided by ``token_count`` target tokens (default: the
+        batch's own; data parallel passes the count over all ranks) and by the accumulation.
+
+        Returns:
+            ``(loss_sum, n_tokens, logits)`` of this batch (logits only with ``keep_logits``).
+        """
+        model = self.model
+        step = TrainingPass(model.spec, model.require_lora(), batch.ctx, batch.x0, batch.targets,
+                            loss_scale=1.0 / self.accumulation, checkpointing=model.config.gradient_checkpointing,
+                            keep_logits=keep_logits, token_count=token_count)
+        batch.release()  # the pass owns the tensors now, so they are freed as it moves on
+        decoders = frozenset(u.index for u in model.spec.decoder_units)
+        self.last_report = model.engine.run(step_with_cast(model, step), mode="train", backward_units=decoders)
+        model.last_report = self.last_report
+        return step.loss_sum, step.n_tokens, step.logits
+
+    def end_micro_step(self, loss: float) -> None:
+        """Count the micro-step (refusing a non-finite ``loss``); at the end of an
+        accumulation, clip, step and zero."""
+        if not math.isfinite(loss):
+            self.discard_accumulation()
+            raise NonFiniteLossError(f"step {self.global_step + 1}: the loss is {loss} (not finite); the optimizer "
+                                     "was not stepped with it. Lower the learning rate, check the data, or "
+                                     "resume from the last good checkpoint", step=self.global_step + 1, value=loss)
+        self.micro_step += 1
+        if self.micro_step >= self.accumulation:
+            self._optimizer_step()
 
     def discard_accumulation(self) -> None:
         """Drop the gradients gathered since the last optimizer step (``micro_step`` = 0)."""
@@ -124,17 +166,40 @@ class LemaTrainer:
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Any]) -> dict[str, float]:
         """Mean token loss and perplexity over batches (dicts with input_ids/labels/attention_mask,
-        tuples, or tensors), without touching gradients or the optimizer."""
-        model = self.model
-        total, count = 0.0, 0
-        for input_ids, labels, attention_mask in batches_to_tensors(batches):
-            loss_sum, n = model.loss(input_ids, labels, attention_mask)
-            total += loss_sum
-            count += n
+        tuples, or tensors), without touching gradients or the optimizer.
+
+        Under a process group every rank passes the same batches; rank ``r`` scores batches
+        ``r, r + N, ...`` and the sums are added over the ranks, so every rank returns what
+        one process would (in 1/N of the time).
+        """
+        dp = self._data_parallel()
+        if dp is not None:
+            total, count = dp.evaluate_totals(batches)
+        else:
+            total, count = self.loss_totals(batches_to_tensors(batches))
         if count == 0:
             raise ValueError("evaluate: the batches hold no tokens to score")
         mean = total / count
         return {"loss": mean, "perplexity": math.exp(min(mean, 700.0))}
+
+    def loss_totals(self, batches: Iterable[tuple[Any, Any, Any]]) -> tuple[float, int]:
+        """Summed loss and scored tokens of ``(input_ids, labels, attention_mask)`` batches, here."""
+        total, count = 0.0, 0
+        for input_ids, labels, attention_mask in batches:
+            loss_sum, n = self.model.loss(input_ids, labels, attention_mask)
+            total += loss_sum
+            count += n
+        return total, count
+
+    def _data_parallel(self) -> DataParallel | None:
+        """The data-parallel helper when a process group of several ranks is initialised."""
+        if not distributed.active():
+            return None
+        if self._dp is None:
+            from lema.app.data_parallel import DataParallel
+
+            self._dp = DataParallel(self, self.bucket_bytes)
+        return self._dp
 
     # -- checkpoints ------------------------------------------------------------------
 
@@ -147,10 +212,20 @@ class LemaTrainer:
         the LemaConfig). No pickle anywhere. A crash during the save leaves the previous
         checkpoint at ``path`` intact.
 
+        Under a process group every rank calls it: rank 0 writes, the others wait for it.
+
         Raises:
             OutputError: ``path`` is, or contains, a file or folder the model reads (the
                 save replaces ``path`` as a whole).
         """
+        dp = self._data_parallel()
+        if dp is not None:
+            return dp.save(path, lambda grads: self._write_checkpoint(path, tokenizer_dir, grads))
+        grads = {name: p.grad for name, p in self.model.require_lora().named_parameters() if p.grad is not None}
+        return self._write_checkpoint(path, tokenizer_dir, grads if self.micro_step else {})
+
+    def _write_checkpoint(self, path: str | Path, tokenizer_dir: str | Path | None,
+                          grads: dict[str, torch.Tensor]) -> Path:
         from lema.app.outputs import check_output
         from lema.adapters.checkpoints.store import (
             optimizer_to_tensors,
@@ -164,9 +239,8 @@ class LemaTrainer:
         named = model.require_lora().named_parameters()
         opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer, [name for name, _ in named])
         # Saved mid-accumulation, the gradients gathered so far are part of the state.
-        for name, param in named:
-            if self.micro_step and param.grad is not None:
-                opt_tensors[f"{_GRAD_PREFIX}{name}"] = param.grad.detach()
+        for name, grad in grads.items():
+            opt_tensors[f"{_GRAD_PREFIX}{name}"] = grad.detach()
         state = {
             "global_step": self.global_step,
             "micro_step": self.micro_step,
@@ -242,7 +316,9 @@ class LemaTrainer:
         self.micro_step = int(state.get("micro_step", 0))
         if has_optimizer and not reset_optimizer:
             load_optimizer_state(self.optimizer, pending["optimizer_tensors"], pending["optimizer_meta"])
-        tensors = pending.get("optimizer_tensors") or {}
+        # The gathered gradients are the sum over all ranks: one rank holds them, the others
+        # start from zero, so the next all-reduce adds them once.
+        tensors = (pending.get("optimizer_tensors") or {}) if distributed.current().is_main else {}
         for name, param in self.model.require_lora().named_parameters():
             grad = tensors.get(f"{_GRAD_PREFIX}{name}")
             if grad is not None:
@@ -271,6 +347,17 @@ class LemaTrainer:
 
 
 _GRAD_PREFIX = "accumulated_grad."
+
+
+class PreparedBatch:
+    """A micro-batch validated and embedded on the device, waiting for its pass."""
+
+    def __init__(self, ctx: Any, x0: torch.Tensor, targets: torch.Tensor, n_tokens: int) -> None:
+        self.ctx, self.x0, self.targets, self.n_tokens = ctx, x0, targets, n_tokens
+
+    def release(self) -> None:
+        """Drop the references (the training pass holds what it still needs)."""
+        self.ctx = self.x0 = self.targets = None
 
 
 def step_with_cast(model: LemaModel, step: TrainingPass):

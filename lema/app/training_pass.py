@@ -40,6 +40,8 @@ class TrainingPass:
         x0: the embedding output on the device, ``(batch, seq, hidden)``.
         targets: shifted targets ``(batch, seq)`` on the device (-100 ignored).
         loss_scale: the loss is multiplied by this before backward (1 / accumulation steps).
+        token_count: divide the summed loss by this many target tokens (default: the
+            batch's own; data parallel passes the count of the whole batch over all ranks).
         checkpointing: recompute each layer in backward (True) or keep its graph (False).
         chunk_tokens: tokens per cross-entropy chunk.
         keep_logits: also keep the full float32 logits of the last layer's output (the
@@ -48,8 +50,10 @@ class TrainingPass:
 
     def __init__(self, spec: ModelSpec, lora: LoraState, ctx: BlockContext, x0: torch.Tensor,
                  targets: torch.Tensor, *, loss_scale: float = 1.0, checkpointing: bool = True,
-                 chunk_tokens: int = heads.DEFAULT_CHUNK_TOKENS, keep_logits: bool = False) -> None:
+                 chunk_tokens: int = heads.DEFAULT_CHUNK_TOKENS, keep_logits: bool = False,
+                 token_count: int | None = None) -> None:
         self.spec, self.lora, self.ctx, self.targets = spec, lora, ctx, targets
+        self.token_count = token_count
         self.loss_scale, self.checkpointing = loss_scale, checkpointing
         self.chunk_tokens = chunk_tokens
         self.keep_logits = keep_logits
@@ -102,7 +106,8 @@ class TrainingPass:
                                                  matmul_dtype=self.ctx.matmul_dtype)
             self.n_tokens = n_tokens
             self.loss_sum = float(loss_sum.detach())
-            (loss_sum * (self.loss_scale / max(n_tokens, 1))).backward()
+            denominator = n_tokens if self.token_count is None else self.token_count
+            (loss_sum * (self.loss_scale / max(denominator, 1))).backward()
         self.grad = x_last.grad
         self.x = None  # type: ignore[assignment]
 

@@ -37,12 +37,15 @@ DEFAULT_BANDWIDTH = "24G"  # bytes/s: PCIe 4.0 x16 host -> device from pinned me
 @click.option("--reserve", metavar="SIZE", help="Runtime reserve (default 512M on cuda, 0 on cpu).")
 @click.option("--bandwidth", default=DEFAULT_BANDWIDTH, show_default=True, metavar="SIZE[/s]",
               help="Host -> device bandwidth for the link time floor (assumed PCIe 4.0 x16).")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Data-parallel ranks on this machine (torchrun --nproc-per-node): device memory is per "
+                   "rank (--batch per rank), host memory for all of them.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--list-models", is_flag=True, help="List the built-in model names and exit.")
 def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: int, rank: int,
          targets: str | None, strategy: str, prefetch: int, dtype: str | None, config_path: str | None,
          device_kind: str, mode: str, no_checkpointing: bool, reserve: str | None, bandwidth: str,
-         as_json: bool, list_models: bool) -> None:
+         nproc: int, as_json: bool, list_models: bool) -> None:
     """Plan the device and host memory of a LoRA run, and say whether it fits."""
     from lema.adapters.weights.model_files import (
         default_environment_allows_network,
@@ -67,7 +70,7 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
     shape = TrainingShape(batch=batch, seq=seq, lora_rank=rank, lora_targets=targets, strategy=strategy,
                           prefetch=prefetch, dtype=dtype, gradient_checkpointing=not no_checkpointing,
                           device_kind=device_kind, mode=mode,
-                          reserve_bytes=None if reserve is None else _reserve(reserve))
+                          reserve_bytes=None if reserve is None else _reserve(reserve), local_ranks=nproc)
     resolved = resolve_model(model, config_path, allow_network=default_environment_allows_network())
     if budget is None:
         from lema.adapters.devices.probe import local_gpu_memory
@@ -119,8 +122,13 @@ def _print_human(ref: str, resolved, result, link: int, floor: float, budget_sou
     table.add_column("component")
     table.add_column("size", justify="right")
     table.add_column("how")
-    for where, items, total in (("device", result.device_items, result.device_total),
-                                ("host", result.host_items, result.host_total)):
+    ranks = s.local_ranks
+    if ranks > 1:
+        console.print(f"data parallel: {ranks} ranks on this machine, each on its own device with batch {s.batch} "
+                      f"(global batch {ranks * s.batch}); device memory is per rank, host memory for all {ranks}")
+    device_label, host_label = ("device/rank", f"host ({ranks} ranks)") if ranks > 1 else ("device", "host")
+    for where, items, total in ((device_label, result.device_items, result.device_total),
+                                (host_label, result.host_items, result.host_total)):
         for item in items:
             table.add_row(where, item.name, format_size(item.bytes), item.note)
         table.add_row(where, "[bold]total[/]", f"[bold]{format_size(total)}[/]", "", end_section=True)

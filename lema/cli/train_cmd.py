@@ -17,6 +17,10 @@ adapter as a straight one (bit for bit on CPU). Without ``--resume`` ``DIR`` mus
 empty. While it runs, ``DIR/.lema.lock`` (holding the pid) keeps a second ``lema train``
 out of ``DIR``.
 
+Under ``torchrun --nproc-per-node N lema train ...`` every rank trains on its ``--batch``
+rows of each ``N x --batch`` batch on its own device (``cuda:LOCAL_RANK``, or the CPU with
+gloo); rank 0 prints, locks ``DIR``, writes metrics and checkpoints (docs/distributed.md).
+
 Exit status: 0 done, 1 the plan does not fit (the message says what would) or a
 non-finite loss stopped the run (after saving the last good step), 2 bad input, 130
 stopped by Ctrl-C, 143 stopped by SIGTERM (both after saving a checkpoint).
@@ -35,7 +39,7 @@ import click
 
 from lema.adapters.checkpoints.atomic import atomic_write_text
 from lema.app.outputs import check_output
-from lema.app.run_folder import ARGS, open_run
+from lema.app.run_folder import ARGS
 from lema.app.run_inputs import open_tokenizer, resolve_model_arg
 from lema.app.train_loop import (
     DATA_ARGS,
@@ -62,7 +66,8 @@ EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 @click.option("--out", required=True, metavar="DIR", help="Where checkpoints and metrics.jsonl go.")
 @click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps to train (total, counting resumed ones).")
 @click.option("--epochs", type=click.IntRange(min=1), help="Passes over the data (default 1 when --steps is not given).")
-@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Sequences per micro-batch.")
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Sequences per micro-batch (per rank under torchrun).")
 @click.option("--seq", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per sequence.")
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate (AdamW).")
 @click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank.")
@@ -104,7 +109,12 @@ def train(ctx: click.Context, **options: Any) -> None:
       lema train --model llama2_7b.safetensors --data train.jsonl --out runs/a \\
                  --steps 1000 --batch 4 --seq 512 --lr 2e-4 --save-steps 200
     """
+    from lema.app import distributed
+    from lema.app.ranked_run import open_ranked_run
+
     o = TrainOptions(**options)
+    ranks, device = distributed.start(o.device)  # torchrun: join the process group, pick this rank's device
+    o = attrs.evolve(o, device=device, nproc=ranks.world)
     if o.steps is not None and o.epochs is not None:
         raise ConfigError("pass --steps or --epochs, not both")
     if not (o.lr > 0 and math.isfinite(o.lr)):
@@ -115,10 +125,10 @@ def train(ctx: click.Context, **options: Any) -> None:
     model_arg = Path(o.model_path).expanduser()
     check_output(out_dir, option="--out", overwrite=None, folders=[model_arg if model_arg.is_dir() else None],
                  files=[model_arg if model_arg.is_file() else None, Path(o.data)])
-    with open_run(out_dir, resume=o.resume, echo=click.echo) as run:
-        if run.checkpoint is not None:
+    with open_ranked_run(out_dir, resume=o.resume, ranks=ranks, echo=click.echo) as checkpoint:
+        if checkpoint is not None:
             _check_resume_args(out_dir, o.args())
-        code = _train(o, out_dir, run.checkpoint)
+        code = _train(o, out_dir, checkpoint, ranks)
     if code:
         ctx.exit(code)
 
@@ -151,16 +161,18 @@ class TrainOptions:
     prefetch: int
     warmup: int
     lr_schedule: str
+    nproc: int = 1  # torchrun's ranks (not an option: the launcher sets it)
 
     def args(self) -> dict[str, Any]:
         """What ``train_args.json`` records (compared on ``--resume``)."""
         return {"model": self.model_path, "data": str(self.data), "batch": self.batch, "seq": self.seq,
                 "grad_accum": self.grad_accum, "seed": self.seed, "rank": self.rank, "alpha": self.alpha,
                 "targets": self.targets, "lr": self.lr, "steps": self.steps, "epochs": self.epochs,
-                "warmup": self.warmup, "lr_schedule": self.lr_schedule, "lora_dropout": self.lora_dropout}
+                "warmup": self.warmup, "lr_schedule": self.lr_schedule, "lora_dropout": self.lora_dropout,
+                "global_batch": self.batch * self.nproc, "nproc": self.nproc}
 
 
-def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None) -> int:
+def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any) -> int:
     """The run itself, in a locked ``out_dir``; returns the exit status."""
     from lema.app.model import LemaModel
     from lema.config import LemaConfig
@@ -169,7 +181,7 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None) -> int:
     gbi_path, name_or_path = resolve_model_arg(o.model_path, echo=click.echo)
     tok, tok_dir = open_tokenizer(o.tokenizer, o.model_path)
     dataset = read_examples(o.data, tok, o.seq)
-    per_epoch = batches_per_epoch(len(dataset.examples), o.batch)
+    per_epoch = batches_per_epoch(len(dataset.examples), o.batch * ranks.world)
     total = o.steps if o.steps is not None else max(1, math.ceil((o.epochs or 1) * per_epoch / o.grad_accum))
     click.echo(f"data: {o.data}: {dataset.format}, {len(dataset.examples):,} examples, {dataset.n_tokens:,} tokens"
                + (f" ({dataset.n_truncated} truncated to --seq {o.seq})" if dataset.n_truncated else "")
@@ -202,16 +214,20 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always", LemaWarning)  # every run says it (the CLI prints "warning: ...")
             trainer = model.get_trainer(optimizer, scheduler=scheduler, reset_optimizer=o.reset_optimizer)
+        if ranks.distributed:  # every rank is ready (or all stop with the first one's error) before any writes
+            from lema.app.rank_agreement import settle
+
+            settle()
         if ckpt is not None:
             click.echo(f"resuming from {ckpt} at step {trainer.global_step}"
                        + (" with a fresh optimizer (--reset-optimizer)" if o.reset_optimizer else ""))
-        else:
+        elif ranks.is_main:
             atomic_write_text(out_dir / ARGS, json.dumps(o.args(), indent=2))
         if trainer.global_step >= total:
             click.echo(f"already trained {trainer.global_step} steps (asked for {total}); nothing to do")
             return 0
         result = train_loop(model, trainer, dataset.examples, tok.pad_token_id, opts, tok_dir,
-                            echo=click.echo, progress=TrainingProgress)
+                            echo=click.echo, progress=TrainingProgress if ranks.is_main else None)
     if result.interrupted:
         click.echo(f"interrupted at step {result.steps_done}: saved {result.checkpoint}; continue with the same "
                    "command plus --resume")
@@ -227,7 +243,9 @@ def _check_resume_args(out: Path, args: dict[str, Any]) -> None:
         before = json.loads((out / ARGS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
-    changed = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {args[k]!r}" for k in DATA_ARGS
+    before.setdefault("global_batch", before.get("batch"))  # written before data parallel
+    names = {"global_batch": "batch x ranks"}
+    changed = [f"{names.get(k, '--' + k.replace('_', '-'))} {before.get(k)!r} -> {args[k]!r}" for k in DATA_ARGS
                if before.get(k) != args[k]]
     if changed:
         click.echo("warning: resuming with different data options than the original run ("

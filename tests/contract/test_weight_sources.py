@@ -13,7 +13,7 @@ from lema.errors import ConfigError, ModelFormatError
 from tests.stream_models import write_model
 
 ADAPTERS = ["safetensors-pread", "safetensors-pread-parallel", "safetensors-mmap", "safetensors-sharded",
-            "resident-file", "resident-state-dict", "resident-pinned"]
+            "resident-file", "resident-state-dict", "resident-pinned", "resident-shared-mapping"]
 
 
 @pytest.fixture(params=ADAPTERS)
@@ -28,6 +28,8 @@ def source_and_state(request, tmp_path):
     elif request.param == "resident-pinned":
         source = ResidentSource.from_safetensors(spec, root, allocate=CpuDevice(pinned_host=True).pinned_buffer,
                                                  pinned=True)
+    elif request.param == "resident-shared-mapping":
+        source = ResidentSource.shared_from_safetensors(spec, root)
     else:
         source = ResidentSource.from_state_dict(spec, state)
     yield source, state
@@ -73,9 +75,10 @@ def test_a_too_small_buffer_or_unknown_unit_is_refused(source_and_state):
         source.read_unit(len(source.spec.units))
 
 
-def test_tied_weights_are_held_once_in_ram(tmp_path):
+@pytest.mark.parametrize("shared", [False, True], ids=["private", "shared-mapping"])
+def test_tied_weights_are_held_once_in_ram(tmp_path, shared):
     spec, root, state = write_model(tmp_path / "tied", layers=2, tied=True)
-    source = ResidentSource.from_safetensors(spec, root)
+    source = (ResidentSource.shared_from_safetensors if shared else ResidentSource.from_safetensors)(spec, root)
     embed = source.read_unit(0)["embed_tokens.weight"]
     head = source.read_unit(spec.n_layers + 1)["lm_head.weight"]
     assert embed.data_ptr() == head.data_ptr() and same(head, state["model.embed_tokens.weight"])

@@ -42,6 +42,9 @@ def _copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
     np.copyto(dst.numpy(), src.numpy())
 
 
+_PAGE = 4096
+
+
 class ResidentSource:
     """A :class:`~lema.ports.weights.WeightSource` over weights already in RAM.
 
@@ -85,6 +88,7 @@ class ResidentSource:
         self.spec = spec
         self.pinned = pinned
         self.bytes_copied = 0  # host bytes copied out of the buffers by read_unit
+        self._mapped_bytes = 0
         self._layouts = {u.index: unit_layout(u) for u in spec.units}
         self._buffers: dict[int, torch.Tensor] = {}
         self._views: dict[int, dict[str, torch.Tensor]] = {}
@@ -140,6 +144,39 @@ class ResidentSource:
         with SafetensorsSource(spec, root) as source:
             return cls.load(source, allocate=allocate, pinned=pinned)
 
+    @classmethod
+    def shared_from_safetensors(cls, spec: ModelSpec, root: str | os.PathLike[str]) -> "ResidentSource":
+        """Every weight as a view of the file's memory mapping, each page read in now.
+
+        The pages live in the OS page cache, which every process mapping the same file
+        shares: several ranks on one machine hold the weights once, not once each
+        (``benchmarks/dp_host_memory.py`` measures it). The mapping is copy-on-write, so a
+        stray write lands in a private copy of its page, never in the file. Under memory
+        pressure the kernel may drop pages and read them again from the file (slower, still
+        correct).
+        """
+        from lema.adapters.weights.safetensors_source import SafetensorsSource
+
+        source = SafetensorsSource(spec, root, method="mmap")
+        try:
+            views = {u.index: source.read_unit(u.index) for u in spec.units}
+        finally:
+            source.close()  # the mappings live on with the tensors
+        seen: dict[int, int] = {}
+        for tensors in views.values():
+            for t in tensors.values():
+                if t.numel() and t.data_ptr() not in seen:
+                    seen[t.data_ptr()] = t.numel() * t.element_size()
+                    # One read per page faults it in now rather than during the first step.
+                    int(t.reshape(-1).view(torch.uint8).numpy()[::_PAGE].sum())
+        self = cls.__new__(cls)
+        self.spec, self.pinned, self.bytes_copied = spec, False, 0
+        self._layouts = {u.index: unit_layout(u) for u in spec.units}
+        self._buffers = {}  # no copies: read_unit copies tensor by tensor out of the mapping
+        self._views = views
+        self._mapped_bytes = sum(seen.values())
+        return self
+
     def read_unit(self, index: int, buffer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """See :meth:`lema.ports.weights.WeightSource.read_unit` (no buffer: views of the RAM copy)."""
         if index not in self._views:
@@ -166,8 +203,8 @@ class ResidentSource:
 
     @property
     def nbytes(self) -> int:
-        """Host bytes held."""
-        return sum(b.numel() for b in self._buffers.values())
+        """Host bytes held (a shared mapping's pages once)."""
+        return sum(b.numel() for b in self._buffers.values()) + self._mapped_bytes
 
     def close(self) -> None:
         """Nothing to release: the buffers go with the object."""

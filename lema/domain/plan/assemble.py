@@ -55,14 +55,18 @@ def build(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Bu
                              "CUDA context + allocator slack" if shape.device_kind == "cuda" else ""))
 
     resident_strategy = shape.strategy is MemoryStrategy.RESIDENT
+    ranks = shape.local_ranks
+    per_rank = f"{ranks} ranks x " if ranks > 1 else ""
+    shared = f", one copy shared by {ranks} ranks (page cache)" if ranks > 1 else ""
     host = [
-        MemoryItem("staging_buffers", 0 if resident_strategy else slot_count * slot_bytes,
+        MemoryItem("staging_buffers", 0 if resident_strategy else ranks * slot_count * slot_bytes,
                    "" if resident_strategy else
-                   f"{slot_count} x {format_size(slot_bytes)}" + (", pinned" if shape.device_kind == "cuda" else "")),
+                   f"{per_rank}{slot_count} x {format_size(slot_bytes)}"
+                   + (", pinned" if shape.device_kind == "cuda" else "")),
         MemoryItem("resident_weights_host", f.streamed_bytes if resident_strategy else 0,
-                   "decoder layers + head in RAM" if resident_strategy else "read from the mmap'd file"),
+                   f"decoder layers + head in RAM{shared}" if resident_strategy else "read from the mmap'd file"),
         MemoryItem("embedding", f.embed_only_bytes if resident_strategy else 0,
-                   "in RAM" if resident_strategy else "rows gathered from the mmap'd file"),
+                   f"in RAM{shared}" if resident_strategy else "rows gathered from the mmap'd file"),
     ]
 
     decoders = [i for i in streamed if i <= n]

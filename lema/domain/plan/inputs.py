@@ -16,7 +16,7 @@ from lema.domain.units import parse_size
 from lema.errors import ConfigError, ModelFormatError
 
 DEFAULT_CUDA_RESERVE = 512 * 1024**2
-_POSITIVE = ("batch", "seq", "lora_rank", "head_chunk_tokens")
+_POSITIVE = ("batch", "seq", "lora_rank", "head_chunk_tokens", "local_ranks")
 _NON_NEGATIVE = ("prefetch", "optimizer_states")
 
 
@@ -62,6 +62,9 @@ class TrainingShape:
         wide_matmul: the frozen weights' products run in fp32 although activations are
             bf16/fp16 (a CPU without fast half precision, see ``lema.domain.model.matmul``): each
             product briefly holds fp32 copies of its input, weight and output.
+        local_ranks: data-parallel ranks on this machine (torchrun ``--nproc-per-node``):
+            the device items are per rank (``batch`` is per rank); the host holds one staging
+            ring per rank and, with RESIDENT, one copy of the weights shared by all of them.
 
     Raises:
         ConfigError: naming every field whose value is out of range, at once.
@@ -82,6 +85,7 @@ class TrainingShape:
     reserve_bytes: int | None = None
     mode: str = "train"
     wide_matmul: bool = False
+    local_ranks: int = 1
 
     def __attrs_post_init__(self) -> None:
         problems = []

@@ -68,6 +68,23 @@ def test_human_output_has_the_table_link_and_verdict(sparse):
         assert text in result.output
 
 
+def test_nproc_shows_per_rank_device_memory_and_the_host_memory_of_all_ranks(sparse):
+    model = str(sparse["llama-2-7b"])
+    one = plan_json("--model", model, "--vram", "24G", "--strategy", "resident")
+    two = plan_json("--model", model, "--vram", "24G", "--strategy", "resident", "--nproc", "2")
+    assert two["shape"]["local_ranks"] == 2 and two["device"] == one["device"]
+    assert two["host"]["total_bytes"] == one["host"]["total_bytes"]  # one shared copy of the weights
+    streaming = plan_json("--model", model, "--vram", "24G", "--nproc", "2")
+    staging = {i["name"]: i["bytes"] for i in streaming["host"]["items"]}["staging_buffers"]
+    assert staging == 2 * 3 * 404_766_720  # a staging ring per rank
+    result = run("--model", model, "--vram", "24G", "--strategy", "resident", "--nproc", "2", "--ram", "16G")
+    assert result.exit_code == 0, result.output
+    assert "data parallel: 2 ranks on this machine" in result.output and "global batch 2" in result.output
+    assert "device/rank" in result.output and "host (2 ranks)" in result.output
+    assert "one copy shared by 2 ranks" in result.output
+    assert run("--model", model, "--nproc", "0").exit_code == 2
+
+
 def test_70b_at_8g_exits_1_with_what_would_fit(sparse):
     result = run("--model", str(sparse["llama-2-70b"]), "--vram", "8G")
     assert result.exit_code == 1

@@ -172,6 +172,22 @@ def test_resident_strategy_holds_the_weights_in_host_ram():
     assert not tight.fits and tight.device_fits and "--strategy streaming" in tight.fixes
 
 
+@pytest.mark.parametrize("strategy", ["streaming", "resident"])
+def test_local_ranks_multiply_the_staging_rings_but_not_the_weights_or_the_device(strategy):
+    spec = SPECS["llama-2-7b"]
+    one = plan(spec, TrainingShape(strategy=strategy), Budget(24 * GiB))
+    four = plan(spec, TrainingShape(strategy=strategy, local_ranks=4), Budget(24 * GiB))
+    assert four.device_items == one.device_items  # per rank, with --batch per rank
+    assert four.item("staging_buffers").bytes == 4 * one.item("staging_buffers").bytes
+    for shared in ("resident_weights_host", "embedding"):
+        assert four.item(shared).bytes == one.item(shared).bytes
+    assert four.host_total - one.host_total == 3 * one.item("staging_buffers").bytes
+    if strategy == "resident":
+        assert "shared by 4 ranks" in four.item("resident_weights_host").note
+    else:
+        assert four.item("staging_buffers").note.startswith("4 ranks x 3 x")
+
+
 def test_auto_keeps_layers_from_the_first_upward_and_fits():
     spec = SPECS["llama-2-7b"]
     shape = TrainingShape(strategy="auto")

@@ -1,0 +1,75 @@
+"""Ranks from torchrun's environment, and the data-parallel path of a trainer in a one-rank group."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lema.app import distributed
+from lema.app.data_parallel import DataParallel
+from lema.app.rank_agreement import is_agreed, reported_elsewhere, settle
+from lema.errors import ConfigError
+from tests.data_parallel_run import global_batches, make_trainer
+from tests.model_files import save_monolithic
+from tests.tiny_models import build_hf_model
+
+
+def test_ranks_come_from_torchruns_environment():
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert distributed.from_env(env) == distributed.Ranks(rank=3, world=4, local_rank=1, local_world=2)
+    assert distributed.from_env({}) == distributed.Ranks()
+    assert not distributed.from_env({}).distributed and distributed.from_env(env).distributed
+
+
+@pytest.mark.parametrize("env, words", [({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not a number"),
+                                         ({"RANK": "2", "WORLD_SIZE": "2"}, "do not describe a rank"),
+                                         ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "3"}, "launch with torchrun")])
+def test_a_broken_environment_is_a_config_error(env, words):
+    with pytest.raises(ConfigError, match=words):
+        distributed.from_env(env)
+
+
+def test_outside_torchrun_start_changes_nothing(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.start("cpu") == (distributed.Ranks(), "cpu")
+    assert not torch.distributed.is_initialized() and not distributed.active()
+
+
+@pytest.fixture(scope="module")
+def llama_file(tmp_path_factory):
+    return save_monolithic(build_hf_model("llama", seed=1), tmp_path_factory.mktemp("llama") / "model.safetensors")
+
+
+@pytest.fixture
+def group():
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_the_data_parallel_steps_of_one_rank_equal_the_plain_trainer(llama_file, group):
+    plain, parallel = make_trainer(str(llama_file)), make_trainer(str(llama_file))
+    dp = DataParallel(parallel, bucket_bytes=1)
+    for batch in global_batches():
+        _, expected = plain.train_step(batch["input_ids"], labels=batch["labels"],
+                                       attention_mask=batch["attention_mask"])
+        _, got = dp.micro_step(batch["input_ids"], batch["labels"], batch["attention_mask"])
+        assert got == pytest.approx(expected, rel=1e-6)
+    assert parallel.global_step == plain.global_step == 3
+    for a, b in zip(plain.model.get_trainable_parameters(), parallel.model.get_trainable_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert any(e[0] == "grad_allreduce" for e in parallel.last_report.timeline)
+    empty = torch.zeros((0, 1), dtype=torch.long)
+    dp.micro_step(empty, empty, empty)  # no rows here this micro-step: still takes part
+    assert parallel.micro_step == 1
+
+
+def test_a_failure_is_agreed_and_raised_as_itself_on_the_rank_that_failed(llama_file, group):
+    trainer = make_trainer(str(llama_file))
+    dp = DataParallel(trainer)
+    with pytest.raises(ConfigError, match="token ids must be in") as caught:
+        dp.micro_step(torch.tensor([[1, 2, 500]]), None, None)
+    assert is_agreed(caught.value) and not reported_elsewhere(caught.value)  # rank 0 prints it
+    assert trainer.micro_step == 0
+    assert settle(None, [2.0, 3.0]) == [2.0, 3.0]

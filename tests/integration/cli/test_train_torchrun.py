@@ -1,0 +1,110 @@
+"""``torchrun --nproc-per-node 2 -m lema.cli train``: gloo ranks train as one process with twice the batch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from lema.cli import main
+from tests.demo_models import tiny_llama_folder, write_data
+
+LAUNCHER = Path(__file__).resolve().parents[2] / "rank_data_launcher.py"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return tiny_llama_folder(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    return write_data(tmp_path_factory.mktemp("data"))
+
+
+def args(model: Path, data: Path, out: Path, batch: int, *extra: str) -> list[str]:
+    return ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--batch", str(batch),
+            "--seq", "48", "--rank", "4", "--lr", "1e-2", "--device", "cpu", *extra]
+
+
+def one_process(*argv: str) -> str:
+    result = CliRunner().invoke(main, list(argv), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def torchrun(*argv: str, script: tuple[str, ...] = ("-m", "lema.cli")) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *script, *argv],
+                          capture_output=True, text=True, timeout=300)
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "adapter_model.safetensors"))
+
+
+def relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """|a - b| / |a| over the whole adapter (every tensor, flattened together)."""
+    assert a.keys() == b.keys()
+    x, y = (torch.cat([t[k].flatten() for k in sorted(a)]) for t in (a, b))
+    return float((x - y).norm() / x.norm())
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_ranks_end_with_the_adapter_of_one_process_with_twice_the_batch(tmp_path, model_dir, data):
+    common = ("--steps", "4", "--lr-schedule", "cosine", "--warmup", "1")
+    one_process(*args(model_dir, data["text"], tmp_path / "one", 4, *common))
+    run = torchrun(*args(model_dir, data["text"], tmp_path / "two", 2, *common))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert relative_error(adapter(tmp_path / "one"), adapter(tmp_path / "two")) < 1e-5
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]  # written once, by rank 0
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
+    assert run.stdout.count("plan: streaming on cpu, batch 2") == 1 and run.stdout.count("step 4/4") == 1
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_and_resume_across_a_stop_match_one_process(tmp_path, model_dir, data):
+    common = ("--steps", "4", "--grad-accum", "2", "--save-steps", "2", "--seed", "5")
+    one_process(*args(model_dir, data["text"], tmp_path / "one", 4, *common))
+    two = tmp_path / "two"
+    run = torchrun(*args(model_dir, data["text"], two, 2, *common))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert relative_error(adapter(tmp_path / "one"), adapter(two)) < 1e-5
+    # A stop after step 3: only checkpoint-2 survives, and the metrics of steps 1..3.
+    shutil.rmtree(two / "final")
+    (two / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics(two)[:3]))
+    run = torchrun(*args(model_dir, data["text"], two, 2, *common, "--resume"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "resuming from" in run.stdout and "at step 2" in run.stdout
+    assert relative_error(adapter(tmp_path / "one"), adapter(two)) < 1e-5
+    assert [r["step"] for r in metrics(two)] == [1, 2, 3, 4]
+    assert [r["loss"] for r in metrics(two)] == pytest.approx([r["loss"] for r in metrics(tmp_path / "one")], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_bad_data_on_one_rank_ends_every_rank_with_one_message(tmp_path, model_dir, data):
+    shutil.copyfile(data["text"], tmp_path / "data-0.jsonl")
+    lines = data["text"].read_text().splitlines()
+    (tmp_path / "data-1.jsonl").write_text("\n".join(lines[:2] + ['{"text": oops}'] + lines[2:]) + "\n")
+    out = tmp_path / "run"
+    run = torchrun(*args(model_dir, tmp_path / "data-{local_rank}.jsonl", out, 2, "--steps", "2"),
+                   script=(str(LAUNCHER),))  # subprocess.run's timeout would raise on a hang
+    assert run.returncode != 0
+    errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error:")]
+    assert errors == ["Error: rank 1 of 2 failed: " + str(tmp_path / "data-1.jsonl") + ", line 3: invalid JSON "
+                      "(Expecting value at column 10); each line must be one JSON object with a \"text\" field, "
+                      "or \"prompt\" and \"completion\" fields"]
+    assert "Traceback (most recent call last):\n  File \"" + str(LAUNCHER) not in run.stderr
+    assert not out.exists()  # rank 0 wrote nothing: the ranks agreed to stop before any write

@@ -129,6 +129,10 @@ def train(ctx: click.Context, **options: Any) -> None:
         if checkpoint is not None:
             _check_resume_args(out_dir, o.args())
         code = _train(o, out_dir, checkpoint, ranks)
+    if code and ranks.distributed:  # stopped early: torchrun ends every rank once one exits non-zero,
+        from lema.app.rank_agreement import farewell  # so wait until rank 0 has saved and unlocked
+
+        farewell()
     if code:
         ctx.exit(code)
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
 
 import pytest
 import torch
@@ -108,3 +112,33 @@ def test_bad_data_on_one_rank_ends_every_rank_with_one_message(tmp_path, model_d
                       "or \"prompt\" and \"completion\" fields"]
     assert "Traceback (most recent call last):\n  File \"" + str(LAUNCHER) not in run.stderr
     assert not out.exists()  # rank 0 wrote nothing: the ranks agreed to stop before any write
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path, model_dir, data):
+    out = tmp_path / "run"
+    log = (tmp_path / "log").open("w")
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                                 "lema.cli", *args(model_dir, data["text"], out, 2, "--steps", "100000")],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= 3):
+            assert time.monotonic() < deadline and launcher.poll() is None, "the run did not get going"
+            time.sleep(0.2)
+        workers = psutil.Process(launcher.pid).children()
+        assert len(workers) == 2
+        workers[-1].send_signal(signal.SIGTERM)  # one rank only: the ranks agree to stop
+        assert launcher.wait(timeout=120) != 0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        log.close()
+    output = (tmp_path / "log").read_text()
+    saved = sorted(out.glob("checkpoint-*"))
+    assert len(saved) == 1, output
+    step = int(saved[0].name.split("-")[1])
+    assert output.count("interrupted at step") == 1 and f"interrupted at step {step}: saved" in output
+    assert [r["step"] for r in metrics(out)] == list(range(1, step + 1))
+    assert json.loads((saved[0] / "trainer_state.json").read_text())["global_step"] == step
+    assert not (out / ".lema.lock").exists()

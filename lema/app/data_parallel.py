@@ -77,7 +77,7 @@ class DataParallel:
                     torch.randint(0, 2**62, (1,), generator=model.dropout_generator)
             except Exception as exc:  # noqa: BLE001 - every rank learns of it in settle
                 error = exc
-            (total_tokens,) = settle(error, [batch.n_tokens if batch is not None else 0])
+            (total_tokens,) = self._settle(error, [batch.n_tokens if batch is not None else 0])
             buckets = self._bind()
             if sync:
                 buckets.arm()
@@ -92,10 +92,19 @@ class DataParallel:
             # A rank without rows, or one that failed mid-backward, still issues every
             # bucket's all-reduce (zeros), so the ranks' collectives stay in step.
             buckets.wait()
-            (loss_total,) = settle(error, [loss_sum])
+            (loss_total,) = self._settle(error, [loss_sum])
             loss = loss_total / max(total_tokens, 1)
             trainer.end_micro_step(loss)  # the same loss and summed gradients on every rank
         return logits, loss
+
+    def _settle(self, error: Exception | None, values: list[float]) -> list[float]:
+        """:func:`settle`; when a rank failed, every rank first drops the micro-batches since
+        the last optimizer step, so the trainers stay equal (and usable) after the error."""
+        try:
+            return settle(error, values)
+        except Exception:
+            self.trainer.discard_accumulation()
+            raise
 
     def _bind(self) -> GradientBuckets:
         """Once per set of adapters: give every rank rank 0's values and hook their gradients

@@ -65,11 +65,13 @@ def test_the_data_parallel_steps_of_one_rank_equal_the_plain_trainer(llama_file,
     assert parallel.micro_step == 1
 
 
-def test_a_failure_is_agreed_and_raised_as_itself_on_the_rank_that_failed(llama_file, group):
+def test_a_failure_is_agreed_raised_as_itself_where_it_happened_and_drops_the_accumulation(llama_file, group):
     trainer = make_trainer(str(llama_file))
     dp = DataParallel(trainer)
+    dp.micro_step(torch.tensor([[1, 2, 3]]), None, None)  # half of an accumulation
+    assert trainer.micro_step == 1
     with pytest.raises(ConfigError, match="token ids must be in") as caught:
         dp.micro_step(torch.tensor([[1, 2, 500]]), None, None)
     assert is_agreed(caught.value) and not reported_elsewhere(caught.value)  # rank 0 prints it
-    assert trainer.micro_step == 0
+    assert trainer.micro_step == 0 and all(p.grad is None for p in trainer.model.get_trainable_parameters())
     assert settle(None, [2.0, 3.0]) == [2.0, 3.0]

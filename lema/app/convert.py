@@ -48,13 +48,12 @@ def plan_tensors(names: list[str], config: Mapping[str, Any]) -> list[tuple[str,
 
     Returns ``(output name, source name)`` pairs: every expected tensor in unit order (both
     names of a tied embedding/head, the missing one cloned from the other), then any other
-    source tensor, minus non-weight buffers.
+    source tensor, minus non-weight buffers (a tensor the family does not use is then
+    refused by :meth:`ModelSpec.from_header`, before anything is written).
     """
-    dims = arch.dims_of(config)
     kept = [n for n in names if not arch.is_ignored(n)]
     present = set(kept)
-    prefix = arch.gpt2_prefix(present) if dims.family == "gpt2" else None
-    expected = arch.expected_tensors(dims, prefix)
+    expected = arch.expected_tensors(config, present)
     source: dict[str, str] = {n: n for n in kept}
     for e in expected:
         have = [n for n in e.names if n in present]

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from lema.domain.families import registry
 from lema.domain.model import blocks, heads
-from lema.domain.model.context import make_decode_context
+from lema.domain.model.context import SLIDING, make_decode_context
 from lema.domain.model.decode import KV, decoder_block_cached
 from lema.domain.schedule.layer_schedule import Phase
 from lema.domain.units import format_size
@@ -38,6 +39,7 @@ from lema.errors import ConfigError, DeviceOutOfMemory
 
 if TYPE_CHECKING:
     from lema.app.model import LemaModel
+    from lema.domain.model.spec import ModelSpec
 
 
 def generate(model: "LemaModel", input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
@@ -90,10 +92,17 @@ def generate(model: "LemaModel", input_ids: torch.Tensor | Sequence[int] | Seque
     # The shell owns the per-layer entries and replaces each one as its layer is computed, so
     # a layer's old keys and values are freed during the pass instead of living until its end.
     layers: list[KV | None] = [None] * spec.n_layers
-    new, out = ids, [ids]
+    new, out, past = ids, [ids], 0
+    reset = _cache_reset_length(spec)
     try:
         for step in range(max_new_tokens):
-            logits = _forward_step(model, new, mask, layers)
+            if reset is not None and 0 < past <= reset < past + new.shape[1]:
+                # As transformers' Phi-3: crossing the original length switches LongRoPE to its long
+                # factors, so the cache (rotated with the short ones) is dropped and the sequence recomputed.
+                layers[:] = [None] * spec.n_layers
+                new, past = torch.cat(out, dim=1), 0
+            logits = _forward_step(model, new, mask, layers, past)
+            past += new.shape[1]
             token = choose_tokens(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                   generator=generator)
             if eos:
@@ -144,12 +153,19 @@ def choose_tokens(logits: torch.Tensor, *, do_sample: bool = False, temperature:
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def _cache_reset_length(spec: "ModelSpec") -> int | None:
+    """LongRoPE's original length, where transformers drops a Phi-3's cache; None for other ropes."""
+    for _, rope in registry.params_of(spec).layout.ropes:
+        if rope.rope_type == "longrope":
+            return int(rope.get("original_max_position_embeddings"))
+    return None
+
+
 def _forward_step(model: "LemaModel", ids: torch.Tensor, mask: torch.Tensor | None,
-                  layers: list[KV | None]) -> torch.Tensor:
-    """One engine pass over ``ids`` following the cached tokens; updates ``layers``; last logits on the CPU."""
+                  layers: list[KV | None], past: int) -> torch.Tensor:
+    """One engine pass over ``ids`` following ``past`` cached tokens; updates ``layers``; last logits on the CPU."""
     spec, lora = model.spec, model.lora
     batch, new = ids.shape
-    past = next((kv[0].shape[2] for kv in layers if kv is not None), 0)
     dev = model.device.torch_device
     ctx = make_decode_context(spec, batch, past, new, attention_mask=mask, device=dev, dtype=model.compute_dtype,
                               lora=model.lora_spec, matmul_dtype=model.matmul_dtype)
@@ -174,10 +190,14 @@ def _forward_step(model: "LemaModel", ids: torch.Tensor, mask: torch.Tensor | No
 
 
 def kv_cache_bytes(model: "LemaModel", batch: int, tokens: int) -> int:
-    """Bytes of the KV cache for ``batch`` rows of ``tokens`` tokens in the compute dtype."""
+    """Bytes of the KV cache for ``batch`` rows of ``tokens`` tokens in the compute dtype (a
+    sliding-window layer holds at most its window)."""
     spec = model.spec
+    layout = registry.params_of(spec).layout
     itemsize = torch.empty((), dtype=model.compute_dtype).element_size()
-    return 2 * spec.n_layers * batch * spec.n_kv_heads * tokens * spec.head_dim * itemsize
+    held = sum(min(tokens, layout.sliding_window) if kind == SLIDING and layout.sliding_window else tokens
+               for kind in layout.layer_types)
+    return 2 * held * batch * spec.n_kv_heads * spec.head_dim * itemsize
 
 
 def _check_cache_fits(model: "LemaModel", batch: int, tokens: int) -> None:
@@ -238,8 +258,8 @@ def _check(model: "LemaModel", ids: torch.Tensor, mask: torch.Tensor | None, max
     if stream is not None and ids.shape[0] != 1:
         problems.append(f"stream: needs a single prompt, got a batch of {ids.shape[0]}")
     total = ids.shape[1] + (max_new_tokens if isinstance(max_new_tokens, int) else 0)
-    if spec.family == "gpt2" and total > spec.max_positions:
+    if not registry.params_of(spec).layout.ropes and total > spec.max_positions:
         problems.append(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} tokens exceeds "
-                        f"this GPT-2's {spec.max_positions} learned positions")
+                        f"this {spec.model_type}'s {spec.max_positions} learned positions")
     if problems:
         raise ConfigError("generate: " + "; ".join(problems))

@@ -29,11 +29,11 @@ from lema.adapters.weights.hub import (
     read_config_text,
 )
 from lema.adapters.weights.safetensors_header import read_header
-from lema.adapters.weights.safetensors_writer import open_safetensors_writer
+from lema.adapters.weights.safetensors_writer import code_of, open_safetensors_writer
 from lema.app.convert import plan_tensors
 from lema.app.outputs import check_output, folder_files
 from lema.domain.families import registry as arch
-from lema.domain.model.spec import output_dtype, torch_dtype
+from lema.domain.model.spec import ModelSpec, output_dtype, torch_dtype
 from lema.errors import CheckpointError, ConfigError, ModelFormatError
 
 Progress = Callable[[int, int, str], None]
@@ -168,13 +168,15 @@ def merge_adapter(
         raise CheckpointError(f"adapter {adapter_dir} has LoRA weights for {len(unmatched)} modules the base model "
                               f"lacks (e.g. {', '.join(unmatched[:3])}); is it for another model?")
     fan_in_fan_out = bool(adapter_config.get("fan_in_fan_out"))
-    conv1d = dims.family == "gpt2"
+    conv1d = bool(arch.family(dims.family).CONV1D)
 
     def out_dtype(src: str) -> torch.dtype:
         d = loader.meta[src][0]
         return target if target is not None and d.is_floating_point else d
 
     entries = [(n, out_dtype(s), loader.meta[s][1]) for n, s in plan]
+    # Every tensor consumed by the family's math, every shape as the config implies: else nothing is written.
+    ModelSpec.from_header({n: {"dtype": code_of(d), "shape": list(shape)} for n, d, shape in entries}, config)
     for name, _, shape in entries:
         if name in deltas:
             a, b, _ = deltas[name]

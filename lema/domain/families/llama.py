@@ -1,17 +1,100 @@
-"""The Llama family: Llama 1/2/3, Mistral, Qwen2 (RMSNorm, rotary, grouped-query attention,
-SwiGLU, optional q/k/v bias, tied or untied head): names, shapes, LoRA targets (pure)."""
+"""The Llama family: Llama 1/2/3.x, Mistral, Qwen2 (RMSNorm, rotary, grouped-query attention, SwiGLU).
+
+Options, as transformers 5 defines them per ``model_type``:
+
+* llama: ``attention_bias`` (biases on q, k, v **and** o), ``mlp_bias`` (on gate, up,
+  down), ``head_dim`` independent of hidden / heads, every rope type, tied or untied head.
+  ``pretraining_tp > 1`` is refused (transformers 5 ignores it; nobody should assume it is
+  honoured).
+* mistral: no biases; ``sliding_window`` (default 4096) on every layer when set.
+* qwen2: q, k, v biases always (o none); a window on the layers from
+  ``max_window_layers`` on (or as ``layer_types`` says) when ``use_sliding_window``.
+
+Refused for all: ``partial_rotary_factor`` other than 1, rope types transformers does not
+ship, sliding layers without a window, and :func:`~lema.domain.model.options.common_problems`.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import functools
+import json
+from typing import TYPE_CHECKING, Any, Mapping
 
-from lema.domain.model.layout import Dims, ExpectedTensor
+import attrs
+
+from lema.domain.model import options as opt
+from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor
 from lema.domain.model.layout import config_int as _int
+from lema.domain.model.rope_config import standard_rope
+
+if TYPE_CHECKING:
+    import torch
+
+    from lema.domain.model.attention import KVHook
+    from lema.domain.model.context import BlockContext
+    from lema.domain.model.linear import Adapters, Weights
 
 NAME = "llama"
 MODEL_TYPES = ("llama", "mistral", "qwen2")
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODULE_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+TARGETS = tuple(k.split(".")[-1] for k in MODULE_KEYS)
 DEFAULT_TARGETS = TARGETS
+PEFT_PREFIX = "base_model.model.model.layers."
+CONV1D = False
+
+
+@attrs.frozen
+class Params:
+    """What the blocks read from the config."""
+
+    layout: AttentionLayout
+    eps: float
+    activation: str
+    head_dim: int
+    final_softcap: float | None = None
+
+
+def _biases(config: Mapping[str, Any]) -> tuple[bool, bool, bool]:
+    """(q/k/v bias, o bias, MLP biases) of a config, by model_type."""
+    model_type = str(config["model_type"]).lower()
+    if model_type == "qwen2":
+        return True, False, False
+    if model_type == "mistral":
+        return False, False, False
+    attention = bool(config.get("attention_bias", False))
+    return attention, attention, bool(config.get("mlp_bias", False))
+
+
+def _attention(config: Mapping[str, Any], n_layers: int, problems: list[str]) -> tuple[tuple[str, ...], int | None]:
+    model_type = str(config["model_type"]).lower()
+    if model_type == "mistral":
+        window = opt.window({"sliding_window": config.get("sliding_window", 4096)})
+        return (SLIDING if window else FULL,) * n_layers, window
+    if model_type == "qwen2":
+        window = opt.window(config) if config.get("use_sliding_window", False) else None
+        start = config.get("max_window_layers", 28)
+        types = opt.layer_types(config, n_layers, [SLIDING if window is not None and i >= start else FULL
+                                                   for i in range(n_layers)], problems)
+        if SLIDING in types and window is None:
+            problems.append(opt.problem("layer_types", list(types), "has sliding layers but use_sliding_window is "
+                                        "false or sliding_window is null"))
+        return types, window
+    return (FULL,) * n_layers, None
+
+
+def _head_dim(config: Mapping[str, Any]) -> int:
+    return int(config.get("head_dim") or _int(config, "hidden_size") // _int(config, "num_attention_heads"))
+
+
+def check(config: Mapping[str, Any]) -> None:
+    """Refuse, by name and value, every option this family does not implement."""
+    problems = opt.common_problems(config, "hidden_act", "silu")
+    problems += opt.expect(config, "pretraining_tp", 1, lambda v: v in (1, None),
+                           "is not implemented (transformers 5 ignores it); use 1")
+    _attention(config, _int(config, "num_hidden_layers"), problems)
+    opt.raise_problems(config, problems)
+    standard_rope(config, _head_dim(config))
 
 
 def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
@@ -26,49 +109,90 @@ def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
 
 
 def dims(config: Mapping[str, Any]) -> Dims:
-    """Read the dimensions of a Llama-family config dict."""
-    model_type = str(config["model_type"]).lower()
-    family = NAME
-    hidden = _int(config, "hidden_size")
+    """Read the dimensions of a Llama-family config dict (options checked)."""
+    check(config)
     heads = _int(config, "num_attention_heads")
-    head_dim = config.get("head_dim") or hidden // heads
     return Dims(
-        family=family, model_type=model_type,
-        n_layers=_int(config, "num_hidden_layers"), hidden_size=hidden, n_heads=heads,
-        n_kv_heads=_int(config, "num_key_value_heads", default=heads), head_dim=int(head_dim),
+        family=NAME, model_type=str(config["model_type"]).lower(),
+        n_layers=_int(config, "num_hidden_layers"), hidden_size=_int(config, "hidden_size"), n_heads=heads,
+        n_kv_heads=_int(config, "num_key_value_heads", default=heads), head_dim=_head_dim(config),
         intermediate_size=_int(config, "intermediate_size"), vocab_size=_int(config, "vocab_size"),
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)), attention_bias=_biases(config)[0],
         max_positions=_int(config, "max_position_embeddings", default=2048),
+        activation=str(config.get("hidden_act") or "silu"),
     )
 
 
-
-
-def expected_tensors(d: Dims, prefix: str | None = None) -> list[ExpectedTensor]:
-    """Every tensor a Llama-family model with these dims has, grouped into units."""
+def expected_tensors(d: Dims, config: Mapping[str, Any], names: set[str] | None = None) -> list[ExpectedTensor]:
+    """Every tensor a Llama-family model with this config has, grouped into units."""
     h, q, kv, ff = d.hidden_size, d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim, d.intermediate_size
+    qkv_bias, o_bias, mlp_bias = _biases(config)
     out = [ExpectedTensor(0, "embed_tokens.weight", ("model.embed_tokens.weight",), (d.vocab_size, h))]
     for i in range(d.n_layers):
-        p = f"model.layers.{i}."
         layer = [
             ("input_layernorm.weight", (h,)),
-            ("self_attn.q_proj.weight", (q, h)),
-            ("self_attn.k_proj.weight", (kv, h)),
-            ("self_attn.v_proj.weight", (kv, h)),
-            ("self_attn.o_proj.weight", (h, q)),
+            ("self_attn.q_proj.weight", (q, h)), ("self_attn.k_proj.weight", (kv, h)),
+            ("self_attn.v_proj.weight", (kv, h)), ("self_attn.o_proj.weight", (h, q)),
             ("post_attention_layernorm.weight", (h,)),
-            ("mlp.gate_proj.weight", (ff, h)),
-            ("mlp.up_proj.weight", (ff, h)),
-            ("mlp.down_proj.weight", (h, ff)),
+            ("mlp.gate_proj.weight", (ff, h)), ("mlp.up_proj.weight", (ff, h)), ("mlp.down_proj.weight", (h, ff)),
         ]
-        if d.attention_bias:
-            layer += [("self_attn.q_proj.bias", (q,)), ("self_attn.k_proj.bias", (kv,)), ("self_attn.v_proj.bias", (kv,))]
-        out += [ExpectedTensor(i + 1, key, (p + key,), shape) for key, shape in layer]
+        if qkv_bias:
+            layer += [("self_attn.q_proj.bias", (q,)), ("self_attn.k_proj.bias", (kv,)),
+                      ("self_attn.v_proj.bias", (kv,))]
+        if o_bias:
+            layer.append(("self_attn.o_proj.bias", (h,)))
+        if mlp_bias:
+            layer += [("mlp.gate_proj.bias", (ff,)), ("mlp.up_proj.bias", (ff,)), ("mlp.down_proj.bias", (h,))]
+        out += [ExpectedTensor(i + 1, key, (f"model.layers.{i}.{key}",), shape) for key, shape in layer]
     head = d.n_layers + 1
     out.append(ExpectedTensor(head, "norm.weight", ("model.norm.weight",), (h,)))
-    if d.tied_embeddings:
-        out.append(ExpectedTensor(head, "lm_head.weight", ("lm_head.weight", "model.embed_tokens.weight"), (d.vocab_size, h)))
-    else:
-        out.append(ExpectedTensor(head, "lm_head.weight", ("lm_head.weight",), (d.vocab_size, h)))
+    tied = ("model.embed_tokens.weight",) if d.tied_embeddings else ()
+    out.append(ExpectedTensor(head, "lm_head.weight", ("lm_head.weight", *tied), (d.vocab_size, h)))
     return out
+
+
+@functools.lru_cache(maxsize=32)
+def params(config_json: str) -> Params:
+    """The block parameters of a config (``ModelSpec.config_json``), cached."""
+    config = json.loads(config_json)
+    problems: list[str] = []
+    types, window = _attention(config, _int(config, "num_hidden_layers"), problems)
+    head_dim = _head_dim(config)
+    rope = standard_rope(config, head_dim)
+    return Params(layout=AttentionLayout(types, window, ((FULL, rope), (SLIDING, rope))),
+                  eps=float(config.get("rms_norm_eps", 1e-6)), activation=str(config.get("hidden_act") or "silu"),
+                  head_dim=head_dim)
+
+
+def embed(p: Params, weights: "Weights", input_ids: "torch.Tensor", position_ids: "torch.Tensor",
+          dtype: "torch.dtype") -> "torch.Tensor":
+    """Token embeddings ``(batch, seq, hidden)`` in ``dtype``."""
+    import torch.nn.functional as F
+
+    return F.embedding(input_ids, weights["embed_tokens.weight"]).to(dtype)
+
+
+def block(p: Params, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", ctx: "BlockContext", layer: int,
+          kv_hook: "KVHook | None" = None) -> "torch.Tensor":
+    """One decoder layer (``LlamaDecoderLayer``)."""
+    from lema.domain.model import attention, linear, norms
+
+    proj = linear.projector(w, lora, ctx, layer, MODULE_KEYS)
+    batch, seq, _ = x.shape
+    h = norms.rms_norm(x, w["input_layernorm.weight"], p.eps)
+    q = proj(h, "self_attn.q_proj").view(batch, seq, -1, p.head_dim)
+    k = proj(h, "self_attn.k_proj").view(batch, seq, -1, p.head_dim)
+    v = proj(h, "self_attn.v_proj").view(batch, seq, -1, p.head_dim)
+    a = attention.self_attention(q, k, v, ctx, p.layout.layer_types[layer], scale=p.head_dim ** -0.5,
+                                 kv_hook=kv_hook)
+    x = x + proj(a, "self_attn.o_proj")
+    h = norms.rms_norm(x, w["post_attention_layernorm.weight"], p.eps)
+    act = norms.activation(p.activation)
+    return x + proj(act(proj(h, "mlp.gate_proj")) * proj(h, "mlp.up_proj"), "mlp.down_proj")
+
+
+def final_norm(p: Params, weights: "Weights", x: "torch.Tensor") -> "torch.Tensor":
+    """The final RMSNorm."""
+    from lema.domain.model import norms
+
+    return norms.rms_norm(x, weights["norm.weight"], p.eps)

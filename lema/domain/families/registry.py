@@ -1,18 +1,33 @@
-"""The registry of model families: which family a config belongs to, and its tables (pure).
+"""The registry of model families: which family a config belongs to, and what it provides (pure).
 
-A family is one module of :mod:`lema.domain.families` with ``NAME``, ``MODEL_TYPES``,
-``TARGETS`` (every module LoRA can target), ``DEFAULT_TARGETS``, ``dims(config)``,
-``expected_tensors(dims, prefix)`` and ``base_dropouts(config)``. Adding a family is one new module listed in
-``FAMILIES`` plus its tests. Families never import each other; shared math and types live
-in :mod:`lema.domain.model`.
+A family is one module of :mod:`lema.domain.families` that says everything that differs
+between families, torchtune-style, and nothing else:
+
+* ``NAME``, ``MODEL_TYPES``: its name and the ``model_type`` values it reads;
+* ``MODULE_KEYS`` (every adaptable linear module of a layer, in execution order),
+  ``TARGETS`` (their names as peft sees them), ``DEFAULT_TARGETS``, ``PEFT_PREFIX`` (peft's
+  key prefix of decoder layer ``i``), ``CONV1D`` (weights stored ``[in, out]``);
+* ``dims(config)``: the dimensions, after refusing by name and value every config option
+  the family does not implement;
+* ``expected_tensors(dims, config, names)``: every tensor a file must hold, by unit;
+* ``params(config_json)``: what its blocks read (with ``layout``, the
+  :class:`~lema.domain.model.layout.AttentionLayout`, and ``final_softcap``);
+* ``base_dropouts(config)``: the base model's non-zero dropouts, which LEMA does not apply;
+* ``embed``, ``block``, ``final_norm``: its math, on the shared pieces of
+  :mod:`lema.domain.model` (imported when first called, so reading a config never imports
+  torch).
+
+Adding a family is one new module listed in ``FAMILIES`` plus its tests. Families never
+import each other.
 """
 
 from __future__ import annotations
 
+import json
 from types import ModuleType
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from lema.domain.families import gpt2, llama
+from lema.domain.families import gemma2, gemma3, gpt2, llama, mixtral, olmo2, phi3, qwen3, qwen3_moe
 from lema.domain.model.layout import (
     DECODER,
     EMBED,
@@ -23,10 +38,14 @@ from lema.domain.model.layout import (
 )
 from lema.errors import ModelFormatError
 
-FAMILIES: dict[str, ModuleType] = {m.NAME: m for m in (llama, gpt2)}
+if TYPE_CHECKING:
+    from lema.domain.model.spec import ModelSpec
+
+FAMILIES: dict[str, ModuleType] = {m.NAME: m for m in (llama, qwen3, gemma2, gemma3, phi3, olmo2, mixtral,
+                                                       qwen3_moe, gpt2)}
 
 __all__ = ["DECODER", "EMBED", "FAMILIES", "HEAD", "Dims", "ExpectedTensor", "base_dropouts", "default_targets",
-           "dims_of", "expected_tensors", "family_of", "gpt2_prefix", "is_ignored", "supported_model_types",
+           "dims_of", "expected_tensors", "family", "family_of", "is_ignored", "params_of", "supported_model_types",
            "target_modules"]
 
 
@@ -49,8 +68,18 @@ def family_of(config: Mapping[str, Any]) -> str:
     )
 
 
+def family(name: str) -> ModuleType:
+    """The module of a family name (``spec.family``)."""
+    return FAMILIES[name]
+
+
 def dims_of(config: Mapping[str, Any]) -> Dims:
-    """Read a model's dimensions from its config dict."""
+    """Read a model's dimensions from its config dict.
+
+    Raises:
+        ModelFormatError: an unknown ``model_type``, or one line naming every config option
+            (and value) the family does not implement.
+    """
     return FAMILIES[family_of(config)].dims(config)
 
 
@@ -60,26 +89,33 @@ def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
     return FAMILIES[family_of(config)].base_dropouts(config)
 
 
-def default_targets(family: str) -> tuple[str, ...]:
+def default_targets(name: str) -> tuple[str, ...]:
     """The LoRA target modules LEMA uses when none are given."""
-    return FAMILIES[family].DEFAULT_TARGETS
+    return FAMILIES[name].DEFAULT_TARGETS
 
 
-def target_modules(family: str) -> tuple[str, ...]:
+def target_modules(name: str) -> tuple[str, ...]:
     """Every module name LoRA can target in this family."""
-    return FAMILIES[family].TARGETS
+    return FAMILIES[name].TARGETS
 
 
-def expected_tensors(dims: Dims, prefix: str | None = None) -> list[ExpectedTensor]:
-    """Every tensor a model with these dims has, grouped into units.
+def expected_tensors(config: Mapping[str, Any], names: set[str] | None = None) -> list[ExpectedTensor]:
+    """Every tensor a model of this config has, grouped into units.
 
     Args:
-        dims: from :func:`dims_of`.
-        prefix: GPT-2 only: ``"transformer."`` (transformers' layout, the default) or ``""``.
+        config: the ``config.json`` dict.
+        names: the file's tensor names, where a family reads more than one layout (GPT-2's
+            ``transformer.`` prefix or none).
     """
-    return FAMILIES[dims.family].expected_tensors(dims, prefix)
+    dims = dims_of(config)
+    return FAMILIES[dims.family].expected_tensors(dims, config, names)
 
 
-def gpt2_prefix(names: set[str]) -> str:
-    """``"transformer."`` or ``""``, whichever layout a set of GPT-2 tensor names uses."""
-    return gpt2.layout_prefix(names)
+def params_of(spec: "ModelSpec") -> Any:
+    """The family parameters a spec's blocks read (cached per config)."""
+    return FAMILIES[spec.family].params(spec.config_json)
+
+
+def config_text(config: Mapping[str, Any]) -> str:
+    """The canonical JSON text of a config (``ModelSpec.config_json``)."""
+    return json.dumps(dict(config), sort_keys=True)

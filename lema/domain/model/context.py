@@ -1,13 +1,16 @@
 """BlockContext: what every layer of one batch shares (positions, rope tables, masks, dropout).
 
-Built once per batch by :func:`make_context` and passed to every block, so the blocks stay
-plain functions of ``(weights, adapters, activations, context)``.
+Built once per batch by :func:`make_context` (or :func:`make_decode_context` for tokens
+that follow a KV cache) from the family's :class:`~lema.domain.model.layout.AttentionLayout`,
+and passed to every block, so the blocks stay plain functions of ``(weights, adapters,
+activations, context)``.
 
-Masks follow transformers' SDPA path: causal (and sliding-window where the config asks for
-it) combined with the ``(batch, seq)`` padding mask; with no padding the mask is None and
-SDPA runs with ``is_causal=True``. A query row whose keys are all masked (a left-padded
-position) attends to itself inside SDPA (finite on every backend) and its output is then
-zeroed, which is what PyTorch's SDPA returns for such rows in transformers.
+Masks follow transformers: causal, windowed on sliding-window layers (a window of W keeps
+the W most recent keys, the query included, counted by sequence index), combined with the
+``(batch, seq)`` padding mask; with no padding the mask is None and SDPA runs with
+``is_causal=True``. A query row whose keys are all masked (a left-padded position) attends
+to itself and its output is then zeroed, which is what PyTorch's SDPA returns for such
+rows in transformers.
 
 Example:
     >>> import torch
@@ -22,52 +25,23 @@ Example:
 
 from __future__ import annotations
 
-import functools
-import json
 from typing import Any
 
 import attrs
 import torch
 
+from lema.domain.families import registry
+from lema.domain.model.layout import FULL, SLIDING, AttentionLayout
 from lema.domain.model.lora import LoraSpec
-from lema.domain.model.rope import rope_cos_sin
+from lema.domain.model.rope import rope_tables
 from lema.domain.model.spec import ModelSpec
 from lema.errors import ConfigError
 
-FULL, SLIDING = "full_attention", "sliding_attention"
+__all__ = ["FULL", "SLIDING", "BlockContext", "decode_position_ids", "make_context", "make_decode_context",
+           "sliding_keys_kept"]
 
 # A mask and the multiplier (1 keep / 0 zero) of its fully masked query rows, both optional.
 AttentionMask = tuple["torch.Tensor | None", "torch.Tensor | None"]
-
-
-@attrs.frozen
-class ArchParams:
-    """The config values the blocks read, parsed once per config."""
-
-    norm_eps: float
-    activation: str
-    layer_types: tuple[str, ...]
-    sliding_window: int | None
-    scale_attn_weights: bool = True
-    scale_attn_by_inverse_layer_idx: bool = False
-
-
-@functools.lru_cache(maxsize=32)
-def arch_params(config_json: str, family: str, n_layers: int) -> ArchParams:
-    """Read norm epsilon, activation, per-layer attention kind from a ``config.json`` text."""
-    config: dict[str, Any] = json.loads(config_json)
-    if family == "gpt2":
-        return ArchParams(norm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
-                          activation=str(config.get("activation_function", "gelu_new")),
-                          layer_types=(FULL,) * n_layers, sliding_window=None,
-                          scale_attn_weights=bool(config.get("scale_attn_weights", True)),
-                          scale_attn_by_inverse_layer_idx=bool(config.get("scale_attn_by_inverse_layer_idx", False)))
-    window = config.get("sliding_window")
-    if config.get("model_type") == "qwen2" and not config.get("use_sliding_window", False):
-        window = None
-    types = config.get("layer_types") or [SLIDING if window else FULL] * n_layers
-    return ArchParams(norm_eps=float(config.get("rms_norm_eps", 1e-6)), activation=str(config.get("hidden_act", "silu")),
-                      layer_types=tuple(types), sliding_window=int(window) if window else None)
 
 
 @attrs.frozen(eq=False)
@@ -77,55 +51,82 @@ class BlockContext:
     Attributes:
         dtype: the compute dtype of the activations.
         position_ids: ``(batch, seq)`` positions.
-        rope: ``(cos, sin)`` tables ``(batch, seq, head_dim)`` (Llama family) or None.
-        masks: attention kind -> ``(mask, keep)``: a boolean ``(batch, 1, seq, seq)`` SDPA mask
+        ropes: attention kind -> ``(cos, sin)`` tables ``(batch, seq, rotary_dim)``; empty
+            for learned positions.
+        masks: attention kind -> ``(mask, keep)``: a boolean ``(batch, 1, seq, keys)`` mask
             (True attends) or None for plain causal, and a ``(batch, 1, seq, 1)`` multiplier
             that zeroes fully masked rows, or None.
-        params: config values the blocks read.
+        params: the family's parameters (``registry.params_of(spec)``), what its blocks read.
         lora_scaling: the adapters' output scale.
         lora_dropout: dropout probability on the adapters' input (0 outside training).
-        matmul_dtype: dtype the frozen weights' products are computed in, when wider than
-            ``dtype`` (see :mod:`lema.domain.model.matmul`); None computes in ``dtype``.
         dropout_seed: seeds each (layer, module) dropout mask, so recomputing a layer in the
             backward pass draws the same mask as its forward pass.
+        matmul_dtype: dtype the frozen weights' products are computed in, when wider than
+            ``dtype`` (see :mod:`lema.domain.model.matmul`); None computes in ``dtype``.
     """
 
     dtype: torch.dtype
     position_ids: torch.Tensor
-    rope: tuple[torch.Tensor, torch.Tensor] | None
+    ropes: dict[str, tuple[torch.Tensor, torch.Tensor]]
     masks: dict[str, AttentionMask]
-    params: ArchParams
+    params: Any
     lora_scaling: float = 1.0
     lora_dropout: float = 0.0
     dropout_seed: int = 0
     matmul_dtype: torch.dtype | None = None
 
-    def attention(self, layer_type: str) -> AttentionMask:
+    def attention(self, kind: str) -> AttentionMask:
         """The ``(mask, keep)`` pair for a layer's attention kind."""
-        return self.masks[layer_type]
+        return self.masks[kind]
+
+    def rope_for(self, kind: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The ``(cos, sin)`` tables of an attention kind, or None (no rotary embedding)."""
+        return self.ropes.get(kind)
 
 
-def _mask(pad: torch.Tensor | None, seq: int, window: int | None, device: torch.device,
-          past: int = 0) -> AttentionMask:
-    # Queries are the last ``seq`` of ``past + seq`` key positions (``past`` of them cached);
-    # ``pad`` is ``(batch, past + seq)``. None stands for causal aligned to the last key: SDPA's
+def sliding_keys_kept(window: int | None, past_len: int) -> int:
+    """Cached keys a sliding-window layer keeps after ``past_len`` tokens: the ``window - 1``
+    most recent (all a next query can see besides itself), as transformers'
+    ``DynamicSlidingWindowLayer`` keeps them."""
+    return past_len if window is None else min(past_len, window - 1)
+
+
+def _mask(pad: torch.Tensor | None, seq: int, window: int | None, device: torch.device, past: int = 0,
+          kept: int | None = None) -> AttentionMask:
+    # Queries are the last ``seq`` of ``past + seq`` positions; the keys are the ``kept`` cached
+    # ones (the most recent, default all ``past``) followed by the new ones. ``pad`` is
+    # ``(batch, past + seq)``. None stands for causal aligned to the last key: SDPA's
     # ``is_causal`` when there is no past, every key for a single query.
-    if pad is None and (window is None or past + seq <= window) and (past == 0 or seq == 1):
+    kept = past if kept is None else kept
+    start = past - kept
+    if pad is None and (seq == 1 and (window is None or kept < window)
+                        or past == 0 and (window is None or seq <= window)):
         return None, None
     q = torch.arange(past, past + seq, device=device)[:, None]
-    k = torch.arange(past + seq, device=device)[None, :]
+    k = torch.arange(start, past + seq, device=device)[None, :]
     allowed = k <= q
     if window is not None:
         allowed = allowed & (k > q - window)
     allowed = allowed[None, None]
     if pad is None:
         return allowed, None
-    allowed = allowed & pad[:, None, None, :]
+    allowed = allowed & pad[:, None, None, start:]
     dead = ~allowed.any(dim=-1, keepdim=True)
     if not bool(dead.any()):
         return allowed, None
     allowed = allowed | (dead & (q == k))
     return allowed, (~dead).to(torch.float32)
+
+
+def _ropes(layout: AttentionLayout, position_ids: torch.Tensor, dtype: torch.dtype
+           ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    table_dtype = None if layout.rope_fp32 else dtype
+    return {kind: rope_tables(rope, position_ids, table_dtype) for kind, rope in layout.ropes
+            if kind in layout.layer_types}
+
+
+def _kinds(layout: AttentionLayout) -> set[str]:
+    return set(layout.layer_types) | {FULL}
 
 
 def make_context(spec: ModelSpec, input_shape: tuple[int, int], attention_mask: torch.Tensor | None = None,
@@ -139,7 +140,7 @@ def make_context(spec: ModelSpec, input_shape: tuple[int, int], attention_mask: 
         input_shape: ``(batch, seq)`` of the token ids.
         attention_mask: ``(batch, seq)`` 1 for tokens, 0 for padding; None means no padding.
         position_ids: ``(batch, seq)`` or ``(1, seq)``; default ``arange(seq)`` for every row,
-            as transformers' ``LlamaForCausalLM``/``GPT2LMHeadModel`` do with no cache.
+            as transformers' ``*ForCausalLM`` models do with no cache.
         device: where the tables and masks live.
         dtype: compute dtype of the activations.
         lora: the adapters' spec (scaling, dropout); None for no adapters.
@@ -156,7 +157,8 @@ def make_context(spec: ModelSpec, input_shape: tuple[int, int], attention_mask: 
     """
     batch, seq = input_shape
     device = torch.device(device)
-    params = arch_params(spec.config_json, spec.family, spec.n_layers)
+    params = registry.params_of(spec)
+    layout: AttentionLayout = params.layout
     if position_ids is None:
         position_ids = torch.arange(seq, device=device)[None]
     if position_ids.shape[-1] != seq or position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch):
@@ -169,15 +171,14 @@ def make_context(spec: ModelSpec, input_shape: tuple[int, int], attention_mask: 
         pad = attention_mask.to(device).bool()
         if bool(pad.all()):
             pad = None
-    masks = {kind: _mask(pad, seq, params.sliding_window if kind == SLIDING else None, device)
-             for kind in set(params.layer_types) | {FULL}}
-    rope = rope_cos_sin(spec.config_json, position_ids, dtype) if spec.family == "llama" else None
+    masks = {kind: _mask(pad, seq, layout.sliding_window if kind == SLIDING else None, device)
+             for kind in _kinds(layout)}
     p = lora.dropout if (lora is not None and training) else 0.0
     if dropout_seed is None:
         dropout_seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-    return BlockContext(dtype=dtype, position_ids=position_ids, rope=rope, masks=masks, params=params,
-                        lora_scaling=lora.scaling if lora is not None else 1.0, lora_dropout=p,
-                        dropout_seed=dropout_seed, matmul_dtype=matmul_dtype)
+    return BlockContext(dtype=dtype, position_ids=position_ids, ropes=_ropes(layout, position_ids, dtype),
+                        masks=masks, params=params, lora_scaling=lora.scaling if lora is not None else 1.0,
+                        lora_dropout=p, dropout_seed=dropout_seed, matmul_dtype=matmul_dtype)
 
 
 def decode_position_ids(attention_mask: torch.Tensor | None, past_len: int, new_len: int,
@@ -207,14 +208,15 @@ def make_decode_context(spec: ModelSpec, batch: int, past_len: int, new_len: int
 
     Queries are the new tokens; keys are the cached ones followed by the new ones. The masks
     are causal over that key axis (a new token sees every cached key and the new keys up to
-    itself), windowed on sliding-window layers (by key index, as transformers does), and
-    drop padded keys. ``past_len == 0`` is a prefill and gives the same context as
-    :func:`make_context` except for the default positions.
+    itself) and drop padded keys. Sliding-window layers cache only the keys a later query
+    can see (:func:`sliding_keys_kept`), so their masks cover those and the new ones.
+    ``past_len == 0`` is a prefill and gives the same context as :func:`make_context` except
+    for the default positions.
 
     Args:
         spec: the model.
         batch: rows in the batch.
-        past_len: keys already in the KV cache.
+        past_len: tokens already in the KV cache.
         new_len: tokens in this step (the prompt for a prefill, 1 per generated token).
         attention_mask: ``(batch, past_len + new_len)``, 1 for tokens and 0 for padding (left
             padding: padded rows' real tokens are right-aligned); None means no padding.
@@ -225,7 +227,7 @@ def make_decode_context(spec: ModelSpec, batch: int, past_len: int, new_len: int
         lora: the adapters' spec (their scaling); None for no adapters.
 
     Returns:
-        The :class:`BlockContext`; its masks are ``(batch, 1, new_len, past_len + new_len)`` or None.
+        The :class:`BlockContext`; its masks are ``(batch, 1, new_len, keys)`` or None.
 
     Raises:
         ConfigError: a negative ``past_len``, ``new_len < 1``, or a mask or position tensor of
@@ -248,7 +250,8 @@ def make_decode_context(spec: ModelSpec, batch: int, past_len: int, new_len: int
         raise ConfigError("make_decode_context: " + "; ".join(problems))
     total = past_len + new_len
     device = torch.device(device)
-    params = arch_params(spec.config_json, spec.family, spec.n_layers)
+    params = registry.params_of(spec)
+    layout: AttentionLayout = params.layout
     pad = None
     if attention_mask is not None:
         if tuple(attention_mask.shape) != (batch, total):
@@ -262,8 +265,10 @@ def make_decode_context(spec: ModelSpec, batch: int, past_len: int, new_len: int
     position_ids = position_ids.to(device).expand(batch, new_len)
     if pad is not None and bool(pad.all()):
         pad = None
-    masks = {kind: _mask(pad, new_len, params.sliding_window if kind == SLIDING else None, device, past_len)
-             for kind in set(params.layer_types) | {FULL}}
-    rope = rope_cos_sin(spec.config_json, position_ids, dtype) if spec.family == "llama" else None
-    return BlockContext(dtype=dtype, position_ids=position_ids, rope=rope, masks=masks, params=params,
-                        lora_scaling=lora.scaling if lora is not None else 1.0, matmul_dtype=matmul_dtype)
+    window = layout.sliding_window
+    masks = {FULL: _mask(pad, new_len, None, device, past_len)}
+    if SLIDING in layout.layer_types:
+        masks[SLIDING] = _mask(pad, new_len, window, device, past_len, sliding_keys_kept(window, past_len))
+    return BlockContext(dtype=dtype, position_ids=position_ids, ropes=_ropes(layout, position_ids, dtype),
+                        masks=masks, params=params, lora_scaling=lora.scaling if lora is not None else 1.0,
+                        matmul_dtype=matmul_dtype)

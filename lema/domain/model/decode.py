@@ -6,9 +6,11 @@ them (:class:`KVCache`) and a decode step attends its new queries over ``past + 
 :func:`decoder_block_cached` is :func:`lema.domain.model.blocks.decoder_block` with that cache; its
 output equals the full recompute's last ``new`` positions.
 
-The cache holds keys already rotated by rope (Llama family), in the compute dtype, shaped
-``(batch, kv_heads, past_len, head_dim)`` (GPT-2: ``kv_heads == heads``), like transformers'
-``DynamicCache``.
+The cache holds keys already rotated by rope, in the compute dtype, shaped
+``(batch, kv_heads, cached, head_dim)`` (GPT-2: ``kv_heads == heads``), like transformers'
+``DynamicCache``. A sliding-window layer keeps only the ``window - 1`` most recent keys and
+values, all a later query can see besides itself (transformers'
+``DynamicSlidingWindowLayer``), so its cache stops growing at the window.
 
 Example:
     >>> import torch
@@ -33,7 +35,7 @@ import attrs
 import torch
 
 from lema.domain.model.blocks import Adapters, Weights, decoder_block_kv
-from lema.domain.model.context import BlockContext
+from lema.domain.model.context import SLIDING, BlockContext, sliding_keys_kept
 from lema.domain.model.spec import ModelSpec
 from lema.errors import ConfigError
 
@@ -45,10 +47,13 @@ class KVCache:
     """Every decoder layer's cached keys and values (None for a layer not computed yet).
 
     Attributes:
-        layers: per layer ``(keys, values)``, each ``(batch, kv_heads, past_len, head_dim)``.
+        layers: per layer ``(keys, values)``, each ``(batch, kv_heads, cached, head_dim)``
+            (``cached`` is ``past_len``, or at most ``window - 1`` on a sliding-window layer).
+        past_len: the tokens the cache stands for (advanced by :meth:`advanced`).
     """
 
     layers: tuple[KV | None, ...]
+    past_len: int = 0
 
     @classmethod
     def empty(cls, n_layers: int) -> "KVCache":
@@ -56,13 +61,12 @@ class KVCache:
         return cls((None,) * n_layers)
 
     @classmethod
-    def from_layers(cls, layers: Sequence[KV | None]) -> "KVCache":
-        return cls(tuple(layers))
+    def from_layers(cls, layers: Sequence[KV | None], past_len: int) -> "KVCache":
+        return cls(tuple(layers), past_len)
 
-    @property
-    def past_len(self) -> int:
-        """Tokens cached (those of the first filled layer; 0 when empty)."""
-        return next((kv[0].shape[2] for kv in self.layers if kv is not None), 0)
+    def advanced(self, new_len: int) -> "KVCache":
+        """The same cache, standing for ``new_len`` more tokens (after every layer took them)."""
+        return attrs.evolve(self, past_len=self.past_len + new_len)
 
     @property
     def nbytes(self) -> int:
@@ -92,18 +96,20 @@ def decoder_block_cached(spec: ModelSpec, weights: Weights, lora: Adapters | Non
         ctx: :func:`lema.domain.model.context.make_decode_context` for ``past_len`` cached and
             ``new`` new tokens.
         layer: 0-based layer index.
-        past: this layer's cached ``(keys, values)``, ``(batch, kv_heads, past_len, head_dim)``;
+        past: this layer's cached ``(keys, values)``, ``(batch, kv_heads, cached, head_dim)``;
             None for a prefill.
 
     Returns:
         ``(x_out, (keys, values))``: ``(batch, new, hidden)`` and the layer's keys and values
-        for ``past_len + new`` tokens, the cache for the next step.
+        for the next step: all ``past_len + new`` tokens, or on a sliding-window layer the
+        ``window - 1`` most recent.
 
     Raises:
         ConfigError: ``past`` does not match the new keys' batch, heads or head size, or
             ``ctx`` was built for a different number of cached tokens.
     """
     present: list[KV] = []
+    layout = ctx.params.layout
 
     def extend(k: torch.Tensor, v: torch.Tensor) -> KV:
         if past is not None:
@@ -113,12 +119,18 @@ def decoder_block_cached(spec: ModelSpec, weights: Weights, lora: Adapters | Non
                                   f"match the new keys {list(k.shape)} (batch, kv_heads, seq, head_dim)")
             k = torch.cat((pk.to(k.dtype), k), dim=2)
             v = torch.cat((pv.to(v.dtype), v), dim=2)
-        mask = ctx.attention(ctx.params.layer_types[layer])[0]
+        kind = layout.layer_types[layer]
+        mask = ctx.attention(kind)[0]
         if mask is not None and mask.shape[-1] != k.shape[2]:
             raise ConfigError(f"layer {layer}: the context's mask covers {mask.shape[-1]} keys but the cache and "
                               f"the new tokens make {k.shape[2]}; build it with make_decode_context(past_len="
                               f"{k.shape[2] - x.shape[1]})")
-        present.append((k, v))
+        if kind == SLIDING:
+            drop = k.shape[2] - sliding_keys_kept(layout.sliding_window, k.shape[2])
+            # a copy, so the dropped keys' memory goes (a view would keep all of it)
+            present.append((k[:, :, drop:].clone(), v[:, :, drop:].clone()) if drop else (k, v))
+        else:
+            present.append((k, v))
         return k, v
 
     out = decoder_block_kv(spec, weights, lora, x, ctx, layer, extend)

@@ -1,4 +1,5 @@
-"""The head: final norm, output projection and a chunked cross-entropy.
+"""The head: final norm, output projection (soft-capped where the family caps its logits)
+and a chunked cross-entropy.
 
 :func:`head_loss` never holds the full ``(batch, seq, vocab)`` fp32 logits, neither in the
 forward nor in the backward pass: it walks the tokens in chunks, and while computing each
@@ -23,8 +24,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from lema.domain.model.blocks import rms_norm
-from lema.domain.model.context import arch_params
+from lema.domain.families import registry
 from lema.domain.model.matmul import backproject, project
 from lema.domain.model.spec import ModelSpec
 
@@ -41,21 +41,29 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torc
 
 
 def final_norm(spec: ModelSpec, weights: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """The final RMSNorm (Llama family) or LayerNorm (GPT-2), in ``x``'s dtype."""
-    eps = arch_params(spec.config_json, spec.family, spec.n_layers).norm_eps
-    if spec.family == "gpt2":
-        return F.layer_norm(x, (x.shape[-1],), weights["ln_f.weight"].to(x.dtype), weights["ln_f.bias"].to(x.dtype), eps)
-    return rms_norm(x, weights["norm.weight"], eps)
+    """The family's final norm (RMSNorm, Gemma's ``1 + w`` norm, GPT-2's LayerNorm), in ``x``'s dtype."""
+    return registry.family(spec.family).final_norm(registry.params_of(spec), weights, x)
+
+
+def logit_softcap(spec: ModelSpec) -> float | None:
+    """The family's final logit soft-cap (Gemma: ``logits = tanh(logits / cap) * cap``), or None."""
+    return registry.params_of(spec).final_softcap
+
+
+def _capped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def head_logits(spec: ModelSpec, weights: Mapping[str, torch.Tensor], x: torch.Tensor,
                 matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Logits ``(batch, seq, vocab)`` as float32 (projected in ``x``'s dtype, then upcast like transformers).
+    """Logits ``(batch, seq, vocab)`` as float32 (projected and soft-capped in ``x``'s dtype,
+    then upcast, like transformers).
 
     ``matmul_dtype`` computes the projection in a wider dtype (see :mod:`lema.domain.model.matmul`).
     """
     h = final_norm(spec, weights, x)
-    return project(h, weights["lm_head.weight"].to(h.dtype), matmul_dtype=matmul_dtype).float()
+    logits = project(h, weights["lm_head.weight"].to(h.dtype), matmul_dtype=matmul_dtype)
+    return _capped(logits, logit_softcap(spec)).float()
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -63,22 +71,27 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                need_h: bool, need_w: bool, matmul_dtype: torch.dtype | None) -> torch.Tensor:
+                need_h: bool, need_w: bool, matmul_dtype: torch.dtype | None, cap: float | None) -> torch.Tensor:
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for start in range(0, h.shape[0], chunk):
             hc, tc = h[start:start + chunk], targets[start:start + chunk]
-            logits = project(hc, weight, matmul_dtype=matmul_dtype).float()
+            logits = _capped(project(hc, weight, matmul_dtype=matmul_dtype), cap).float()
             loss += F.cross_entropy(logits, tc, ignore_index=IGNORE_INDEX, reduction="sum")
             if not (need_h or need_w):
                 continue
             # d(sum CE)/d logits = softmax - onehot on counted rows, 0 on ignored rows.
             probs = torch.softmax(logits, dim=-1)
+            # through the soft-cap: d(c tanh(z / c))/dz = 1 - (capped / c)^2 (computed in place)
+            slope = None if cap is None else logits.div_(cap).square_().neg_().add_(1.0)
             del logits
             valid = tc != IGNORE_INDEX
             probs[torch.arange(tc.shape[0], device=tc.device), tc.clamp(min=0)] -= 1.0
             probs *= valid[:, None]
+            if slope is not None:
+                probs *= slope
+                del slope
             g = probs.to(h.dtype)
             if need_h:
                 grad_h[start:start + chunk] = backproject(g, weight, matmul_dtype=matmul_dtype)
@@ -99,7 +112,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             gh = gh * grad_out.to(gh.dtype)
         if need_w:
             gw = (saved.pop(0) * grad_out).to(ctx.w_dtype)
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def head_loss(spec: ModelSpec, weights: Mapping[str, torch.Tensor], x: torch.Tensor, targets: torch.Tensor,
@@ -129,5 +142,6 @@ def head_loss(spec: ModelSpec, weights: Mapping[str, torch.Tensor], x: torch.Ten
     need_h = torch.is_grad_enabled() and flat.requires_grad
     need_w = torch.is_grad_enabled() and weight.requires_grad
     loss = _ChunkedLinearCrossEntropy.apply(flat, weight, targets.reshape(-1).to(flat.device),
-                                            max(1, int(chunk_tokens)), need_h, need_w, matmul_dtype)
+                                            max(1, int(chunk_tokens)), need_h, need_w, matmul_dtype,
+                                            logit_softcap(spec))
     return loss, int((targets != IGNORE_INDEX).sum())

@@ -13,9 +13,11 @@ from typing import Any, Mapping
 
 import attrs
 
+from lema.domain.model.rope_config import RopeSpec
 from lema.errors import ModelFormatError
 
 EMBED, DECODER, HEAD = "embed", "decoder", "head"
+FULL, SLIDING = "full_attention", "sliding_attention"
 
 
 @attrs.frozen
@@ -39,7 +41,12 @@ class ExpectedTensor:
 
 @attrs.frozen
 class Dims:
-    """The dimensions of a model, read from its Hugging Face ``config.json``."""
+    """The dimensions of a model, read from its Hugging Face ``config.json``.
+
+    ``n_experts``, ``experts_per_token`` and ``expert_intermediate_size`` are 0 for dense
+    models; for mixture-of-experts models ``intermediate_size`` is the dense MLP's (or the
+    expert's when every layer is routed).
+    """
 
     family: str
     model_type: str
@@ -53,6 +60,32 @@ class Dims:
     tied_embeddings: bool
     attention_bias: bool
     max_positions: int
+    activation: str = "silu"
+    n_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+
+
+@attrs.frozen
+class AttentionLayout:
+    """How a model's layers attend: what :mod:`lema.domain.model.context` builds per batch.
+
+    Attributes:
+        layer_types: per decoder layer, ``"full_attention"`` or ``"sliding_attention"``.
+        sliding_window: the window of sliding layers (the W most recent keys, the query
+            included), or None.
+        ropes: attention kind -> its rotary embedding; empty for learned positions (GPT-2).
+        rope_fp32: keep the cos/sin tables in fp32 and rotate in fp32 (OLMo 2).
+    """
+
+    layer_types: tuple[str, ...]
+    sliding_window: int | None = None
+    ropes: tuple[tuple[str, RopeSpec], ...] = ()
+    rope_fp32: bool = False
+
+    def rope(self, kind: str) -> RopeSpec | None:
+        """The rope of an attention kind (None: no rotary embedding)."""
+        return dict(self.ropes).get(kind)
 
 
 def config_int(config: Mapping[str, Any], *names: str, default: int | None = None) -> int:

@@ -34,14 +34,18 @@ from lema.errors import CheckpointError, ConfigError
 if TYPE_CHECKING:  # torch is imported lazily so that planning (`lema plan`) never pays for it
     import torch
 
-# Every adaptable linear module of a decoder layer, in the layer's execution order.
-MODULE_KEYS: dict[str, tuple[str, ...]] = {
-    "llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-    "gpt2": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-}
-# PEFT's prefix of decoder layer i inside a CausalLM wrapped by PeftModel.
-_PEFT_LAYER_PREFIX = {"llama": "base_model.model.model.layers.", "gpt2": "base_model.model.transformer.h."}
+
+
+def _module_keys(family: str) -> tuple[str, ...]:
+    """Every adaptable linear module of the family's decoder layer, in execution order."""
+    return arch.family(family).MODULE_KEYS
+
+
+def _peft_prefix(family: str) -> str:
+    """PEFT's prefix of decoder layer i inside a CausalLM wrapped by PeftModel."""
+    return arch.family(family).PEFT_PREFIX
+
+
 _PEFT_KEY = re.compile(r"^(?P<prefix>.*?)(?P<layer>\d+)\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -139,7 +143,7 @@ def resolve_targets(family: str, requested: Sequence[str] | None) -> tuple[str, 
     """Validate LoRA target module names for a family.
 
     Args:
-        family: ``"llama"`` or ``"gpt2"``.
+        family: a family name (``spec.family``).
         requested: module names (``"q_proj"``, ``"self_attn.q_proj"``, ``"attn.c_attn"``),
             ``["all-linear"]`` for every adaptable module, or None for the family's default.
 
@@ -147,20 +151,29 @@ def resolve_targets(family: str, requested: Sequence[str] | None) -> tuple[str, 
         The names, de-duplicated, in the order given (the defaults when ``requested`` is None).
 
     Raises:
-        ConfigError: listing the names that match no module and the names that exist.
+        ConfigError: listing the names that match no module and the names that exist;
+            ``all-linear`` on a mixture of experts (peft would adapt the experts and the
+            router too, which LEMA does not train).
     """
     if requested is None:
         return arch.default_targets(family)
     if isinstance(requested, str):
         requested = [requested]
     names = tuple(dict.fromkeys(str(r).strip() for r in requested))
+    module = arch.family(family)
     if names == ("all-linear",):
+        if getattr(module, "EXPERTS", False):
+            raise ConfigError(f"LoRA target 'all-linear' on a {family} mixture of experts would, in peft, adapt the "
+                              "experts and the router too (target_parameters), which LEMA does not train; name the "
+                              f"modules instead: {', '.join(arch.target_modules(family))}")
         return arch.target_modules(family)
-    keys = MODULE_KEYS[family]
+    keys = module.MODULE_KEYS
     unknown = [n for n in names if not any(_matches(k, n) for k in keys)]
     if unknown or not names:
+        experts = (" (LoRA on the experts and the router is not implemented)"
+                   if getattr(module, "EXPERTS", False) else "")
         raise ConfigError(
-            f"LoRA targets {unknown or list(names)} match no module of a {family} layer; "
+            f"LoRA targets {unknown or list(names)} match no module of a {family} layer{experts}; "
             f"choose from {', '.join(arch.target_modules(family))} (or {', '.join(keys)})"
         )
     return names
@@ -171,13 +184,13 @@ def module_keys(spec: ModelSpec, targets: Sequence[str]) -> tuple[str, ...]:
 
     Example: ``module_keys(gpt2_spec, ["c_proj"]) == ("attn.c_proj", "mlp.c_proj")``.
     """
-    return tuple(k for k in MODULE_KEYS[spec.family] if any(_matches(k, t) for t in targets))
+    return tuple(k for k in _module_keys(spec.family) if any(_matches(k, t) for t in targets))
 
 
 def module_shape(spec: ModelSpec, key: str) -> tuple[int, int]:
     """``(in_features, out_features)`` of a module key (GPT-2 Conv1D stores ``[in, out]``)."""
     shape = spec.decoder_units[0].tensor(key + ".weight").shape
-    return (shape[0], shape[1]) if spec.family == "gpt2" else (shape[1], shape[0])
+    return (shape[0], shape[1]) if arch.family(spec.family).CONV1D else (shape[1], shape[0])
 
 
 LayerLora = "dict[str, tuple[torch.Tensor, torch.Tensor]]"
@@ -215,7 +228,7 @@ class LoraState:
 
     def state_dict_peft(self, spec: ModelSpec) -> dict[str, torch.Tensor]:
         """The tensors under PEFT's saved names (``...layers.0.self_attn.q_proj.lora_A.weight``)."""
-        prefix = _PEFT_LAYER_PREFIX[spec.family]
+        prefix = _peft_prefix(spec.family)
         return {f"{prefix}{i}.{key}.lora_{ab}.weight": t.detach()
                 for i, layer in enumerate(self.layers) for key, pair in layer.items() for ab, t in zip("AB", pair)}
 
@@ -263,7 +276,7 @@ def from_peft_state_dict(spec: ModelSpec, lora_spec: LoraSpec, tensors: Mapping[
         CheckpointError: listing every missing module, wrong shape and unexpected key at once.
     """
     keys = module_keys(spec, resolve_targets(spec.family, lora_spec.targets))
-    prefix = _PEFT_LAYER_PREFIX[spec.family]
+    prefix = _peft_prefix(spec.family)
     import torch
 
     found: dict[tuple[int, str, str], torch.Tensor] = {}
@@ -321,7 +334,7 @@ def adapter_config(spec: ModelSpec, lora_spec: LoraSpec, base_model_name_or_path
         "exclude_modules": None,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         "lora_dropout": lora_spec.dropout,
-        "fan_in_fan_out": spec.family == "gpt2",
+        "fan_in_fan_out": bool(arch.family(spec.family).CONV1D),
         "bias": "none",
         "use_rslora": lora_spec.use_rslora,
         "modules_to_save": None,

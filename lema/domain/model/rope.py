@@ -1,15 +1,15 @@
-"""Rotary position embeddings for the Llama family, computed the way transformers does.
+"""Rotary position embeddings, computed the way transformers 5 does (pure torch).
 
-The inverse frequencies and the attention scaling come from transformers'
-``ROPE_INIT_FUNCTIONS`` (linear, dynamic, yarn, longrope, llama3, ...), applied to a config
-object built from the model's own ``config.json`` (never remote code), so every scaling
-variant transformers knows is reproduced rather than re-derived.
+The context turns a :class:`~lema.domain.model.rope_config.RopeSpec` and a batch's
+positions into cos/sin tables (:func:`rope_tables`); the blocks rotate q and k
+(:func:`apply_rope`). The inverse frequencies of every rope type (:func:`inv_freq`) mirror
+``transformers.modeling_rope_utils`` step by step: fp32 frequencies, the same casts, the
+batch-wide length for dynamic NTK and longrope.
 
 Example:
-    >>> import json, torch
-    >>> cfg = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
-    ...        "num_hidden_layers": 1, "intermediate_size": 128, "vocab_size": 100}
-    >>> cos, sin = rope_cos_sin(json.dumps(cfg), torch.arange(5)[None], torch.float32)
+    >>> from lema.domain.model.rope_config import standard_rope
+    >>> cfg = {"hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 32}
+    >>> cos, sin = rope_tables(standard_rope(cfg, head_dim=16), torch.arange(5)[None], torch.float32)
     >>> cos.shape
     torch.Size([1, 5, 16])
 """
@@ -17,85 +17,125 @@ Example:
 from __future__ import annotations
 
 import functools
-import json
+import math
 from typing import Any
 
 import torch
 
-
-@functools.lru_cache(maxsize=16)
-def hf_config(config_json: str) -> Any:
-    """A transformers config object for a ``config.json`` text (cached; treat as read-only)."""
-    from transformers import (
-        AutoConfig,  # heavy import, and only the Llama family needs it
-    )
-
-    return AutoConfig.for_model(**json.loads(config_json))
+from lema.domain.model.rope_config import RopeSpec
+from lema.errors import ModelFormatError
 
 
-def _default_inv_freq(config: Any) -> tuple[torch.Tensor, float]:
-    # Mirrors LlamaRotaryEmbedding.compute_default_rope_parameters (not in ROPE_INIT_FUNCTIONS).
-    base = config.rope_parameters["rope_theta"]
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-@functools.lru_cache(maxsize=16)
-def _base_inv_freq(config_json: str) -> tuple[torch.Tensor, float]:
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    config = hf_config(config_json)
-    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope_type == "default":
-        return _default_inv_freq(config)
-    return ROPE_INIT_FUNCTIONS[rope_type](config, None)
+def _arange(dim: int) -> torch.Tensor:
+    return torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
 
 
-def inv_freq_for(config_json: str, max_position: int) -> tuple[torch.Tensor, float]:
-    """The inverse frequencies and cos/sin scaling for positions up to ``max_position``.
+@functools.lru_cache(maxsize=64)
+def inv_freq(spec: RopeSpec, seq_len: int = 0) -> tuple[torch.Tensor, float]:
+    """``(inverse frequencies [dim / 2] fp32, cos/sin scale)`` for sequences of ``seq_len``.
 
-    Dynamic NTK and LongRoPE depend on the sequence length; this follows transformers'
-    ``dynamic_rope_update`` for a fresh model (no state carried between calls).
+    ``seq_len`` (the batch's largest position + 1) matters only for ``dynamic`` (recomputed
+    base beyond ``max_positions``) and ``longrope`` (long factors beyond the original
+    length); pass 0 otherwise. Cached; treat the tensor as read-only.
     """
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    t, base, dim, p = spec.rope_type, spec.theta, spec.dim, dict(spec.params)
+    if t == "default":
+        return 1.0 / (base ** _arange(dim)), 1.0
+    if t == "linear":
+        return (1.0 / (base ** _arange(dim))) / p["factor"], 1.0
+    if t == "dynamic":
+        factor, max_pos = p["factor"], spec.max_positions
+        # Past max_positions transformers recomputes with the length as a tensor; below, with ints.
+        length: Any = torch.tensor(seq_len, dtype=torch.int64) if seq_len > max_pos else max_pos
+        scaled = base * ((factor * length / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / (scaled ** _arange(dim)), 1.0
+    if t == "yarn":
+        return _yarn(p, base, dim, spec.max_positions)
+    if t == "longrope":
+        original = p["original_max_position_embeddings"]
+        factor = p.get("factor") or spec.max_positions / original
+        scale = p.get("attention_factor")
+        if scale is None:
+            scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        ext = torch.tensor(p["long_factor"] if seq_len > original else p["short_factor"], dtype=torch.float32)
+        return 1.0 / (ext * base ** _arange(dim)), float(scale)
+    if t == "llama3":
+        inv = 1.0 / (base ** _arange(dim))
+        factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+        old = p["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    raise ModelFormatError(f"rope_type {t!r} is not implemented")
 
-    config = hf_config(config_json)
-    params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
-    seq_len = max_position + 1
-    if "dynamic" in rope_type and seq_len > config.max_position_embeddings:
-        return ROPE_INIT_FUNCTIONS[rope_type](config, None, seq_len=seq_len)
-    if rope_type == "longrope":
-        original = params.get("original_max_position_embeddings", config.max_position_embeddings)
-        if seq_len > original:
-            inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None, seq_len=original + 1)
-            return inv_freq, _base_inv_freq(config_json)[1]
-    return _base_inv_freq(config_json)
+
+def _yarn(p: dict[str, Any], base: float, dim: int, max_pos: int) -> tuple[torch.Tensor, float]:
+    original = p["original_max_position_embeddings"]
+    factor = p.get("factor") or max_pos / original
+    scale = p.get("attention_factor")
+    ms, ms_all = p.get("mscale"), p.get("mscale_all_dim")
+    if scale is None:
+        scale = _yarn_mscale(factor, ms) / _yarn_mscale(factor, ms_all) if (ms and ms_all) else _yarn_mscale(factor)
+    fast, slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def correction(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction(fast), correction(slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv, float(scale)
 
 
-def rope_cos_sin(config_json: str, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each ``(batch, seq, head_dim)`` in ``dtype``, for ``position_ids``.
+def rope_tables(spec: RopeSpec, position_ids: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each ``(batch, seq, dim)``, for ``position_ids`` ``(batch, seq)``.
 
-    Args:
-        config_json: the model's ``config.json`` text (``ModelSpec.config_json``).
-        position_ids: ``(batch, seq)`` integer positions.
-        dtype: the compute dtype (transformers casts cos/sin to the activations' dtype).
+    Computed in fp32 and cast to ``dtype`` (None keeps fp32, as OLMo 2 does). For the
+    length-dependent types the batch's largest position decides, as in transformers.
     """
-    params = getattr(hf_config(config_json), "rope_parameters", None) or {}
-    dynamic = "dynamic" in params.get("rope_type", "default") or params.get("rope_type") == "longrope"
-    max_position = int(position_ids.max()) if dynamic and position_ids.numel() else 0
-    inv_freq, scaling = inv_freq_for(config_json, max_position)
-    freqs = position_ids[..., None].float() * inv_freq.to(device=position_ids.device, dtype=torch.float)
+    seq_len = int(position_ids.max()) + 1 if spec.length_dependent and position_ids.numel() else 0
+    inv, scale = inv_freq(spec, seq_len)
+    freqs = position_ids[..., None].float() * inv.to(device=position_ids.device)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+    cos, sin = emb.cos() * scale, emb.sin() * scale
+    if dtype is not None:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    return cos, sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return ((x * cos) + (_rotate_half(x) * sin)).to(x.dtype)
+    xr, xp = x[..., :r], x[..., r:]
+    return torch.cat(((xr * cos) + (_rotate_half(xr) * sin), xp.to(torch.promote_types(xp.dtype, cos.dtype))),
+                     dim=-1).to(x.dtype)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate ``q`` and ``k`` (``(batch, heads, seq, head_dim)``) by ``(batch, seq, head_dim)`` tables."""
+    """Rotate ``q`` and ``k`` (``(batch, heads, seq, head_dim)``) by ``(batch, seq, dim)`` tables.
+
+    With ``dim < head_dim`` (partial rotary) only the first ``dim`` dimensions rotate. The
+    results keep ``q``'s and ``k``'s dtypes (fp32 tables rotate in fp32, then cast back).
+    """
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -161,6 +161,10 @@ class ModelSpec:
     dtype: str
     units: tuple[LayerUnit, ...]
     config_json: str  # the Hugging Face config, as JSON text (kept hashable and immutable)
+    activation: str = "silu"
+    n_experts: int = 0  # mixture of experts: experts per routed layer, experts per token, expert MLP width
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
 
     @property
     def config(self) -> dict[str, Any]:
@@ -216,7 +220,7 @@ class ModelSpec:
         tensors = [
             (e.unit, TensorSpec(name=e.names[-1] if e.key == "lm_head.weight" and dims.tied_embeddings else e.names[0],
                                 key=e.key, dtype=code, shape=e.shape))
-            for e in arch.expected_tensors(dims)
+            for e in arch.expected_tensors(config)
         ]
         return cls._build(dims, code, tensors, config)
 
@@ -231,19 +235,22 @@ class ModelSpec:
             config: the Hugging Face ``config.json`` dict.
 
         Raises:
-            ModelFormatError: listing every missing tensor and every shape that disagrees
-                with the config, or when the file has no recognisable layers.
+            ModelFormatError: one line listing every missing tensor, every shape that
+                disagrees with the config and every tensor the family's math does not use
+                (other than known buffers such as ``rotary_emb.inv_freq``); or when the file
+                has no recognisable layers; or naming a config option LEMA does not implement.
         """
         dims = arch.dims_of(config)
-        prefix = arch.gpt2_prefix(set(header)) if dims.family == "gpt2" else None
-        expected = arch.expected_tensors(dims, prefix)
+        expected = arch.expected_tensors(config, set(header))
         problems: list[str] = []
         tensors: list[tuple[int, TensorSpec]] = []
+        used: set[str] = set()
         for e in expected:
             name = next((n for n in e.names if n in header), None)
             if name is None:
                 problems.append(f"missing {e.names[0]}")
                 continue
+            used.add(name)
             entry = header[name]
             shape = tuple(int(s) for s in entry["shape"])
             if shape != e.shape:
@@ -257,6 +264,11 @@ class ModelSpec:
                 f"no recognisable {dims.family} decoder layers in the weights (expected names like "
                 f"{expected[1].names[0]}); is the config for this file?"
             )
+        unknown = sorted(n for n in header if n not in used and not arch.is_ignored(n))
+        if unknown:
+            shown = ", ".join(unknown[:6]) + (f" and {len(unknown) - 6} more" if len(unknown) > 6 else "")
+            problems.append(f"{len(unknown)} tensors the {dims.model_type} math does not use: {shown} (a config "
+                            "option LEMA does not know, or a file for another model)")
         if problems:
             shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
             raise ModelFormatError(f"weights do not match config.json ({dims.model_type}, "
@@ -284,5 +296,7 @@ class ModelSpec:
             head_dim=dims.head_dim, intermediate_size=dims.intermediate_size,
             vocab_size=dims.vocab_size, tied_embeddings=dims.tied_embeddings,
             attention_bias=dims.attention_bias, max_positions=dims.max_positions, dtype=code,
-            units=tuple(units), config_json=json.dumps(dict(config), sort_keys=True),
+            units=tuple(units), config_json=json.dumps(dict(config), sort_keys=True), activation=dims.activation,
+            n_experts=dims.n_experts, experts_per_token=dims.experts_per_token,
+            expert_intermediate_size=dims.expert_intermediate_size,
         )

@@ -104,12 +104,9 @@ def model_facts(spec: ModelSpec, dtype: str | None, targets: Sequence[str], lora
         floating = t.dtype in ("F64", "F32", "F16", "BF16")
         return t.numel * itemsize(dtype) if dtype is not None and floating else t.nbytes
 
-    config: Mapping[str, Any] = spec.config
     streamed = {t.name: nbytes(t) for u in spec.units[1:] for t in u.tensors}
     embed_only = sum(nbytes(t) for t in spec.units[0].tensors if t.name not in streamed)
-    # the blocks' defaults (lema.domain.model.context.arch_params): GPT-2 gelu_new, Llama silu
-    act = str(config.get("hidden_act") or config.get("activation_function")
-              or ("gelu_new" if spec.family == "gpt2" else "silu"))
+    act = spec.activation
     return ModelFacts(
         family=spec.family, n_layers=spec.n_layers, hidden=spec.hidden_size, n_heads=spec.n_heads,
         q_dim=spec.n_heads * spec.head_dim, kv_dim=spec.n_kv_heads * spec.head_dim,

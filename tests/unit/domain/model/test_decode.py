@@ -23,6 +23,12 @@ from tests.tiny_models import KINDS, build_hf_model, spec_of, unit_weights
 SEQ = 12  # longer than mistral's sliding window (5), so the window matters
 
 
+def cache_layout(spec):
+    from lema.domain.families import registry
+
+    return registry.params_of(spec).layout
+
+
 @functools.lru_cache(maxsize=None)
 def _model(kind: str):
     hf = build_hf_model(kind, seed=2)
@@ -61,7 +67,11 @@ def _cached(spec, weights, lora, x, chunks, mask=None):
             cache = cache.with_layer(layer, kv)
         outs.append(h)
         start += n
+        cache = cache.advanced(n)
         assert cache.past_len == start
+        layout = ctx.params.layout
+        for kind, (keys, _) in zip(layout.layer_types, cache.layers):  # sliding layers keep window - 1 keys
+            assert keys.shape[2] == (min(start, layout.sliding_window - 1) if kind == "sliding_attention" else start)
     return torch.cat(outs, dim=1), cache
 
 
@@ -75,7 +85,9 @@ def test_prefill_then_one_token_steps_equal_the_full_recompute(kind, adapters):
     got, cache = _cached(spec, weights, lora, x, [4] + [1] * (SEQ - 4))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     k, v = cache.past(0)
-    assert k.shape == v.shape == (2, spec.n_kv_heads, SEQ, spec.head_dim)
+    layout = cache_layout(spec)
+    held = min(SEQ, layout.sliding_window - 1) if layout.layer_types[0] == "sliding_attention" else SEQ
+    assert k.shape == v.shape == (2, spec.n_kv_heads, held, spec.head_dim)
     assert k.dtype == torch.float32
     assert cache.nbytes == 2 * spec.n_layers * k.numel() * 4
 

@@ -1,0 +1,163 @@
+"""Gemma 3 text (``gemma3_text``, ``Gemma3ForCausalLM``): Gemma 2 with a per-head ``1 + w``
+norm on q and k, a local and a global rope, and no attention soft-capping.
+
+Options, as ``Gemma3TextConfig`` defines them: ``head_dim`` (default 256),
+``query_pre_attn_scalar``, ``final_logit_softcapping`` (default none), sliding-window
+layers (``layer_types``, default: every layer but each ``sliding_window_pattern``-th,
+pattern 6), ``rope_parameters`` per layer type (sliding: ``rope_local_base_freq``, default
+1e4; full: ``rope_theta``, default 1e6, with ``rope_scaling`` if given; every rope type),
+``attention_bias`` (q, k, v and o), ``hidden_activation``, tied or untied head.
+``attn_logit_softcapping`` is accepted and, exactly as in transformers, not applied.
+Refused: a null ``sliding_window`` with sliding layers, ``partial_rotary_factor`` other
+than 1, and :func:`~lema.domain.model.options.common_problems`
+(``use_bidirectional_attention`` included). The multimodal ``gemma3`` model type
+(``Gemma3ForConditionalGeneration``) is not this family.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import TYPE_CHECKING, Any, Mapping
+
+import attrs
+
+from lema.domain.model import options as opt
+from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor
+from lema.domain.model.layout import config_int as _int
+from lema.domain.model.rope_config import gemma3_ropes
+
+if TYPE_CHECKING:
+    import torch
+
+    from lema.domain.model.attention import KVHook
+    from lema.domain.model.context import BlockContext
+    from lema.domain.model.linear import Adapters, Weights
+
+NAME = "gemma3"
+MODEL_TYPES = ("gemma3_text",)
+MODULE_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+TARGETS = tuple(k.split(".")[-1] for k in MODULE_KEYS)
+DEFAULT_TARGETS = TARGETS
+PEFT_PREFIX = "base_model.model.model.layers."
+CONV1D = False
+_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
+@attrs.frozen
+class Params:
+    """What the blocks read from the config."""
+
+    layout: AttentionLayout
+    eps: float
+    activation: str
+    head_dim: int
+    hidden: int
+    scale: float
+    final_softcap: float | None
+
+
+def _head_dim(config: Mapping[str, Any]) -> int:
+    return int(config.get("head_dim") or 256)
+
+
+def _types(config: Mapping[str, Any], problems: list[str]) -> tuple[str, ...]:
+    n = _int(config, "num_hidden_layers")
+    pattern = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6)
+    return opt.layer_types(config, n, [SLIDING if (i + 1) % pattern else FULL for i in range(n)], problems)
+
+
+def dims(config: Mapping[str, Any]) -> Dims:
+    """Read the dimensions of a Gemma 3 text config dict (options checked)."""
+    problems = opt.common_problems(config, "hidden_activation", "gelu_pytorch_tanh")
+    types = _types(config, problems)
+    problems += opt.expect(config, "sliding_window", 4096, lambda v: v is not None or SLIDING not in types,
+                           "is not implemented with sliding layers (transformers fails on it)")
+    opt.raise_problems(config, problems)
+    gemma3_ropes(config, _head_dim(config))
+    heads = _int(config, "num_attention_heads")
+    return Dims(
+        family=NAME, model_type=str(config["model_type"]).lower(), n_layers=_int(config, "num_hidden_layers"),
+        hidden_size=_int(config, "hidden_size"), n_heads=heads,
+        n_kv_heads=_int(config, "num_key_value_heads", default=heads), head_dim=_head_dim(config),
+        intermediate_size=_int(config, "intermediate_size"), vocab_size=_int(config, "vocab_size"),
+        tied_embeddings=bool(config.get("tie_word_embeddings", True)),
+        attention_bias=bool(config.get("attention_bias", False)),
+        max_positions=_int(config, "max_position_embeddings", default=131072),
+        activation=str(config.get("hidden_activation") or "gelu_pytorch_tanh"),
+    )
+
+
+def expected_tensors(d: Dims, config: Mapping[str, Any], names: set[str] | None = None) -> list[ExpectedTensor]:
+    """Every tensor a Gemma 3 text model with this config has, grouped into units."""
+    h, q, kv, ff = d.hidden_size, d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim, d.intermediate_size
+    out = [ExpectedTensor(0, "embed_tokens.weight", ("model.embed_tokens.weight",), (d.vocab_size, h))]
+    for i in range(d.n_layers):
+        layer = [(f"{n}.weight", (h,)) for n in _NORMS] + [
+            ("self_attn.q_proj.weight", (q, h)), ("self_attn.k_proj.weight", (kv, h)),
+            ("self_attn.v_proj.weight", (kv, h)), ("self_attn.o_proj.weight", (h, q)),
+            ("self_attn.q_norm.weight", (d.head_dim,)), ("self_attn.k_norm.weight", (d.head_dim,)),
+            ("mlp.gate_proj.weight", (ff, h)), ("mlp.up_proj.weight", (ff, h)), ("mlp.down_proj.weight", (h, ff)),
+        ]
+        if d.attention_bias:
+            layer += [("self_attn.q_proj.bias", (q,)), ("self_attn.k_proj.bias", (kv,)),
+                      ("self_attn.v_proj.bias", (kv,)), ("self_attn.o_proj.bias", (h,))]
+        out += [ExpectedTensor(i + 1, key, (f"model.layers.{i}.{key}",), shape) for key, shape in layer]
+    head = d.n_layers + 1
+    out.append(ExpectedTensor(head, "norm.weight", ("model.norm.weight",), (h,)))
+    tied = ("model.embed_tokens.weight",) if d.tied_embeddings else ()
+    out.append(ExpectedTensor(head, "lm_head.weight", ("lm_head.weight", *tied), (d.vocab_size, h)))
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def params(config_json: str) -> Params:
+    """The block parameters of a config (``ModelSpec.config_json``), cached."""
+    config = json.loads(config_json)
+    types = _types(config, [])
+    ropes = gemma3_ropes(config, _head_dim(config))
+    window = opt.window({"sliding_window": config.get("sliding_window", 4096)})
+    return Params(layout=AttentionLayout(types, window, tuple(sorted(ropes.items()))),
+                  eps=float(config.get("rms_norm_eps", 1e-6)),
+                  activation=str(config.get("hidden_activation") or "gelu_pytorch_tanh"),
+                  head_dim=_head_dim(config), hidden=_int(config, "hidden_size"),
+                  scale=float(config.get("query_pre_attn_scalar", 256)) ** -0.5,
+                  final_softcap=config.get("final_logit_softcapping"))
+
+
+def embed(p: Params, weights: "Weights", input_ids: "torch.Tensor", position_ids: "torch.Tensor",
+          dtype: "torch.dtype") -> "torch.Tensor":
+    """Token embeddings times ``sqrt(hidden)``, the factor rounded to ``dtype`` as transformers does."""
+    import torch
+    import torch.nn.functional as F
+
+    return F.embedding(input_ids, weights["embed_tokens.weight"]).to(dtype) * torch.tensor(p.hidden ** 0.5).to(dtype)
+
+
+def block(p: Params, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", ctx: "BlockContext", layer: int,
+          kv_hook: "KVHook | None" = None) -> "torch.Tensor":
+    """One decoder layer (``Gemma3DecoderLayer``)."""
+    from lema.domain.model import attention, linear, norms
+
+    proj = linear.projector(w, lora, ctx, layer, MODULE_KEYS)
+    batch, seq, _ = x.shape
+    h = norms.rms_norm_gemma(x, w["input_layernorm.weight"], p.eps)
+    q = proj(h, "self_attn.q_proj").view(batch, seq, -1, p.head_dim)
+    k = proj(h, "self_attn.k_proj").view(batch, seq, -1, p.head_dim)
+    v = proj(h, "self_attn.v_proj").view(batch, seq, -1, p.head_dim)
+    q = norms.rms_norm_gemma(q, w["self_attn.q_norm.weight"], p.eps)
+    k = norms.rms_norm_gemma(k, w["self_attn.k_norm.weight"], p.eps)
+    a = attention.self_attention(q, k, v, ctx, p.layout.layer_types[layer], scale=p.scale, kv_hook=kv_hook)
+    x = x + norms.rms_norm_gemma(proj(a, "self_attn.o_proj"), w["post_attention_layernorm.weight"], p.eps)
+    h = norms.rms_norm_gemma(x, w["pre_feedforward_layernorm.weight"], p.eps)
+    act = norms.activation(p.activation)
+    m = proj(act(proj(h, "mlp.gate_proj")) * proj(h, "mlp.up_proj"), "mlp.down_proj")
+    return x + norms.rms_norm_gemma(m, w["post_feedforward_layernorm.weight"], p.eps)
+
+
+def final_norm(p: Params, weights: "Weights", x: "torch.Tensor") -> "torch.Tensor":
+    """The final ``1 + w`` RMSNorm (the logits are then soft-capped by ``final_softcap`` if set)."""
+    from lema.domain.model import norms
+
+    return norms.rms_norm_gemma(x, weights["norm.weight"], p.eps)

@@ -1,0 +1,139 @@
+"""OLMo 2 (``olmo2``): no pre-norms; RMSNorms on the sub-layers' outputs and on the full q and k.
+
+The q and k norms run over the whole projected width (``heads * head_dim``) before the
+heads are split; the norms scale in fp32 and cast last; the rotary tables stay fp32 and
+the rotated q and k are cast back. Options, as ``Olmo2Config`` defines them:
+``attention_bias`` (q, k, v and o), tied or untied head, every rope type. Refused:
+``partial_rotary_factor`` other than 1 and
+:func:`~lema.domain.model.options.common_problems`. peft has no default targets for OLMo 2;
+LEMA's default is every projection.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import TYPE_CHECKING, Any, Mapping
+
+import attrs
+
+from lema.domain.model import options as opt
+from lema.domain.model.layout import FULL, AttentionLayout, Dims, ExpectedTensor
+from lema.domain.model.layout import config_int as _int
+from lema.domain.model.rope_config import standard_rope
+
+if TYPE_CHECKING:
+    import torch
+
+    from lema.domain.model.attention import KVHook
+    from lema.domain.model.context import BlockContext
+    from lema.domain.model.linear import Adapters, Weights
+
+NAME = "olmo2"
+MODEL_TYPES = ("olmo2",)
+MODULE_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+TARGETS = tuple(k.split(".")[-1] for k in MODULE_KEYS)
+DEFAULT_TARGETS = TARGETS
+PEFT_PREFIX = "base_model.model.model.layers."
+CONV1D = False
+
+
+@attrs.frozen
+class Params:
+    """What the blocks read from the config."""
+
+    layout: AttentionLayout
+    eps: float
+    activation: str
+    head_dim: int
+    final_softcap: float | None = None
+
+
+def _head_dim(config: Mapping[str, Any]) -> int:
+    return int(config.get("head_dim") or _int(config, "hidden_size") // _int(config, "num_attention_heads"))
+
+
+def dims(config: Mapping[str, Any]) -> Dims:
+    """Read the dimensions of an OLMo 2 config dict (options checked)."""
+    opt.raise_problems(config, opt.common_problems(config, "hidden_act", "silu"))
+    standard_rope(config, _head_dim(config))
+    heads = _int(config, "num_attention_heads")
+    return Dims(
+        family=NAME, model_type=str(config["model_type"]).lower(), n_layers=_int(config, "num_hidden_layers"),
+        hidden_size=_int(config, "hidden_size"), n_heads=heads,
+        n_kv_heads=_int(config, "num_key_value_heads", default=heads), head_dim=_head_dim(config),
+        intermediate_size=_int(config, "intermediate_size"), vocab_size=_int(config, "vocab_size"),
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        attention_bias=bool(config.get("attention_bias", False)),
+        max_positions=_int(config, "max_position_embeddings", default=2048),
+        activation=str(config.get("hidden_act") or "silu"),
+    )
+
+
+def expected_tensors(d: Dims, config: Mapping[str, Any], names: set[str] | None = None) -> list[ExpectedTensor]:
+    """Every tensor an OLMo 2 model with this config has, grouped into units."""
+    h, q, kv, ff = d.hidden_size, d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim, d.intermediate_size
+    out = [ExpectedTensor(0, "embed_tokens.weight", ("model.embed_tokens.weight",), (d.vocab_size, h))]
+    for i in range(d.n_layers):
+        layer = [
+            ("self_attn.q_proj.weight", (q, h)), ("self_attn.k_proj.weight", (kv, h)),
+            ("self_attn.v_proj.weight", (kv, h)), ("self_attn.o_proj.weight", (h, q)),
+            ("self_attn.q_norm.weight", (q,)), ("self_attn.k_norm.weight", (kv,)),
+            ("post_attention_layernorm.weight", (h,)),
+            ("mlp.gate_proj.weight", (ff, h)), ("mlp.up_proj.weight", (ff, h)), ("mlp.down_proj.weight", (h, ff)),
+            ("post_feedforward_layernorm.weight", (h,)),
+        ]
+        if d.attention_bias:
+            layer += [("self_attn.q_proj.bias", (q,)), ("self_attn.k_proj.bias", (kv,)),
+                      ("self_attn.v_proj.bias", (kv,)), ("self_attn.o_proj.bias", (h,))]
+        out += [ExpectedTensor(i + 1, key, (f"model.layers.{i}.{key}",), shape) for key, shape in layer]
+    head = d.n_layers + 1
+    out.append(ExpectedTensor(head, "norm.weight", ("model.norm.weight",), (h,)))
+    tied = ("model.embed_tokens.weight",) if d.tied_embeddings else ()
+    out.append(ExpectedTensor(head, "lm_head.weight", ("lm_head.weight", *tied), (d.vocab_size, h)))
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def params(config_json: str) -> Params:
+    """The block parameters of a config (``ModelSpec.config_json``), cached."""
+    config = json.loads(config_json)
+    rope = standard_rope(config, _head_dim(config))
+    return Params(layout=AttentionLayout((FULL,) * _int(config, "num_hidden_layers"), None, ((FULL, rope),),
+                                         rope_fp32=True),
+                  eps=float(config.get("rms_norm_eps", 1e-5)), activation=str(config.get("hidden_act") or "silu"),
+                  head_dim=_head_dim(config))
+
+
+def embed(p: Params, weights: "Weights", input_ids: "torch.Tensor", position_ids: "torch.Tensor",
+          dtype: "torch.dtype") -> "torch.Tensor":
+    """Token embeddings ``(batch, seq, hidden)`` in ``dtype``."""
+    import torch.nn.functional as F
+
+    return F.embedding(input_ids, weights["embed_tokens.weight"]).to(dtype)
+
+
+def block(p: Params, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", ctx: "BlockContext", layer: int,
+          kv_hook: "KVHook | None" = None) -> "torch.Tensor":
+    """One decoder layer (``Olmo2DecoderLayer``)."""
+    from lema.domain.model import attention, linear, norms
+
+    proj = linear.projector(w, lora, ctx, layer, MODULE_KEYS)
+    batch, seq, _ = x.shape
+    q = norms.rms_norm_fp32_scale(proj(x, "self_attn.q_proj"), w["self_attn.q_norm.weight"], p.eps)
+    k = norms.rms_norm_fp32_scale(proj(x, "self_attn.k_proj"), w["self_attn.k_norm.weight"], p.eps)
+    v = proj(x, "self_attn.v_proj")
+    q, k, v = (t.view(batch, seq, -1, p.head_dim) for t in (q, k, v))
+    a = attention.self_attention(q, k, v, ctx, FULL, scale=p.head_dim ** -0.5, kv_hook=kv_hook)
+    x = x + norms.rms_norm_fp32_scale(proj(a, "self_attn.o_proj"), w["post_attention_layernorm.weight"], p.eps)
+    act = norms.activation(p.activation)
+    m = proj(act(proj(x, "mlp.gate_proj")) * proj(x, "mlp.up_proj"), "mlp.down_proj")
+    return x + norms.rms_norm_fp32_scale(m, w["post_feedforward_layernorm.weight"], p.eps)
+
+
+def final_norm(p: Params, weights: "Weights", x: "torch.Tensor") -> "torch.Tensor":
+    """The final RMSNorm (scaled in fp32)."""
+    from lema.domain.model import norms
+
+    return norms.rms_norm_fp32_scale(x, weights["norm.weight"], p.eps)

@@ -1,0 +1,157 @@
+"""Phi-3 and Phi-4 (``phi3``): fused ``qkv_proj`` and ``gate_up_proj``, partial rotary, LongRoPE.
+
+The fused projections are stored and adapted as transformers and peft see them: LoRA
+targets ``qkv_proj``, ``o_proj``, ``gate_up_proj``, ``down_proj`` (rows ``[q | k | v]`` and
+``[gate | up]``). Options, as ``Phi3Config`` defines them: ``partial_rotary_factor``
+(only the first ``head_dim * factor`` dimensions rotate), rope type ``default`` or
+``longrope`` (legacy ``su`` / ``yarn`` mean longrope; the short or long factors chosen by
+the batch's longest position against ``original_max_position_embeddings``, default 4096),
+``sliding_window`` on every layer when set, tied or untied head. Refused: other rope
+types (transformers refuses them too) and
+:func:`~lema.domain.model.options.common_problems`. The base model's ``resid_pdrop`` /
+``embd_pdrop`` dropouts are not applied. ``phi3small`` and ``phimoe`` are other model types.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import TYPE_CHECKING, Any, Mapping
+
+import attrs
+
+from lema.domain.model import options as opt
+from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor
+from lema.domain.model.layout import config_int as _int
+from lema.domain.model.rope_config import make_rope, rope_dict
+
+if TYPE_CHECKING:
+    import torch
+
+    from lema.domain.model.attention import KVHook
+    from lema.domain.model.context import BlockContext
+    from lema.domain.model.linear import Adapters, Weights
+    from lema.domain.model.rope_config import RopeSpec
+
+NAME = "phi3"
+MODEL_TYPES = ("phi3",)
+MODULE_KEYS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+TARGETS = tuple(k.split(".")[-1] for k in MODULE_KEYS)
+DEFAULT_TARGETS = TARGETS
+PEFT_PREFIX = "base_model.model.model.layers."
+CONV1D = False
+
+
+@attrs.frozen
+class Params:
+    """What the blocks read from the config."""
+
+    layout: AttentionLayout
+    eps: float
+    activation: str
+    head_dim: int
+    q_size: int
+    kv_size: int
+    ffn: int
+    final_softcap: float | None = None
+
+
+def _head_dim(config: Mapping[str, Any]) -> int:
+    return int(config.get("head_dim") or _int(config, "hidden_size") // _int(config, "num_attention_heads"))
+
+
+def _rope(config: Mapping[str, Any]) -> "RopeSpec":
+    view = {"original_max_position_embeddings": 4096, **config}  # Phi3Config's default, which wins over the dict's
+    rp = rope_dict(view)
+    rp.setdefault("partial_rotary_factor", 1.0)
+    if rp["rope_type"] in ("su", "yarn"):
+        rp["rope_type"] = "longrope"
+        rp["original_max_position_embeddings"] = view["original_max_position_embeddings"]
+    if rp["rope_type"] not in ("default", "longrope"):
+        opt.raise_problems(config, [opt.problem("rope_parameters.rope_type", rp["rope_type"],
+                                                "is not implemented for phi3 (transformers accepts default or "
+                                                "longrope)")])
+    return make_rope(rp, config, _head_dim(config), partial=True)
+
+
+def dims(config: Mapping[str, Any]) -> Dims:
+    """Read the dimensions of a Phi-3 config dict (options checked)."""
+    opt.raise_problems(config, opt.common_problems(config, "hidden_act", "silu"))
+    _rope(config)
+    heads = _int(config, "num_attention_heads")
+    return Dims(
+        family=NAME, model_type=str(config["model_type"]).lower(), n_layers=_int(config, "num_hidden_layers"),
+        hidden_size=_int(config, "hidden_size"), n_heads=heads,
+        n_kv_heads=_int(config, "num_key_value_heads", default=heads), head_dim=_head_dim(config),
+        intermediate_size=_int(config, "intermediate_size"), vocab_size=_int(config, "vocab_size"),
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)), attention_bias=False,
+        max_positions=_int(config, "max_position_embeddings", default=4096),
+        activation=str(config.get("hidden_act") or "silu"),
+    )
+
+
+def expected_tensors(d: Dims, config: Mapping[str, Any], names: set[str] | None = None) -> list[ExpectedTensor]:
+    """Every tensor a Phi-3 model with this config has, grouped into units."""
+    h, q, kv, ff = d.hidden_size, d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim, d.intermediate_size
+    out = [ExpectedTensor(0, "embed_tokens.weight", ("model.embed_tokens.weight",), (d.vocab_size, h))]
+    for i in range(d.n_layers):
+        layer = [
+            ("input_layernorm.weight", (h,)),
+            ("self_attn.qkv_proj.weight", (q + 2 * kv, h)), ("self_attn.o_proj.weight", (h, q)),
+            ("post_attention_layernorm.weight", (h,)),
+            ("mlp.gate_up_proj.weight", (2 * ff, h)), ("mlp.down_proj.weight", (h, ff)),
+        ]
+        out += [ExpectedTensor(i + 1, key, (f"model.layers.{i}.{key}",), shape) for key, shape in layer]
+    head = d.n_layers + 1
+    out.append(ExpectedTensor(head, "norm.weight", ("model.norm.weight",), (h,)))
+    tied = ("model.embed_tokens.weight",) if d.tied_embeddings else ()
+    out.append(ExpectedTensor(head, "lm_head.weight", ("lm_head.weight", *tied), (d.vocab_size, h)))
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def params(config_json: str) -> Params:
+    """The block parameters of a config (``ModelSpec.config_json``), cached."""
+    config = json.loads(config_json)
+    window = opt.window(config)
+    heads = _int(config, "num_attention_heads")
+    hd = _head_dim(config)
+    rope = _rope(config)
+    return Params(layout=AttentionLayout((SLIDING if window else FULL,) * _int(config, "num_hidden_layers"), window,
+                                         ((FULL, rope), (SLIDING, rope))),
+                  eps=float(config.get("rms_norm_eps", 1e-5)), activation=str(config.get("hidden_act") or "silu"),
+                  head_dim=hd, q_size=heads * hd, kv_size=_int(config, "num_key_value_heads", default=heads) * hd,
+                  ffn=_int(config, "intermediate_size"))
+
+
+def embed(p: Params, weights: "Weights", input_ids: "torch.Tensor", position_ids: "torch.Tensor",
+          dtype: "torch.dtype") -> "torch.Tensor":
+    """Token embeddings ``(batch, seq, hidden)`` in ``dtype``."""
+    import torch.nn.functional as F
+
+    return F.embedding(input_ids, weights["embed_tokens.weight"]).to(dtype)
+
+
+def block(p: Params, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", ctx: "BlockContext", layer: int,
+          kv_hook: "KVHook | None" = None) -> "torch.Tensor":
+    """One decoder layer (``Phi3DecoderLayer``)."""
+    from lema.domain.model import attention, linear, norms
+
+    proj = linear.projector(w, lora, ctx, layer, MODULE_KEYS)
+    batch, seq, _ = x.shape
+    h = norms.rms_norm(x, w["input_layernorm.weight"], p.eps)
+    qkv = proj(h, "self_attn.qkv_proj")
+    q, k, v = (t.view(batch, seq, -1, p.head_dim) for t in qkv.split([p.q_size, p.kv_size, p.kv_size], dim=-1))
+    a = attention.self_attention(q, k, v, ctx, p.layout.layer_types[layer], scale=p.head_dim ** -0.5,
+                                 kv_hook=kv_hook)
+    x = x + proj(a, "self_attn.o_proj")
+    h = norms.rms_norm(x, w["post_attention_layernorm.weight"], p.eps)
+    gate, up = proj(h, "mlp.gate_up_proj").split([p.ffn, p.ffn], dim=-1)
+    return x + proj(up * norms.activation(p.activation)(gate), "mlp.down_proj")
+
+
+def final_norm(p: Params, weights: "Weights", x: "torch.Tensor") -> "torch.Tensor":
+    """The final RMSNorm."""
+    from lema.domain.model import norms
+
+    return norms.rms_norm(x, weights["norm.weight"], p.eps)

@@ -40,13 +40,19 @@ def _causal(queries: int, keys: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(keys, device=device)[None, :] <= q)[None, None]
 
 
-def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-           softcap: float | None) -> torch.Tensor:
+def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None,
+           scale: float, softcap: float | None) -> torch.Tensor:
     scores = torch.matmul(q, k.transpose(2, 3)) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     allowed = mask if mask is not None else _causal(q.shape[2], k.shape[2], q.device)
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    if keep is not None:
+        # transformers' eager path gives a query with no visible key (a left-padded position)
+        # the same score for every key: a uniform average over all of them.
+        allowed = allowed & (keep != 0)
+    # Added, not filled, as transformers does: the same values, and the same gradient on those rows.
+    scores = scores + torch.zeros((), dtype=scores.dtype, device=scores.device).masked_fill(
+        ~allowed, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v)
 
@@ -63,7 +69,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "BlockContext
     if softcap is not None:
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = _eager(q, k, v, mask, scale, softcap)
+        out = _eager(q, k, v, mask, keep, scale, softcap)
     else:
         kwargs = {}
         if groups > 1 and mask is None:
@@ -74,8 +80,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "BlockContext
         # and SDPA's ``is_causal`` would align it to the first key instead.
         causal = mask is None and q.shape[2] > 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, **kwargs)
-    if keep is not None:
-        out = out * keep.to(out.dtype)
+        if keep is not None:
+            out = out * keep.to(out.dtype)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 

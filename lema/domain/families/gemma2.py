@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import attrs
 
 from lema.domain.model import options as opt
-from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor
+from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor, PlanTerms
 from lema.domain.model.layout import config_int as _int
 from lema.domain.model.rope_config import standard_rope
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from lema.domain.model.attention import KVHook
     from lema.domain.model.context import BlockContext
     from lema.domain.model.linear import Adapters, Weights
+    from lema.domain.model.spec import ModelSpec
 
 NAME = "gemma2"
 MODEL_TYPES = ("gemma2",)
@@ -121,6 +122,12 @@ def params(config_json: str) -> Params:
                   scale=float(config.get("query_pre_attn_scalar", 256)) ** -0.5,
                   attn_softcap=config.get("attn_logit_softcapping", 50.0),
                   final_softcap=config.get("final_logit_softcapping", 30.0))
+
+
+def plan_terms(spec: "ModelSpec") -> PlanTerms:
+    """What a layer keeps beyond a Llama layer's, for the memory plan: two post-norms; eager scores when soft-capped."""
+    return PlanTerms(post_norm_width=2 * spec.hidden_size,
+                     eager_scores=params(spec.config_json).attn_softcap is not None)
 
 
 def embed(p: Params, weights: "Weights", input_ids: "torch.Tensor", position_ids: "torch.Tensor",

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import attrs
 
 from lema.domain.model import options as opt
-from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor
+from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor, PlanTerms
 from lema.domain.model.layout import config_int as _int
 from lema.domain.model.rope_config import gemma3_ropes
 
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from lema.domain.model.attention import KVHook
     from lema.domain.model.context import BlockContext
     from lema.domain.model.linear import Adapters, Weights
+    from lema.domain.model.spec import ModelSpec
 
 NAME = "gemma3"
 MODEL_TYPES = ("gemma3_text",)
@@ -124,6 +125,12 @@ def params(config_json: str) -> Params:
                   head_dim=_head_dim(config), hidden=_int(config, "hidden_size"),
                   scale=float(config.get("query_pre_attn_scalar", 256)) ** -0.5,
                   final_softcap=config.get("final_logit_softcapping"))
+
+
+def plan_terms(spec: "ModelSpec") -> PlanTerms:
+    """What a layer keeps beyond a Llama layer's, for the memory plan: two post-norms and the q/k norms."""
+    return PlanTerms(qk_norm_width=(spec.n_heads + spec.n_kv_heads) * spec.head_dim,
+                     post_norm_width=2 * spec.hidden_size)
 
 
 def embed(p: Params, weights: "Weights", input_ids: "torch.Tensor", position_ids: "torch.Tensor",

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import attrs
 
 from lema.domain.model import options as opt
-from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor
+from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor, PlanTerms
 from lema.domain.model.layout import config_int as _int
 from lema.domain.model.rope_config import standard_rope
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from lema.domain.model.attention import KVHook
     from lema.domain.model.context import BlockContext
     from lema.domain.model.linear import Adapters, Weights
+    from lema.domain.model.spec import ModelSpec
 
 NAME = "mixtral"
 MODEL_TYPES = ("mixtral",)
@@ -119,6 +120,11 @@ def params(config_json: str) -> Params:
                   eps=float(config.get("rms_norm_eps", 1e-5)), activation=str(config.get("hidden_act") or "silu"),
                   head_dim=_head_dim(config), n_experts=_experts(config),
                   top_k=_int(config, "num_experts_per_tok", default=2))
+
+
+def plan_terms(spec: "ModelSpec") -> PlanTerms:
+    """What a layer keeps beyond a Llama layer's, for the memory plan: fp32 routing weights."""
+    return PlanTerms(router_fp32=True)
 
 
 def embed(p: Params, weights: "Weights", input_ids: "torch.Tensor", position_ids: "torch.Tensor",

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import attrs
 
 from lema.domain.model import options as opt
-from lema.domain.model.layout import FULL, AttentionLayout, Dims, ExpectedTensor
+from lema.domain.model.layout import FULL, AttentionLayout, Dims, ExpectedTensor, PlanTerms
 from lema.domain.model.layout import config_int as _int
 from lema.domain.model.rope_config import standard_rope
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from lema.domain.model.attention import KVHook
     from lema.domain.model.context import BlockContext
     from lema.domain.model.linear import Adapters, Weights
+    from lema.domain.model.spec import ModelSpec
 
 NAME = "olmo2"
 MODEL_TYPES = ("olmo2",)
@@ -104,6 +105,11 @@ def params(config_json: str) -> Params:
                                          rope_fp32=True),
                   eps=float(config.get("rms_norm_eps", 1e-5)), activation=str(config.get("hidden_act") or "silu"),
                   head_dim=_head_dim(config))
+
+
+def plan_terms(spec: "ModelSpec") -> PlanTerms:
+    """What a layer keeps beyond a Llama layer's, for the memory plan: q/k norms over the full width."""
+    return PlanTerms(qk_norm_width=(spec.n_heads + spec.n_kv_heads) * spec.head_dim)
 
 
 def embed(p: Params, weights: "Weights", input_ids: "torch.Tensor", position_ids: "torch.Tensor",

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import attrs
 
 from lema.domain.model import options as opt
-from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor
+from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor, PlanTerms
 from lema.domain.model.layout import config_int as _int
 from lema.domain.model.rope_config import make_rope, rope_dict
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from lema.domain.model.attention import KVHook
     from lema.domain.model.context import BlockContext
     from lema.domain.model.linear import Adapters, Weights
+    from lema.domain.model.spec import ModelSpec
     from lema.domain.model.rope_config import RopeSpec
 
 NAME = "phi3"
@@ -122,6 +123,11 @@ def params(config_json: str) -> Params:
                   eps=float(config.get("rms_norm_eps", 1e-5)), activation=str(config.get("hidden_act") or "silu"),
                   head_dim=hd, q_size=heads * hd, kv_size=_int(config, "num_key_value_heads", default=heads) * hd,
                   ffn=_int(config, "intermediate_size"))
+
+
+def plan_terms(spec: "ModelSpec") -> PlanTerms:
+    """What a layer keeps beyond a Llama layer's, for the memory plan: the fused qkv output."""
+    return PlanTerms(fused_qkv=True)
 
 
 def embed(p: Params, weights: "Weights", input_ids: "torch.Tensor", position_ids: "torch.Tensor",

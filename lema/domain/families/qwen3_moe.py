@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import attrs
 
 from lema.domain.model import options as opt
-from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor
+from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor, PlanTerms
 from lema.domain.model.layout import config_int as _int
 from lema.domain.model.rope_config import standard_rope
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from lema.domain.model.attention import KVHook
     from lema.domain.model.context import BlockContext
     from lema.domain.model.linear import Adapters, Weights
+    from lema.domain.model.spec import ModelSpec
 
 NAME = "qwen3_moe"
 MODEL_TYPES = ("qwen3_moe",)
@@ -142,6 +143,11 @@ def params(config_json: str) -> Params:
                   head_dim=_head_dim(config), n_experts=_experts(config),
                   top_k=_int(config, "num_experts_per_tok", default=8),
                   renormalize=bool(config.get("norm_topk_prob", False)), sparse=_sparse(config))
+
+
+def plan_terms(spec: "ModelSpec") -> PlanTerms:
+    """What a layer keeps beyond a Llama layer's, for the memory plan: q/k norms (per head)."""
+    return PlanTerms(qk_norm_width=(spec.n_heads + spec.n_kv_heads) * spec.head_dim)
 
 
 def embed(p: Params, weights: "Weights", input_ids: "torch.Tensor", position_ids: "torch.Tensor",

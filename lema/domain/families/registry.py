@@ -15,7 +15,9 @@ between families, torchtune-style, and nothing else:
 * ``base_dropouts(config)``: the base model's non-zero dropouts, which LEMA does not apply;
 * ``embed``, ``block``, ``final_norm``: its math, on the shared pieces of
   :mod:`lema.domain.model` (imported when first called, so reading a config never imports
-  torch).
+  torch);
+* optionally ``plan_terms(spec)``: what its layers keep for backward beyond a Llama
+  layer's (:class:`~lema.domain.model.layout.PlanTerms`), for the memory plan.
 
 Adding a family is one new module listed in ``FAMILIES`` plus its tests. Families never
 import each other.
@@ -34,6 +36,7 @@ from lema.domain.model.layout import (
     HEAD,
     Dims,
     ExpectedTensor,
+    PlanTerms,
     is_ignored,
 )
 from lema.errors import ModelFormatError
@@ -45,8 +48,8 @@ FAMILIES: dict[str, ModuleType] = {m.NAME: m for m in (llama, qwen3, gemma2, gem
                                                        qwen3_moe, gpt2)}
 
 __all__ = ["DECODER", "EMBED", "FAMILIES", "HEAD", "Dims", "ExpectedTensor", "base_dropouts", "default_targets",
-           "dims_of", "expected_tensors", "family", "family_of", "is_ignored", "params_of", "supported_model_types",
-           "target_modules"]
+           "dims_of", "expected_tensors", "family", "family_of", "is_ignored", "params_of", "plan_terms",
+           "supported_model_types", "target_modules"]
 
 
 def supported_model_types() -> tuple[str, ...]:
@@ -114,6 +117,12 @@ def expected_tensors(config: Mapping[str, Any], names: set[str] | None = None) -
 def params_of(spec: "ModelSpec") -> Any:
     """The family parameters a spec's blocks read (cached per config)."""
     return FAMILIES[spec.family].params(spec.config_json)
+
+
+def plan_terms(spec: "ModelSpec") -> PlanTerms:
+    """What a layer of this family keeps for backward beyond a Llama layer's (for the planner)."""
+    terms = getattr(FAMILIES[spec.family], "plan_terms", None)
+    return terms(spec) if terms is not None else PlanTerms()
 
 
 def config_text(config: Mapping[str, Any]) -> str:

@@ -67,6 +67,26 @@ class Dims:
 
 
 @attrs.frozen
+class PlanTerms:
+    """What a family's layer keeps for backward beyond a Llama layer's, for the memory plan.
+
+    Attributes:
+        qk_norm_width: summed widths of the norms on q and k, per token (Qwen3, Gemma 3, OLMo 2).
+        post_norm_width: summed widths of the norms on the sub-layers' outputs besides a
+            Llama layer's two pre-norms, per token (Gemma's two post-norms).
+        eager_scores: attention runs eagerly (soft-capping) and keeps ``s^2`` scores.
+        fused_qkv: q, k and v are views of one fused projection, alive together (Phi-3).
+        router_fp32: the experts' routing weights stay fp32 (Mixtral).
+    """
+
+    qk_norm_width: int = 0
+    post_norm_width: int = 0
+    eager_scores: bool = False
+    fused_qkv: bool = False
+    router_fp32: bool = False
+
+
+@attrs.frozen
 class AttentionLayout:
     """How a model's layers attend: what :mod:`lema.domain.model.context` builds per batch.
 

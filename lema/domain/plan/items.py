@@ -19,7 +19,9 @@ from typing import Any, Mapping, Sequence
 
 import attrs
 
+from lema.domain.families import registry
 from lema.domain.model.spec import ModelSpec, itemsize
+from lema.domain.plan import family_terms
 from lema.domain.schedule.layer_schedule import SLOT_ALIGN
 
 MiB = 1024**2
@@ -93,6 +95,16 @@ class ModelFacts:
     targets: tuple[str, ...]
     lora_keys: tuple[str, ...] = ()  # in-layer keys of the adapted modules (``lora_modules`` order)
     head_dim: int = 0
+    # beyond a Llama layer (see lema.domain.plan.family_terms): routed experts, norms, scores
+    experts: int = 0
+    top_k: int = 0
+    expert_ffn: int = 0
+    dense_ffn: int = 0
+    router_fp32: bool = False
+    qk_norm_width: int = 0
+    post_norm_width: int = 0
+    eager_scores: bool = False
+    fused_qkv: bool = False
 
 
 def model_facts(spec: ModelSpec, dtype: str | None, targets: Sequence[str], lora_modules: Sequence[tuple[int, int]],
@@ -106,15 +118,20 @@ def model_facts(spec: ModelSpec, dtype: str | None, targets: Sequence[str], lora
 
     streamed = {t.name: nbytes(t) for u in spec.units[1:] for t in u.tensors}
     embed_only = sum(nbytes(t) for t in spec.units[0].tensors if t.name not in streamed)
-    act = spec.activation
+    terms = registry.plan_terms(spec)
+    dense = spec.intermediate_size if spec.intermediate_size != spec.expert_intermediate_size else 0
     return ModelFacts(
         family=spec.family, n_layers=spec.n_layers, hidden=spec.hidden_size, n_heads=spec.n_heads,
         q_dim=spec.n_heads * spec.head_dim, kv_dim=spec.n_kv_heads * spec.head_dim,
         ffn=spec.intermediate_size, vocab=spec.vocab_size, act_bytes=itemsize(dtype or spec.dtype),
-        activation=act, unit_bytes=tuple(sum(nbytes(t) for t in u.tensors) for u in spec.units),
+        activation=spec.activation, unit_bytes=tuple(sum(nbytes(t) for t in u.tensors) for u in spec.units),
         unit_buffer_bytes=tuple(sum(-(-nbytes(t) // SLOT_ALIGN) * SLOT_ALIGN for t in u.tensors) for u in spec.units),
         embed_only_bytes=embed_only, streamed_bytes=sum(streamed.values()),
         lora_modules=tuple(lora_modules), targets=tuple(targets), lora_keys=tuple(keys), head_dim=spec.head_dim,
+        experts=spec.n_experts, top_k=spec.experts_per_token, expert_ffn=spec.expert_intermediate_size,
+        dense_ffn=dense if spec.n_experts else 0, router_fp32=terms.router_fp32,
+        qk_norm_width=terms.qk_norm_width, post_norm_width=terms.post_norm_width, eager_scores=terms.eager_scores,
+        fused_qkv=terms.fused_qkv,
     )
 
 
@@ -200,7 +217,7 @@ def layer_model(f: ModelFacts, batch: int, seq: int, rank: int, attention: str) 
                                 "RMSNorm fp32 inputs: 2 T h 4" if cast else "attention residual: T h a"))
         items.append(MemoryItem("attention", t * (2 * f.q_dim + 2 * f.kv_dim) * a + lse,
                                 "rotary q, k, v, SDPA output: T (2q + 2kv) a + T H 4"))
-        items.append(MemoryItem("mlp", 3 * t * ff * a, "SwiGLU gate, silu, up: 3 T f a"))
+        items += [MemoryItem(*term) for term in (family_terms.mlp_saved(f, t), *family_terms.saved(f, batch, seq))]
         down = "mlp.down_proj" in ad
         if cast:
             held = t * (2 * h + ff) * a
@@ -208,7 +225,9 @@ def layer_model(f: ModelFacts, batch: int, seq: int, rank: int, attention: str) 
             gate_up = any(k in ad for k in ("mlp.gate_proj", "mlp.up_proj"))
             held = (0 if gate_up else t * h * a) + (0 if down else t * ff * a)
         forward_extra = held + 2 * t * h * a + (2 * t * h * FP32 if down else 0)
-        backward_extra = 2 * t * h * a + 3 * t * ff * a - down * t * ff * (FP32 if cast else a)
+        forward_extra = max(forward_extra, family_terms.recompute_extra(f, t, "mlp.gate_up_proj" in ad))
+        backward_extra = (2 * t * h * a + 3 * t * ff * a - down * t * ff * (FP32 if cast else a)
+                          + family_terms.backward_extra(f, t))
     if attention == "math":
         items.append(MemoryItem("attention_scores", batch * f.n_heads * seq * seq * a,
                                 "math attention: softmax probabilities b H s^2 a"))
@@ -256,6 +275,7 @@ def layer_forward(f: ModelFacts, batch: int, seq: int, attention: str) -> Memory
         mlp = max(mlp, t * ff * a + t * h * a + (t * ff * FP32 * cast + 2 * t * h * FP32 if down else 0))
     if attention == "math":
         attn += 2 * batch * f.n_heads * seq * seq * a
+    mlp += family_terms.forward_extra(f, batch, seq)
     return summed("layer_forward", [
         MemoryItem("attention", attn, "q, k, v and the attention output, held until the block returns"),
         MemoryItem("residual", 2 * t * h * a, "residual + norm output: 2 T h a"),

@@ -33,9 +33,33 @@ def _gpt2(h: int, layers: int, vocab: int):
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
 
 
+def _family(name: str):
+    """A family of tests/family_models.py at a planning size (hidden 128, 4 layers, vocab 256)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.family_models import config
+
+    cfg = {**config(name).to_dict(), "vocab_size": 256, "hidden_size": 128, "intermediate_size": 344,
+           "num_hidden_layers": 4, "max_position_embeddings": 1024}
+    cfg.pop("layer_types", None)
+    if name == "qwen3_moe":
+        cfg.update(moe_intermediate_size=96, mlp_only_layers=[])
+    if name == "phi3":  # head_dim 32 now: partial rotary 0.75 without LongRoPE's per-dimension factors
+        cfg.update(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75},
+                   original_max_position_embeddings=1024)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+
+
 def _model(tmp_path, build, dtype, **config) -> LemaModel:
     torch.manual_seed(0)
-    path = save_monolithic(build(), tmp_path / "m.safetensors", dtype=dtype)
+    model = build()
+    if model.config.model_type in ("llama", "gpt2"):
+        path = save_monolithic(model, tmp_path / "m.safetensors", dtype=dtype)
+    else:  # the experts as save_pretrained writes them, converted as a user would
+        from lema.app.convert import prepare_monolithic_safetensors
+
+        model.save_pretrained(tmp_path / "hf")
+        path = prepare_monolithic_safetensors(tmp_path / "hf", tmp_path / "m.safetensors", device="cpu", dtype=dtype)
     return LemaModel(LemaConfig(gbi_path=str(path), device="cpu", **config), device=CpuDevice(count_compute=True))
 
 
@@ -57,6 +81,15 @@ CASES = {
                           dict(batch_size=1, max_seq_len=32, lora_rank=4, prefetch_distance=1)),
     "gpt2-f32": (lambda: _gpt2(128, 3, 512), None, dict(batch_size=2, max_seq_len=64, lora_rank=8,
                                                         prefetch_distance=1)),
+    # the families' own terms: routed experts (fp32 routing weights), eager soft-capped scores, fused qkv
+    "mixtral-bf16": (lambda: _family("mixtral"), torch.bfloat16, dict(batch_size=2, max_seq_len=128, lora_rank=8,
+                                                                       prefetch_distance=1)),
+    "qwen3_moe-f32": (lambda: _family("qwen3_moe"), None, dict(batch_size=2, max_seq_len=128, lora_rank=8,
+                                                               prefetch_distance=1)),
+    "gemma2-bf16": (lambda: _family("gemma2"), torch.bfloat16, dict(batch_size=2, max_seq_len=128, lora_rank=8,
+                                                                     prefetch_distance=1)),
+    "phi3-f32": (lambda: _family("phi3"), None, dict(batch_size=2, max_seq_len=128, lora_rank=8,
+                                                     prefetch_distance=1)),
 }
 
 

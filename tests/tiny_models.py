@@ -13,7 +13,7 @@ import torch
 
 from lema.domain.model.spec import ModelSpec
 
-KINDS = ("llama", "llama3_rope", "mistral", "qwen2", "gpt2")
+KINDS = ("llama", "llama3_rope", "llama_linear", "llama_longrope", "mistral", "qwen2", "qwen2_window", "gpt2")
 
 
 def tiny_config(kind: str) -> dict[str, Any]:
@@ -27,6 +27,16 @@ def tiny_config(kind: str) -> dict[str, Any]:
         return {"model_type": "llama", **llama, "rope_theta": 500000.0,
                 "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}
+    if kind == "llama_linear":
+        return {"model_type": "llama", **llama, "rope_scaling": {"type": "linear", "factor": 4.0}}  # legacy "type"
+    if kind == "llama_longrope":  # the long factors apply past 8 positions (the tests use 12)
+        return {"model_type": "llama", **llama, "max_position_embeddings": 32,
+                "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 8,
+                                    "short_factor": [1.0 + 0.05 * i for i in range(8)],
+                                    "long_factor": [1.2 + 0.2 * i for i in range(8)]}}
+    if kind == "qwen2_window":  # layers 1 and 2 slide (from max_window_layers on), layer 0 does not
+        return {"model_type": "qwen2", **llama, "use_sliding_window": True, "sliding_window": 5,
+                "max_window_layers": 1}
     if kind == "llama_dynamic":  # dynamic NTK: frequencies depend on the sequence length
         return {"model_type": "llama", **llama, "max_position_embeddings": 8,
                 "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}

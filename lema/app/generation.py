@@ -154,7 +154,10 @@ def choose_tokens(logits: torch.Tensor, *, do_sample: bool = False, temperature:
 
 
 def _cache_reset_length(spec: "ModelSpec") -> int | None:
-    """LongRoPE's original length, where transformers drops a Phi-3's cache; None for other ropes."""
+    """LongRoPE's original length, where transformers drops the cache of a family that says so
+    (Phi-3's ``LONGROPE_CACHE_RESET``); None otherwise."""
+    if not getattr(registry.family(spec.family), "LONGROPE_CACHE_RESET", False):
+        return None
     for _, rope in registry.params_of(spec).layout.ropes:
         if rope.rope_type == "longrope":
             return int(rope.get("original_max_position_embeddings"))

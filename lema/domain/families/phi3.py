@@ -41,6 +41,9 @@ TARGETS = tuple(k.split(".")[-1] for k in MODULE_KEYS)
 DEFAULT_TARGETS = TARGETS
 PEFT_PREFIX = "base_model.model.model.layers."
 CONV1D = False
+# transformers' Phi-3 drops the KV cache when generation crosses LongRoPE's original length
+# (the long factors then apply to the whole sequence); LEMA's generate does the same.
+LONGROPE_CACHE_RESET = True
 
 
 @attrs.frozen

@@ -79,6 +79,11 @@ def output_dtype(value: "str | torch.dtype | None") -> "torch.dtype | None":
         raise ConfigError(f"dtype={value!r} is not a dtype; use float32, float16 or bfloat16") from None
 
 
+def _first(items: list[str], n: int, sep: str = ", ") -> str:
+    """The first ``n`` items joined, and how many more there are."""
+    return sep.join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
 def itemsize(code: str) -> int:
     """Bytes per element of a safetensors dtype code."""
     return DTYPE_BYTES[dtype_code(code)]
@@ -242,19 +247,20 @@ class ModelSpec:
         """
         dims = arch.dims_of(config)
         expected = arch.expected_tensors(config, set(header))
-        problems: list[str] = []
+        missing: list[str] = []
+        shapes: list[str] = []
         tensors: list[tuple[int, TensorSpec]] = []
         used: set[str] = set()
         for e in expected:
             name = next((n for n in e.names if n in header), None)
             if name is None:
-                problems.append(f"missing {e.names[0]}")
+                missing.append(e.names[0])
                 continue
             used.add(name)
             entry = header[name]
             shape = tuple(int(s) for s in entry["shape"])
             if shape != e.shape:
-                problems.append(f"{name} has shape {list(shape)}, config implies {list(e.shape)}")
+                shapes.append(f"{name} has shape {list(shape)}, config implies {list(e.shape)}")
                 continue
             tensors.append((e.unit, TensorSpec(name=name, key=e.key, dtype=dtype_code(entry["dtype"]), shape=shape,
                                                file=str(entry.get("file", "")), start=int(entry.get("start", -1)))))
@@ -265,14 +271,19 @@ class ModelSpec:
                 f"{expected[1].names[0]}); is the config for this file?"
             )
         unknown = sorted(n for n in header if n not in used and not arch.is_ignored(n))
+        problems = []
         if unknown:
-            shown = ", ".join(unknown[:6]) + (f" and {len(unknown) - 6} more" if len(unknown) > 6 else "")
-            problems.append(f"{len(unknown)} tensors the {dims.model_type} math does not use: {shown} (a config "
-                            "option LEMA does not know, or a file for another model)")
+            hint = (" (experts fused as transformers holds them in memory: save the model with save_pretrained, "
+                    "which writes one tensor per expert)" if any(n.endswith("experts.gate_up_proj") for n in unknown)
+                    else " (a config option LEMA does not know, or a file for another model)")
+            problems.append(f"{len(unknown)} tensors the {dims.model_type} math does not use: {_first(unknown, 6)}{hint}")
+        if missing:
+            problems.append(f"missing {_first(missing, 4)}")
+        if shapes:
+            problems.append(_first(shapes, 4, "; "))
         if problems:
-            shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
             raise ModelFormatError(f"weights do not match config.json ({dims.model_type}, "
-                                   f"{dims.n_layers} layers): {shown}")
+                                   f"{dims.n_layers} layers): " + "; ".join(problems))
         layer_dtypes = [t.dtype for u, t in tensors if u not in (0, dims.n_layers + 1)]
         # The most common decoder dtype; ties broken by name so the result never depends on
         # set iteration order (string hashing is randomised per process).

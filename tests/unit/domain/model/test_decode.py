@@ -18,7 +18,12 @@ from lema.domain.model.context import (
 from lema.domain.model.decode import KVCache, decoder_block_cached
 from lema.domain.model.lora import LoraSpec, init_lora
 from lema.errors import ConfigError
-from tests.tiny_models import KINDS, build_hf_model, spec_of, unit_weights
+from tests.tiny_models import KINDS as ALL_KINDS
+from tests.tiny_models import build_hf_model, spec_of, unit_weights
+
+# LongRoPE's frequencies depend on the longest position of each call: a cache filled by short
+# calls differs from one recompute (transformers' generate behaves the same way).
+KINDS = tuple(k for k in ALL_KINDS if k != "llama_longrope")
 
 SEQ = 12  # longer than mistral's sliding window (5), so the window matters
 
@@ -89,7 +94,7 @@ def test_prefill_then_one_token_steps_equal_the_full_recompute(kind, adapters):
     held = min(SEQ, layout.sliding_window - 1) if layout.layer_types[0] == "sliding_attention" else SEQ
     assert k.shape == v.shape == (2, spec.n_kv_heads, held, spec.head_dim)
     assert k.dtype == torch.float32
-    assert cache.nbytes == 2 * spec.n_layers * k.numel() * 4
+    assert cache.nbytes == sum(2 * kv[0].numel() * 4 for kv in cache.layers)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -21,16 +21,18 @@ VOCAB = 128
 FAMILIES = ("llama", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "mixtral", "qwen3_moe")
 
 
-def _base(**kw: Any) -> dict[str, Any]:
-    d = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+def _base_config(vocab: int = VOCAB, **kw: Any) -> dict[str, Any]:
+    d = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=None)
     d.update(kw)
     return d
 
 
-def config(name: str) -> Any:
-    """The transformers config of a case."""
+def config(name: str, vocab: int = VOCAB) -> Any:
+    """The transformers config of a case (``vocab`` tokens)."""
     import transformers as T
+
+    _base = functools.partial(_base_config, vocab)
 
     if name == "llama":  # every Llama option: q/k/v/o and MLP biases, head_dim != hidden / heads, yarn rope
         return T.LlamaConfig(**_base(attention_bias=True, mlp_bias=True, head_dim=24, rope_parameters={
@@ -66,11 +68,11 @@ def config(name: str) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def build(name: str, seed: int = 0) -> Any:
+def build(name: str, seed: int = 0, vocab: int = VOCAB) -> Any:
     """The transformers model of a case, fp32, eval mode, randomised (cached: treat as read-only)."""
     import transformers as T
 
-    cfg = config(name)
+    cfg = config(name, vocab)
     torch.manual_seed(seed)
     attn = "eager" if name == "gemma2" else "sdpa"
     model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32).eval()

@@ -86,6 +86,11 @@ def dims(config: Mapping[str, Any]) -> Dims:
     )
 
 
+def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
+    """The base model's non-zero dropouts, which LEMA does not apply: ``attention_dropout``."""
+    return opt.nonzero_dropouts(config, ("attention_dropout", 0.0))
+
+
 def expected_tensors(d: Dims, config: Mapping[str, Any], names: set[str] | None = None) -> list[ExpectedTensor]:
     """Every tensor a Mixtral model with this config has, grouped into units (experts per expert)."""
     h, q, kv, ff = d.hidden_size, d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim, d.intermediate_size

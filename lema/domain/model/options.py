@@ -72,6 +72,17 @@ def window(config: Mapping[str, Any], key: str = "sliding_window") -> int | None
     return None if value is None else config_int(config, key)
 
 
+def nonzero_dropouts(config: Mapping[str, Any], *keys: tuple[str, float]) -> dict[str, float]:
+    """The base model's dropout probabilities (``(key, transformers' default)`` pairs) that are
+    not zero: LEMA does not apply them (it trains as transformers does with them at 0)."""
+    out = {}
+    for key, default in keys:
+        value = config.get(key, default)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            out[key] = float(value)
+    return out
+
+
 def raise_problems(config: Mapping[str, Any], problems: list[str]) -> None:
     """Raise every problem as one ModelFormatError line (nothing when the list is empty)."""
     if problems:

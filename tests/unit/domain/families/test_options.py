@@ -120,3 +120,11 @@ def test_reading_configs_and_planning_never_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "llama"])
+def test_the_base_models_dropouts_are_listed(name):
+    from lema.domain.families.registry import base_dropouts
+
+    assert base_dropouts(_config(name, attention_dropout=0.0)) == {}
+    assert base_dropouts(_config(name, attention_dropout=0.1)) == {"attention_dropout": 0.1}

@@ -276,7 +276,8 @@ class ModelSpec:
             hint = (" (experts fused as transformers holds them in memory: save the model with save_pretrained, "
                     "which writes one tensor per expert)" if any(n.endswith("experts.gate_up_proj") for n in unknown)
                     else " (a config option LEMA does not know, or a file for another model)")
-            problems.append(f"{len(unknown)} tensors the {dims.model_type} math does not use: {_first(unknown, 6)}{hint}")
+            what = "1 tensor" if len(unknown) == 1 else f"{len(unknown)} tensors"
+            problems.append(f"{what} the {dims.model_type} math does not use: {_first(unknown, 6)}{hint}")
         if missing:
             problems.append(f"missing {_first(missing, 4)}")
         if shapes:

@@ -79,3 +79,19 @@ def test_every_command_refuses_with_one_line_naming_it(inputs, tmp_path, command
     assert len(errors) == 1 and result.output.strip().endswith(errors[0]) and named in errors[0], result.output
     assert "Traceback" not in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind, named", [("tensor", EXTRA), ("option", "rope_type='proportional'")])
+def test_the_python_api_refuses_the_same_way(inputs, tmp_path, kind, named):
+    from lema.app.convert import prepare_monolithic_safetensors
+    from lema.app.merge import merge_adapter
+    from lema.errors import ModelFormatError
+
+    folder = inputs[kind]
+    calls = [lambda: LemaModel(LemaConfig(gbi_path=str(folder / "model.safetensors"), device="cpu")),
+             lambda: prepare_monolithic_safetensors(folder, tmp_path / "out.safetensors", device="cpu"),
+             lambda: merge_adapter(folder, inputs["adapter"], tmp_path / "merged.safetensors")]
+    for call in calls:
+        with pytest.raises(ModelFormatError, match=named.replace("(", r"\(").replace(".", r"\.")):
+            call()
+    assert not any(tmp_path.iterdir())

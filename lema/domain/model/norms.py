@@ -7,9 +7,9 @@ casts matter in bf16.
 
 Example:
     >>> x = torch.ones(2, 4)
-    >>> rms_norm(x, torch.full((4,), 2.0), 1e-6)[0].tolist()
+    >>> rms_norm(x, torch.full((4,), 2.0), 0.0)[0].tolist()
     [2.0, 2.0, 2.0, 2.0]
-    >>> rms_norm_gemma(x, torch.zeros(4), 1e-6)[0].tolist()
+    >>> rms_norm_gemma(x, torch.zeros(4), 0.0)[0].tolist()
     [1.0, 1.0, 1.0, 1.0]
 """
 

@@ -8,7 +8,6 @@ tensors and plain containers, so a malicious pickle cannot run code.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -18,7 +17,9 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from lema.adapters.json_files import read_json_object
 from lema.adapters.weights.safetensors_header import read_header
+from lema.adapters.weights.shard_index import read_weight_map
 from lema.domain.model.spec import torch_dtype
 from lema.errors import ModelFormatError
 
@@ -107,13 +108,8 @@ def read_config_text(folder: str | os.PathLike[str]) -> str:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ModelFormatError(f"{folder}: no config.json; pass a transformers model folder")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if not isinstance(json.loads(text), dict):
-            raise ValueError("not an object")
-    except ValueError as exc:
-        raise ModelFormatError(f"{path}: not valid JSON ({exc}); re-download it") from None
-    return text
+    read_json_object(path, "config", ModelFormatError, fix="re-download it")
+    return path.read_text(encoding="utf-8")
 
 
 class TensorLoader:
@@ -246,18 +242,7 @@ def iter_checkpoint_tensors(folder: str | os.PathLike[str]) -> tuple[list[str], 
 
 
 def _weight_map(index: Path) -> dict[str, str]:
-    try:
-        weight_map: Any = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelFormatError(f"{index}: not a valid index (needs a weight_map object): {exc}") from None
-    for shard in set(weight_map.values()):
-        if not isinstance(shard, str) or Path(shard).name != shard:
-            raise ModelFormatError(f"{index}: shard name {shard!r} is not a file name in the model folder")
-        if not (index.parent / shard).is_file():
-            raise ModelFormatError(f"{index.parent}: shard {shard} named by {index.name} is missing; re-download it")
-    return weight_map
+    return read_weight_map(index)
 
 
 __all__ = ["BIN_PATTERNS", "SAFETENSORS_PATTERNS", "TOKENIZER_FILES", "TensorLoader",

@@ -5,8 +5,17 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from lema.domain.model.config_values import (
+    ACTIVATIONS,
+    MAX_HEADS,
+    MAX_HIDDEN,
+    MAX_INTERMEDIATE,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_VOCAB,
+    ConfigFields,
+)
 from lema.domain.model.layout import Dims, ExpectedTensor
-from lema.domain.model.layout import config_int as _int
 
 NAME = "gpt2"
 MODEL_TYPES = ("gpt2",)
@@ -15,19 +24,32 @@ DEFAULT_TARGETS = ("c_attn",)
 
 
 def dims(config: Mapping[str, Any]) -> Dims:
-    """Read the dimensions of a GPT-2 config dict."""
+    """Read (and check) the dimensions of a GPT-2 config dict.
+
+    Raises:
+        ModelFormatError: naming every field of the wrong type, out of bounds, or
+            inconsistent with another.
+    """
+    f = ConfigFields(config)
     model_type = str(config["model_type"]).lower()
-    family = NAME
-    hidden = _int(config, "n_embd", "hidden_size")
-    heads = _int(config, "n_head", "num_attention_heads")
-    return Dims(
-        family=family, model_type=model_type,
-        n_layers=_int(config, "n_layer", "num_hidden_layers"), hidden_size=hidden,
-        n_heads=heads, n_kv_heads=heads, head_dim=hidden // heads,
-        intermediate_size=_int(config, "n_inner", default=4 * hidden),
-        vocab_size=_int(config, "vocab_size"), tied_embeddings=bool(config.get("tie_word_embeddings", True)),
-        attention_bias=True, max_positions=_int(config, "n_positions", "n_ctx", default=1024),
+    hidden = f.int("n_embd", "hidden_size", maximum=MAX_HIDDEN)
+    heads = f.int("n_head", "num_attention_heads", maximum=MAX_HEADS)
+    f.check(hidden % heads == 0, f"n_embd={hidden} is not a multiple of n_head={heads}")
+    result = Dims(
+        family=NAME, model_type=model_type,
+        n_layers=f.int("n_layer", "num_hidden_layers", maximum=MAX_LAYERS), hidden_size=hidden,
+        n_heads=heads, n_kv_heads=heads, head_dim=max(hidden // heads, 1),
+        intermediate_size=f.int("n_inner", default=4 * hidden, maximum=MAX_INTERMEDIATE),
+        vocab_size=f.int("vocab_size", maximum=MAX_VOCAB), tied_embeddings=f.bool("tie_word_embeddings", True),
+        attention_bias=True, max_positions=f.int("n_positions", "n_ctx", default=1024, maximum=MAX_POSITIONS),
     )
+    # What the blocks read when the model runs: checked now, before any plan or step.
+    f.positive_float("layer_norm_epsilon", 1e-5)
+    f.str("activation_function", "gelu_new", ACTIVATIONS)
+    f.bool("scale_attn_weights", True)
+    f.bool("scale_attn_by_inverse_layer_idx", False)
+    f.done()
+    return result
 
 
 # transformers' GPT2Config defaults: a config without these keys trains with 0.1 each.

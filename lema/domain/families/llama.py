@@ -5,8 +5,20 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from lema.domain.model.config_values import (
+    ACTIVATIONS,
+    MAX_HEAD_DIM,
+    MAX_HEADS,
+    MAX_HIDDEN,
+    MAX_INTERMEDIATE,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_VOCAB,
+    ConfigFields,
+    check_layer_types,
+    check_rope,
+)
 from lema.domain.model.layout import Dims, ExpectedTensor
-from lema.domain.model.layout import config_int as _int
 
 NAME = "llama"
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -26,23 +38,44 @@ def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
 
 
 def dims(config: Mapping[str, Any]) -> Dims:
-    """Read the dimensions of a Llama-family config dict."""
+    """Read (and check) the dimensions of a Llama-family config dict.
+
+    Raises:
+        ModelFormatError: naming every field of the wrong type, out of bounds, or
+            inconsistent with another (heads that do not divide the hidden size, ...).
+    """
+    f = ConfigFields(config)
     model_type = str(config["model_type"]).lower()
-    family = NAME
-    hidden = _int(config, "hidden_size")
-    heads = _int(config, "num_attention_heads")
-    head_dim = config.get("head_dim") or hidden // heads
-    return Dims(
-        family=family, model_type=model_type,
-        n_layers=_int(config, "num_hidden_layers"), hidden_size=hidden, n_heads=heads,
-        n_kv_heads=_int(config, "num_key_value_heads", default=heads), head_dim=int(head_dim),
-        intermediate_size=_int(config, "intermediate_size"), vocab_size=_int(config, "vocab_size"),
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
-        max_positions=_int(config, "max_position_embeddings", default=2048),
+    hidden = f.int("hidden_size", maximum=MAX_HIDDEN)
+    heads = f.int("num_attention_heads", maximum=MAX_HEADS)
+    kv_heads = f.int("num_key_value_heads", default=heads, maximum=MAX_HEADS)
+    head_dim = f.optional_int("head_dim", maximum=MAX_HEAD_DIM)
+    if head_dim is None:
+        f.check(hidden % heads == 0, f"hidden_size={hidden} is not a multiple of num_attention_heads={heads} "
+                                     "(and no head_dim is given)")
+        head_dim = max(hidden // heads, 1)
+    f.check(heads % kv_heads == 0, f"num_attention_heads={heads} is not a multiple of "
+                                   f"num_key_value_heads={kv_heads}")
+    n_layers = f.int("num_hidden_layers", maximum=MAX_LAYERS)
+    result = Dims(
+        family=NAME, model_type=model_type,
+        n_layers=n_layers, hidden_size=hidden, n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim,
+        intermediate_size=f.int("intermediate_size", maximum=MAX_INTERMEDIATE),
+        vocab_size=f.int("vocab_size", maximum=MAX_VOCAB),
+        tied_embeddings=f.bool("tie_word_embeddings", False),
+        attention_bias=f.bool("attention_bias", model_type == "qwen2"),
+        max_positions=f.int("max_position_embeddings", default=2048, maximum=MAX_POSITIONS),
     )
-
-
+    # What the blocks read when the model runs: checked now, so a bad value stops the plan
+    # rather than the first training step.
+    f.positive_float("rms_norm_eps", 1e-6)
+    f.str("hidden_act", "silu", ACTIVATIONS)
+    f.optional_int("sliding_window", maximum=MAX_POSITIONS)
+    f.bool("use_sliding_window", False)
+    check_layer_types(f, n_layers)
+    check_rope(f)
+    f.done()
+    return result
 
 
 def expected_tensors(d: Dims, prefix: str | None = None) -> list[ExpectedTensor]:

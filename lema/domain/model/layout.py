@@ -9,11 +9,8 @@ which is what the functional blocks read.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
 
 import attrs
-
-from lema.errors import ModelFormatError
 
 EMBED, DECODER, HEAD = "embed", "decoder", "head"
 
@@ -53,18 +50,6 @@ class Dims:
     tied_embeddings: bool
     attention_bias: bool
     max_positions: int
-
-
-def config_int(config: Mapping[str, Any], *names: str, default: int | None = None) -> int:
-    for name in names:
-        value = config.get(name)
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ModelFormatError(f"config.json: {name}={value!r} must be a positive integer")
-            return value
-    if default is not None:
-        return default
-    raise ModelFormatError(f"config.json: missing {' or '.join(names)}; is this a causal LM config?")
 
 
 # Buffers some checkpoints carry that are not weights (GPT-2's causal mask, rotary caches).

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from lema.app.batches import as_batch
 from lema.domain.model import blocks, heads
 from lema.domain.model.context import make_decode_context
 from lema.domain.model.decode import KV, decoder_block_cached
@@ -194,13 +195,7 @@ def _check_cache_fits(model: "LemaModel", batch: int, tokens: int) -> None:
 
 
 def _as_ids(value: object, name: str = "input_ids") -> torch.Tensor:
-    tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-    if tensor.dim() == 1:
-        tensor = tensor[None]
-    if tensor.dim() != 2 or tensor.shape[1] == 0 or tensor.is_floating_point():
-        raise ConfigError(f"{name}: expected integer ids of shape (batch, seq), got {tensor.dtype} "
-                          f"{list(tensor.shape)}")
-    return tensor.detach().to("cpu", torch.long)
+    return as_batch(value, name).detach().to("cpu", torch.long)
 
 
 def _eos_ids(eos_token_id: int | Sequence[int] | None) -> list[int]:

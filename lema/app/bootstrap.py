@@ -46,7 +46,26 @@ def open_model(config: LemaConfig) -> ResolvedModel:
             "convert the model first with `lema convert MODEL OUT.safetensors` (or "
             "prepare_monolithic_safetensors) and pass gbi_path=OUT.safetensors"
         )
+    check_rope(resolved.spec)
     return resolved
+
+
+def check_rope(spec: ModelSpec) -> None:
+    """Compute the rotary frequencies once, so a config transformers cannot use stops here.
+
+    The config's types are checked when the spec is built; whether, say, a ``llama3``
+    scaling has all its keys is known only to transformers' own rope functions.
+    """
+    if spec.family != "llama":
+        return
+    from lema.domain.model.rope import inv_freq_for
+
+    try:
+        inv_freq_for(spec.config_json, 0)
+    except Exception as exc:  # noqa: BLE001 - transformers raises KeyError, TypeError, ValueError, ...
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ModelFormatError(f"config.json: the rotary embedding settings (rope_scaling / rope_parameters) are "
+                               f"not usable: {detail}; fix them or use the model's own config.json") from None
 
 
 def make_device(config: LemaConfig) -> Device:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from lema.app.batches import as_batch
+from lema.config import seed_problems
 from lema.domain.model import blocks, heads
 from lema.domain.model.context import make_decode_context
 from lema.domain.model.decode import KV, decoder_block_cached
@@ -82,6 +83,8 @@ def generate(model: "LemaModel", input_ids: torch.Tensor | Sequence[int] | Seque
     eos = _eos_ids(eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
     _check(model, ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p, pad, stream)
+    if seed is not None and seed_problems(seed):
+        raise ConfigError("generate: " + seed_problems(seed)[0])
     if max_new_tokens == 0:
         return ids.clone()
     _check_cache_fits(model, batch, prompt_len + max_new_tokens)

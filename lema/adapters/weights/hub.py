@@ -209,8 +209,11 @@ def iter_checkpoint_tensors(folder: str | os.PathLike[str]) -> tuple[list[str], 
     offsets: dict[str, int] = {}
     st_index = sorted(folder.glob("*.safetensors.index.json"))
     st_files = sorted(p.name for p in folder.glob("*.safetensors"))
+    named: set[str] = set()
     if st_index:
-        shards = sorted(set(_weight_map(st_index[0]).values()))
+        weight_map = read_weight_map(st_index[0])
+        named = set(weight_map)
+        shards = sorted(set(weight_map.values()))
     elif st_files:
         shards = ["model.safetensors"] if "model.safetensors" in st_files else st_files[:1]
     else:
@@ -222,10 +225,14 @@ def iter_checkpoint_tensors(folder: str | os.PathLike[str]) -> tuple[list[str], 
                 files[name] = shard
                 meta[name] = (torch_dtype(entry["dtype"]), tuple(entry["shape"]))
                 offsets[name] = entry["start"]
+        missing = sorted(named - set(files))
+        if missing:
+            raise ModelFormatError(f"{st_index[0]}: {len(missing)} tensors in the index are in no shard, "
+                                   f"e.g. {missing[0]}; re-download the model")
         return list(files), TensorLoader(folder, files, meta, offsets)
     bin_index = folder / "pytorch_model.bin.index.json"
     if bin_index.is_file():
-        bins = sorted(set(_weight_map(bin_index).values()))
+        bins = sorted(set(read_weight_map(bin_index).values()))
     elif (folder / "pytorch_model.bin").is_file():
         bins = ["pytorch_model.bin"]
     else:
@@ -239,10 +246,6 @@ def iter_checkpoint_tensors(folder: str | os.PathLike[str]) -> tuple[list[str], 
             files[name] = shard
             meta[name] = (t.dtype, tuple(t.shape))
     return list(files), TensorLoader(folder, files, meta, offsets)
-
-
-def _weight_map(index: Path) -> dict[str, str]:
-    return read_weight_map(index)
 
 
 __all__ = ["BIN_PATTERNS", "SAFETENSORS_PATTERNS", "TOKENIZER_FILES", "TensorLoader",

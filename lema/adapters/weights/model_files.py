@@ -106,8 +106,10 @@ def _file(path: Path, override: dict[str, Any] | None) -> ResolvedModel:
         config = override or _metadata_config(path, header.metadata) or _beside(path)
         spec = ModelSpec.from_header(header.tensors, config)
         return ResolvedModel(spec, path, path.parent, "safetensors", config)
+    if name.endswith(".index.json"):
+        return _sharded(path, override)
     if name.endswith(".json"):
-        data = _load_json(path, "JSON")
+        data = _load_json(path, "config")
         if "weight_map" in data:
             return _sharded(path, override)
         config = override or data

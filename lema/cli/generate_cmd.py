@@ -7,7 +7,6 @@ Without ``--adapter`` the bare base model generates.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +55,6 @@ def generate(model_path: str, adapter: str | None, prompt: str, max_new_tokens: 
     if not is_text(prompt):
         raise ConfigError("--prompt: not valid text (it holds bytes that are not UTF-8, or an unpaired surrogate); "
                           "pass UTF-8 text")
-    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
-        raise ConfigError(f"--temperature: {temperature!r} must be a number > 0")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ConfigError(f"--top-p: {top_p!r} must be in (0, 1]")
     if not Path(model_path).expanduser().exists():
         raise ModelFormatError(f"--model: {model_path} does not exist; pass a .safetensors file made by "
                                "`lema convert` or a local model folder")

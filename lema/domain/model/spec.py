@@ -76,9 +76,12 @@ def output_dtype(value: "str | torch.dtype | None") -> "torch.dtype | None":
     if value is None:
         return None
     try:
-        return torch_dtype(dtype_code(value))
+        code = dtype_code(value)
     except ModelFormatError:
-        raise ConfigError(f"dtype={value!r} is not a dtype; use float32, float16 or bfloat16") from None
+        code = ""
+    if code not in FLOAT_CODES:
+        raise ConfigError(f"dtype={value!r} is not a floating-point dtype; use float32, float16 or bfloat16")
+    return torch_dtype(code)
 
 
 def itemsize(code: str) -> int:

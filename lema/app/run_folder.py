@@ -139,9 +139,12 @@ def open_run(out: Path, *, resume: bool, echo: Callable[[str], None] = print) ->
             echo(f"note: removed {stale.name}, left by an interrupted save")
         ckpt = latest_checkpoint(out, echo)
         if resume:
-            if ckpt is None and not (out / ARGS).is_file():
+            # A checkpoint that cannot be read is an error, not a run "stopped before its first
+            # checkpoint": restarting at step 0 would silently drop the steps it holds.
+            why = why_unusable(out) if ckpt is None else ""
+            if ckpt is None and (why or not (out / ARGS).is_file()):
                 raise CheckpointError(f"--resume: no usable checkpoint in {out} (looked for final/ and "
-                                      f"checkpoint-<step>/){why_unusable(out)}; run without --resume to start fresh")
+                                      f"checkpoint-<step>/){why}; run without --resume to start fresh")
             if ckpt is None:
                 echo(f"note: the run in {out} stopped before its first checkpoint; starting it again at step 0")
             run.checkpoint = ckpt

@@ -59,6 +59,8 @@ def bench(model, preset, dtype, batch, seq, steps, warmup, rank, prefetch, devic
     from lema.domain.units import parse_size
     from lema.errors import ConfigError
 
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir: {workdir} is a file; pass a folder")
     out = json_out or workdir / "bench.json"
     inputs = [model] if model is not None else []
     check_output(workdir, option="--workdir", folders=inputs, overwrite=None)
@@ -76,8 +78,6 @@ def bench(model, preset, dtype, batch, seq, steps, warmup, rank, prefetch, devic
     if model is not None and not model.is_dir():
         raise ConfigError(f"--model: {model} is not a folder; pass a Hugging Face model folder (config.json + "
                           "weights), or leave it out to build --preset")
-    if workdir.exists() and not workdir.is_dir():
-        raise ConfigError(f"--workdir: {workdir} is a file; pass a folder")
     reference = not no_reference
     if reference:
         try:

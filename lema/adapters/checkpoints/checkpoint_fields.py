@@ -30,7 +30,8 @@ def check_trainer_state(state: Mapping[str, Any], path: str | Path) -> None:
     """Raise CheckpointError naming every field of ``trainer_state.json`` with a wrong type.
 
     ``global_step`` and ``micro_step`` are integers >= 0; ``rng`` and ``scheduler`` objects
-    or null; ``config`` an object (the LemaConfig's own checks run when it is built).
+    or null, ``dropout_rng`` a string or null; ``config`` an object (the LemaConfig's own
+    checks run when it is built).
     """
     problems = []
     for name in ("global_step", "micro_step"):
@@ -39,6 +40,8 @@ def check_trainer_state(state: Mapping[str, Any], path: str | Path) -> None:
     for name in ("rng", "scheduler", "config"):
         if state.get(name) is not None and not isinstance(state[name], dict):
             problems.append(f"{name}={_shown(state[name])} must be a JSON object")
+    if state.get("dropout_rng") is not None and not isinstance(state["dropout_rng"], str):
+        problems.append(f"dropout_rng={_shown(state['dropout_rng'])} must be a base64 string")
     rng = state.get("rng")
     if isinstance(rng, dict):
         if not isinstance(rng.get("torch"), str):

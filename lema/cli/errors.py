@@ -62,7 +62,7 @@ class LemaGroup(click.Group):
                 if quiet:  # every rank parsed the same command line: rank 0 says it
                     raise click.exceptions.Exit(exc.exit_code) from None
                 raise
-            except Exception as exc:  # noqa: BLE001 - sorted below, the rest re-raised
+            except Exception as exc:  # noqa: BLE001 - sorted in _translate: none ends in a traceback
                 raise _translate(exc, quiet) from None
 
 

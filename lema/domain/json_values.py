@@ -65,7 +65,8 @@ def parse_json(text: str | bytes, *, max_depth: int = MAX_DEPTH, allow_surrogate
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise JsonValueError(f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        where = f"column {exc.colno}" if exc.lineno == 1 else f"line {exc.lineno} column {exc.colno}"
+        raise JsonValueError(f"invalid JSON ({exc.msg} at {where})") from None
     except RecursionError:  # nesting_depth already bounds this; a last guard
         raise JsonValueError(f"JSON nested deeper than {max_depth} levels") from None
     except ValueError as exc:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"

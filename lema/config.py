@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any, Sequence
 
@@ -40,12 +41,17 @@ def _check_size(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         parse_size(value, field=attribute.name)
 
 
-def _targets(value: Sequence[str] | str | None) -> tuple[str, ...] | None:
-    if value is None:
-        return None
+def _targets(value: Sequence[str] | str | None) -> Any:
+    # Anything but a string or a list is left as it is for __attrs_post_init__ to report.
     if isinstance(value, str):
-        value = [value]
-    return tuple(value)
+        return (value,)
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return value
+
+
+# torch's generators take seeds in this range (a larger one raises deep inside torch).
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 @attrs.frozen(kw_only=True)
@@ -108,11 +114,18 @@ class LemaConfig:
         if self.max_grad_norm is not None and not (_finite(self.max_grad_norm) and self.max_grad_norm >= 0):
             problems.append(f"max_grad_norm: {self.max_grad_norm!r} must be a number >= 0 or None")
         if self.lora_target_modules is not None and (
-            not self.lora_target_modules or not all(isinstance(t, str) and t for t in self.lora_target_modules)
+            not isinstance(self.lora_target_modules, tuple) or not self.lora_target_modules
+            or not all(isinstance(t, str) and t for t in self.lora_target_modules)
         ):
             problems.append(f"lora_target_modules: {self.lora_target_modules!r} must be a non-empty list of names")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            problems.append(f"seed: {self.seed!r} must be an integer")
+        problems += seed_problems(self.seed)
+        for name in ("model_name_or_path", "gbi_path"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                problems.append(f"{name}: {value!r} must be a path (a string) or None")
+        for name in ("use_rslora", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name}: {getattr(self, name)!r} must be True or False")
         if problems:
             raise ConfigError("invalid LemaConfig: " + "; ".join(problems))
 
@@ -138,11 +151,30 @@ class LemaConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LemaConfig":
+        """The config :meth:`to_dict` wrote (ConfigError for unknown fields or bad values)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a LemaConfig must be a JSON object of fields, found {type(data).__name__}")
         known = {f.name for f in attrs.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown LemaConfig fields: {', '.join(unknown)}")
         return cls(**data)
+
+
+def seed_problems(seed: Any, field: str = "seed") -> list[str]:
+    """What is wrong with a seed (an integer torch's generators accept), as messages."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        return [f"{field}: {seed!r} must be an integer"]
+    if not SEED_MIN <= seed <= SEED_MAX:
+        return [f"{field}: {seed} is out of range; use an integer from -2**63 to 2**64 - 1"]
+    return []
+
+
+def check_seed(seed: Any, field: str = "seed") -> None:
+    """ConfigError unless ``seed`` is an integer torch's generators accept."""
+    problems = seed_problems(seed, field)
+    if problems:
+        raise ConfigError(problems[0])
 
 
 def _finite(value: Any) -> bool:

@@ -10,7 +10,13 @@ from hypothesis import HealthCheck, settings
 settings.register_profile("ci", deadline=None, max_examples=50, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", deadline=None, max_examples=20)
 settings.register_profile("thorough", deadline=None, max_examples=1000)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+_ACTIVE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(_ACTIVE)
+# The bad-input properties (tests/**/test_*bad_input*, *_properties): each example writes a
+# file or runs a command, so they take fewer examples than the pure ones.
+settings.register_profile("bad-inputs", parent=settings.get_profile(_ACTIVE),
+                          max_examples={"ci": 25, "dev": 10}.get(_ACTIVE, 300),
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

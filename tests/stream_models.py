@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lema.adapters.weights.safetensors_header import read_header, read_sharded
+from lema.adapters.weights.safetensors_header import read_header
+from lema.adapters.weights.shard_index import read_sharded
 from lema.domain.model.spec import ModelSpec
 
 

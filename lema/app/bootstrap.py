@@ -46,7 +46,28 @@ def open_model(config: LemaConfig) -> ResolvedModel:
             "convert the model first with `lema convert MODEL OUT.safetensors` (or "
             "prepare_monolithic_safetensors) and pass gbi_path=OUT.safetensors"
         )
+    check_rope(resolved.spec)
     return resolved
+
+
+def check_rope(spec: ModelSpec) -> None:
+    """Compute every rotary table's frequencies once, so settings the math cannot use
+    (a ``llama3`` scaling without its keys, say) stop here, not at the first step.
+
+    The config's types are checked when the spec is built; the family refuses rope types
+    it does not implement by name.
+    """
+    from lema.domain.families import registry
+    from lema.domain.model.rope import inv_freq
+
+    layout = getattr(registry.params_of(spec), "layout", None)
+    for _, rope in getattr(layout, "ropes", ()):
+        try:
+            inv_freq(rope, 0)
+        except Exception as exc:  # noqa: BLE001 - a malformed setting raises KeyError, TypeError, ValueError, ...
+            detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise ModelFormatError(f"config.json: the rotary embedding settings (rope_scaling / rope_parameters) are "
+                                   f"not usable: {detail}; fix them or use the model's own config.json") from None
 
 
 def make_device(config: LemaConfig) -> Device:

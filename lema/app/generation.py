@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from lema.app.batches import as_batch
+from lema.config import seed_problems
 from lema.domain.families import registry
 from lema.domain.model import blocks, heads
 from lema.domain.model.context import SLIDING, make_decode_context
@@ -83,6 +85,8 @@ def generate(model: "LemaModel", input_ids: torch.Tensor | Sequence[int] | Seque
     eos = _eos_ids(eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
     _check(model, ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p, pad, stream)
+    if seed is not None and seed_problems(seed):
+        raise ConfigError("generate: " + seed_problems(seed)[0])
     if max_new_tokens == 0:
         return ids.clone()
     _check_cache_fits(model, batch, prompt_len + max_new_tokens)
@@ -217,13 +221,7 @@ def _check_cache_fits(model: "LemaModel", batch: int, tokens: int) -> None:
 
 
 def _as_ids(value: object, name: str = "input_ids") -> torch.Tensor:
-    tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-    if tensor.dim() == 1:
-        tensor = tensor[None]
-    if tensor.dim() != 2 or tensor.shape[1] == 0 or tensor.is_floating_point():
-        raise ConfigError(f"{name}: expected integer ids of shape (batch, seq), got {tensor.dtype} "
-                          f"{list(tensor.shape)}")
-    return tensor.detach().to("cpu", torch.long)
+    return as_batch(value, name).detach().to("cpu", torch.long)
 
 
 def _eos_ids(eos_token_id: int | Sequence[int] | None) -> list[int]:

@@ -33,6 +33,7 @@ from lema.adapters.weights.safetensors_writer import code_of, open_safetensors_w
 from lema.app.convert import plan_tensors
 from lema.app.outputs import check_output, folder_files
 from lema.domain.families import registry as arch
+from lema.domain.json_values import JsonValueError, is_finite_number, parse_json
 from lema.domain.model.spec import ModelSpec, output_dtype, torch_dtype
 from lema.errors import CheckpointError, ConfigError, ModelFormatError
 
@@ -63,6 +64,7 @@ def lora_deltas(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) 
     """
     if config.get("use_dora"):
         raise CheckpointError("adapter uses DoRA (use_dora=true), which LEMA cannot merge; merge it with peft")
+    patterns, use_rslora = _checked_options(config)
     pairs: dict[str, _Pair] = {}
     unknown = []
     for key, t in tensors.items():
@@ -80,10 +82,37 @@ def lora_deltas(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) 
         if pair.a is None or pair.b is None or pair.a.ndim != 2 or pair.b.ndim != 2 or pair.a.shape[0] != pair.b.shape[1]:
             raise CheckpointError(f"adapter module {module}: lora_A and lora_B are missing or their shapes disagree")
         r = pair.a.shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", r))
-        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        if r == 0:
+            raise CheckpointError(f"adapter module {module}: rank 0 (empty lora_A); the adapter is corrupt")
+        alpha = _pattern_value(patterns, module, config.get("lora_alpha", r))
+        if not is_finite_number(alpha) or alpha <= 0:
+            raise CheckpointError(f"adapter_config.json: lora_alpha for {module} is {alpha!r}; it must be a "
+                                  "finite number > 0")
+        scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         out[module + ".weight"] = (pair.a, pair.b, float(scaling))
     return out
+
+
+def _checked_options(config: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """``alpha_pattern`` (module pattern -> alpha) and ``use_rslora``, checked."""
+    patterns = config.get("alpha_pattern") or {}
+    use_rslora = config.get("use_rslora") or False
+    problems = []
+    if not isinstance(patterns, dict):
+        problems.append(f"alpha_pattern={patterns!r} must be an object of module pattern -> alpha")
+        patterns = {}
+    for key in patterns:
+        try:
+            re.compile(key)
+        except re.error as exc:
+            problems.append(f"alpha_pattern key {key!r} is not a valid pattern ({exc})")
+    if not isinstance(use_rslora, bool):
+        problems.append(f"use_rslora={use_rslora!r} must be true or false")
+    if not isinstance(config.get("fan_in_fan_out") or False, bool):
+        problems.append(f"fan_in_fan_out={config.get('fan_in_fan_out')!r} must be true or false")
+    if problems:
+        raise CheckpointError("adapter_config.json: " + "; ".join(problems))
+    return patterns, use_rslora
 
 
 class _MonolithicSource:
@@ -95,6 +124,12 @@ class _MonolithicSource:
             raise ModelFormatError(f"{path}: no config in the file's metadata; re-create it with `lema convert` "
                                    "or pass the transformers model folder as --base")
         self.config_text = header.metadata["config"]
+        try:
+            if not isinstance(parse_json(self.config_text), dict):
+                raise JsonValueError("not a JSON object")
+        except JsonValueError as exc:
+            raise ModelFormatError(f"{path}: the config in the file's metadata is not valid ({exc}); "
+                                   "re-create the file with `lema convert`") from None
         ordered = sorted(header.tensors.items(), key=lambda kv: kv[1]["start"])
         self.names = [n for n, _ in ordered]
         self.loader = TensorLoader(path.parent, {n: e["file"] for n, e in ordered},

@@ -178,7 +178,14 @@ class LemaModel:
         # Padding is not a target when the labels default to the inputs; explicit labels are
         # used as given, as transformers does.
         default = labels is None
+        shape = as_batch(input_ids, "input_ids").shape
         labels = as_batch(input_ids if labels is None else labels, "labels")
+        if labels.shape != shape:
+            raise ConfigError(f"labels: shape {list(labels.shape)} differs from input_ids' {list(shape)}")
+        bad = (labels != heads.IGNORE_INDEX) & ((labels < 0) | (labels >= self.spec.vocab_size))
+        if bool(bad.any()):
+            raise ConfigError(f"labels: {int(labels[bad][0])} is not a token id in [0, {self.spec.vocab_size}) "
+                              f"nor {heads.IGNORE_INDEX} (ignored)")
         if default and attention_mask is not None:
             labels = labels.masked_fill(as_batch(attention_mask, "attention_mask") == 0, heads.IGNORE_INDEX)
         return heads.shift_labels(labels).to(self.device.torch_device)
@@ -309,6 +316,9 @@ class LemaModel:
         input_ids = as_batch(input_ids, "input_ids")
         if attention_mask is not None:
             attention_mask = as_batch(attention_mask, "attention_mask")
+            if attention_mask.shape != input_ids.shape:
+                raise ConfigError(f"attention_mask: shape {list(attention_mask.shape)} differs from input_ids' "
+                                  f"{list(input_ids.shape)}")
         ids = input_ids.to("cpu")
         if int(ids.min()) < 0 or int(ids.max()) >= self.spec.vocab_size:
             raise ConfigError(f"input_ids: token ids must be in [0, {self.spec.vocab_size}); "

@@ -12,7 +12,6 @@ checkpoint swap's recovery copy is renamed back, see
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +19,7 @@ import attrs
 
 from lema.adapters.checkpoints.atomic import backup_path, clean_stale_temps, recover_directory
 from lema.adapters.checkpoints.run_lock import LOCK_NAME, RunLock, acquire_run_lock
+from lema.domain.json_values import parse_json
 from lema.errors import CheckpointError, OutputError
 
 METRICS = "metrics.jsonl"
@@ -34,7 +34,7 @@ def checkpoint_step(path: Path) -> int:
     if not all((path / name).is_file() for name in _NEEDED):
         return -1
     try:
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        state = parse_json((path / "trainer_state.json").read_bytes())
         step = state["global_step"]
     except (OSError, ValueError, KeyError, TypeError):
         return -1
@@ -50,6 +50,25 @@ def recover_checkpoints(out: Path) -> list[Path]:
         if backup_path(target) == backup and recover_directory(target):
             restored.append(target)
     return restored
+
+
+def why_unusable(out: Path) -> str:
+    """``": <the problem>"`` of the first checkpoint in ``out`` whose state cannot be read, or ""."""
+    from lema.adapters.checkpoints.checkpoint_fields import check_trainer_state
+    from lema.adapters.json_files import read_json_object
+
+    for folder in sorted([out / FINAL, *out.glob("checkpoint-*")]):
+        state_file = folder / "trainer_state.json"
+        if not state_file.is_file():
+            continue
+        try:
+            state = read_json_object(state_file, "trainer state", CheckpointError, fix="the checkpoint is corrupt")
+            check_trainer_state(state, state_file)
+            if "global_step" not in state:
+                raise CheckpointError(f"{state_file}: no global_step; the checkpoint is corrupt")
+        except CheckpointError as exc:
+            return f": {exc}"
+    return ""
 
 
 def latest_checkpoint(out: Path, echo: Callable[[str], None] | None = None) -> Path | None:
@@ -120,9 +139,12 @@ def open_run(out: Path, *, resume: bool, echo: Callable[[str], None] = print) ->
             echo(f"note: removed {stale.name}, left by an interrupted save")
         ckpt = latest_checkpoint(out, echo)
         if resume:
-            if ckpt is None and not (out / ARGS).is_file():
-                raise CheckpointError(f"--resume: no checkpoint in {out} (looked for final/ and checkpoint-<step>/); "
-                                      "run without --resume to start fresh")
+            # A checkpoint that cannot be read is an error, not a run "stopped before its first
+            # checkpoint": restarting at step 0 would silently drop the steps it holds.
+            why = why_unusable(out) if ckpt is None else ""
+            if ckpt is None and (why or not (out / ARGS).is_file()):
+                raise CheckpointError(f"--resume: no usable checkpoint in {out} (looked for final/ and "
+                                      f"checkpoint-<step>/){why}; run without --resume to start fresh")
             if ckpt is None:
                 echo(f"note: the run in {out} stopped before its first checkpoint; starting it again at step 0")
             run.checkpoint = ckpt

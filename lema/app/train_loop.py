@@ -29,6 +29,7 @@ import attrs
 
 from lema.adapters.checkpoints.atomic import atomic_write_text
 from lema.app.run_folder import FINAL, METRICS
+from lema.domain.json_values import parse_json
 from lema.errors import CheckpointError, ConfigError, NonFiniteLossError
 
 # Options that change which batches a step sees: a resumed run must use the same values.
@@ -90,7 +91,7 @@ def _trim_metrics(path: Path, keep_through: int) -> None:
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if int(json.loads(line)["step"]) <= keep_through:
+            if int(parse_json(line)["step"]) <= keep_through:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue

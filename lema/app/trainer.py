@@ -303,6 +303,7 @@ class LemaTrainer:
             CheckpointError: the checkpoint has no optimizer state and ``reset_optimizer`` is
                 False (resuming would silently restart the optimizer's moments).
         """
+        from lema.adapters.checkpoints.checkpoint_fields import check_scheduler_state
         from lema.adapters.checkpoints.store import load_optimizer_state, set_rng_state
 
         state = pending["trainer_state"]
@@ -324,6 +325,7 @@ class LemaTrainer:
             if grad is not None:
                 param.grad = grad.to(device=param.device, dtype=param.dtype).clone()
         if self.scheduler is not None and state.get("scheduler") is not None:
+            check_scheduler_state(state["scheduler"], self.scheduler.state_dict(), "trainer_state.json")
             self.scheduler.load_state_dict(state["scheduler"])
         if state.get("rng") is not None:
             set_rng_state(state["rng"])

@@ -59,6 +59,8 @@ def bench(model, preset, dtype, batch, seq, steps, warmup, rank, prefetch, devic
     from lema.domain.units import parse_size
     from lema.errors import ConfigError
 
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir: {workdir} is a file; pass a folder")
     out = json_out or workdir / "bench.json"
     inputs = [model] if model is not None else []
     check_output(workdir, option="--workdir", folders=inputs, overwrite=None)
@@ -68,8 +70,14 @@ def bench(model, preset, dtype, batch, seq, steps, warmup, rank, prefetch, devic
         raise ConfigError("--link-bandwidth: only the CPU device simulates a link; a GPU's is measured")
     rate = parse_size(link_bandwidth, field="--link-bandwidth") if link_bandwidth is not None else None
     read_bytes = 0 if reads.strip() in ("0", "0B") else parse_size(reads, field="--reads")
+    if not names:
+        raise ConfigError("--strategies: name at least one of streaming, resident, auto")
     for name in names:
         MemoryStrategy.parse(name)
+    _check_device(device)
+    if model is not None and not model.is_dir():
+        raise ConfigError(f"--model: {model} is not a folder; pass a Hugging Face model folder (config.json + "
+                          "weights), or leave it out to build --preset")
     reference = not no_reference
     if reference:
         try:
@@ -87,3 +95,19 @@ def bench(model, preset, dtype, batch, seq, steps, warmup, rank, prefetch, devic
         click.echo(line)
     benchmarking.dump(result, out)
     click.echo(f"wrote {out}")
+
+
+def _check_device(device: str) -> None:
+    import re
+
+    import torch
+
+    from lema.errors import ConfigError
+
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", device)
+    if match is None:
+        raise ConfigError(f"--device: {device!r} must be cpu, cuda or cuda:N")
+    if device.startswith("cuda") and (not torch.cuda.is_available()
+                                      or int(match.group(1) or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device: {device} but CUDA is not available here ({torch.cuda.device_count()} GPUs "
+                          "visible); use --device cpu")

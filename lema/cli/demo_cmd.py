@@ -157,11 +157,12 @@ def demo(out: str, steps: int | None, size: str, seed: int, overwrite: bool) -> 
         train_loop,
     )
     from lema.cli.progress import TrainingProgress
-    from lema.config import LemaConfig
+    from lema.config import LemaConfig, check_seed
     from lema.data.examples import read_examples, shipped_corpus
     from lema.data.tokenizer import build_byte_tokenizer
     from lema.errors import OutputError
 
+    check_seed(seed, "--seed")
     settings = DemoSettings(size=size, seed=seed, **({} if steps is None else {"steps": steps}))
     began = time.perf_counter()
     root = Path(out).expanduser().absolute()  # absolute: the checkpoint records these paths

@@ -1,4 +1,12 @@
-"""Turn LEMA's exceptions into one ``Error: ...`` line and an exit status.
+"""Turn every error of a command into one ``Error: ...`` line and an exit status, never a traceback.
+
+* 1: the plan does not fit (:class:`~lema.errors.DoesNotFitError`, whose explanation keeps
+  its lines), or training stopped on a non-finite loss (:class:`~lema.errors.NonFiniteLossError`);
+* 2: bad input: any other :class:`~lema.errors.LemaError`, a file the system refuses
+  (missing, unreadable, a full disk), or a bad option (click's usage errors, shown as one
+  line that points at ``--help``);
+* 1 also for anything else, which is a bug in LEMA: the line names the exception and
+  ``LEMA_DEBUG=1`` shows the traceback.
 
 Under torchrun (several ranks) only rank 0 prints: the other ranks' standard output is
 discarded, and an error every rank raised together (one rank's failure, agreed through
@@ -8,6 +16,7 @@ discarded, and an error every rank raised together (one rank's failure, agreed t
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import traceback
@@ -21,6 +30,7 @@ from lema.errors import DoesNotFitError, LemaError, LemaWarning, NonFiniteLossEr
 EXIT_DOES_NOT_FIT = 1
 EXIT_TRAINING_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
 
 
 class CliError(click.ClickException):
@@ -42,11 +52,17 @@ class LemaGroup(click.Group):
                     return super().invoke(ctx)
             except click.exceptions.Exit:
                 raise
+            except click.UsageError as exc:
+                if quiet:
+                    raise click.exceptions.Exit(EXIT_BAD_INPUT) from None
+                command = (f"lema {exc.ctx.info_name} --help" if exc.ctx is not None and exc.ctx.parent
+                           else "lema --help")
+                raise CliError(f"{one_line(exc.format_message())} (see `{command}`)", EXIT_BAD_INPUT) from None
             except click.ClickException as exc:
                 if quiet:  # every rank parsed the same command line: rank 0 says it
                     raise click.exceptions.Exit(exc.exit_code) from None
                 raise
-            except Exception as exc:  # noqa: BLE001 - sorted below, the rest re-raised
+            except Exception as exc:  # noqa: BLE001 - sorted in _translate: none ends in a traceback
                 raise _translate(exc, quiet) from None
 
 
@@ -55,9 +71,9 @@ def _exit_code(exc: Exception) -> int:
         return EXIT_DOES_NOT_FIT
     if isinstance(exc, NonFiniteLossError):
         return EXIT_TRAINING_FAILED
-    if isinstance(exc, (LemaError, OSError, UnicodeDecodeError)):
+    if isinstance(exc, (LemaError, OSError, UnicodeError)):
         return EXIT_BAD_INPUT
-    return 1
+    return EXIT_INTERNAL
 
 
 def _translate(exc: Exception, quiet: bool) -> BaseException:
@@ -70,12 +86,18 @@ def _translate(exc: Exception, quiet: bool) -> BaseException:
         agreed = stopping_together(exc)
         quiet = quiet and reported_elsewhere(exc)
     code = _exit_code(exc)
-    if isinstance(exc, LemaError):
-        out: BaseException = CliError(str(exc), code)
-    elif isinstance(exc, (OSError, UnicodeDecodeError)):
-        out = CliError(_describe_os_error(exc), code)
-    else:
+    if isinstance(exc, DoesNotFitError):
+        out: BaseException = CliError(str(exc), code)  # the plan's explanation keeps its lines
+    elif isinstance(exc, LemaError):
+        out = CliError(one_line(str(exc)), code)
+    elif isinstance(exc, (OSError, UnicodeError)):
+        out = CliError(one_line(_describe_os_error(exc)), code)
+    elif os.environ.get("LEMA_DEBUG"):
         out = exc
+    else:  # the last line of defence against a traceback: a bug, said in one line
+        detail = one_line(str(exc))[:300] or "no message"
+        out = CliError(f"internal error ({type(exc).__name__}: {detail}); this is a bug in LEMA: please report "
+                       "it (LEMA_DEBUG=1 shows the traceback)", code)
     if not agreed:
         return out
     # Every rank is stopping together: rank 0 says why before any rank exits, since torchrun
@@ -110,6 +132,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         click.echo(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), err=True)
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line, printable whatever bytes it holds (unpaired surrogates escaped)."""
+    flat = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return flat.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _describe_os_error(exc: Exception) -> str:
     if isinstance(exc, FileNotFoundError):
         return f"no such file or directory: {exc.filename}"
@@ -117,4 +145,8 @@ def _describe_os_error(exc: Exception) -> str:
         return f"permission denied: {exc.filename}"
     if isinstance(exc, UnicodeDecodeError):
         return f"input is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return f"{exc.filename or 'a file'}: {os.strerror(exc.errno)}; free some disk space or write elsewhere"
+    if isinstance(exc, OSError) and exc.errno and exc.filename:
+        return f"{exc.filename}: {os.strerror(exc.errno)}"
     return str(exc)

@@ -42,7 +42,19 @@ from lema.errors import CheckpointError, ConfigError, ModelFormatError
 def generate(model_path: str, adapter: str | None, prompt: str, max_new_tokens: int, temperature: float | None,
              top_k: int | None, top_p: float | None, seed: int | None, greedy: bool | None,
              tokenizer_dir: str | None, device: str, strategy: str, dtype: str, no_echo: bool) -> None:
-    """Generate text from --prompt with the base model (plus --adapter), streamed to stdout."""
+    """Generate text from --prompt with the base model (plus --adapter), streamed to stdout.
+
+    Generation stops at the model's context length: a --max-new-tokens beyond it is
+    capped, with a note on stderr.
+    """
+    from lema.config import check_seed
+    from lema.domain.json_values import is_text
+
+    if seed is not None:
+        check_seed(seed, "--seed")
+    if not is_text(prompt):
+        raise ConfigError("--prompt: not valid text (it holds bytes that are not UTF-8, or an unpaired surrogate); "
+                          "pass UTF-8 text")
     if not Path(model_path).expanduser().exists():
         raise ModelFormatError(f"--model: {model_path} does not exist; pass a .safetensors file made by "
                                "`lema convert` or a local model folder")
@@ -52,6 +64,7 @@ def generate(model_path: str, adapter: str | None, prompt: str, max_new_tokens: 
     tokenizer = _tokenizer(tokenizer_dir, adapter, model_path)
     do_sample = greedy is False or (greedy is None and any(v is not None for v in (temperature, top_k, top_p)))
 
+    from lema.app import bootstrap
     from lema.app.generation import generate as run_generation
     from lema.app.model import LemaModel
     from lema.config import LemaConfig
@@ -61,6 +74,9 @@ def generate(model_path: str, adapter: str | None, prompt: str, max_new_tokens: 
         raise ConfigError("--prompt: the prompt encodes to no tokens; pass some text")
     where = ({"gbi_path": model_path} if Path(model_path).expanduser().is_file()
              else {"model_name_or_path": model_path})
+    # The context length comes from the header and config alone (no weights read yet).
+    context = bootstrap.open_model(LemaConfig(**where)).spec.max_positions
+    max_new_tokens = _cap_to_context(ids.shape[1], max_new_tokens, context)
     config = LemaConfig(**where, device=device, strategy=strategy, dtype=dtype, batch_size=1,
                         max_seq_len=ids.shape[1] + max(max_new_tokens, 1))
     model = LemaModel(config)
@@ -77,6 +93,19 @@ def generate(model_path: str, adapter: str | None, prompt: str, max_new_tokens: 
         click.echo()
     finally:
         model.close()
+
+
+def _cap_to_context(prompt_tokens: int, max_new_tokens: int, context: int) -> int:
+    """``max_new_tokens``, lowered (with a note on stderr) so prompt + new tokens fit the context."""
+    if prompt_tokens >= context:
+        raise ConfigError(f"--prompt: {prompt_tokens} tokens, but the model's context is {context} tokens; "
+                          "shorten the prompt")
+    room = context - prompt_tokens
+    if max_new_tokens > room:
+        click.echo(f"note: the model's context is {context} tokens and the prompt takes {prompt_tokens}: "
+                   f"generating at most {room} new tokens (--max-new-tokens {max_new_tokens} is capped)", err=True)
+        return room
+    return max_new_tokens
 
 
 def _tokenizer(tokenizer_dir: str | None, adapter: str | None, model_path: str) -> Any:

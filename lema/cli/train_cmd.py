@@ -49,6 +49,9 @@ from lema.app.train_loop import (
     train_loop,
 )
 from lema.cli.progress import TrainingProgress
+from lema.config import check_seed
+from lema.domain.json_values import parse_json
+from lema.domain.units import parse_size
 from lema.errors import ConfigError, DataError, LemaWarning
 
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
@@ -93,6 +96,8 @@ EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--prefetch", type=click.IntRange(min=0), default=2, show_default=True,
               help="Layers read ahead of the one computing.")
+@click.option("--max-line-size", default="1M", show_default=True, metavar="SIZE",
+              help="Longest line of --data accepted (bytes of text); longer lines are refused before tokenizing.")
 @click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True, help="Linear warmup steps.")
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine", "linear"]), default="constant",
               show_default=True)
@@ -121,6 +126,8 @@ def train(ctx: click.Context, **options: Any) -> None:
         raise ConfigError(f"--lr: {o.lr!r} must be a positive number")
     if o.reset_optimizer and not o.resume:
         raise ConfigError("--reset-optimizer only applies with --resume")
+    check_seed(o.seed, "--seed")
+    o.max_line_bytes()  # checked before anything is opened
     out_dir = Path(o.out)
     model_arg = Path(o.model_path).expanduser()
     check_output(out_dir, option="--out", overwrite=None, folders=[model_arg if model_arg.is_dir() else None],
@@ -163,9 +170,14 @@ class TrainOptions:
     tokenizer: str | None
     device: str
     prefetch: int
+    max_line_size: str
     warmup: int
     lr_schedule: str
     nproc: int = 1  # torchrun's ranks (not an option: the launcher sets it)
+
+    def max_line_bytes(self) -> int:
+        """``--max-line-size`` in bytes (ConfigError naming the option when it is not a size)."""
+        return parse_size(self.max_line_size, field="--max-line-size")
 
     def args(self) -> dict[str, Any]:
         """What ``train_args.json`` records (compared on ``--resume``)."""
@@ -184,7 +196,7 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any) -> int
 
     gbi_path, name_or_path = resolve_model_arg(o.model_path, echo=click.echo)
     tok, tok_dir = open_tokenizer(o.tokenizer, o.model_path)
-    dataset = read_examples(o.data, tok, o.seq)
+    dataset = read_examples(o.data, tok, o.seq, max_line_bytes=o.max_line_bytes())
     per_epoch = batches_per_epoch(len(dataset.examples), o.batch * ranks.world)
     total = o.steps if o.steps is not None else max(1, math.ceil((o.epochs or 1) * per_epoch / o.grad_accum))
     click.echo(f"data: {o.data}: {dataset.format}, {len(dataset.examples):,} examples, {dataset.n_tokens:,} tokens"
@@ -244,8 +256,10 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any) -> int
 
 def _check_resume_args(out: Path, args: dict[str, Any]) -> None:
     try:
-        before = json.loads((out / ARGS).read_text(encoding="utf-8"))
+        before = parse_json((out / ARGS).read_bytes())
     except (OSError, ValueError):
+        return
+    if not isinstance(before, dict):
         return
     before.setdefault("global_batch", before.get("batch"))  # written before data parallel
     names = {"global_batch": "batch x ranks"}

@@ -20,21 +20,30 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import random
-from pathlib import Path
+
 from typing import Any, Iterator, Sequence
 
 import attrs
 import torch
 
+from lema.data.text_files import (
+    JSONL_SUFFIXES,
+    MAX_LINE_BYTES,
+    TEXT_SUFFIXES,
+    detect_format,
+    parse_jsonl,
+    read_text,
+)
 from lema.errors import DataError
 
+__all__ = ["IGNORE_INDEX", "JSONL_SUFFIXES", "MAX_LINE_BYTES", "TEXT_SUFFIXES", "Dataset", "Example", "batch_order",
+           "batches", "batches_per_epoch", "collate", "detect_format", "parse_jsonl", "read_examples", "read_text",
+           "shipped_corpus"]
+
 IGNORE_INDEX = -100
-TEXT_SUFFIXES = (".txt", ".text", ".md")
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
-_MAX_REPORTED = 5  # bad lines listed in one error before "and N more"
+_CHUNKS_PER_CALL = 8  # text chunks tokenized together (in parallel); bounds the tokenizer's memory
 
 
 @attrs.frozen
@@ -84,127 +93,8 @@ def shipped_corpus() -> str:
 # -- reading ------------------------------------------------------------------------------
 
 
-def read_text(path: str | os.PathLike[str]) -> str:
-    """A file's text, or a DataError for a missing, empty or non-UTF-8 file."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: no such data file; check the path")
-    if p.is_dir():
-        raise DataError(f"{p}: is a folder; pass a .txt or .jsonl file")
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise DataError(f"{p}, line {line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset "
-                        f"{exc.start}, column {column}); re-save the file as UTF-8") from None
-    if text.startswith("\ufeff"):  # a UTF-8 byte-order mark (Windows editors) is not data
-        text = text[1:]
-    if not text.strip():
-        raise DataError(f"{p}: the file is empty; put training text in it (plain text, or JSONL "
-                        'lines like {"text": "..."} or {"prompt": "...", "completion": "..."})')
-    return text
-
-
-def detect_format(path: str | os.PathLike[str], text: str) -> str:
-    """``"text"`` or ``"jsonl"``: from the extension, else from the first non-blank line."""
-    suffix = Path(path).suffix.lower()
-    if suffix in TEXT_SUFFIXES:
-        return "text"
-    if suffix in JSONL_SUFFIXES:
-        return "jsonl"
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    if first.lstrip().startswith("{"):
-        try:
-            if isinstance(json.loads(first), dict):
-                return "jsonl"
-        except ValueError:
-            pass
-    return "text"
-
-
-def parse_jsonl(path: str | os.PathLike[str], text: str) -> tuple[str, list[tuple[int, dict[str, str]]]]:
-    """Parse JSONL into ``(kind, [(line number, record)])``, checking every line.
-
-    ``kind`` is ``"jsonl-text"`` or ``"prompt-completion"``, decided by the first record;
-    every record must then have the same fields, holding strings. All bad lines are
-    collected and reported in one DataError.
-    """
-    records: list[tuple[int, dict[str, Any]]] = []
-    problems: list[str] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except ValueError as exc:
-            msg = getattr(exc, "msg", str(exc))
-            col = getattr(exc, "colno", None)
-            where = "" if not col else (f" column {col}" if msg.endswith(" at") else f" at column {col}")
-            problems.append(f"line {number}: invalid JSON ({msg}{where})")
-            continue
-        if not isinstance(value, dict):
-            problems.append(f"line {number}: expected a JSON object like {{\"text\": \"...\"}}, "
-                            f"got {_json_kind(value)}")
-            continue
-        records.append((number, value))
-    kind = None
-    if records:
-        first_line, first = records[0]
-        if "prompt" in first or "completion" in first:
-            kind, fields = "prompt-completion", ("prompt", "completion")
-        elif "text" in first:
-            kind, fields = "jsonl-text", ("text",)
-        else:
-            problems.append(f"line {first_line}: missing field \"text\" (or \"prompt\" and \"completion\"); "
-                            f"fields found: {_fields(first)}")
-        if kind is not None:
-            for number, record in records:
-                for field in fields:
-                    if field not in record:
-                        problems.append(f"line {number}: missing field \"{field}\"; fields found: {_fields(record)}")
-                    elif not isinstance(record[field], str):
-                        problems.append(f"line {number}: field \"{field}\" must be a string, "
-                                        f"got {_json_kind(record[field])}")
-    elif not problems:
-        problems.append("line 1: no JSON objects in the file")
-    if problems:
-        problems.sort(key=lambda text: int(text.split(":")[0].split()[1]))  # by line number
-        _raise(path, problems, "each line must be one JSON object with a \"text\" field, or "
-                               "\"prompt\" and \"completion\" fields")
-    assert kind is not None
-    return kind, [(n, {f: r[f] for f in (("prompt", "completion") if kind == "prompt-completion" else ("text",))})
-                  for n, r in records]
-
-
-def _raise(path: str | os.PathLike[str], problems: list[str], fix: str) -> None:
-    shown = problems[:_MAX_REPORTED]
-    more = f"; and {len(problems) - len(shown)} more bad lines" if len(problems) > len(shown) else ""
-    if len(problems) == 1:
-        raise DataError(f"{path}, {problems[0]}; {fix}")
-    raise DataError(f"{path}: {len(problems)} bad lines: " + "; ".join(shown) + more + f"; {fix}")
-
-
-def _fields(record: dict[str, Any]) -> str:
-    return ", ".join(f'"{k}"' for k in record) if record else "none"
-
-
-def _json_kind(value: Any) -> str:
-    if isinstance(value, list):
-        return "a list"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an object"
-
-
-def read_examples(path: str | os.PathLike[str], tokenizer: Any, seq: int) -> Dataset:
+def read_examples(path: str | os.PathLike[str], tokenizer: Any, seq: int,
+                  max_line_bytes: int = MAX_LINE_BYTES) -> Dataset:
     """Read and tokenize a training file.
 
     Args:
@@ -212,19 +102,22 @@ def read_examples(path: str | os.PathLike[str], tokenizer: Any, seq: int) -> Dat
         tokenizer: a transformers tokenizer with an eos token.
         seq: the longest sequence; text files are cut into blocks of this many tokens,
             longer JSONL examples are truncated.
+        max_line_bytes: the longest line accepted (bytes of UTF-8), checked before
+            anything is tokenized (default 1 MiB).
 
     Returns:
         A :class:`Dataset`.
 
     Raises:
-        DataError: missing, empty, non-UTF-8 or malformed files, with the file, line and fix.
+        DataError: missing, empty, non-UTF-8 or malformed files, or a line over
+            ``max_line_bytes``, with the file, line and fix.
     """
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 2:
         raise DataError(f"seq: {seq!r} must be an integer >= 2 (a sequence predicts its next tokens)")
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise DataError("the tokenizer has no eos token; use a tokenizer that defines one")
-    text = read_text(path)
+    text = read_text(path, max_line_bytes)
     if detect_format(path, text) == "text":
         ids = _encode_text(tokenizer, text) + [eos]
         blocks = [tuple(ids[i:i + seq]) for i in range(0, len(ids), seq)]
@@ -278,9 +171,10 @@ def _encode_many(tokenizer: Any, texts: list[str], special: bool) -> list[list[i
 
 def _encode_text(tokenizer: Any, text: str, chunk_chars: int = 1 << 20) -> list[int]:
     # Encode a large file in line-aligned chunks so memory stays near one chunk's tokens.
-    lines = text.splitlines(keepends=True)
     chunks, current, size = [], [], 0
-    for line in lines:
+    pieces = text.split("\n")
+    for i, piece in enumerate(pieces):
+        line = piece + "\n" if i < len(pieces) - 1 else piece  # exactly the file's text, chunked
         current.append(line)
         size += len(line)
         if size >= chunk_chars:
@@ -290,8 +184,9 @@ def _encode_text(tokenizer: Any, text: str, chunk_chars: int = 1 << 20) -> list[
         chunks.append("".join(current))
     ids: list[int] = []
     bos = getattr(tokenizer, "bos_token_id", None)
-    for enc in tokenizer(chunks, add_special_tokens=False)["input_ids"]:
-        ids.extend(enc)
+    for first in range(0, len(chunks), _CHUNKS_PER_CALL):
+        for enc in tokenizer(chunks[first:first + _CHUNKS_PER_CALL], add_special_tokens=False)["input_ids"]:
+            ids.extend(enc)
     return ([bos] if bos is not None else []) + ids
 
 

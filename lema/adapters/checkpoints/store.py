@@ -34,7 +34,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lema.adapters.checkpoints.atomic import atomic_directory, recover_directory
+from lema.adapters.checkpoints.checkpoint_fields import (
+    check_hyperparameters,
+    check_optimizer_meta,
+    check_trainer_state,
+)
+from lema.adapters.json_files import read_json_object
 from lema.adapters.weights.hub import TOKENIZER_FILES
+from lema.domain.json_values import JsonValueError, parse_json
 from lema.errors import CheckpointError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -94,16 +101,23 @@ def write_checkpoint(
     """
     path = Path(path)
     config = {"peft_type": "LORA", **dict(adapter_config)}
-    with atomic_directory(path) as tmp:
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-        save_file(_plain(adapter_tensors), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        if optimizer_tensors is not None or optimizer_meta is not None:
-            meta = {"format": "pt", "optimizer": json.dumps(dict(optimizer_meta or {}))}
-            save_file(_plain(optimizer_tensors or {}), str(tmp / OPTIMIZER), metadata=meta)
-        if trainer_state is not None:
-            (tmp / TRAINER_STATE).write_text(json.dumps(dict(trainer_state), indent=2), encoding="utf-8")
-        if tokenizer_dir is not None:
-            copy_tokenizer_files(tokenizer_dir, tmp)
+    try:
+        with atomic_directory(path) as tmp:
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+            save_file(_plain(adapter_tensors), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            if optimizer_tensors is not None or optimizer_meta is not None:
+                meta = {"format": "pt", "optimizer": json.dumps(dict(optimizer_meta or {}))}
+                save_file(_plain(optimizer_tensors or {}), str(tmp / OPTIMIZER), metadata=meta)
+            if trainer_state is not None:
+                (tmp / TRAINER_STATE).write_text(json.dumps(dict(trainer_state), indent=2), encoding="utf-8")
+            if tokenizer_dir is not None:
+                copy_tokenizer_files(tokenizer_dir, tmp)
+    except (OSError, SafetensorError) as exc:
+        # Disk full, a file-size limit, a read-only folder: the temporary copy is gone and
+        # the previous checkpoint at `path` (if any) is untouched.
+        reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc).splitlines()[0]
+        raise CheckpointError(f"{path}: could not write the checkpoint ({reason}); free some disk space or choose "
+                              "another folder; any previous checkpoint there is intact") from None
     return path
 
 
@@ -118,13 +132,8 @@ def copy_tokenizer_files(src: str | os.PathLike[str], dst: str | os.PathLike[str
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc}); the checkpoint is corrupt, use an earlier one") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
-    return value
+    return read_json_object(path, "checkpoint JSON", CheckpointError,
+                            fix="the checkpoint is corrupt, use an earlier one")
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -184,11 +193,13 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if (path / OPTIMIZER).is_file():
         opt_tensors, metadata = _read_tensors(path / OPTIMIZER)
         try:
-            opt_meta = json.loads(metadata.get("optimizer", "{}"))
-        except ValueError as exc:
+            opt_meta = parse_json(metadata.get("optimizer", "{}"))
+        except JsonValueError as exc:
             raise CheckpointError(f"{path / OPTIMIZER}: optimizer metadata is not valid JSON ({exc})") from None
+        check_optimizer_meta(opt_meta, path / OPTIMIZER)
     if (path / TRAINER_STATE).is_file():
         state = _read_json(path / TRAINER_STATE)
+        check_trainer_state(state, path / TRAINER_STATE)
     return Checkpoint(adapter_config=config, adapter_tensors=tensors, optimizer_tensors=opt_tensors,
                       optimizer_meta=opt_meta, trainer_state=state)
 
@@ -217,7 +228,7 @@ def _decode(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     if isinstance(value, dict):
         if "__tensor__" in value:
             key = value["__tensor__"]
-            if key not in tensors:
+            if not isinstance(key, str) or key not in tensors:
                 raise CheckpointError(f"optimizer state: tensor {key!r} is missing from optimizer.safetensors")
             return tensors[key]
         if "__tuple__" in value:
@@ -270,6 +281,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: Mapping[str,
     Raises:
         CheckpointError: another optimizer class, format, or parameter list.
     """
+    check_optimizer_meta(meta, "optimizer state")
     if meta.get("format") != OPTIMIZER_FORMAT:
         raise CheckpointError(f"optimizer state format {meta.get('format')!r} is not {OPTIMIZER_FORMAT!r}")
     if meta.get("class") != type(optimizer).__name__:
@@ -282,12 +294,31 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: Mapping[str,
         raise CheckpointError(f"optimizer has parameter groups of sizes {sizes}, the checkpoint "
                               f"{[len(g['params']) for g in meta['param_groups']]}; build it the same way")
     index = {name: i for i, name in enumerate(names)}
-    state = {index[name]: _decode(entry, tensors) for name, entry in meta["state"].items()}
+    try:
+        state = {index[name]: _decode(entry, tensors) for name, entry in meta["state"].items()}
+        hypers = [_decode(group["hyper"], tensors) for group in meta["param_groups"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"optimizer state is malformed ({type(exc).__name__}: {str(exc)[:120]}); "
+                              "the checkpoint is corrupt, use an earlier one") from None
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, entry in state.items():
+        for key, value in (entry.items() if isinstance(entry, dict) else ()):
+            # Per-parameter state (exp_avg, ...) has the parameter's shape; `step` is a scalar.
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and i < len(params) \
+                    and value.shape != params[i].shape:
+                raise CheckpointError(f"optimizer state {names[i]}.{key} has shape {list(value.shape)}, the "
+                                      f"parameter {list(params[i].shape)}; the checkpoint is for another adapter")
+    if not all(isinstance(h, dict) for h in hypers):
+        raise CheckpointError("optimizer state: a parameter group's hyperparameters are not an object")
+    check_hyperparameters(hypers, current["param_groups"], "optimizer state")
     groups = []
-    for group in meta["param_groups"]:
-        hyper = _decode(group["hyper"], tensors)
+    for group, hyper in zip(meta["param_groups"], hypers):
         groups.append({**hyper, "params": [index[n] for n in group["params"]]})
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"optimizer state does not fit this optimizer ({str(exc).splitlines()[0][:160]}); "
+                              "the checkpoint is corrupt or for another run") from None
 
 
 # --- RNG state -----------------------------------------------------------------------------

@@ -8,17 +8,18 @@ tensors and plain containers, so a malicious pickle cannot run code.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 
+from lema.adapters.json_files import read_json_object
 from lema.adapters.weights.safetensors_header import read_header
+from lema.adapters.weights.shard_index import read_weight_map
 from lema.domain.model.spec import torch_dtype
 from lema.errors import ModelFormatError
 
@@ -107,13 +108,8 @@ def read_config_text(folder: str | os.PathLike[str]) -> str:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ModelFormatError(f"{folder}: no config.json; pass a transformers model folder")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if not isinstance(json.loads(text), dict):
-            raise ValueError("not an object")
-    except ValueError as exc:
-        raise ModelFormatError(f"{path}: not valid JSON ({exc}); re-download it") from None
-    return text
+    read_json_object(path, "config", ModelFormatError, fix="re-download it")
+    return path.read_text(encoding="utf-8")
 
 
 class TensorLoader:
@@ -213,8 +209,11 @@ def iter_checkpoint_tensors(folder: str | os.PathLike[str]) -> tuple[list[str], 
     offsets: dict[str, int] = {}
     st_index = sorted(folder.glob("*.safetensors.index.json"))
     st_files = sorted(p.name for p in folder.glob("*.safetensors"))
+    named: set[str] = set()
     if st_index:
-        shards = sorted(set(_weight_map(st_index[0]).values()))
+        weight_map = read_weight_map(st_index[0])
+        named = set(weight_map)
+        shards = sorted(set(weight_map.values()))
     elif st_files:
         shards = ["model.safetensors"] if "model.safetensors" in st_files else st_files[:1]
     else:
@@ -226,10 +225,14 @@ def iter_checkpoint_tensors(folder: str | os.PathLike[str]) -> tuple[list[str], 
                 files[name] = shard
                 meta[name] = (torch_dtype(entry["dtype"]), tuple(entry["shape"]))
                 offsets[name] = entry["start"]
+        missing = sorted(named - set(files))
+        if missing:
+            raise ModelFormatError(f"{st_index[0]}: {len(missing)} tensors in the index are in no shard, "
+                                   f"e.g. {missing[0]}; re-download the model")
         return list(files), TensorLoader(folder, files, meta, offsets)
     bin_index = folder / "pytorch_model.bin.index.json"
     if bin_index.is_file():
-        bins = sorted(set(_weight_map(bin_index).values()))
+        bins = sorted(set(read_weight_map(bin_index).values()))
     elif (folder / "pytorch_model.bin").is_file():
         bins = ["pytorch_model.bin"]
     else:
@@ -243,21 +246,6 @@ def iter_checkpoint_tensors(folder: str | os.PathLike[str]) -> tuple[list[str], 
             files[name] = shard
             meta[name] = (t.dtype, tuple(t.shape))
     return list(files), TensorLoader(folder, files, meta, offsets)
-
-
-def _weight_map(index: Path) -> dict[str, str]:
-    try:
-        weight_map: Any = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelFormatError(f"{index}: not a valid index (needs a weight_map object): {exc}") from None
-    for shard in set(weight_map.values()):
-        if not isinstance(shard, str) or Path(shard).name != shard:
-            raise ModelFormatError(f"{index}: shard name {shard!r} is not a file name in the model folder")
-        if not (index.parent / shard).is_file():
-            raise ModelFormatError(f"{index.parent}: shard {shard} named by {index.name} is missing; re-download it")
-    return weight_map
 
 
 __all__ = ["BIN_PATTERNS", "SAFETENSORS_PATTERNS", "TOKENIZER_FILES", "TensorLoader",

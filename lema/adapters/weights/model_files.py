@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -21,8 +20,11 @@ from typing import Any
 
 import attrs
 
+from lema.adapters.json_files import json_kind, read_json_object
 from lema.adapters.weights.builtin_models import builtin_config, find_builtin
-from lema.adapters.weights.safetensors_header import read_header, read_sharded
+from lema.adapters.weights.safetensors_header import read_header
+from lema.adapters.weights.shard_index import read_sharded
+from lema.domain.json_values import JsonValueError, parse_json
 from lema.domain.model.spec import ModelSpec
 from lema.errors import ModelFormatError
 
@@ -104,8 +106,10 @@ def _file(path: Path, override: dict[str, Any] | None) -> ResolvedModel:
         config = override or _metadata_config(path, header.metadata) or _beside(path)
         spec = ModelSpec.from_header(header.tensors, config)
         return ResolvedModel(spec, path, path.parent, "safetensors", config)
+    if name.endswith(".index.json"):
+        return _sharded(path, override)
     if name.endswith(".json"):
-        data = _load_json(path, "JSON")
+        data = _load_json(path, "config")
         if "weight_map" in data:
             return _sharded(path, override)
         config = override or data
@@ -143,11 +147,13 @@ def _metadata_config(path: Path, metadata: dict[str, str]) -> dict[str, Any] | N
     if not text:
         return None
     try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ModelFormatError(f"{path}: the config in the file's metadata is not valid JSON ({exc})") from None
+        config = parse_json(text)
+    except JsonValueError as exc:
+        raise ModelFormatError(f"{path}: the config in the file's metadata is not valid ({exc}); "
+                               "re-convert the model or pass --config config.json") from None
     if not isinstance(config, dict):
-        raise ModelFormatError(f"{path}: the config in the file's metadata is not a JSON object")
+        raise ModelFormatError(f"{path}: the config in the file's metadata is {json_kind(config)}, not a JSON object; "
+                               "re-convert the model or pass --config config.json")
     return config
 
 
@@ -160,15 +166,7 @@ def _beside(path: Path) -> dict[str, Any]:
 
 
 def _load_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ModelFormatError(f"{path}: no such {what} file; check the path")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFormatError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ModelFormatError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+    return read_json_object(path, what, ModelFormatError, fix="re-download it or pass --config config.json")
 
 
 def _hub_config(repo_id: str) -> dict[str, Any]:

@@ -7,7 +7,6 @@ optional ``__metadata__`` dict of strings), then the tensor data.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -16,11 +15,14 @@ from typing import Any
 
 import attrs
 
+from lema.domain.json_values import JsonValueError, parse_json
 from lema.domain.model.spec import DTYPE_BYTES
 from lema.errors import ModelFormatError
 
 # The safetensors library refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# More tensors than any model LEMA reads (4,096 layers of ~12): bounds the parsed header's RAM.
+MAX_HEADER_TENSORS = 262_144
 
 
 @attrs.frozen
@@ -43,6 +45,9 @@ class Header:
 def read_header(path: str | os.PathLike[str], relative_to: str | os.PathLike[str] | None = None) -> Header:
     """Read and validate the header of a safetensors file.
 
+    Every tensor's dtype and shape must be well formed and its byte range must lie inside
+    the file, match the dtype and shape, and overlap no other tensor's range.
+
     Args:
         path: the ``.safetensors`` file.
         relative_to: folder the tensors' ``file`` field is made relative to (default: the
@@ -50,13 +55,14 @@ def read_header(path: str | os.PathLike[str], relative_to: str | os.PathLike[str
 
     Raises:
         ModelFormatError: the file is missing, empty, truncated, not safetensors, or its
-            header describes tensors that run past the end of the file.
+            header describes tensors that are malformed, overlap, or run past the end of
+            the file.
     """
     path = Path(path)
     if not path.exists():
         raise ModelFormatError(f"{path}: no such file; check the path")
-    if path.is_dir():
-        raise ModelFormatError(f"{path}: is a folder, expected a .safetensors file")
+    if not path.is_file():
+        raise ModelFormatError(f"{path}: is not a file, expected a .safetensors file")
     size = path.stat().st_size
     where = f"{path}: not a valid safetensors file"
     if size < 8:
@@ -65,68 +71,67 @@ def read_header(path: str | os.PathLike[str], relative_to: str | os.PathLike[str
         (length,) = struct.unpack("<Q", f.read(8))
         if length > MAX_HEADER_BYTES or length > size - 8:
             raise ModelFormatError(
-                f"{where}: header length {length} is larger than the file ({size} bytes); "
-                "the file is truncated or not safetensors"
+                f"{where}: header length {length} is larger than the file ({size} bytes) or the 100 MiB "
+                "safetensors limit; the file is truncated or not safetensors"
             )
         raw = f.read(length)
+    # Bound the parsed header's memory before parsing: each tensor is one JSON object.
+    if raw.count(b"{") > MAX_HEADER_TENSORS or raw.count(b",") > 8 * MAX_HEADER_TENSORS:
+        raise ModelFormatError(f"{where}: the header lists more than {MAX_HEADER_TENSORS:,} tensors or values; "
+                               "no model LEMA reads has that many; the file is corrupt")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"{where}: header is not valid JSON ({exc}); the file is corrupt") from None
+        header = parse_json(raw)
+    except JsonValueError as exc:
+        raise ModelFormatError(f"{where}: the header is not valid JSON ({exc}); the file is corrupt") from None
     if not isinstance(header, dict):
-        raise ModelFormatError(f"{where}: header is not a JSON object")
+        raise ModelFormatError(f"{where}: the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise ModelFormatError(f"{where}: __metadata__ is not a JSON object")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ModelFormatError(f"{where}: __metadata__ must be an object of strings")
     data_start = 8 + length
     rel = Path(relative_to) if relative_to is not None else path.parent
     file_field = os.path.relpath(path, rel)
+    tensors, problems = _tensor_entries(header, data_start, size)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ModelFormatError(f"{where}: {'; '.join(problems[:3])}{more}; the file is truncated or corrupt")
+    for entry in tensors.values():
+        entry["file"] = file_field
+    return Header(path=path, tensors=tensors, metadata=dict(metadata), data_start=data_start)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_entries(header: dict[str, Any], data_start: int, size: int) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Check every entry; returns name -> {dtype, shape, start} and the problems found."""
     tensors: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
+    ranges: list[tuple[int, int, str]] = []
     for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            if dtype not in DTYPE_BYTES or not all(isinstance(s, int) and s >= 0 for s in shape):
-                raise ValueError
-            expected = math.prod(shape) * DTYPE_BYTES[dtype]
-        except (KeyError, TypeError, ValueError):
-            problems.append(f"tensor {name!r} has a malformed entry {entry!r}")
+        shown = repr(entry) if len(repr(entry)) <= 80 else repr(entry)[:77] + "..."
+        if not isinstance(entry, dict):
+            problems.append(f"tensor {name!r} has a malformed entry {shown}")
             continue
-        if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != expected or begin < 0:
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(dtype, str) and dtype in DTYPE_BYTES and isinstance(shape, list)
+                and all(_is_count(s) for s in shape) and isinstance(offsets, list) and len(offsets) == 2
+                and all(_is_count(o) for o in offsets)):
+            problems.append(f"tensor {name!r} has a malformed entry {shown}")
+            continue
+        begin, end = offsets
+        expected = math.prod(shape) * DTYPE_BYTES[dtype]
+        if end - begin != expected:
             problems.append(f"tensor {name!r}: byte range {begin}..{end} does not match {dtype}{shape}")
         elif data_start + end > size:
             problems.append(f"tensor {name!r} runs past the end of the file ({data_start + end} > {size} bytes)")
         else:
-            tensors[name] = {"dtype": dtype, "shape": list(shape), "file": file_field, "start": data_start + begin}
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise ModelFormatError(f"{where}: {'; '.join(problems[:3])}{more}; the file is truncated or corrupt")
-    return Header(path=path, tensors=tensors, metadata={str(k): str(v) for k, v in metadata.items()},
-                  data_start=data_start)
-
-
-def read_sharded(index_path: str | os.PathLike[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Read every shard named by a ``model.safetensors.index.json``.
-
-    Returns:
-        (tensors, metadata): all shards' tensors merged (``file`` relative to the index's
-        folder) and the first shard's metadata.
-    """
-    index_path = Path(index_path)
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise ModelFormatError(f"{index_path}: not a valid safetensors index (needs a weight_map object): {exc}") from None
-    tensors: dict[str, dict[str, Any]] = {}
-    metadata: dict[str, str] = {}
-    for shard in sorted(set(weight_map.values())):
-        header = read_header(index_path.parent / shard, relative_to=index_path.parent)
-        metadata = metadata or header.metadata
-        tensors.update(header.tensors)
-    missing = sorted(set(weight_map) - set(tensors))
-    if missing:
-        raise ModelFormatError(f"{index_path}: {len(missing)} tensors in the index are in no shard, e.g. {missing[0]}")
-    return tensors, metadata
+            tensors[name] = {"dtype": dtype, "shape": list(shape), "start": data_start + begin}
+            if end > begin:
+                ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(ranges, ranges[1:]):
+        if begin_b < end_a:
+            problems.append(f"tensors {a!r} and {b!r} overlap (bytes {begin_b}..{end_a} belong to both)")
+    return tensors, problems

@@ -39,6 +39,7 @@ from lema.domain.model.layout import (
     PlanTerms,
     is_ignored,
 )
+from lema.domain.model.config_values import check_fields
 from lema.errors import ModelFormatError
 
 if TYPE_CHECKING:
@@ -59,14 +60,19 @@ def supported_model_types() -> tuple[str, ...]:
 
 def family_of(config: Mapping[str, Any]) -> str:
     """The family name of a config dict, or ModelFormatError naming the unknown model_type."""
-    model_type = str(config.get("model_type", "")).lower()
+    if not isinstance(config, Mapping):
+        raise ModelFormatError(f"config.json: expected a JSON object, found {type(config).__name__}")
+    raw = config.get("model_type")
+    model_type = raw.lower() if isinstance(raw, str) else ""
     for name, module in FAMILIES.items():
         if model_type in module.MODEL_TYPES:
             return name
-    archs = config.get("architectures") or []
+    archs = config.get("architectures")
+    names = [a for a in archs if isinstance(a, str)][:3] if isinstance(archs, list) else []
+    shown = "(missing)" if raw is None else repr(raw) if len(repr(raw)) <= 40 else repr(raw)[:37] + "..."
     raise ModelFormatError(
-        f"unknown architecture: model_type {model_type or '(missing)'!r} "
-        f"{'(' + ', '.join(map(str, archs)) + ') ' if archs else ''}is not supported; LEMA "
+        f"unknown architecture: model_type {shown} "
+        f"{'(' + ', '.join(names) + ') ' if names else ''}is not supported; LEMA "
         f"trains {', '.join(supported_model_types())} models"
     )
 
@@ -83,7 +89,11 @@ def dims_of(config: Mapping[str, Any]) -> Dims:
         ModelFormatError: an unknown ``model_type``, or one line naming every config option
             (and value) the family does not implement.
     """
-    return FAMILIES[family_of(config)].dims(config)
+    family = family_of(config)
+    # Malformed values (wrong types, out of bounds) first, in one line; then what the family
+    # does not implement, refused by the family by name.
+    check_fields(config, family)
+    return FAMILIES[family].dims(config)
 
 
 def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:

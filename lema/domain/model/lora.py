@@ -49,29 +49,46 @@ def _peft_prefix(family: str) -> str:
 _PEFT_KEY = re.compile(r"^(?P<prefix>.*?)(?P<layer>\d+)\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
+# Far above any useful adapter (ranks are 4..256); keeps a typo from allocating terabytes.
+MAX_RANK = 65_536
+
+
 def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"LoRA {attribute.name}={value!r} must be a positive integer (e.g. 8 or 16)")
+    if value > MAX_RANK:
+        raise ConfigError(f"LoRA {attribute.name}={value} is more than {MAX_RANK:,}; use e.g. 8, 16 or 64")
 
 
-def _positive_float(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not math.isfinite(value) or value <= 0:
+def _number(value: Any) -> Any:
+    # Numbers become floats; anything else is left for the validator to name.
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _positive_float(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, float) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"LoRA {attribute.name}={value!r} must be a positive number (e.g. 2 * rank)")
 
 
-def _probability(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ConfigError(f"LoRA {attribute.name}={value!r} must be in [0, 1)")
+def _probability(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, float) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"LoRA {attribute.name}={value!r} must be a number in [0, 1)")
 
 
-def _to_targets(value: Any) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    return (value,) if isinstance(value, str) else tuple(value)
+def _boolean(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"LoRA {attribute.name}={value!r} must be true or false")
+
+
+def _to_targets(value: Any) -> Any:
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def _targets(instance: Any, attribute: attrs.Attribute, value: tuple[str, ...] | None) -> None:
-    if value is not None and (not value or not all(isinstance(t, str) and t for t in value)):
+    if value is not None and (not isinstance(value, tuple) or not value
+                              or not all(isinstance(t, str) and t for t in value)):
         raise ConfigError(f"LoRA {attribute.name}={value!r} must be a non-empty list of module names")
 
 
@@ -92,10 +109,10 @@ class LoraSpec:
     """
 
     rank: int = attrs.field(default=16, validator=_positive_int)
-    alpha: float = attrs.field(default=32.0, converter=float, validator=_positive_float)
-    dropout: float = attrs.field(default=0.0, converter=float, validator=_probability)
+    alpha: float = attrs.field(default=32.0, converter=_number, validator=_positive_float)
+    dropout: float = attrs.field(default=0.0, converter=_number, validator=_probability)
     targets: tuple[str, ...] | None = attrs.field(default=None, converter=_to_targets, validator=_targets)
-    use_rslora: bool = attrs.field(default=False, converter=bool)
+    use_rslora: bool = attrs.field(default=False, validator=_boolean)
 
     @property
     def scaling(self) -> float:
@@ -124,13 +141,15 @@ class LoraSpec:
         targets = config.get("target_modules")
         if isinstance(targets, str):
             problems.append(f"target_modules={targets!r}: regex targets are not supported, give a list")
+        elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+            problems.append(f"target_modules={targets!r} must be a list of module names")
         if problems:
             raise CheckpointError("adapter_config.json: " + "; ".join(problems))
         try:
             return cls(rank=config.get("r", 8), alpha=config.get("lora_alpha", 8),
-                       dropout=config.get("lora_dropout", 0.0),
+                       dropout=config.get("lora_dropout") or 0.0,
                        targets=tuple(sorted(targets)) if targets is not None else None,
-                       use_rslora=config.get("use_rslora", False))
+                       use_rslora=config.get("use_rslora") or False)
         except ConfigError as exc:
             raise CheckpointError(f"adapter_config.json: {exc}") from exc
 

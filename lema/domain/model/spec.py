@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 DTYPE_BYTES: dict[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
 }
+# The dtypes a model's weights may have (the layers compute in floating point).
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 _TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
@@ -74,9 +76,12 @@ def output_dtype(value: "str | torch.dtype | None") -> "torch.dtype | None":
     if value is None:
         return None
     try:
-        return torch_dtype(dtype_code(value))
+        code = dtype_code(value)
     except ModelFormatError:
-        raise ConfigError(f"dtype={value!r} is not a dtype; use float32, float16 or bfloat16") from None
+        code = ""
+    if code not in FLOAT_CODES:
+        raise ConfigError(f"dtype={value!r} is not a floating-point dtype; use float32, float16 or bfloat16")
+    return torch_dtype(code)
 
 
 def _first(items: list[str], n: int, sep: str = ", ") -> str:
@@ -221,7 +226,18 @@ class ModelSpec:
             dtype: storage dtype; defaults to the config's ``torch_dtype``/``dtype`` or F16.
         """
         dims = arch.dims_of(config)
-        code = dtype_code(dtype or config.get("dtype") or config.get("torch_dtype") or "float16")
+        if dtype is not None:
+            code = dtype_code(dtype)
+        else:
+            field = next((k for k in ("dtype", "torch_dtype") if config.get(k)), None)
+            value = config[field] if field else "float16"
+            try:
+                code = dtype_code(value) if isinstance(value, str) else ""
+            except ModelFormatError:
+                code = ""
+            if code not in FLOAT_CODES:
+                raise ModelFormatError(f"config.json: {field}={value!r} is not a floating-point dtype; "
+                                       "use float32, float16 or bfloat16")
         tensors = [
             (e.unit, TensorSpec(name=e.names[-1] if e.key == "lm_head.weight" and dims.tied_embeddings else e.names[0],
                                 key=e.key, dtype=code, shape=e.shape))
@@ -251,27 +267,32 @@ class ModelSpec:
         shapes: list[str] = []
         tensors: list[tuple[int, TensorSpec]] = []
         used: set[str] = set()
+        problems: list[str] = []
+        decoder_found = False
         for e in expected:
             name = next((n for n in e.names if n in header), None)
             if name is None:
                 missing.append(e.names[0])
                 continue
             used.add(name)
+            decoder_found = decoder_found or e.unit not in (0, dims.n_layers + 1)
             entry = header[name]
             shape = tuple(int(s) for s in entry["shape"])
             if shape != e.shape:
                 shapes.append(f"{name} has shape {list(shape)}, config implies {list(e.shape)}")
                 continue
-            tensors.append((e.unit, TensorSpec(name=name, key=e.key, dtype=dtype_code(entry["dtype"]), shape=shape,
+            code = dtype_code(entry["dtype"])
+            if code not in FLOAT_CODES:
+                problems.append(f"{name} has dtype {code}, not a floating-point type (F32, F16, BF16)")
+                continue
+            tensors.append((e.unit, TensorSpec(name=name, key=e.key, dtype=code, shape=shape,
                                                file=str(entry.get("file", "")), start=int(entry.get("start", -1)))))
-        decoder_found = any(u not in (0, dims.n_layers + 1) for u, _ in tensors)
         if not decoder_found:
             raise ModelFormatError(
                 f"no recognisable {dims.family} decoder layers in the weights (expected names like "
                 f"{expected[1].names[0]}); is the config for this file?"
             )
         unknown = sorted(n for n in header if n not in used and not arch.is_ignored(n))
-        problems = []
         if unknown:
             hint = (" (experts fused as transformers holds them in memory: save the model with save_pretrained, "
                     "which writes one tensor per expert)" if any(n.endswith("experts.gate_up_proj") for n in unknown)

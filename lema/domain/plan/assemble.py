@@ -40,7 +40,8 @@ def build(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Bu
           resident: tuple[int, ...]) -> MemoryPlan:
     """The plan with exactly these units (indices ``1..L+1``) resident; no recommendations."""
     n = f.n_layers
-    streamed = tuple(i for i in range(1, n + 2) if i not in resident)
+    kept = set(resident)  # a set: this runs for every candidate of AUTO's search
+    streamed = tuple(i for i in range(1, n + 2) if i not in kept)
     slot_count = min(shape.prefetch + 1, len(streamed))
     slot_bytes = max((f.unit_buffer_bytes[i] for i in streamed), default=0)
     device = [
@@ -184,13 +185,34 @@ def _resident_prefix(n_layers: int, k: int) -> tuple[int, ...]:
 
 def auto_resident(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Budget | None
                   ) -> tuple[int, ...]:
-    """AUTO's resident units: the most units (layer 0 upward, then the head) that fit."""
+    """AUTO's resident units: the most units (layer 0 upward, then the head) that fit.
+
+    While the head and at least ``prefetch + 1`` units are streamed, keeping one more
+    (alike) decoder layer resident changes only the resident bytes, so "it fits" turns
+    false once and stays false: a binary search finds the largest such count in
+    ``O(log L)`` plans, and only the last few counts (fewer slots, or the head resident)
+    are tried one by one. Layers of different sizes fall back to trying every count.
+    """
     n = f.n_layers
     if budget is None:
         return _resident_prefix(n, n + 1)
+
+    def fits(k: int) -> bool:
+        return build(summary, f, shape, budget, _resident_prefix(n, k)).fits
+
+    alike = len(set(f.unit_buffer_bytes[1:n + 1])) <= 1
+    stable = max(0, min(n - 1, n - shape.prefetch)) if alike else -1
     best = 0
-    # Not monotone near the end (fewer streamed units need fewer slots), so scan them all.
-    for k in range(n + 2):
-        if build(summary, f, shape, budget, _resident_prefix(n, k)).fits:
+    if stable >= 0 and fits(0):
+        low, high = 0, stable  # fits(low) holds
+        while low < high:
+            mid = (low + high + 1) // 2
+            if fits(mid):
+                low = mid
+            else:
+                high = mid - 1
+        best = low
+    for k in range(stable + 1, n + 2):
+        if fits(k):
             best = k
     return _resident_prefix(n, best)

@@ -15,7 +15,7 @@ in fp32 (so each adapted module keeps an fp32 copy of its input and ``A x``).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import attrs
 

@@ -237,3 +237,44 @@ def test_cli_greedy_flag_overrides_sampling_options(cli_model):
     forced = CliRunner().invoke(main, base + ["--greedy", "--temperature", "5", "--seed", "1"])
     assert greedy.exit_code == forced.exit_code == 0
     assert greedy.output == forced.output
+
+
+@pytest.fixture(scope="module")
+def short_context_model(tmp_path_factory):
+    """A tiny llama with a 12-token context, its byte-level tokenizer beside it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lema.data.tokenizer import build_byte_tokenizer
+    from tests.tiny_models import tiny_config
+
+    folder = tmp_path_factory.mktemp("short")
+    tok = build_byte_tokenizer(CORPUS, vocab_size=300)
+    tok.save_pretrained(str(folder))
+    cfg = {**tiny_config("llama"), "vocab_size": len(tok), "max_position_embeddings": 12}
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    return save_monolithic(hf, folder / "model.safetensors"), tok
+
+
+def test_cli_stops_at_the_context_length_with_a_note(short_context_model):
+    """--max-new-tokens beyond the context is capped: prompt + new tokens = the 12-token context."""
+    path, tok = short_context_model
+    result = CliRunner().invoke(main, ["generate", "--model", str(path), "--prompt", "the cat", "--max-new-tokens",
+                                       str(2**70), "--device", "cpu", "--no-echo"])
+    assert result.exit_code == 0, result.output
+    ids = tok("the cat", return_tensors="pt")["input_ids"]
+    room = 12 - ids.shape[1]
+    assert result.stderr == (f"note: the model's context is 12 tokens and the prompt takes {ids.shape[1]}: generating "
+                             f"at most {room} new tokens (--max-new-tokens {2**70} is capped)\n")
+    out = generate(_model(path), ids, room, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert result.stdout == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
+
+
+def test_cli_a_prompt_as_long_as_the_context_is_one_error_line(short_context_model):
+    path, _ = short_context_model
+    result = CliRunner().invoke(main, ["generate", "--model", str(path), "--prompt", "the cat sat on the mat " * 4,
+                                       "--device", "cpu"])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "but the model's context is 12 tokens" in result.stderr
+    assert result.stdout == ""

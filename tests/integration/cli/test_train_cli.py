@@ -101,7 +101,7 @@ def test_resume_gives_the_same_adapter_as_training_straight_through(tmp_path, mo
 def test_resume_without_a_checkpoint_and_reuse_of_an_out_dir_are_errors(tmp_path, model_dir, data):
     out = tmp_path / "run"
     result = run(*base_args(model_dir, data["txt"], out, "--steps", "1", "--resume"))
-    assert result.exit_code == 2 and "no checkpoint in" in result.output
+    assert result.exit_code == 2 and "no usable checkpoint in" in result.output
     assert run(*base_args(model_dir, data["txt"], out, "--steps", "1")).exit_code == 0
     result = run(*base_args(model_dir, data["txt"], out, "--steps", "2"))
     assert result.exit_code == 2 and "--resume" in result.output

@@ -131,3 +131,12 @@ def test_importing_spec_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_an_output_dtype_must_be_floating_point():
+    from lema.domain.model.spec import output_dtype
+    from lema.errors import ConfigError
+
+    assert str(output_dtype("bf16")) == "torch.bfloat16"
+    with pytest.raises(ConfigError, match="not a floating-point dtype"):
+        output_dtype("int8")

@@ -102,6 +102,9 @@ class Engine:
         streamed_units: units streamed per pass (default: ``units[1:]`` minus the resident).
         plan: optional memory plan (``.device_total`` bytes, ``.fits``); the engine refuses
             to start, before allocating anything, if it does not fit the device.
+        compute_dtype: the dtype quantized weights are dequantized to (default: the spec's);
+            a model with packed weights gets one device scratch buffer for them
+            (:class:`lema.adapters.devices.dequantize.UnitDequantizer`).
 
     Raises:
         ConfigError: negative prefetch, or a unit both resident and streamed / unknown.
@@ -111,7 +114,7 @@ class Engine:
 
     def __init__(self, spec: ModelSpec, source: WeightSource, device: Device, *, prefetch: int,
                  resident_units: Sequence[int] = (), streamed_units: Sequence[int] | None = None,
-                 plan: Any = None) -> None:
+                 plan: Any = None, compute_dtype: torch.dtype | None = None) -> None:
         resident = tuple(resident_units)
         if streamed_units is None:
             streamed_units = [u.index for u in spec.units[1:] if u.index not in resident]
@@ -133,6 +136,8 @@ class Engine:
         self._owned: list[torch.Tensor] = []
         self._closed = False
         self.bytes_uploaded_total = 0
+        self._dequant: Any = None
+        self._fetched = [0] * self.n_slots  # fetches into each slot: what its bytes are (dequantization)
         try:
             self._slots = [self._alloc(self.slot_nbytes, f"slot {k}") for k in range(self.n_slots)]
             # A device whose memory is host memory (the CPU) is read into directly: no staging
@@ -141,6 +146,8 @@ class Engine:
             self._staging = [] if self._direct else [device.host_buffer(self.slot_nbytes)
                                                      for _ in range(self.n_slots)]
             self._resident = self._load_resident(sorted(resident))
+            if any(spec.units[i].packed for i in self.units):
+                self._dequant = _dequantizer(spec, source, device, compute_dtype, self.units)
         except BaseException:
             self._free_all()
             raise
@@ -287,6 +294,7 @@ class Engine:
                 issued.append(future)
                 device.record("fetch_issued", step.unit, step.slot)
                 self._jobs.put((step.unit, step.slot, self._consumed[step.slot], future))
+                self._fetched[step.slot] += 1
                 stats["fetches"] += 1
                 stats["moved"] += self._sizes[step.unit]
             elif isinstance(step, Compute):
@@ -297,6 +305,9 @@ class Engine:
                     pending[step.slot].result().wait()
                     stats["waited"] += time.perf_counter() - t
                     weights = self._slot_views(step.unit, step.slot)
+                if self._dequant is not None:
+                    fetch = None if step.slot is None else self._fetched[step.slot]
+                    weights = self._dequant(step.unit, weights, (step.unit, step.slot, fetch))
                 device.record("compute_start", step.unit, step.phase.value)
                 t = time.perf_counter()
                 compute(step.phase, step.unit, weights)
@@ -316,6 +327,8 @@ class Engine:
     # -- lifetime --------------------------------------------------------------------------------
 
     def _free_all(self) -> None:
+        if self._dequant is not None:
+            self._dequant.close()
         for tensor in self._owned:
             self.device.free(tensor)
         self._owned.clear()
@@ -337,6 +350,17 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _dequantizer(spec: ModelSpec, source: WeightSource, device: Device, dtype: torch.dtype | None,
+                 units: Sequence[int]) -> Any:
+    """The device-side dequantization of a model with packed weights (imports bitsandbytes)."""
+    from lema.adapters.devices.dequantize import UnitDequantizer
+    from lema.adapters.weights.bnb import read_quant_states
+    from lema.domain.model.spec import torch_dtype
+
+    compute = dtype if dtype is not None else torch_dtype(spec.dtype)
+    return UnitDequantizer(spec, device, compute, read_quant_states(spec, source), units)
 
 
 class _Done:

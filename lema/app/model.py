@@ -77,7 +77,8 @@ class LemaModel:
             raise DoesNotFitError(self._plan.explain(), self._plan)
         self.source = bootstrap.make_source(config.strategy, self._resolved, self.device)
         self.engine = Engine(self.spec, self.source, self.device, prefetch=config.prefetch_distance,
-                             resident_units=self._plan.resident_units, plan=self._plan)
+                             resident_units=self._plan.resident_units, plan=self._plan,
+                             compute_dtype=self.compute_dtype)
         self.embedding = self.source.read_unit(0)
         self.lora: LoraState | None = None
         self.last_report: StepReport | None = None

@@ -208,7 +208,7 @@ def module_keys(spec: ModelSpec, targets: Sequence[str]) -> tuple[str, ...]:
 
 def module_shape(spec: ModelSpec, key: str) -> tuple[int, int]:
     """``(in_features, out_features)`` of a module key (GPT-2 Conv1D stores ``[in, out]``)."""
-    shape = spec.decoder_units[0].tensor(key + ".weight").shape
+    shape = spec.decoder_units[0].dense_shape(key + ".weight")
     return (shape[0], shape[1]) if arch.family(spec.family).CONV1D else (shape[1], shape[0])
 
 

@@ -8,15 +8,16 @@ without importing torch.
 
 Example:
     >>> problems = common_problems({"model_type": "llama", "hidden_act": "silu", "num_hidden_layers": 2,
-    ...                             "quantization_config": {"quant_method": "bitsandbytes"}}, "hidden_act", "silu")
+    ...                             "is_causal": False}, "hidden_act", "silu")
     >>> problems
-    ["quantization_config={'quant_method': 'bitsandbytes'} (quantized weights) is not implemented; use the unquantized model"]
+    ['is_causal=False is not implemented (LEMA trains causal language models)']
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
+from lema.domain.model import quant
 from lema.domain.model.layout import FULL, SLIDING, config_int
 from lema.errors import ModelFormatError
 
@@ -30,12 +31,14 @@ def problem(option: str, value: Any, why: str) -> str:
 
 
 def common_problems(config: Mapping[str, Any], activation_key: str, default_activation: str) -> list[str]:
-    """The options no family implements: quantized weights, bidirectional or non-causal
+    """The options no family implements: quantized weights other than bitsandbytes' NF4, FP4
+    and int8 (:func:`lema.domain.model.quant.unsupported`), bidirectional or non-causal
     attention, and an activation outside :data:`ACTIVATIONS`."""
     out = []
     if config.get("quantization_config"):
-        out.append(problem("quantization_config", config["quantization_config"],
-                           "(quantized weights) is not implemented; use the unquantized model"))
+        why = quant.unsupported(config["quantization_config"])
+        if why is not None:
+            out.append(problem("quantization_config", config["quantization_config"], why))
     if config.get("use_bidirectional_attention"):
         out.append(problem("use_bidirectional_attention", config["use_bidirectional_attention"],
                            "is not implemented (LEMA trains causal language models)"))

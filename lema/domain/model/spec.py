@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import attrs
 
 from lema.domain.families import registry as arch
+from lema.domain.model import quant
+from lema.domain.model.quant import PackedWeight, QuantFormat
 from lema.errors import ConfigError, ModelFormatError
 
 if TYPE_CHECKING:
@@ -129,12 +131,18 @@ class TensorSpec:
 
 @attrs.frozen
 class LayerUnit:
-    """A group of tensors fetched together: the embedding, one decoder layer, or the head."""
+    """A group of tensors fetched together: the embedding, one decoder layer, or the head.
+
+    ``tensors`` are what is stored (and streamed); a quantized linear weight is stored as
+    several tensors, listed in ``packed`` (:mod:`lema.domain.model.quant`), and becomes one
+    dense tensor under its own key only once dequantized on the device.
+    """
 
     index: int
     kind: str  # arch.EMBED, arch.DECODER or arch.HEAD
     name: str  # "embed", "layers.3", "head"
     tensors: tuple[TensorSpec, ...]
+    packed: tuple[PackedWeight, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -145,6 +153,18 @@ class LayerUnit:
             if t.key == key:
                 return t
         raise KeyError(key)
+
+    @property
+    def stored_keys(self) -> frozenset[str]:
+        """Keys of the tensors that hold packed weights (data and quantization state)."""
+        return frozenset(k for p in self.packed for k in p.stored)
+
+    def dense_shape(self, key: str) -> tuple[int, ...]:
+        """The shape the blocks see for ``key``: a packed weight's dense shape, else the tensor's."""
+        for p in self.packed:
+            if p.key == key:
+                return p.shape
+        return self.tensor(key).shape
 
 
 @attrs.frozen(eq=False)
@@ -175,6 +195,7 @@ class ModelSpec:
     n_experts: int = 0  # mixture of experts: experts per routed layer, experts per token, expert MLP width
     experts_per_token: int = 0
     expert_intermediate_size: int = 0
+    quantization: QuantFormat | None = None  # how the decoder layers' linear weights are stored
 
     @property
     def config(self) -> dict[str, Any]:
@@ -197,7 +218,10 @@ class ModelSpec:
 
     @property
     def parameters(self) -> int:
-        return sum(t.numel for t in self._unique().values())
+        """Parameters of the model (a packed weight counts its dense elements)."""
+        stored = {t.name for u in self.units for t in u.tensors if t.key in u.stored_keys}
+        dense = sum(t.numel for t in self._unique().values() if t.name not in stored)
+        return dense + sum(p.numel for u in self.units for p in u.packed)
 
     @property
     def weight_bytes(self) -> int:
@@ -243,7 +267,55 @@ class ModelSpec:
                                 key=e.key, dtype=code, shape=e.shape))
             for e in arch.expected_tensors(config)
         ]
-        return cls._build(dims, code, tensors, config)
+        fmt = quant.format_of(config)
+        if fmt is not None and arch.family(dims.family).CONV1D:
+            raise ModelFormatError(f"config.json: a quantized {dims.model_type} (Conv1D weights) is not supported; "
+                                   "use the 16-bit model")
+        spec = cls._build(dims, code, tensors, config)
+        return spec if fmt is None else spec.quantized(fmt)
+
+    def quantized(self, fmt: QuantFormat) -> "ModelSpec":
+        """This model with every decoder linear weight stored as ``fmt`` (shapes only, no file):
+        what ``lema plan --quantize`` plans and ``lema convert --quantize`` writes (the 2-D
+        weights of the decoder layers, as transformers' bitsandbytes integration quantizes
+        every ``nn.Linear`` there).
+
+        Raises:
+            ConfigError: Conv1D weights (GPT-2), routed experts, or a model already quantized
+                otherwise.
+        """
+        if self.quantization is not None:
+            if self.quantization == fmt:
+                return self
+            raise ConfigError(f"the model is already quantized ({self.quantization.label}); "
+                              f"it cannot be planned as {fmt.label}: drop --quantize")
+        if arch.family(self.family).CONV1D:
+            raise ConfigError(f"quantizing {self.model_type} (Conv1D weights) is not supported; "
+                              "quantize a Llama-family model")
+        if self.n_experts:
+            raise ConfigError(f"quantizing {self.model_type} (routed experts) is not supported: transformers keeps "
+                              "its experts in fused 16-bit tensors; read a checkpoint quantized by transformers instead")
+        units = []
+        for u in self.units:
+            if u.kind != arch.DECODER:
+                units.append(u)
+                continue
+            tensors: list[TensorSpec] = []
+            packed = []
+            for t in u.tensors:
+                if not quant.quantizable(t.key, t.shape):
+                    tensors.append(t)
+                    continue
+                prefix = t.name[: -len(t.key)]
+                stored = quant.stored_tensors(t.key, t.shape, fmt, dtype=self.dtype)
+                tensors += [TensorSpec(name=prefix + k, key=k, dtype=c, shape=s) for k, c, s in stored]
+                packed.append(quant.packed_weight(t.key, t.shape, fmt))
+            units.append(attrs.evolve(u, tensors=tuple(tensors), packed=tuple(packed)))
+        config = self.config
+        if quant.format_of(config) != fmt:
+            config["quantization_config"] = fmt.to_config(self.dtype)
+        return attrs.evolve(self, units=tuple(units), quantization=fmt,
+                            config_json=json.dumps(config, sort_keys=True))
 
     @classmethod
     def from_header(cls, header: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any]) -> "ModelSpec":
@@ -263,11 +335,16 @@ class ModelSpec:
         """
         dims = arch.dims_of(config)
         expected = arch.expected_tensors(config, set(header))
+        fmt = quant.format_of(config)
+        # Quantized linear weights: their stored tensors take their place (checked by name too;
+        # their dtypes are checked there).
+        expected, packed, problems = quant.match_packed(expected, header, range(1, dims.n_layers + 1),
+                                                        arch.family(dims.family).CONV1D)
+        stored = {(u, k) for u, ps in packed.items() for p in ps for k in p.stored}
         missing: list[str] = []
         shapes: list[str] = []
         tensors: list[tuple[int, TensorSpec]] = []
         used: set[str] = set()
-        problems: list[str] = []
         decoder_found = False
         for e in expected:
             name = next((n for n in e.names if n in header), None)
@@ -282,7 +359,7 @@ class ModelSpec:
                 shapes.append(f"{name} has shape {list(shape)}, config implies {list(e.shape)}")
                 continue
             code = dtype_code(entry["dtype"])
-            if code not in FLOAT_CODES:
+            if code not in FLOAT_CODES and (e.unit, e.key) not in stored:
                 problems.append(f"{name} has dtype {code}, not a floating-point type (F32, F16, BF16)")
                 continue
             tensors.append((e.unit, TensorSpec(name=name, key=e.key, dtype=code, shape=shape,
@@ -306,15 +383,20 @@ class ModelSpec:
         if problems:
             raise ModelFormatError(f"weights do not match config.json ({dims.model_type}, "
                                    f"{dims.n_layers} layers): " + "; ".join(problems))
-        layer_dtypes = [t.dtype for u, t in tensors if u not in (0, dims.n_layers + 1)]
-        # The most common decoder dtype; ties broken by name so the result never depends on
+        layer_dtypes = [t.dtype for u, t in tensors if u not in (0, dims.n_layers + 1) and (u, t.key) not in stored]
+        # The most common decoder dtype (of the dense tensors: a quantized model computes in the
+        # dtype its norms are stored in); ties broken by name so the result never depends on
         # set iteration order (string hashing is randomised per process).
-        code = max(sorted(set(layer_dtypes)), key=layer_dtypes.count)
-        return cls._build(dims, code, tensors, config)
+        code = max(sorted(set(layer_dtypes)), key=layer_dtypes.count) if layer_dtypes else dtype_code(
+            config.get("dtype") or config.get("torch_dtype") or "float16")
+        if packed and fmt is None:  # no quantization_config: the first packed weight's format
+            fmt = next(iter(packed.values()))[0].format
+        return cls._build(dims, code, tensors, config, packed, fmt if packed else None)
 
     @classmethod
     def _build(cls, dims: arch.Dims, code: str, tensors: list[tuple[int, TensorSpec]],
-               config: Mapping[str, Any]) -> "ModelSpec":
+               config: Mapping[str, Any], packed: Mapping[int, list[PackedWeight]] | None = None,
+               quantization: QuantFormat | None = None) -> "ModelSpec":
         grouped: dict[int, list[TensorSpec]] = {i: [] for i in range(dims.n_layers + 2)}
         for unit, t in tensors:
             grouped[unit].append(t)
@@ -322,7 +404,8 @@ class ModelSpec:
         for i, ts in grouped.items():
             kind = arch.EMBED if i == 0 else arch.HEAD if i == dims.n_layers + 1 else arch.DECODER
             name = "embed" if i == 0 else "head" if kind == arch.HEAD else f"layers.{i - 1}"
-            units.append(LayerUnit(index=i, kind=kind, name=name, tensors=tuple(ts)))
+            units.append(LayerUnit(index=i, kind=kind, name=name, tensors=tuple(ts),
+                                   packed=tuple((packed or {}).get(i, ()))))
         return cls(
             family=dims.family, model_type=dims.model_type, n_layers=dims.n_layers,
             hidden_size=dims.hidden_size, n_heads=dims.n_heads, n_kv_heads=dims.n_kv_heads,
@@ -331,5 +414,5 @@ class ModelSpec:
             attention_bias=dims.attention_bias, max_positions=dims.max_positions, dtype=code,
             units=tuple(units), config_json=json.dumps(dict(config), sort_keys=True), activation=dims.activation,
             n_experts=dims.n_experts, experts_per_token=dims.experts_per_token,
-            expert_intermediate_size=dims.expert_intermediate_size,
+            expert_intermediate_size=dims.expert_intermediate_size, quantization=quantization,
         )

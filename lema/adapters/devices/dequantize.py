@@ -1,0 +1,102 @@
+"""Dequantize a streamed unit's packed weights on the device, after its upload.
+
+The packed bytes cross the link as they are stored (a quarter of 16-bit weights for NF4);
+right before a unit computes, :class:`UnitDequantizer` turns them into dense weights of the
+compute dtype with bitsandbytes' kernels, written into one scratch buffer allocated (and
+counted) on the device once. Computes run one at a time, so one buffer the size of the
+largest dequantized unit serves every slot and every resident unit; a unit computed twice
+in a row from the same fetch (the last layer at the forward -> backward turn) is not
+dequantized again.
+
+Example:
+    >>> dq = UnitDequantizer(spec, device, torch.bfloat16, read_quant_states(spec, source), units=[1, 2, 3])  # doctest: +SKIP
+    >>> dense = dq(1, slot_views, tag=(1, 0, 7))                                                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Mapping, Sequence
+
+import torch
+
+from lema.adapters.weights import bnb
+from lema.domain.model import quant
+from lema.domain.model.spec import ModelSpec
+from lema.ports.device import Device
+
+
+class UnitDequantizer:
+    """Dense views of a unit's weights, its packed ones dequantized into a device scratch buffer.
+
+    Args:
+        spec: the model (units with ``packed`` weights are dequantized, others pass through).
+        device: where the scratch buffer is allocated (counted as ``"dequantized weights"``).
+        dtype: the compute dtype the weights are dequantized to.
+        states: every packed weight's constants (:func:`lema.adapters.weights.bnb.read_quant_states`).
+        units: the unit indices that will compute (sizes the buffer).
+
+    Raises:
+        ConfigError: bitsandbytes is not installed (names the extra).
+        DeviceOutOfMemory: the scratch buffer does not fit the device.
+    """
+
+    LABEL = "dequantized weights"
+
+    def __init__(self, spec: ModelSpec, device: Device, dtype: torch.dtype,
+                 states: Mapping[tuple[int, str], bnb.QuantState], units: Sequence[int]) -> None:
+        if any(p.format.bits == 4 for u in units for p in spec.units[u].packed):
+            bnb.functional()  # fail now, naming the extra, not in the middle of a step
+        self.spec, self.device, self.dtype, self.states = spec, device, dtype, states
+        itemsize = self._itemsize = torch.empty((), dtype=dtype).element_size()
+        self._layouts = {u: quant.dense_layout(spec.units[u].packed, itemsize) for u in units if spec.units[u].packed}
+        self._stored = {u: spec.units[u].stored_keys for u in self._layouts}
+        self.nbytes = max((quant.dense_bytes(spec.units[u].packed, itemsize) for u in self._layouts), default=0)
+        self._scratch = device.alloc(self.nbytes, self.LABEL) if self.nbytes else None
+        dev = device.torch_device
+        self._offsets = {k: torch.tensor(s.nested_offset, dtype=torch.float32, device=dev)
+                         for k, s in states.items() if s.format.double_quant}
+        self._views: dict[int, dict[str, torch.Tensor]] = {}
+        self._holds: Hashable = None
+        self.dequantized = 0  # units dequantized so far (tests, benchmarks)
+
+    def _dense_views(self, unit: int) -> dict[str, torch.Tensor]:
+        views = self._views.get(unit)
+        if views is None:
+            assert self._scratch is not None
+            views = self._views[unit] = {
+                p.key: self._scratch[offset:offset + p.numel * self._itemsize].view(self.dtype).view(p.shape)
+                for p, offset in self._layouts[unit]}
+        return views
+
+    def __call__(self, unit: int, weights: Mapping[str, torch.Tensor], tag: Hashable) -> Mapping[str, torch.Tensor]:
+        """``weights`` with each packed weight replaced by its dense view (stored tensors dropped).
+
+        Args:
+            unit: the unit computing.
+            weights: its stored tensors on the device (slot views or resident tensors).
+            tag: identifies the bytes in ``weights`` (unit, slot, fetch); the same tag as the
+                previous call reuses the scratch buffer as it is.
+        """
+        layout = self._layouts.get(unit)
+        if layout is None:
+            return weights
+        dense = self._dense_views(unit)
+        if tag is None or tag != self._holds:
+            self._holds = None  # a failure below leaves the buffer holding nothing known
+            for p, _ in layout:
+                bnb.dequantize(p, weights, self.states[(unit, p.key)], self.dtype, out=dense[p.key],
+                               offset=self._offsets.get((unit, p.key)))
+            self._holds = tag
+            self.dequantized += 1
+        stored = self._stored[unit]
+        out = {k: v for k, v in weights.items() if k not in stored}
+        out.update(dense)
+        return out
+
+    def close(self) -> None:
+        """Give the scratch buffer back to the device."""
+        if self._scratch is not None:
+            self.device.free(self._scratch)
+            self._scratch = None
+            self._views.clear()
+            self._holds = None

@@ -1,0 +1,186 @@
+"""The bitsandbytes boundary: import it (or name the extra that installs it), read a packed
+weight's quantization state, dequantize and quantize weights with bitsandbytes' own routines.
+
+The stored tensors of each format are described in :mod:`lema.domain.model.quant`. A 4-bit
+weight's constants (block size, dtype, shape, double quant's offset) live in a small JSON
+tensor; they are read once, on the host (:func:`read_quant_states`), so dequantizing on the
+device never waits for a device -> host copy.
+
+Example:
+    >>> states = read_quant_states(spec, source)                          # doctest: +SKIP
+    >>> w = dequantize(unit.packed[0], tensors, states[(1, unit.packed[0].key)], torch.bfloat16)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from types import ModuleType
+from typing import Any, Mapping
+
+import attrs
+import torch
+
+from lema.domain.model import quant
+from lema.domain.model.quant import PackedWeight, QuantFormat
+from lema.domain.model.spec import ModelSpec
+from lema.errors import ConfigError, ModelFormatError
+
+EXTRA = "pip install 'lema[quant]'"
+
+
+@functools.lru_cache(maxsize=1)
+def functional() -> ModuleType:
+    """``bitsandbytes.functional``, or a ConfigError naming the extra that installs it."""
+    # bitsandbytes logs a warning at import on CPUs with AVX512-BF16 (an optional kernel it cannot
+    # fetch); it falls back to its own kernel, so the warning is noise for LEMA's users.
+    logger = logging.getLogger("bitsandbytes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except ImportError as exc:
+        raise ConfigError(f"quantized weights need the bitsandbytes package ({exc}); install it with {EXTRA}") from None
+    finally:
+        logger.setLevel(level)
+    return bnb_functional
+
+
+@attrs.frozen
+class QuantState:
+    """The constants of one packed 4-bit weight (from its JSON tensor), or of an int8 weight."""
+
+    format: QuantFormat
+    shape: tuple[int, int]
+    blocksize: int = quant.BLOCKSIZE
+    nested_blocksize: int = quant.NESTED_BLOCKSIZE
+    nested_offset: float = 0.0
+
+
+def parse_quant_state(raw: bytes, name: str, weight: PackedWeight) -> QuantState:
+    """Read and check a ``<w>.quant_state.bitsandbytes__<type>`` tensor's JSON.
+
+    Raises:
+        ModelFormatError: not JSON, or a type, shape or block size that disagrees with the
+            file's other tensors and the config.
+    """
+    fmt = weight.format
+    try:
+        state = json.loads(raw.decode("utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError("not an object")
+        shape = tuple(int(s) for s in state["shape"])
+        blocksize = int(state["blocksize"])
+        nested = (int(state["nested_blocksize"]), float(state["nested_offset"])) if fmt.double_quant else (0, 0.0)
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise ModelFormatError(f"{name}: not a bitsandbytes quantization state ({exc}); the file is corrupt") from None
+    problems = []
+    if state.get("quant_type") != fmt.method:
+        problems.append(f"quant_type {state.get('quant_type')!r}, the tensor names say {fmt.method!r}")
+    if shape != weight.shape:
+        problems.append(f"shape {list(shape)}, the config implies {list(weight.shape)}")
+    if blocksize != quant.BLOCKSIZE:
+        problems.append(f"blocksize {blocksize}, LEMA reads {quant.BLOCKSIZE} (transformers' default)")
+    if fmt.double_quant and nested[0] != quant.NESTED_BLOCKSIZE:
+        problems.append(f"nested_blocksize {nested[0]}, expected {quant.NESTED_BLOCKSIZE}")
+    if problems:
+        raise ModelFormatError(f"{name}: {'; '.join(problems)}")
+    return QuantState(fmt, weight.shape, blocksize, nested[0] or quant.NESTED_BLOCKSIZE, nested[1])
+
+
+def read_quant_states(spec: ModelSpec, source: Any) -> dict[tuple[int, str], QuantState]:
+    """Every packed weight's constants, ``(unit index, weight key) -> QuantState``, read once.
+
+    Args:
+        spec: the model.
+        source: a :class:`~lema.ports.weights.WeightSource` (read without a buffer: only the
+            small quantization-state tensors are touched).
+
+    Raises:
+        ModelFormatError: a corrupt quantization state, or an int8 weight in a layout other
+            than row-major.
+    """
+    out: dict[tuple[int, str], QuantState] = {}
+    for unit in spec.units:
+        if not unit.packed:
+            continue
+        tensors = source.read_unit(unit.index)
+        for weight in unit.packed:
+            name = next(t.name for t in unit.tensors if t.key == weight.key)
+            if weight.format.bits == 8:
+                fmt_key = weight.key.removesuffix("weight") + "weight_format"
+                if fmt_key in tensors and int(tensors[fmt_key].reshape(-1)[0]) != 0:
+                    raise ModelFormatError(f"{name}: int8 weight_format {int(tensors[fmt_key].reshape(-1)[0])} is "
+                                           "not row-major (0); re-save the model with a current bitsandbytes")
+                out[(unit.index, weight.key)] = QuantState(weight.format, weight.shape)
+                continue
+            blob = weight.stored[-1]
+            raw = tensors[blob].contiguous().view(torch.uint8).numpy().tobytes()
+            out[(unit.index, weight.key)] = parse_quant_state(raw, f"{name[: -len(weight.key)]}{blob}", weight)
+    return out
+
+
+def dequantize(weight: PackedWeight, tensors: Mapping[str, torch.Tensor], state: QuantState,
+               dtype: torch.dtype, out: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense ``[out, in]`` weight in ``dtype``, computed where ``tensors`` live.
+
+    4-bit: ``bitsandbytes.functional.dequantize_4bit`` (written into ``out`` where
+    bitsandbytes has an in-place kernel: CUDA; elsewhere into a new tensor copied there).
+    int8: ``CB * (SCB / 127)`` row by row, in place in ``out``, as bitsandbytes' own
+    dequantizing matmul does.
+
+    Args:
+        weight: which weight.
+        tensors: the unit's stored tensors by key (device views of a slot).
+        state: its constants from :func:`read_quant_states`.
+        dtype: the compute dtype.
+        out: a ``[out, in]`` tensor of ``dtype`` to write into (None: a new tensor).
+        offset: double quant's offset as a float32 scalar tensor where ``tensors`` live
+            (made once by the caller; None: made here).
+    """
+    data = tensors[weight.key]
+    if weight.format.bits == 8:
+        scb = tensors[weight.key.removesuffix("weight") + "SCB"]
+        result = out if out is not None else torch.empty(weight.shape, dtype=dtype, device=data.device)
+        result.copy_(data)
+        return result.mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
+    bnb_functional = functional()
+    key = weight.key
+    nested = None
+    if weight.format.double_quant:
+        nested = bnb_functional.QuantState(absmax=tensors[key + ".nested_absmax"], blocksize=state.nested_blocksize,
+                                           code=tensors[key + ".nested_quant_map"], dtype=torch.float32)
+        if offset is None:
+            offset = torch.tensor(state.nested_offset, dtype=torch.float32, device=data.device)
+    qs = bnb_functional.QuantState(absmax=tensors[key + ".absmax"], shape=torch.Size(weight.shape),
+                                   code=tensors[key + ".quant_map"], blocksize=state.blocksize,
+                                   quant_type=weight.format.method, dtype=dtype, offset=offset, state2=nested)
+    packed = data if data.dtype == torch.uint8 else data.view(torch.uint8)
+    if out is not None and out.device.type == "cuda":
+        return bnb_functional.dequantize_4bit(packed, qs, out=out)
+    result = bnb_functional.dequantize_4bit(packed, qs)
+    if out is None:
+        return result
+    return out.copy_(result)
+
+
+def quantize(weight: torch.Tensor, key: str, fmt: QuantFormat) -> dict[str, torch.Tensor]:
+    """Quantize one ``[out, in]`` weight exactly as transformers + bitsandbytes do when loading
+    with ``BitsAndBytesConfig``; returns its stored tensors by in-unit key (keys as in
+    :func:`lema.domain.model.quant.stored_tensors`), on the CPU.
+
+    The 4-bit result depends on the weight's dtype (bitsandbytes records it in the JSON).
+    int8 casts to float16 first, as ``Int8Params`` does.
+    """
+    bnb_functional = functional()
+    if fmt.bits == 8:
+        cb, scb, _ = bnb_functional.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
+        module = key.removesuffix("weight")
+        return {key: cb.cpu(), module + "SCB": scb.cpu(), module + "weight_format": torch.tensor(0, dtype=torch.uint8)}
+    packed, state = bnb_functional.quantize_4bit(weight.contiguous(), blocksize=quant.BLOCKSIZE, quant_type=fmt.method,
+                                                 compress_statistics=fmt.double_quant, quant_storage=torch.uint8)
+    out = {key: packed.cpu()}
+    for suffix, tensor in state.as_dict(packed=True).items():
+        out[f"{key}.{suffix}"] = tensor.detach().cpu().clone()
+    return out

@@ -23,7 +23,9 @@ from lema.adapters.weights.hub import (
 )
 from lema.adapters.weights.safetensors_writer import code_of, open_safetensors_writer
 from lema.app.outputs import check_output, folder_files
+from lema.app.quantize import plan_quantized, write_quantized
 from lema.domain.families import registry as arch
+from lema.domain.model.quant import QuantFormat
 from lema.domain.model.spec import ModelSpec, output_dtype
 from lema.errors import ConfigError, ModelFormatError
 
@@ -41,6 +43,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but CUDA is not available; use 'auto' or 'cpu'")
     return resolved
+
+
+def _packed_names(names: list[str]) -> bool:
+    """True when a checkpoint's tensor names include packed (quantized) weights."""
+    return any(".quant_state.bitsandbytes__" in n or n.endswith(".SCB") for n in names)
 
 
 def plan_tensors(names: list[str], config: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -77,6 +84,8 @@ def prepare_monolithic_safetensors(
     token: str | None = None,
     progress: Progress | None = None,
     overwrite: bool = True,
+    quantize: str | None = None,
+    double_quant: bool = True,
 ) -> Path:
     """Write ``model``'s weights as one self-describing ``.safetensors`` file.
 
@@ -100,6 +109,11 @@ def prepare_monolithic_safetensors(
         overwrite: replace an existing file at ``out_path`` (the guide's behaviour, the
             default here; ``lema convert`` refuses unless ``--overwrite``). Writing into the
             model's own folder or over one of its files is always refused.
+        quantize: ``"nf4"``, ``"fp4"`` or ``"int8"``: store the decoder layers' linear weights
+            as transformers + bitsandbytes do (``BitsAndBytesConfig``), quantized from
+            ``dtype`` (or their own dtype), so the file streams a quarter (int8: half) of
+            the bytes and transformers loads it too. Needs ``pip install 'lema[quant]'``.
+        double_quant: with nf4/fp4, also quantize the block scales (QLoRA's default).
 
     Returns:
         ``out_path`` as a Path.
@@ -107,7 +121,7 @@ def prepare_monolithic_safetensors(
     Raises:
         ModelFormatError: unknown architecture, missing or mis-shaped tensors, unreadable or
             unsafe weights, Hub failures.
-        ConfigError: a bad ``dtype`` or ``device``.
+        ConfigError: a bad ``dtype``, ``device`` or ``quantize``; a model already quantized.
         OutputError: ``out_path`` is inside the model's folder or one of its files, or
             exists and ``overwrite`` is False.
     """
@@ -117,6 +131,7 @@ def prepare_monolithic_safetensors(
     local = Path(model).expanduser()
     if local.is_dir():  # checked before any download or read
         check_output(out, option="OUT", folders=[local], files=folder_files(local), overwrite=overwrite)
+    fmt = None if quantize is None else QuantFormat.parse(quantize, double_quant)
     target = output_dtype(dtype)
     dev = resolve_device(device)
     folder = resolve_model(model, revision=revision, token=token)
@@ -126,22 +141,37 @@ def prepare_monolithic_safetensors(
     names, loader = iter_checkpoint_tensors(folder)
     plan = plan_tensors(names, config)
 
-    def out_dtype(src: str) -> torch.dtype:
-        d = loader.meta[src][0]
-        return target if target is not None and d.is_floating_point else d
+    # The tensors of packed (already quantized) weights keep their dtypes.
+    stored: set[str] = set()
+    if _packed_names(names):
+        header = {n: {"dtype": code_of(loader.meta[s][0]), "shape": list(loader.meta[s][1])} for n, s in plan}
+        source = ModelSpec.from_header(header, config)
+        stored = {t.name for u in source.units for t in u.tensors if t.key in u.stored_keys}
 
-    entries = [(name, out_dtype(src), loader.meta[src][1]) for name, src in plan]
+    def out_dtype(name: str, src: str) -> torch.dtype:
+        d = loader.meta[src][0]
+        return target if target is not None and d.is_floating_point and name not in stored else d
+
+    entries = [(name, out_dtype(name, src), loader.meta[src][1]) for name, src in plan]
     # Validate names and shapes against the config before writing a byte.
-    ModelSpec.from_header({n: {"dtype": code_of(d), "shape": list(s)} for n, d, s in entries}, config)
+    spec = ModelSpec.from_header({n: {"dtype": code_of(d), "shape": list(s)} for n, d, s in entries}, config)
     from lema import __version__
 
+    layout = None if fmt is None else plan_quantized(spec, entries, fmt, str(model))
+    if layout is not None:
+        config_text = json.dumps(layout.config)
     metadata = {"format": "pt", "config": config_text, "lema_version": __version__}
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open_safetensors_writer(out, entries, metadata) as writer:
+    with open_safetensors_writer(out, entries if layout is None else layout.entries, metadata,
+                                 () if layout is None else layout.tail) as writer:
         for done, ((name, src), (_, want, _)) in enumerate(zip(plan, entries), start=1):
             tensor = loader.get(src)
-            # Converted chunk by chunk (on the GPU with device="cuda"), never whole.
-            writer.write(name, tensor, cast=True, device=dev if tensor.dtype != want and dev.type != "cpu" else None)
+            if layout is not None and name in layout.weights:
+                write_quantized(writer, layout, name, tensor, fmt, dev)  # type: ignore[arg-type]
+            else:
+                # Converted chunk by chunk (on the GPU with device="cuda"), never whole.
+                writer.write(name, tensor, cast=True,
+                             device=dev if tensor.dtype != want and dev.type != "cpu" else None)
             del tensor
             if progress is not None:
                 progress(done, len(plan), name)

@@ -53,17 +53,24 @@ def tensor_progress(verb: str) -> Iterator[Callable[[int, int, str], None]]:
 @click.option("--revision", default=None, help="Hub branch, tag or commit.")
 @click.option("--token", default=None, help="Hugging Face token for gated or private repos.")
 @click.option("--device", default="auto", show_default=True,
-              help="Where dtype conversion runs: auto, cpu or cuda.")
+              help="Where dtype conversion (and quantization) runs: auto, cpu or cuda.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUT.")
+@click.option("--quantize", type=click.Choice(["nf4", "fp4", "int8"]), default=None,
+              help="Store the linear weights quantized as transformers + bitsandbytes do (needs lema[quant]).")
+@click.option("--no-double-quant", is_flag=True, help="With --quantize nf4/fp4: do not quantize the block scales.")
 def convert(model: str, out: str, dtype: str | None, revision: str | None, token: str | None, device: str,
-            overwrite: bool) -> None:
+            overwrite: bool, quantize: str | None, no_double_quant: bool) -> None:
     """Convert MODEL (local folder or Hub id) into the single file OUT that LEMA streams.
 
     OUT must lie outside MODEL's folder; an existing OUT is replaced only with --overwrite.
     """
     from lema.app.convert import prepare_monolithic_safetensors
+    from lema.errors import ConfigError
 
-    with tensor_progress("converting") as progress:
+    if no_double_quant and quantize not in ("nf4", "fp4"):
+        raise ConfigError("--no-double-quant needs --quantize nf4 or fp4")
+    with tensor_progress("quantizing" if quantize else "converting") as progress:
         path = prepare_monolithic_safetensors(model, out, device=device, dtype=dtype, revision=revision,
-                                              token=token, progress=progress, overwrite=overwrite)
+                                              token=token, progress=progress, overwrite=overwrite,
+                                              quantize=quantize, double_quant=not no_double_quant)
     click.echo(f"wrote {path}")

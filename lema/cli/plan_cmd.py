@@ -29,6 +29,9 @@ DEFAULT_BANDWIDTH = "24G"  # bytes/s: PCIe 4.0 x16 host -> device from pinned me
 @click.option("--strategy", default="streaming", show_default=True, help="streaming, resident or auto.")
 @click.option("--prefetch", type=int, default=2, show_default=True, help="Layers fetched ahead (slots = prefetch + 1).")
 @click.option("--dtype", metavar="DTYPE", help="Plan at this dtype (float16, bfloat16, float32); default: the file's.")
+@click.option("--quantize", type=click.Choice(["nf4", "fp4", "int8"]), default=None,
+              help="Plan the model as if its linear weights were quantized (what `lema convert --quantize` writes).")
+@click.option("--no-double-quant", is_flag=True, help="With --quantize nf4/fp4: without double quantization.")
 @click.option("--config", "config_path", metavar="PATH", help="A config.json to use instead of the model's own.")
 @click.option("--device", "device_kind", default="cuda", show_default=True,
               help="cuda or cpu (sets the runtime reserve and the attention path).")
@@ -43,9 +46,9 @@ DEFAULT_BANDWIDTH = "24G"  # bytes/s: PCIe 4.0 x16 host -> device from pinned me
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--list-models", is_flag=True, help="List the built-in model names and exit.")
 def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: int, rank: int,
-         targets: str | None, strategy: str, prefetch: int, dtype: str | None, config_path: str | None,
-         device_kind: str, mode: str, no_checkpointing: bool, reserve: str | None, bandwidth: str,
-         nproc: int, as_json: bool, list_models: bool) -> None:
+         targets: str | None, strategy: str, prefetch: int, dtype: str | None, quantize: str | None,
+         no_double_quant: bool, config_path: str | None, device_kind: str, mode: str, no_checkpointing: bool,
+         reserve: str | None, bandwidth: str, nproc: int, as_json: bool, list_models: bool) -> None:
     """Plan the device and host memory of a LoRA run, and say whether it fits."""
     from lema.adapters.weights.model_files import (
         default_environment_allows_network,
@@ -72,13 +75,20 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
                           device_kind=device_kind, mode=mode,
                           reserve_bytes=None if reserve is None else _reserve(reserve), local_ranks=nproc)
     resolved = resolve_model(model, config_path, allow_network=default_environment_allows_network())
+    spec = resolved.spec
+    if quantize is not None:
+        from lema.domain.model.quant import QuantFormat
+
+        spec = spec.quantized(QuantFormat.parse(quantize, double_quant=not no_double_quant))
+    elif no_double_quant:
+        raise ConfigError("--no-double-quant needs --quantize nf4 or fp4")
     if budget is None:
         from lema.adapters.devices.probe import local_gpu_memory
 
         gpu = local_gpu_memory()
         if gpu is not None:
             budget, budget_source = Budget(gpu[0]), gpu[1]
-    result = make_plan(resolved.spec, shape, budget)
+    result = make_plan(spec, shape, budget)
     floor = result.link_time_floor(link)
     if as_json:
         data = result.to_dict()
@@ -110,7 +120,8 @@ def _print_human(ref: str, resolved, result, link: int, floor: float, budget_sou
     console.width = max(console.width, 110)  # room for the notes column when piped
     m, s = result.model, result.shape
     console.print(f"[bold]{ref}[/]: {m.model_type} ({m.family}), {m.n_layers} layers, hidden {m.hidden_size}, "
-                  f"{m.parameters:,} parameters, {format_size(m.weight_bytes)} {m.dtype} "
+                  f"{m.parameters:,} parameters, {format_size(m.weight_bytes)} "
+                  f"{m.quantization + ', computing in ' + m.dtype if m.quantization else m.dtype} "
                   f"(largest layer {format_size(m.largest_layer_bytes)}, head {format_size(m.head_bytes)})")
     console.print(f"run: {s.mode}, batch {s.batch}, seq {s.seq}, LoRA rank {s.lora_rank} on "
                   f"{','.join(m.lora_targets)}; {s.strategy.value}, prefetch {s.prefetch}, checkpointing "

@@ -5,6 +5,11 @@ to a multiple of 8, as the safetensors library does), then the tensors' bytes ba
 in the order the header lists them. Since the header needs every name, dtype and shape up
 front, the writer is given them first and then checks each tensor it is handed.
 
+A *tail* holds small tensors whose size is known only once the others are written (a
+quantized weight's JSON state, which records a mean of its scales): they are written after
+every other tensor, and the header, written first with room for their largest sizes, is
+rewritten at the end with their real ones and padded with spaces (as the format allows).
+
 Example:
     >>> entries = [("a", torch.float32, (2, 3)), ("b", torch.int64, (4,))]
     >>> with open_safetensors_writer(tmp / "x.safetensors", entries, {"format": "pt"}) as w:  # doctest: +SKIP
@@ -39,8 +44,25 @@ def code_of(dtype: torch.dtype | str) -> str:
     return dtype_code(dtype)
 
 
-def build_header(entries: Sequence[Entry], metadata: Mapping[str, str] | None = None) -> bytes:
-    """The length prefix + padded JSON header for these tensors, in this order."""
+def build_header(entries: Sequence[Entry], metadata: Mapping[str, str] | None = None,
+                 length: int | None = None) -> bytes:
+    """The length prefix + padded JSON header for these tensors, in this order.
+
+    Args:
+        length: pad the JSON with spaces to exactly this many bytes (default: to a multiple of 8).
+
+    Raises:
+        ValueError: a repeated name, or a header longer than ``length``.
+    """
+    raw = _header_json(entries, metadata)
+    pad = -len(raw) % 8 if length is None else length - len(raw)
+    if pad < 0:
+        raise ValueError(f"the header needs {len(raw)} bytes, more than the {length} reserved")
+    raw += b" " * pad
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _header_json(entries: Sequence[Entry], metadata: Mapping[str, str] | None) -> bytes:
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -52,9 +74,7 @@ def build_header(entries: Sequence[Entry], metadata: Mapping[str, str] | None = 
         nbytes = math.prod(shape) * DTYPES[code][1]
         header[name] = {"dtype": code, "shape": [int(s) for s in shape], "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
+    return json.dumps(header, separators=(",", ":")).encode("utf-8")
 
 
 class SafetensorsWriter:
@@ -64,13 +84,21 @@ class SafetensorsWriter:
         f: a binary file positioned at 0.
         entries: ``(name, dtype, shape)`` for every tensor, in file order.
         metadata: string -> string, stored as ``__metadata__``.
+        tail: ``(name, dtype, largest shape)`` of 1-D tensors written with :meth:`write_tail`,
+            stored after every entry (``f`` must be seekable).
     """
 
-    def __init__(self, f: BinaryIO, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None) -> None:
+    def __init__(self, f: BinaryIO, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None,
+                 tail: Sequence[Entry] = ()) -> None:
         self._f = f
         self._entries = [(n, torch_dtype(code_of(d)), tuple(int(s) for s in shape)) for n, d, shape in entries]
         self._next = 0
-        f.write(build_header(entries, metadata))
+        self._metadata = metadata
+        self._tail = {n: (torch_dtype(code_of(d)), tuple(int(s) for s in shape)) for n, d, shape in tail}
+        self._tail_data: dict[str, torch.Tensor] = {}
+        header = build_header(list(entries) + list(tail), metadata)
+        self._header_bytes = len(header) - 8
+        f.write(header)
 
     @property
     def remaining(self) -> list[str]:
@@ -118,22 +146,45 @@ class SafetensorsWriter:
         if flat.numel():
             self._f.write(memoryview(flat.view(torch.uint8).numpy()))
 
+    def write_tail(self, name: str, tensor: torch.Tensor) -> None:
+        """Keep a tail tensor (at most its declared shape, same dtype) until :meth:`finish`."""
+        if name not in self._tail or name in self._tail_data:
+            raise ValueError(f"tensor {name!r} is not a tail tensor of the header, or was written twice")
+        dtype, largest = self._tail[name]
+        if tensor.dtype != dtype or tensor.ndim != 1 or tensor.shape[0] > largest[0]:
+            raise ValueError(f"tail tensor {name!r} is {tensor.dtype}{list(tensor.shape)}, the header allows "
+                             f"{dtype} of at most {list(largest)}")
+        self._tail_data[name] = tensor.detach().cpu().contiguous().clone()
+
     def finish(self) -> None:
-        """Check that every tensor of the header was written."""
+        """Check that every tensor of the header was written; write the tail and the final header."""
         if self._next != len(self._entries):
             missing = self.remaining
             raise ValueError(f"{len(missing)} tensors of the header were never written, e.g. {missing[0]!r}")
+        if not self._tail:
+            return
+        missing = [n for n in self._tail if n not in self._tail_data]
+        if missing:
+            raise ValueError(f"{len(missing)} tail tensors were never written, e.g. {missing[0]!r}")
+        for name in self._tail:
+            self._write_raw(self._tail_data[name].reshape(-1))
+        end = self._f.tell()
+        tail = [(n, self._tail_data[n].dtype, tuple(self._tail_data[n].shape)) for n in self._tail]
+        self._f.seek(0)
+        self._f.write(build_header(list(self._entries) + tail, self._metadata, length=self._header_bytes))
+        self._f.seek(end)
 
 
 @contextlib.contextmanager
 def open_safetensors_writer(path: str | os.PathLike[str], entries: Sequence[Entry],
-                            metadata: Mapping[str, str] | None = None) -> Iterator[SafetensorsWriter]:
-    """Write ``path`` atomically, tensor by tensor.
+                            metadata: Mapping[str, str] | None = None,
+                            tail: Sequence[Entry] = ()) -> Iterator[SafetensorsWriter]:
+    """Write ``path`` atomically, tensor by tensor (``tail``: see :class:`SafetensorsWriter`).
 
     The file appears at ``path`` only when the block ends without an exception and every
     tensor was written; otherwise the temporary file is deleted and ``path`` is untouched.
     """
     with atomic_file(path) as f:
-        writer = SafetensorsWriter(f, entries, metadata)
+        writer = SafetensorsWriter(f, entries, metadata, tail)
         yield writer
         writer.finish()

@@ -33,6 +33,7 @@ def _summary(spec: ModelSpec, shape: TrainingShape, f: ModelFacts) -> ModelSumma
         largest_layer_bytes=max(f.unit_bytes[1:-1]),
         head_bytes=f.unit_bytes[-1], dtype=shape.dtype or spec.dtype, file_dtype=spec.dtype,
         lora_parameters=pi.lora_parameters(f, shape.lora_rank), lora_targets=f.targets,
+        quantization=f.quantization,
     )
 
 
@@ -48,8 +49,13 @@ def build(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Bu
         MemoryItem("resident_weights", sum(f.unit_buffer_bytes[i] for i in resident),
                    f"{len(resident)} units kept on the device"),
         MemoryItem("weight_slots", slot_count * slot_bytes,
-                   f"{slot_count} slots x {format_size(slot_bytes)} (prefetch {shape.prefetch} + 1)"),
+                   f"{slot_count} slots x {format_size(slot_bytes)} (prefetch {shape.prefetch} + 1)"
+                   + (f", {f.quantization} packed" if f.quantization else "")),
     ]
+    scratch = max(f.dequant_bytes[1:], default=0)
+    if scratch:
+        device.append(MemoryItem("dequant_scratch", scratch,
+                                 f"the computing layer's packed weights dequantized to {summary.dtype}"))
     device += persistent_items(summary, f, shape)
     device.append(activation_peak(f, shape))
     device.append(MemoryItem("runtime_reserve", shape.reserve,
@@ -93,8 +99,8 @@ def persistent_items(summary: ModelSummary, f: ModelFacts, shape: TrainingShape)
                                 f"{shape.optimizer_states} fp32 states per parameter (AdamW)"))
     items.append(pi.batch_context(f, shape.batch, shape.seq, shape.training))
     if shape.dtype is not None and shape.dtype != summary.file_dtype:
-        items.append(MemoryItem("weight_cast", max(f.unit_bytes[1:]),
-                                f"the computing unit cast from {summary.file_dtype} to {shape.dtype}"))
+        items.append(MemoryItem("weight_cast", max(f.castable_bytes[1:] or f.unit_bytes[1:]),
+                                f"the computing unit's dense tensors cast from {summary.file_dtype} to {shape.dtype}"))
     return items
 
 
@@ -114,9 +120,15 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
 
     Inference (``LemaModel.forward``): ``forward`` (the embedding output, the hidden state,
     one layer) and ``head`` (the same two + the full float32 logits it returns).
+
+    A quantized model adds ``dequantize``: before a layer computes, its packed weights are
+    dequantized into the scratch buffer (a persistent item) with the temporaries of
+    :func:`lema.domain.plan.items.dequant_temporaries`, while the step's kept tensors live.
     """
     b, s, n, attention = shape.batch, shape.seq, f.n_layers, shape.attention_path
     x = b * s * f.hidden * f.act_bytes
+    temp = f.dequant_temp[1 if shape.device_kind == "cuda" else 0]
+    dequant = MemoryItem("dequant_temporaries", temp, "dequantizing the largest packed weight")
     wide = shape.wide_matmul and f.act_bytes != pi.FP32
     # Measured on CpuDevice: a layer's wide products peak below the layer's own peak (their
     # fp32 temporaries live while little else does), so only the head's count.
@@ -125,8 +137,9 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
     if not shape.training:
         # LemaModel.forward keeps the embedding output (a local) besides the current hidden state.
         states = [MemoryItem("embedding_output", x, "T h a"), MemoryItem("hidden_state", x, "T h a")]
-        return [pi.summed("forward", states + [pi.layer_forward(f, b, s, attention)] + layer_wide),
-                pi.summed("head", states + [pi.head_inference(f, b, s)] + head_wide)]
+        phases = [pi.summed("forward", states + [pi.layer_forward(f, b, s, attention)] + layer_wide),
+                  pi.summed("head", states + [pi.head_inference(f, b, s)] + head_wide)]
+        return phases + ([pi.summed("dequantize", states + [dequant])] if temp else [])
     lora = pi.lora_parameters(f, shape.lora_rank)
     grads = lora * pi.FP32
     g = grads // max(n, 1)
@@ -148,6 +161,8 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
             kept = [MemoryItem("checkpointed_inputs", x, "the first layer's"),
                     MemoryItem("lora_grads", n * g, f"{n} layers, fp32")]
         inputs = MemoryItem("checkpointed_inputs", n * x, f"{n} layers x T h a")
+        dequantize = [pi.summed("dequantize", kept + [MemoryItem("gradient", x, "incoming: T h a"), dequant])] \
+            if temp else []
         return [
             pi.summed("forward", [inputs, pi.layer_forward(f, b, s, attention)] + layer_wide),
             pi.summed("head", [inputs, MemoryItem("hidden_state", x, "x_L: T h a"),
@@ -155,11 +170,13 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
             pi.summed("layer_backward", kept + [pi.layer_recompute(f, b, s, shape.lora_rank, attention)]
                       + layer_wide),
             optimizer,
-        ]
+        ] + dequantize
     m = pi.layer_model(f, b, s, shape.lora_rank, attention)
     per_layer = x + sum(i.bytes for i in m.saved)
     stored = MemoryItem("stored_activations", n * per_layer,
                         f"{n} layers x {format_size(per_layer)} (input + saved), no checkpointing")
+    dequantize = [pi.summed("dequantize", [stored, MemoryItem("gradient", x, "incoming: T h a"), dequant])] \
+        if temp else []
     return [
         pi.summed("head", [stored, MemoryItem("hidden_state", x, "x_L: T h a"),
                            pi.head_train(f, b, s, shape.head_chunk_tokens)] + head_wide),
@@ -167,7 +184,7 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
                                      MemoryItem("temporaries", m.backward_extra, "output, gradients")]
                   + layer_wide),
         optimizer,
-    ]
+    ] + dequantize
 
 
 def activation_peak(f: ModelFacts, shape: TrainingShape) -> MemoryItem:

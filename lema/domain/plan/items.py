@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import attrs
 
 from lema.domain.families import registry
+from lema.domain.model import quant
 from lema.domain.model.spec import ModelSpec, itemsize
 from lema.domain.plan import family_terms
 from lema.domain.schedule.layer_schedule import SLOT_ALIGN
@@ -75,6 +76,12 @@ class ModelFacts:
         embed_only_bytes: bytes of the embedding tensors not shared with the head.
         streamed_bytes: bytes of the unique tensors of units ``1..L+1`` (what RESIDENT holds).
         lora_modules: ``(in, out)`` of each adapted module of one decoder layer.
+        dequant_bytes: per unit, its packed weights dequantized to the planned dtype (the
+            scratch buffer's layout, :func:`lema.domain.model.quant.dense_bytes`); 0 for dense units.
+        castable_bytes: per unit, the bytes of its dense tensors (what a dtype cast copies).
+        dequant_temp: the transient bytes of dequantizing the largest packed weight, on a CPU
+            and on CUDA (:func:`dequant_temporaries`).
+        quantization: the packed weights' format (``"NF4 + double quant"``), or "".
     """
 
     family: str
@@ -105,21 +112,29 @@ class ModelFacts:
     post_norm_width: int = 0
     eager_scores: bool = False
     fused_qkv: bool = False
+    dequant_bytes: tuple[int, ...] = ()
+    castable_bytes: tuple[int, ...] = ()
+    dequant_temp: tuple[int, int] = (0, 0)  # (cpu, cuda)
+    quantization: str = ""
 
 
 def model_facts(spec: ModelSpec, dtype: str | None, targets: Sequence[str], lora_modules: Sequence[tuple[int, int]],
                 keys: Sequence[str] = ()) -> ModelFacts:
     """Collect a spec's numbers once; ``dtype`` (a code like ``"BF16"``) overrides the file's."""
 
+    # Tensors holding packed weights stream as they are stored, whatever the planned dtype.
+    stored = {t.name for u in spec.units for t in u.tensors if t.key in u.stored_keys}
+
     def nbytes(t: Any) -> int:
         # Only floating tensors are cast to the planned dtype.
-        floating = t.dtype in ("F64", "F32", "F16", "BF16")
+        floating = t.dtype in ("F64", "F32", "F16", "BF16") and t.name not in stored
         return t.numel * itemsize(dtype) if dtype is not None and floating else t.nbytes
 
     streamed = {t.name: nbytes(t) for u in spec.units[1:] for t in u.tensors}
     embed_only = sum(nbytes(t) for t in spec.units[0].tensors if t.name not in streamed)
     terms = registry.plan_terms(spec)
     dense = spec.intermediate_size if spec.intermediate_size != spec.expert_intermediate_size else 0
+    act_bytes = itemsize(dtype or spec.dtype)
     return ModelFacts(
         family=spec.family, n_layers=spec.n_layers, hidden=spec.hidden_size, n_heads=spec.n_heads,
         q_dim=spec.n_heads * spec.head_dim, kv_dim=spec.n_kv_heads * spec.head_dim,
@@ -132,7 +147,31 @@ def model_facts(spec: ModelSpec, dtype: str | None, targets: Sequence[str], lora
         dense_ffn=dense if spec.n_experts else 0, router_fp32=terms.router_fp32,
         qk_norm_width=terms.qk_norm_width, post_norm_width=terms.post_norm_width, eager_scores=terms.eager_scores,
         fused_qkv=terms.fused_qkv,
+        dequant_bytes=tuple(quant.dense_bytes(u.packed, act_bytes) for u in spec.units),
+        castable_bytes=tuple(sum(nbytes(t) for t in u.tensors if t.name not in stored) for u in spec.units),
+        dequant_temp=dequant_temporaries(spec, act_bytes),
+        quantization=spec.quantization.label if spec.quantization is not None else "",
     )
+
+
+def dequant_temporaries(spec: ModelSpec, act_bytes: int) -> tuple[int, int]:
+    """``(cpu, cuda)`` bytes alive while the largest packed weight is dequantized, on top of
+    the scratch buffer (:func:`lema.adapters.weights.bnb.dequantize`).
+
+    4-bit: double quant's fp32 block scales ``4 b`` (``b = ceil(n / 64)``); on a CPU also the
+    dense weight ``n a``, which bitsandbytes returns as a new tensor copied into the scratch
+    (CUDA writes the scratch in place). int8: the row scales ``4 out``.
+    """
+    cpu = cuda = 0
+    for u in spec.units:
+        for p in u.packed:
+            if p.format.bits == 8:
+                scales = p.shape[0] * FP32
+                cpu, cuda = max(cpu, scales), max(cuda, scales)
+                continue
+            absmax = p.blocks * FP32 if p.format.double_quant else 0
+            cpu, cuda = max(cpu, p.numel * act_bytes + absmax), max(cuda, absmax)
+    return cpu, cuda
 
 
 def lora_parameters(facts: ModelFacts, rank: int) -> int:

@@ -29,6 +29,7 @@ class ModelSummary:
     file_dtype: str
     lora_parameters: int
     lora_targets: tuple[str, ...]
+    quantization: str = ""  # the packed weights' format ("NF4 + double quant"), "" when dense
 
 
 def _sum(items: tuple[MemoryItem, ...]) -> int:
@@ -148,7 +149,8 @@ def explain(p: MemoryPlan) -> str:
     m, s = p.model, p.shape
     lines = [
         f"model: {m.model_type} ({m.family}), {m.n_layers} layers, hidden {m.hidden_size}, "
-        f"{m.parameters:,} parameters, {format_size(m.weight_bytes)} of {m.dtype} weights, "
+        f"{m.parameters:,} parameters, {format_size(m.weight_bytes)} of "
+        f"{m.quantization + ' (computing in ' + m.dtype + ')' if m.quantization else m.dtype} weights, "
         f"largest layer {format_size(m.largest_layer_bytes)}",
         f"run: {s.mode}, batch {s.batch}, seq {s.seq}, LoRA rank {s.lora_rank} on {', '.join(m.lora_targets)}, "
         f"strategy {s.strategy.value}, prefetch {s.prefetch}, checkpointing "

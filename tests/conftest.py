@@ -28,3 +28,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def quantized_model(tmp_path_factory):
+    """``quantized_model(kind, variant)``: a tiny ``tests.tiny_models`` model quantized and saved by
+    transformers + bitsandbytes (written once per session; see ``tests.quant_models``)."""
+    from tests.quant_models import quantized_folder
+
+    root = tmp_path_factory.mktemp("quantized")
+
+    def make(kind: str, variant: str):
+        return quantized_folder(kind, variant, root / kind)
+
+    return make

@@ -32,6 +32,7 @@ from lema.adapters.weights.safetensors_header import read_header
 from lema.adapters.weights.safetensors_writer import code_of, open_safetensors_writer
 from lema.app.convert import plan_tensors
 from lema.app.outputs import check_output, folder_files
+from lema.app.quantize import dequantized_base
 from lema.domain.families import registry as arch
 from lema.domain.json_values import JsonValueError, is_finite_number, parse_json
 from lema.domain.model.spec import ModelSpec, output_dtype, torch_dtype
@@ -162,7 +163,9 @@ def merge_adapter(
 
     Args:
         base: a LEMA monolithic ``.safetensors`` (config in its metadata) or a transformers
-            model folder.
+            model folder; a quantized one (NF4/FP4/int8) is dequantized weight by weight, and
+            the merged model is dense, in the dtype of the base's unquantized tensors unless
+            ``dtype`` says otherwise.
         adapter_dir: a PEFT LoRA directory (``adapter_config.json`` +
             ``adapter_model.safetensors``), e.g. a LEMA checkpoint.
         out: a ``.safetensors`` file (default), or with ``hf_folder`` a folder that
@@ -194,6 +197,9 @@ def merge_adapter(
     deltas = lora_deltas(adapter_config, adapter_tensors)
     config_text, names, loader = _open_base(base)
     config = json.loads(config_text)
+    if "quantization_config" in config:  # a 4-bit / 8-bit base merges into its dense model
+        names, loader, config = dequantized_base(names, loader, config)
+        config_text = json.dumps(config)
     dims = arch.dims_of(config)
     plan = plan_tensors(names, config)
     if hf_folder and dims.tied_embeddings:

@@ -101,3 +101,56 @@ def write_quantized(writer: SafetensorsWriter, layout: QuantizedLayout, name: st
     for k, _, _ in quant.stored_tensors(key, tensor.shape, fmt):
         if k in stored and not k.endswith("quant_state.bitsandbytes__" + fmt.method):
             writer.write(prefix + k, stored[k])
+
+
+class DequantizedLoader:
+    """A quantized checkpoint read as the dense model it stands for (``lema merge`` on a 4-bit base).
+
+    Has a :class:`~lema.adapters.weights.hub.TensorLoader`'s surface (``meta``, ``get``): each
+    packed weight appears once, under its own name, with its dense shape and the model's dtype,
+    and is dequantized on the host with bitsandbytes when read (in float32); the tensors
+    that store it are hidden.
+
+    Args:
+        loader: the checkpoint's TensorLoader.
+        spec: the checkpoint's spec (with its ``packed`` weights).
+    """
+
+    def __init__(self, loader: Any, spec: ModelSpec) -> None:
+        self._loader = loader
+        self._weights: dict[str, tuple[int, Any, str]] = {}
+        stored: set[str] = set()
+        for u in spec.units:
+            for p in u.packed:
+                name = next(t.name for t in u.tensors if t.key == p.key)
+                prefix = name[: -len(p.key)]
+                self._weights[name] = (u.index, p, prefix)
+                stored |= {prefix + k for k in p.stored}
+        dense = torch_dtype(spec.dtype)
+        self.meta = {n: m for n, m in loader.meta.items() if n not in stored}
+        self.meta.update({n: (dense, p.shape) for n, (_, p, _) in self._weights.items()})
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor; a packed weight dequantized to float32."""
+        if name not in self._weights:
+            return self._loader.get(name)
+        _, weight, prefix = self._weights[name]
+        tensors = {k: self._loader.get(prefix + k) for k in weight.stored}
+        if weight.format.bits == 8:
+            state = bnb.QuantState(weight.format, weight.shape)
+        else:
+            blob = weight.stored[-1]
+            state = bnb.parse_quant_state(tensors[blob].numpy().tobytes(), prefix + blob, weight)
+        return bnb.dequantize(weight, tensors, state, torch.float32)
+
+
+def dequantized_base(names: list[str], loader: Any, config: dict[str, Any]) -> tuple[list[str], Any, dict[str, Any]]:
+    """``(names, loader, config)`` of a checkpoint, a quantized one seen as its dense model
+    (:class:`DequantizedLoader`, config without ``quantization_config``); others unchanged."""
+    header = {n: {"dtype": code_of(d), "shape": list(s)} for n, (d, s) in loader.meta.items()}
+    spec = ModelSpec.from_header(header, config)
+    if spec.quantization is None:
+        return names, loader, config
+    dense = DequantizedLoader(loader, spec)
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    return [n for n in names if n in dense.meta], dense, config

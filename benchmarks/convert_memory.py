@@ -28,12 +28,17 @@ from safetensors.torch import save_file
 
 MiB = 1024 * 1024
 
-SETUP = ("import glob, torch; from safetensors.torch import load_file, save_file; "
-         "from lema.utils.model_utils import prepare_monolithic_safetensors as convert")
+SETUP = ("import glob, importlib.util, torch; from safetensors.torch import load_file, save_file; "
+         "from lema.utils.model_utils import prepare_monolithic_safetensors as convert; "
+         # bitsandbytes (for --quantize) is imported before the measurement, like torch
+         "importlib.util.find_spec('bitsandbytes') and __import__('lema.adapters.weights.bnb', fromlist=['x'])"
+         ".functional()")
 CHILDREN = {
     "lema convert (bf16 kept)": "convert(sys.argv[1], sys.argv[2], device='cpu')",
     "lema convert --dtype float16": "convert(sys.argv[1], sys.argv[2], device='cpu', dtype='float16')",
     "lema convert --dtype float32": "convert(sys.argv[1], sys.argv[2], device='cpu', dtype='float32')",
+    "lema convert --quantize nf4": "convert(sys.argv[1], sys.argv[2], device='cpu', quantize='nf4')",
+    "lema convert --quantize int8": "convert(sys.argv[1], sys.argv[2], device='cpu', quantize='int8')",
     "naive: load all shards, save_file": (
         "sd = {}\n"
         "for f in sorted(glob.glob(sys.argv[1] + '/*.safetensors')): sd.update(load_file(f))\n"
@@ -117,6 +122,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--shard-mib", type=int, default=256)
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--only", default=None, help="run only the rows whose label contains this")
     args = parser.parse_args()
     if sys.platform != "linux":
         sys.exit("ru_maxrss units differ off Linux; run on Linux")
@@ -132,7 +138,7 @@ def main() -> None:
         print(f"{'run':34s} {'RSS before':>11s} {'peak RSS':>10s} {'peak - before':>14s} "
               f"{'/ largest tensor':>16s} {'/ model':>8s} {'wall':>7s}")
         for label, code in CHILDREN.items():
-            if args.skip_naive and label.startswith("naive"):
+            if (args.skip_naive and label.startswith("naive")) or (args.only and args.only not in label):
                 continue
             out = work / "out.safetensors"
             base, peak, wall = peak_rss_of_child(SETUP, code, str(work / "src"), str(out))

@@ -136,7 +136,7 @@ class Engine:
         self._owned: list[torch.Tensor] = []
         self._closed = False
         self.bytes_uploaded_total = 0
-        self._dequant: Any = None
+        self._dequant: Any = None  # the UnitDequantizer of a quantized model (see :attr:`dequantizer`)
         self._fetched = [0] * self.n_slots  # fetches into each slot: what its bytes are (dequantization)
         try:
             self._slots = [self._alloc(self.slot_nbytes, f"slot {k}") for k in range(self.n_slots)]
@@ -316,6 +316,12 @@ class Engine:
             elif isinstance(step, Release):
                 self._consumed[step.slot] = device.mark_consumed(self._slots[step.slot])
                 device.record("release", step.unit, step.slot)
+
+    @property
+    def dequantizer(self) -> Any:
+        """The device-side dequantization of a quantized model (``.dequantized`` units,
+        ``.seconds`` spent, ``.nbytes`` of scratch), or None for a dense model."""
+        return self._dequant
 
     def _slot_views(self, unit: int, slot: int) -> dict[str, torch.Tensor]:
         key = (unit, slot)

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from typing import Hashable, Mapping, Sequence
 
 import torch
@@ -58,6 +59,7 @@ class UnitDequantizer:
         self._views: dict[int, dict[str, torch.Tensor]] = {}
         self._holds: Hashable = None
         self.dequantized = 0  # units dequantized so far (tests, benchmarks)
+        self.seconds = 0.0  # host time spent issuing dequantizations (on a CPU: doing them)
 
     def _dense_views(self, unit: int) -> dict[str, torch.Tensor]:
         views = self._views.get(unit)
@@ -83,9 +85,11 @@ class UnitDequantizer:
         dense = self._dense_views(unit)
         if tag is None or tag != self._holds:
             self._holds = None  # a failure below leaves the buffer holding nothing known
+            start = time.perf_counter()
             for p, _ in layout:
                 bnb.dequantize(p, weights, self.states[(unit, p.key)], self.dtype, out=dense[p.key],
                                offset=self._offsets.get((unit, p.key)))
+            self.seconds += time.perf_counter() - start
             self._holds = tag
             self.dequantized += 1
         stored = self._stored[unit]

@@ -49,6 +49,8 @@ def test_nf4_uploads_at_most_035_of_the_bf16_bytes_per_step(bf16_and_nf4):
         assert a.spec.dtype == b.spec.dtype == "BF16" and b.spec.quantization is not None
         ratio = b.last_report.bytes_uploaded / a.last_report.bytes_uploaded
         assert b.last_report.n_fetches == a.last_report.n_fetches
+        # each layer is dequantized once per fetch: the last one is computed twice in a row at the turn
+        assert b.engine.dequantizer.dequantized == 2 * b.spec.n_layers - 1 and a.engine.dequantizer is None
         # The plan counts stored bytes; a slot aligns each tensor to 64 bytes (the small
         # quantization states are not multiples of 64).
         padding = 64 * b.last_report.n_fetches * max(len(u.tensors) for u in b.spec.units)

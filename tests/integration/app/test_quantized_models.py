@@ -135,3 +135,34 @@ def test_without_bitsandbytes_a_quantized_model_is_one_error_naming_the_extra(qu
             _lema(folder)
     finally:
         bnb.functional.cache_clear()
+
+
+def test_every_strategy_and_prefetch_depth_trains_the_same_adapter_on_a_quantized_base(quantized_model):
+    """Dequantizing once per fetch (a layer reused at the turn is not dequantized again, resident
+    layers are dequantized at each compute) changes no number."""
+    from lema import MemoryStrategy
+    from lema.app import bootstrap
+
+    folder = quantized_model("llama", "nf4_dq")
+
+    plans = []
+
+    def train(**overrides) -> list[torch.Tensor]:
+        with _lema(folder, **overrides) as model:
+            plans.append(model.plan())
+            model.initialize_lora()
+            trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-2))
+            for step in range(2):
+                trainer.train_step(_ids(step))
+            return [p.detach().clone() for p in model.get_trainable_parameters()]
+
+    reference = train(strategy=MemoryStrategy.RESIDENT)
+    with _lema(folder) as probe:  # an AUTO budget that keeps some layers resident and streams the rest
+        plan = bootstrap.make_plan(probe.config, probe.spec, probe.device)
+        budget = plan.device_total + 2 * probe.spec.largest_layer_bytes
+    for overrides in (dict(prefetch_distance=0), dict(prefetch_distance=3),
+                      dict(strategy=MemoryStrategy.AUTO, vram_budget=budget)):
+        assert all(torch.equal(a, b) for a, b in zip(reference, train(**overrides))), overrides
+    assert plans[-1].resident_units and plans[-1].streamed_units  # AUTO: some of each
+    for a, b in zip(reference, train(gradient_checkpointing=False)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lema import LemaConfig, LemaModel
 from lema.cli import main
 from tests.demo_models import tiny_llama_folder, write_data
 from tests.quant_models import bnb_config, hf_quantized
@@ -85,7 +86,21 @@ def test_convert_quantize_writes_what_transformers_writes_and_transformers_loads
     assert type(loaded.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     ids = torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids).logits, hf_quantized(tiny["nf4"])(input_ids=ids).logits)
+        expected = hf_quantized(tiny["nf4"])(input_ids=ids).logits
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    # LEMA reads it, and the transformers-written folder converted without --quantize, alike.
+    copied = tmp_path / "copied.safetensors"
+    assert run("convert", str(tiny["nf4"]), str(copied), "--dtype", "bfloat16").exit_code == 0
+    with LemaModel(LemaConfig(gbi_path=str(out), device="cpu")) as model:
+        assert model.spec.quantization is not None
+        assert torch.max(torch.abs(model.forward(ids) - expected)) <= 2e-3
+    with LemaModel(LemaConfig(gbi_path=str(copied), device="cpu")) as model:
+        assert model.spec.quantization is not None and model.spec.dtype == "BF16"
+        assert model.forward(ids).shape == expected.shape
+    with safe_open(copied, "pt") as f:  # packed tensors keep their dtypes; norms follow --dtype
+        assert f.get_slice("model.layers.0.mlp.up_proj.weight.absmax").get_dtype() == "U8"
+        assert f.get_slice("model.layers.0.mlp.up_proj.weight.nested_absmax").get_dtype() == "F32"
+        assert f.get_slice("model.norm.weight").get_dtype() == "BF16"
 
 
 def test_convert_refuses_to_quantize_twice_and_writes_nothing(tiny, tmp_path):

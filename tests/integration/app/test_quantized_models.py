@@ -140,8 +140,10 @@ def test_without_bitsandbytes_a_quantized_model_is_one_error_naming_the_extra(qu
 def test_every_strategy_and_prefetch_depth_trains_the_same_adapter_on_a_quantized_base(quantized_model):
     """Dequantizing once per fetch (a layer reused at the turn is not dequantized again, resident
     layers are dequantized at each compute) changes no number."""
+    import attrs
+
     from lema import MemoryStrategy
-    from lema.app import bootstrap
+    from lema.domain.plan.planner import Budget, plan
 
     folder = quantized_model("llama", "nf4_dq")
 
@@ -157,11 +159,13 @@ def test_every_strategy_and_prefetch_depth_trains_the_same_adapter_on_a_quantize
             return [p.detach().clone() for p in model.get_trainable_parameters()]
 
     reference = train(strategy=MemoryStrategy.RESIDENT)
-    with _lema(folder) as probe:  # an AUTO budget that keeps some layers resident and streams the rest
-        plan = bootstrap.make_plan(probe.config, probe.spec, probe.device)
-        budget = plan.device_total + 2 * probe.spec.largest_layer_bytes
+    with _lema(folder, prefetch_distance=0) as probe:  # the smallest AUTO budget that keeps a layer resident
+        shape = attrs.evolve(probe.plan().shape, strategy=MemoryStrategy.AUTO)
+        budget = probe.plan().device_total
+        while not plan(probe.spec, shape, Budget(budget)).resident_units:
+            budget += probe.spec.largest_layer_bytes // 8
     for overrides in (dict(prefetch_distance=0), dict(prefetch_distance=3),
-                      dict(strategy=MemoryStrategy.AUTO, vram_budget=budget)):
+                      dict(strategy=MemoryStrategy.AUTO, prefetch_distance=0, vram_budget=budget)):
         assert all(torch.equal(a, b) for a, b in zip(reference, train(**overrides))), overrides
     assert plans[-1].resident_units and plans[-1].streamed_units  # AUTO: some of each
     for a, b in zip(reference, train(gradient_checkpointing=False)):

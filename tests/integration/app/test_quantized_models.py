@@ -137,6 +137,7 @@ def test_without_bitsandbytes_a_quantized_model_is_one_error_naming_the_extra(qu
         bnb.functional.cache_clear()
 
 
+@pytest.mark.slow
 def test_every_strategy_and_prefetch_depth_trains_the_same_adapter_on_a_quantized_base(quantized_model):
     """Dequantizing once per fetch (a layer reused at the turn is not dequantized again, resident
     layers are dequantized at each compute) changes no number."""

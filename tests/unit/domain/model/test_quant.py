@@ -46,6 +46,10 @@ def test_the_planned_spec_stores_what_transformers_writes(folders, variant):
     assert {n: v for n, v in stored.items() if n not in blobs} == {n: v for n, v in written.items() if n not in blobs}
     # The JSON state's length depends on the weights' mean scale (double quant) by a few bytes.
     assert all(abs(stored[n][1][0] - written[n][1][0]) <= 8 for n in blobs)
+    # A config that declares the quantization (a Hub id's config.json) plans the same tensors.
+    declared = ModelSpec.from_config(config, dtype="F32")
+    assert declared.quantization == _format(variant)
+    assert {t.name: (t.dtype, t.shape) for u in declared.units for t in u.tensors} == stored
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -60,9 +60,9 @@ def quantized_folder(kind: str, variant: str, root: Path, seed: int = 0, dtype: 
     return out
 
 
-def hf_quantized(folder: Path) -> Any:
+def hf_quantized(folder: Path, attn_implementation: str = "sdpa") -> Any:
     """The transformers model of a quantized folder, in ``train()`` mode (see the module docstring)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", attn_implementation=attn_implementation)
     return model.train()

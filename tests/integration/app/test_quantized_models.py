@@ -57,6 +57,21 @@ def test_logits_match_transformers_on_the_same_quantized_folder(quantized_model,
     assert torch.max(torch.abs(ours - expected)) <= 2e-3
 
 
+@pytest.mark.parametrize("name", ["qwen3", "gemma2", "gemma3", "phi3", "olmo2", "mixtral", "qwen3_moe"])
+def test_every_family_reads_a_folder_transformers_quantized(tmp_path, name):
+    from tests.family_models import batch, build
+    from tests.quant_models import quantized_folder
+
+    folder = quantized_folder(name, "nf4_dq", tmp_path, model=build(name, seed=1))
+    reference = hf_quantized(folder, "eager" if name == "gemma2" else "sdpa")
+    ids, _ = batch(0)
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+    with _lema(folder, max_seq_len=ids.shape[1]) as model:
+        assert any(u.packed for u in model.spec.units)
+        assert torch.max(torch.abs(model.forward(ids) - expected)) <= 2e-3
+
+
 @pytest.mark.parametrize("kind,variant", CASES)
 def test_two_sgd_steps_match_peft_qlora_and_the_adapter_loads_on_the_quantized_base(quantized_model, tmp_path,
                                                                                        kind, variant):

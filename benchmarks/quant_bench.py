@@ -119,8 +119,9 @@ def main() -> None:
     print(f"{'':6s} {'file':>10s} {'step (median)':>14s} {'uploaded/step':>14s} {'plan (device)':>14s} "
           f"{'RESIDENT host':>14s}")
     for name, r in rows.items():
-        print(f"{name:6s} {format_size(r['file_bytes']):>10s} {r['step_s']:>12.3f} s {format_size(r['bytes_uploaded_per_step']):>14s} "
-              f"{format_size(r['planned_device_bytes']):>14s} {format_size(r['resident_host_bytes']):>14s}")
+        print(f"{name:6s} {format_size(r['file_bytes']):>10s} {r['step_s']:>12.3f} s "
+              f"{format_size(r['bytes_uploaded_per_step']):>14s} {format_size(r['planned_device_bytes']):>14s} "
+              f"{format_size(r['resident_host_bytes']):>14s}")
     ratios = {key: a[key] / b[key] for key in ("file_bytes", "step_s", "bytes_uploaded_per_step",
                                                "planned_device_bytes", "resident_host_bytes")}
     print("nf4/bf16: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))

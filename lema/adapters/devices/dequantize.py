@@ -9,8 +9,9 @@ in a row from the same fetch (the last layer at the forward -> backward turn) is
 dequantized again.
 
 Example:
-    >>> dq = UnitDequantizer(spec, device, torch.bfloat16, read_quant_states(spec, source), units=[1, 2, 3])  # doctest: +SKIP
-    >>> dense = dq(1, slot_views, tag=(1, 0, 7))                                                              # doctest: +SKIP
+    >>> states = read_quant_states(spec, source)                                   # doctest: +SKIP
+    >>> dq = UnitDequantizer(spec, device, torch.bfloat16, states, units=[1, 2])   # doctest: +SKIP
+    >>> dense = dq(1, slot_views, tag=(1, 0, 7))                                   # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -166,7 +166,8 @@ def dequantize(weight: PackedWeight, tensors: Mapping[str, torch.Tensor], state:
     return out.copy_(result)
 
 
-def quantize(weight: torch.Tensor, key: str, fmt: QuantFormat, chunk_elements: int = 1 << 20) -> dict[str, torch.Tensor]:
+def quantize(weight: torch.Tensor, key: str, fmt: QuantFormat,
+             chunk_elements: int = 1 << 20) -> dict[str, torch.Tensor]:
     """Quantize one ``[out, in]`` weight exactly as transformers + bitsandbytes do when loading
     with ``BitsAndBytesConfig``; returns its stored tensors by in-unit key (keys as in
     :func:`lema.domain.model.quant.stored_tensors`), on the CPU.
@@ -185,7 +186,8 @@ def quantize(weight: torch.Tensor, key: str, fmt: QuantFormat, chunk_elements: i
         parts = [bnb_functional.int8_vectorwise_quant(weight[i:i + rows].contiguous().to(torch.float16))
                  for i in range(0, weight.shape[0], rows)]
         module = key.removesuffix("weight")
-        result = {key: torch.cat([cb.cpu() for cb, _, _ in parts]), module + "SCB": torch.cat([s.cpu() for _, s, _ in parts]),
+        result = {key: torch.cat([cb.cpu() for cb, _, _ in parts]),
+                  module + "SCB": torch.cat([scb.cpu() for _, scb, _ in parts]),
                   module + "weight_format": torch.tensor(0, dtype=torch.uint8)}
         del parts
         _release_free_memory()

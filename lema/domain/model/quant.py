@@ -165,8 +165,30 @@ def format_of(config: Mapping[str, Any]) -> QuantFormat | None:
     if why is not None:
         raise ModelFormatError(f"config.json: quantization_config={qc!r} {why}")
     if qc.get("load_in_4bit"):
-        return QuantFormat(str(qc.get("bnb_4bit_quant_type") or "fp4").lower(), bool(qc.get("bnb_4bit_use_double_quant")))
+        kind = str(qc.get("bnb_4bit_quant_type") or "fp4").lower()
+        return QuantFormat(kind, bool(qc.get("bnb_4bit_use_double_quant")))
     return QuantFormat("int8")
+
+
+def check_packable(current: QuantFormat | None, fmt: QuantFormat, model_type: str, conv1d: bool,
+                   experts: int) -> bool:
+    """Whether a model can be stored as ``fmt``: True when it already is, False when it can be.
+
+    Raises:
+        ConfigError: already quantized otherwise; Conv1D weights (GPT-2); routed experts
+            (transformers keeps them in fused 16-bit tensors, not ``nn.Linear``).
+    """
+    if current is not None:
+        if current == fmt:
+            return True
+        raise ConfigError(f"the model is already quantized ({current.label}); it cannot be planned as "
+                          f"{fmt.label}: drop --quantize")
+    if conv1d:
+        raise ConfigError(f"quantizing {model_type} (Conv1D weights) is not supported; quantize a Llama-family model")
+    if experts:
+        raise ConfigError(f"quantizing {model_type} (routed experts) is not supported: transformers keeps its experts "
+                          "in fused 16-bit tensors; read a checkpoint quantized by transformers instead")
+    return False
 
 
 def quantizable(key: str, shape: Sequence[int]) -> bool:
@@ -189,7 +211,8 @@ def quant_state_json(fmt: QuantFormat, shape: Sequence[int], dtype: str, nested_
 
 
 def stored_tensors(key: str, shape: Sequence[int], fmt: QuantFormat, *, dtype: str = "F32",
-                   packed_itemsize: int = 1, blob_bytes: int | None = None) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+                   packed_itemsize: int = 1, blob_bytes: int | None = None
+                   ) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
     """``(in-unit key, dtype code, shape)`` of every tensor a weight ``key`` is stored as.
 
     Args:
@@ -223,7 +246,8 @@ def stored_tensors(key: str, shape: Sequence[int], fmt: QuantFormat, *, dtype: s
 
 def packed_weight(key: str, shape: Sequence[int], fmt: QuantFormat) -> PackedWeight:
     """The :class:`PackedWeight` of a weight quantized with ``fmt`` (every stored key)."""
-    return PackedWeight(key, (int(shape[0]), int(shape[1])), fmt, tuple(k for k, _, _ in stored_tensors(key, shape, fmt)))
+    stored = tuple(k for k, _, _ in stored_tensors(key, shape, fmt))
+    return PackedWeight(key, (int(shape[0]), int(shape[1])), fmt, stored)
 
 
 def _stored_format(name: str, header: Mapping[str, Any]) -> QuantFormat | None:

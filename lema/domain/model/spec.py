@@ -275,47 +275,28 @@ class ModelSpec:
         return spec if fmt is None else spec.quantized(fmt)
 
     def quantized(self, fmt: QuantFormat) -> "ModelSpec":
-        """This model with every decoder linear weight stored as ``fmt`` (shapes only, no file):
-        what ``lema plan --quantize`` plans and ``lema convert --quantize`` writes (the 2-D
-        weights of the decoder layers, as transformers' bitsandbytes integration quantizes
-        every ``nn.Linear`` there).
+        """This model with its decoder layers' 2-D (linear) weights stored as ``fmt``, shapes
+        only: what ``lema plan --quantize`` plans and ``lema convert --quantize`` writes.
 
         Raises:
-            ConfigError: Conv1D weights (GPT-2), routed experts, or a model already quantized
-                otherwise.
+            ConfigError: see :func:`lema.domain.model.quant.check_packable`.
         """
-        if self.quantization is not None:
-            if self.quantization == fmt:
-                return self
-            raise ConfigError(f"the model is already quantized ({self.quantization.label}); "
-                              f"it cannot be planned as {fmt.label}: drop --quantize")
-        if arch.family(self.family).CONV1D:
-            raise ConfigError(f"quantizing {self.model_type} (Conv1D weights) is not supported; "
-                              "quantize a Llama-family model")
-        if self.n_experts:
-            raise ConfigError(f"quantizing {self.model_type} (routed experts) is not supported: transformers keeps "
-                              "its experts in fused 16-bit tensors; read a checkpoint quantized by transformers instead")
+        if quant.check_packable(self.quantization, fmt, self.model_type, arch.family(self.family).CONV1D,
+                                self.n_experts):
+            return self
         units = []
         for u in self.units:
-            if u.kind != arch.DECODER:
-                units.append(u)
-                continue
-            tensors: list[TensorSpec] = []
-            packed = []
-            for t in u.tensors:
-                if not quant.quantizable(t.key, t.shape):
-                    tensors.append(t)
-                    continue
-                prefix = t.name[: -len(t.key)]
-                stored = quant.stored_tensors(t.key, t.shape, fmt, dtype=self.dtype)
-                tensors += [TensorSpec(name=prefix + k, key=k, dtype=c, shape=s) for k, c, s in stored]
-                packed.append(quant.packed_weight(t.key, t.shape, fmt))
+            packed = [quant.packed_weight(t.key, t.shape, fmt) for t in u.tensors
+                      if u.kind == arch.DECODER and quant.quantizable(t.key, t.shape)]
+            keys, dt = {p.key for p in packed}, self.dtype
+            tensors = [t for t in u.tensors if t.key not in keys] + [
+                TensorSpec(name=t.name[: -len(t.key)] + k, key=k, dtype=c, shape=s)
+                for t in u.tensors if t.key in keys for k, c, s in quant.stored_tensors(t.key, t.shape, fmt, dtype=dt)]
             units.append(attrs.evolve(u, tensors=tuple(tensors), packed=tuple(packed)))
         config = self.config
         if quant.format_of(config) != fmt:
             config["quantization_config"] = fmt.to_config(self.dtype)
-        return attrs.evolve(self, units=tuple(units), quantization=fmt,
-                            config_json=json.dumps(config, sort_keys=True))
+        return attrs.evolve(self, units=tuple(units), quantization=fmt, config_json=json.dumps(config, sort_keys=True))
 
     @classmethod
     def from_header(cls, header: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any]) -> "ModelSpec":

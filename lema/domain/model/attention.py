@@ -85,6 +85,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "BlockContext
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
+class AttentionTap:
+    """Passed as a block's ``kv_hook``, it takes over the layer's attention: it receives the
+    rotated ``q, k, v`` of the block's tokens (``(batch, heads, n, head_dim)``) and the
+    layer's attention (a function of whole-sequence ``q, k, v``) and returns the attention
+    output of those tokens. :mod:`lema.domain.model.tiling` runs a family's block over
+    sequence tiles with it; the block's code stays the family's own."""
+
+    def tap(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            attend_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise TypeError("an AttentionTap replaces the attention; it is not a KV hook")
+
+
 def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "BlockContext", kind: str, *,
                    scale: float, kv_hook: KVHook | None = None, softcap: float | None = None) -> torch.Tensor:
     """Rotary embedding, KV hook and attention for one layer.
@@ -94,7 +109,8 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "Bloc
         ctx: the batch context (rope tables and masks per attention kind).
         kind: the layer's attention kind (``"full_attention"`` / ``"sliding_attention"``).
         scale: the scores' factor (``head_dim ** -0.5``, or the family's own).
-        kv_hook: receives the rotated keys and values, returns those to attend over.
+        kv_hook: receives the rotated keys and values, returns those to attend over; an
+            :class:`AttentionTap` instead receives q, k, v and returns the attention output.
         softcap: cap the scores with ``tanh(s / softcap) * softcap`` (eager path).
 
     Returns:
@@ -104,6 +120,8 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "Bloc
     tables = ctx.rope_for(kind)
     if tables is not None:
         q, k = apply_rope(q, k, *tables)
+    if isinstance(kv_hook, AttentionTap):
+        return kv_hook.tap(q, k, v, lambda q_, k_, v_: attend(q_, k_, v_, ctx, kind, scale, softcap))
     if kv_hook is not None:
         k, v = kv_hook(k, v)
     return attend(q, k, v, ctx, kind, scale, softcap)

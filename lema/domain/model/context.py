@@ -63,6 +63,8 @@ class BlockContext:
             backward pass draws the same mask as its forward pass.
         matmul_dtype: dtype the frozen weights' products are computed in, when wider than
             ``dtype`` (see :mod:`lema.domain.model.matmul`); None computes in ``dtype``.
+        token_offset: the sequence position of the first token the blocks see (0; a tile's
+            start under sequence tiling), part of the dropout masks' seeds.
     """
 
     dtype: torch.dtype
@@ -74,6 +76,7 @@ class BlockContext:
     lora_dropout: float = 0.0
     dropout_seed: int = 0
     matmul_dtype: torch.dtype | None = None
+    token_offset: int = 0
 
     def attention(self, kind: str) -> AttentionMask:
         """The ``(mask, keep)`` pair for a layer's attention kind."""
@@ -82,6 +85,13 @@ class BlockContext:
     def rope_for(self, kind: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The ``(cos, sin)`` tables of an attention kind, or None (no rotary embedding)."""
         return self.ropes.get(kind)
+
+    def tile(self, start: int, end: int) -> "BlockContext":
+        """The context of positions ``start .. end`` (a sequence tile, :mod:`.tiling`): their
+        positions and rope tables, the whole sequence's masks (attention runs whole), and
+        ``token_offset = start`` so each tile draws its own LoRA dropout masks."""
+        ropes = {kind: (cos[:, start:end], sin[:, start:end]) for kind, (cos, sin) in self.ropes.items()}
+        return attrs.evolve(self, position_ids=self.position_ids[:, start:end], ropes=ropes, token_offset=start)
 
 
 def sliding_keys_kept(window: int | None, past_len: int) -> int:

@@ -40,8 +40,10 @@ def _lora_delta(x: torch.Tensor, adapter: tuple[torch.Tensor, torch.Tensor], ctx
     a, b = adapter
     h = x.to(a.dtype)
     if ctx.lora_dropout > 0.0:
-        # One seeded generator per (layer, module): a recomputed layer redraws the same mask.
-        gen = torch.Generator(device=h.device).manual_seed((ctx.dropout_seed + 7919 * site) % (2**63 - 1))
+        # One seeded generator per (layer, module, first token): a recomputed layer, or a tile
+        # of one (lema.domain.model.tiling), redraws the same mask.
+        seed = (ctx.dropout_seed + 7919 * site + 104729 * ctx.token_offset) % (2**63 - 1)
+        gen = torch.Generator(device=h.device).manual_seed(seed)
         keep = torch.empty_like(h).bernoulli_(1.0 - ctx.lora_dropout, generator=gen)
         h = h * keep / (1.0 - ctx.lora_dropout)
     return F.linear(F.linear(h, a), b) * ctx.lora_scaling

@@ -21,6 +21,13 @@ the units still held in slots are reused by their backward compute instead of be
 fetched again; when a fetch must overwrite a free slot, it picks the one whose content is
 needed furthest in the future (Belady), which in the forward pass is plain ring order.
 
+Activation offload (``offload_inputs=True``, train mode): the checkpointed input of every
+unit with a backward compute leaves the device right after that unit's forward compute
+(:class:`OffloadInput`) and comes back ahead of its backward compute (:class:`FetchInput`),
+:func:`input_depth` backward computes early, like a weight prefetch. The inputs of the last
+``input_depth + 1`` such units are needed first after the turn and are never offloaded
+(:func:`kept_inputs`), as the weights still in their slots at the turn are not fetched again.
+
 Example:
     >>> steps = build_schedule([1, 2, 3], prefetch=1)
     >>> [str(s) for s in steps[:4]]
@@ -83,7 +90,27 @@ class Release:
         return f"release {self.unit}@{self.slot}"
 
 
-Step = Union[Fetch, Compute, Release]
+@attrs.frozen
+class OffloadInput:
+    """Copy ``unit``'s checkpointed input to host memory; its device copy is then released."""
+
+    unit: int
+
+    def __str__(self) -> str:
+        return f"offload x{self.unit}"
+
+
+@attrs.frozen
+class FetchInput:
+    """Copy ``unit``'s checkpointed input back to the device, ahead of its backward compute."""
+
+    unit: int
+
+    def __str__(self) -> str:
+        return f"fetch x{self.unit}"
+
+
+Step = Union[Fetch, Compute, Release, OffloadInput, FetchInput]
 
 
 def slot_count(n_streamed: int, prefetch: int) -> int:
@@ -133,6 +160,7 @@ def build_schedule(
     resident: frozenset[int] = frozenset(),
     mode: Literal["train", "forward"] = "train",
     backward_units: frozenset[int] | None = None,
+    offload_inputs: bool = False,
 ) -> tuple[Step, ...]:
     """The steps of one pass over ``units``.
 
@@ -142,9 +170,11 @@ def build_schedule(
         resident: units kept on the device for the whole run; never fetched here.
         mode: ``"train"`` (forward, then backward in reverse) or ``"forward"``.
         backward_units: units with a backward compute (train mode; default: all units).
+        offload_inputs: add the activation steps (train mode; see the module docstring).
 
     Returns:
-        Fetch, Compute and Release steps in the order the engine issues them.
+        Fetch, Compute and Release steps (and OffloadInput, FetchInput) in the order the
+        engine issues them.
 
     Raises:
         ConfigError: negative prefetch, repeated units, an unknown mode, or backward
@@ -164,7 +194,37 @@ def build_schedule(
     else:
         uses = [(u, Phase.FORWARD) for u in units]
     n_slots = slot_count(sum(1 for u in units if u not in resident), prefetch)
-    return _Simulation(uses, frozenset(resident), prefetch, n_slots).run()
+    steps = _Simulation(uses, frozenset(resident), prefetch, n_slots).run()
+    if mode == "train" and offload_inputs:
+        steps = _with_offload(steps, [u for u, phase in uses if phase is Phase.BACKWARD], prefetch)
+    return steps
+
+
+def input_depth(prefetch: int) -> int:
+    """How many backward computes ahead an offloaded input is fetched back: 1 (0 when
+    ``prefetch`` is 0). One is enough: a layer's input is a few bytes per product its
+    backward computes, so its copy hides behind the compute of the layer before."""
+    return min(prefetch, 1)
+
+
+def kept_inputs(n_backward: int, prefetch: int) -> int:
+    """Inputs never offloaded: those of the first ``input_depth + 1`` backward computes."""
+    return min(input_depth(prefetch) + 1, n_backward)
+
+
+def _with_offload(steps: tuple[Step, ...], backward_order: list[int], prefetch: int) -> tuple[Step, ...]:
+    depth, kept = input_depth(prefetch), kept_inputs(len(backward_order), prefetch)
+    offloaded = set(backward_order[kept:])
+    # FetchInput(u) goes before the backward compute `depth` positions ahead of u's own.
+    fetch_before = {backward_order[p - depth]: backward_order[p] for p in range(kept, len(backward_order))}
+    out: list[Step] = []
+    for step in steps:
+        if isinstance(step, Compute) and step.phase is Phase.BACKWARD and step.unit in fetch_before:
+            out.append(FetchInput(fetch_before[step.unit]))
+        out.append(step)
+        if isinstance(step, Compute) and step.phase is Phase.FORWARD and step.unit in offloaded:
+            out.append(OffloadInput(step.unit))
+    return tuple(out)
 
 
 class _Simulation:

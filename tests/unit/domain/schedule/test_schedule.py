@@ -9,10 +9,14 @@ from hypothesis import strategies as st
 from lema.domain.schedule.layer_schedule import (
     Compute,
     Fetch,
+    FetchInput,
+    OffloadInput,
     Phase,
     Release,
     build_schedule,
     expected_transfers,
+    input_depth,
+    kept_inputs,
     slot_count,
     transfer_count,
 )
@@ -154,3 +158,70 @@ def test_resident_units_are_computed_without_slots():
 def test_bad_arguments_raise_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         build_schedule([1, 2], **kwargs)
+
+
+# -- activation offload -------------------------------------------------------------------------
+
+
+def _backward_order(units, backward_units):
+    back = set(units) if backward_units is None else backward_units
+    return [u for u in reversed(units) if u in back]
+
+
+@given(passes(modes=("train",)))
+def test_offloaded_inputs_leave_after_their_forward_and_return_before_their_backward(case):
+    units, prefetch, resident, mode, backward_units = case
+    steps = build_schedule(units, prefetch, resident, mode, backward_units, offload_inputs=True)
+    plain = build_schedule(units, prefetch, resident, mode, backward_units)
+    # the weights' steps are unchanged
+    assert [s for s in steps if not isinstance(s, (OffloadInput, FetchInput))] == list(plain)
+    order = _backward_order(units, backward_units)
+    kept = kept_inputs(len(order), prefetch)
+    offloaded = order[kept:]
+    where: dict[int, str] = {}  # unit -> "device" | "host"
+    most = 0
+    for step in steps:
+        if isinstance(step, Compute) and step.phase is Phase.FORWARD and step.unit in order:
+            where[step.unit] = "device"
+        elif isinstance(step, OffloadInput):
+            assert where.get(step.unit) == "device", f"{step} before its forward"
+            where[step.unit] = "host"
+        elif isinstance(step, FetchInput):
+            assert where.get(step.unit) == "host", f"{step} of an input not offloaded"
+            where[step.unit] = "device"
+        elif isinstance(step, Compute) and step.phase is Phase.BACKWARD:
+            assert where.get(step.unit) == "device", f"{step} without its input on the device"
+            held = sum(1 for u, w in where.items() if w == "device")
+            most = max(most, held)
+            del where[step.unit]
+    assert not where
+    assert sorted(s.unit for s in steps if isinstance(s, OffloadInput)) == sorted(offloaded)
+    assert sorted(s.unit for s in steps if isinstance(s, FetchInput)) == sorted(offloaded)
+    if order:
+        assert most == kept  # the inputs on the device during the backward never exceed the kept ones
+
+
+@given(passes(modes=("train",)))
+def test_inputs_are_fetched_input_depth_computes_ahead(case):
+    units, prefetch, resident, mode, backward_units = case
+    steps = build_schedule(units, prefetch, resident, mode, backward_units, offload_inputs=True)
+    backward = [s.unit for s in steps if isinstance(s, Compute) and s.phase is Phase.BACKWARD]
+    depth = input_depth(prefetch)
+    for i, step in enumerate(steps):
+        if isinstance(step, FetchInput):
+            following = next(s for s in steps[i:] if isinstance(s, Compute))
+            assert backward.index(step.unit) - backward.index(following.unit) == depth
+
+
+def test_forward_passes_and_plain_schedules_have_no_activation_steps():
+    for offload, mode in ((True, "forward"), (False, "train")):
+        steps = build_schedule([1, 2, 3, 4], 1, mode=mode, offload_inputs=offload)
+        assert not [s for s in steps if isinstance(s, (OffloadInput, FetchInput))]
+
+
+def test_offload_by_hand_with_prefetch_one():
+    steps = build_schedule([1, 2, 3, 4, 5], 1, backward_units=frozenset({1, 2, 3, 4}), offload_inputs=True)
+    assert [str(s) for s in steps if isinstance(s, (OffloadInput, FetchInput)) or
+            (isinstance(s, Compute) and s.phase is Phase.BACKWARD)] == [
+        "offload x1", "offload x2", "backward 4@1", "fetch x2", "backward 3@0", "fetch x1", "backward 2@1",
+        "backward 1@0"]

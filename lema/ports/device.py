@@ -11,7 +11,11 @@ Uploads are asynchronous and return a :class:`Ticket`. The engine's contract:
 * ``ticket.wait()`` makes the *compute* wait for that upload (on CUDA: the current stream
   waits on an event; the host does not block);
 * ``host_reusable(ticket)`` blocks the *host* until the staging buffer may be rewritten;
-* ``mark_consumed(slot)`` records that the compute issued so far is done reading a slot.
+* ``mark_consumed(slot)`` records that the compute issued so far is done reading a slot;
+* ``download(dev, host, n)`` copies ``dev[:n]`` into ``host[:n]`` once the compute issued so
+  far is done (activation offload), without blocking the caller; the caller may drop its
+  references to ``dev`` at once: the device keeps the memory until the copy has read it.
+  An upload issued after a download runs after it (one link, in order).
 """
 
 from __future__ import annotations
@@ -82,6 +86,11 @@ class Device(Protocol):
     def upload(self, host: torch.Tensor, device: torch.Tensor, nbytes: int,
                after: Ticket | None = None, label: object = None) -> Ticket:
         """Start copying ``host[:nbytes]`` into ``device[:nbytes]`` after ``after``; returns at once."""
+        ...
+
+    def download(self, device: torch.Tensor, host: torch.Tensor, nbytes: int, label: object = None) -> Ticket:
+        """Start copying ``device[:nbytes]`` into ``host[:nbytes]`` after the compute issued so far;
+        returns at once. The ticket completes when ``host`` holds the bytes."""
         ...
 
     def host_reusable(self, ticket: Ticket) -> None:

@@ -74,6 +74,20 @@ def test_upload_copies_bytes_after_the_ticket(device):
     device.free(slot)
 
 
+def test_download_then_upload_round_trips_an_activation(device):
+    """Offload and fetch back (the engine's activation steps): same bytes, in link order."""
+    x = torch.randn(3, 50, device=device.torch_device)
+    host = device.host_buffer(x.numel() * 4)
+    down = device.download(x.view(-1).view(torch.uint8), host, x.numel() * 4, label="x1")
+    back = device.alloc(x.numel() * 4, "input 1")
+    up = device.upload(host, back, x.numel() * 4, after=device.mark_consumed(back), label="x1")
+    up.wait()
+    device.synchronize()
+    assert down.done()
+    assert torch.equal(back.view(torch.float32).view(3, 50), x)
+    device.free(back)
+
+
 def test_alloc_and_free_are_counted(device):
     before = device.current_bytes()
     device.reset_peak()
@@ -183,4 +197,21 @@ def test_cpu_simulated_link_records_upload_times_in_order():
     done = [e for e in device.timeline() if e[0] == "upload_done"]
     assert [e[1] for e in done] == [0, 1, 2]
     assert done[-1][-1] - done[0][-1] >= 0.015  # two more 10 ms transfers
+    device.close()
+
+
+def test_cpu_offloaded_bytes_stop_counting_once_copied_and_released():
+    device = CpuDevice(link_bandwidth=1e9)
+    host = device.host_buffer(1 << 20)
+    with device.measuring():
+        x = torch.ones(1 << 18)  # 1 MiB, counted
+        counted = device.current_bytes()
+        ticket = device.download(x.view(torch.uint8), host, 1 << 20, label="x1")
+        del x
+        ticket.wait()
+        device.synchronize()
+        after = device.current_bytes()
+    assert counted - after == 1 << 20
+    assert device.bytes_downloaded == 1 << 20 and host.view(torch.float32).eq(1).all()
+    assert [e[:2] for e in device.timeline() if e[0] == "download_done"] == [("download_done", "x1")]
     device.close()

@@ -11,7 +11,10 @@ tests, plan verification and ``lema bench --trace``. Without it the peak is that
 the device holds for the run (slots, resident units, adapters, optimizer states, tracked
 activations) and :attr:`counts_compute` says so. Uploads run on a worker thread, like a copy
 stream, optionally slowed to a simulated link bandwidth, and every step is recorded on a
-timeline so tests can check overlap structurally rather than by timing.
+timeline so tests can check overlap structurally rather than by timing. Downloads
+(activation offload) run on the same worker: the device bytes of an offloaded tensor stop
+counting when the copy has read them and the caller has let go of the tensor, as a GPU's
+memory is freed once its copy to the host is done.
 
 Example:
     >>> dev = CpuDevice(capacity=1 << 20)
@@ -114,6 +117,7 @@ class CpuDevice:
         self._worker: threading.Thread | None = None
         self.host_buffers_allocated = 0  # how many staging buffers were ever made (tests)
         self.bytes_uploaded = 0
+        self.bytes_downloaded = 0
 
     # -- accounting --------------------------------------------------------------------------
 
@@ -231,7 +235,21 @@ class CpuDevice:
                               f"or a {device.numel()}-byte slot")
         ticket = CpuTicket()
         self._ensure_worker()
-        self._jobs.put((host, device, nbytes, after, label, ticket))
+        self._jobs.put(("up", [host, device], nbytes, after, label, ticket))
+        return ticket
+
+    def download(self, device: torch.Tensor, host: torch.Tensor, nbytes: int, label: object = None) -> CpuTicket:
+        """Queue ``host[:nbytes] = device[:nbytes]`` on the worker; returns at once.
+
+        The worker holds the only other reference to ``device`` and drops it as soon as the
+        bytes are copied, so a caller that lets go at once stops counting them then.
+        """
+        if nbytes > host.numel() or nbytes > device.numel():
+            raise ConfigError(f"download of {nbytes} bytes overruns a {device.numel()}-byte device tensor "
+                              f"or a {host.numel()}-byte host buffer")
+        ticket = CpuTicket()
+        self._ensure_worker()
+        self._jobs.put(("down", [device, host], nbytes, None, label, ticket))
         return ticket
 
     def _ensure_worker(self) -> None:
@@ -244,19 +262,27 @@ class CpuDevice:
             self._finalizer = weakref.finalize(self, stop_worker, self._jobs, self._worker)
 
     def _copy(self, job: tuple) -> None:
-        host, device, nbytes, after, label, ticket = job
+        direction, tensors, nbytes, after, label, ticket = job
         try:
             if after is not None:
                 after.wait()
             if self.link_bandwidth:
                 time.sleep(nbytes / self.link_bandwidth)
-            device[:nbytes].copy_(host[:nbytes])
+            source, target = tensors
+            with paused():
+                target[:nbytes].copy_(source[:nbytes])
+            del source, target
+            tensors.clear()  # the source may be freed now (an offloaded activation stops counting)
             with self._lock:
-                self.bytes_uploaded += nbytes
+                if direction == "up":
+                    self.bytes_uploaded += nbytes
+                else:
+                    self.bytes_downloaded += nbytes
             if label is not None:
-                self.record("upload_done", label)
+                self.record("upload_done" if direction == "up" else "download_done", label)
             ticket._finish()
         except BaseException as exc:  # handed to whoever waits on the ticket
+            tensors.clear()
             ticket._finish(exc)
 
     def measure_link(self, nbytes: int = 64 << 20, repeat: int = 5) -> tuple[float, float]:
@@ -285,7 +311,7 @@ class CpuDevice:
     def synchronize(self) -> None:
         if self._worker is not None and self._worker.is_alive():
             marker = CpuTicket()
-            self._jobs.put((torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8), 0, None,
+            self._jobs.put(("up", [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)], 0, None,
                             None, marker))
             marker.wait()
 

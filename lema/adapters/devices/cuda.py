@@ -181,6 +181,25 @@ class CudaDevice:
             self.record("upload_issued", label)
         return CudaTicket(event)
 
+    def download(self, device: torch.Tensor, host: torch.Tensor, nbytes: int, label: object = None) -> CudaTicket:
+        """Queue ``host[:nbytes] = device[:nbytes]`` on the copy stream after the compute issued
+        so far; returns at once. ``record_stream`` keeps the allocator from reusing the
+        device memory before the copy has read it, so the caller may drop it at once."""
+        if nbytes > host.numel() or nbytes > device.numel():
+            raise ConfigError(f"download of {nbytes} bytes overruns a {device.numel()}-byte device tensor "
+                              f"or a {host.numel()}-byte host buffer")
+        computed = torch.cuda.Event()
+        computed.record(torch.cuda.current_stream(self.torch_device))
+        done = torch.cuda.Event()
+        with torch.cuda.device(self.torch_device), torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(computed)
+            host[:nbytes].copy_(device[:nbytes], non_blocking=True)
+            done.record(self._copy_stream)
+        device.record_stream(self._copy_stream)
+        if label is not None:
+            self.record("download_issued", label)
+        return CudaTicket(done)
+
     def host_reusable(self, ticket: CudaTicket) -> None:
         """Block the host until the DMA out of the staging buffer has finished."""
         ticket.host_wait()

@@ -70,6 +70,10 @@ class LemaConfig:
             ``lora_target_modules=None`` uses the architecture's default (all attention and
             MLP projections for Llama-family models, ``c_attn`` for GPT-2).
         gradient_checkpointing: keep only each layer's input and recompute in backward.
+        offload_activations: ``True`` keeps those inputs in host memory (pinned on CUDA)
+            between each layer's forward and its backward, ``False`` on the device;
+            ``"auto"`` (default) turns it on when the memory plan needs it to fit. With long
+            sequences the planner also runs each layer over sequence tiles when needed.
         prefetch_distance: how many layers are read ahead of the one computing.
         vram_budget, ram_budget: byte sizes ("8G", an int) the plan must fit; None = the
             device's capacity (CUDA) or unlimited (CPU).
@@ -90,6 +94,7 @@ class LemaConfig:
     lora_target_modules: tuple[str, ...] | None = attrs.field(default=None, converter=_targets)
     use_rslora: bool = False
     gradient_checkpointing: bool = True
+    offload_activations: bool | str = "auto"
     prefetch_distance: int = attrs.field(default=2, validator=_non_negative_int)
     vram_budget: str | int | None = attrs.field(default=None, validator=_check_size)
     ram_budget: str | int | None = attrs.field(default=None, validator=_check_size)
@@ -126,6 +131,11 @@ class LemaConfig:
         for name in ("use_rslora", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}: {getattr(self, name)!r} must be True or False")
+        if self.offload_activations not in (True, False, "auto") or not isinstance(self.offload_activations, (bool, str)):
+            problems.append(f"offload_activations: {self.offload_activations!r} must be True, False or 'auto'")
+        elif self.offload_activations is True and not self.gradient_checkpointing:
+            problems.append("offload_activations=True moves the checkpointed layer inputs to host memory: it needs "
+                            "gradient_checkpointing=True (or use offload_activations='auto')")
         if problems:
             raise ConfigError("invalid LemaConfig: " + "; ".join(problems))
 
@@ -133,6 +143,11 @@ class LemaConfig:
     def alpha(self) -> float:
         """LoRA alpha; defaults to twice the rank when not given."""
         return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    @property
+    def offload(self) -> bool | None:
+        """``offload_activations`` for the planner: True, False, or None (auto)."""
+        return None if self.offload_activations == "auto" else bool(self.offload_activations)
 
     @property
     def vram_bytes(self) -> int | None:

@@ -109,6 +109,7 @@ def training_shape(config: LemaConfig, spec: ModelSpec, device: Device) -> Train
         lora_targets=config.lora_target_modules, strategy=config.strategy,
         prefetch=config.prefetch_distance, dtype=None if config.dtype == "auto" else dtype_code(config.dtype),
         gradient_checkpointing=config.gradient_checkpointing, device_kind=kind,
+        offload_activations=config.offload if config.gradient_checkpointing else False,
         wide_matmul=device.matmul_dtype(compute_dtype(config, spec)) is not None,
         local_ranks=local_world_size(),
     )

@@ -13,7 +13,9 @@ the engine is built, plus one device buffer per resident unit (uploaded once). A
   the unit is read straight into the slot;
 * ``Compute``: wait for the unit's upload, call ``compute(phase, unit, weights)`` with
   typed views of the slot (or the resident tensors);
-* ``Release``: mark the slot consumed, so the next fetch into it may overwrite it.
+* ``Release``: mark the slot consumed, so the next fetch into it may overwrite it;
+* ``OffloadInput`` / ``FetchInput`` (engines built with ``offload_inputs=True``): move a
+  checkpointed layer input to host memory and back (:mod:`lema.app.offload`).
 
 The schedule already orders every fetch after its slot's release, so the prefetch thread
 never waits for the main thread; it only waits for the device (staging reuse).
@@ -36,10 +38,13 @@ import torch
 
 from lema.adapters.weights.safetensors_source import unit_views
 from lema.adapters.workers import start_worker, stop_worker
+from lema.app.offload import InputOffloader, InputStore
 from lema.domain.model.spec import ModelSpec
 from lema.domain.schedule.layer_schedule import (
     Compute,
     Fetch,
+    FetchInput,
+    OffloadInput,
     Phase,
     Release,
     build_schedule,
@@ -61,7 +66,7 @@ class StepReport:
     """What one pass moved and how long it waited.
 
     Attributes:
-        bytes_uploaded: host -> device bytes of this pass's fetches.
+        bytes_uploaded: host -> device bytes of this pass's weight fetches.
         n_fetches: units fetched.
         wait_seconds: time the calling thread was blocked waiting for weights.
         compute_seconds: time spent inside the compute callback.
@@ -69,13 +74,15 @@ class StepReport:
         device_peak_bytes: the device's peak during the pass.
         bytes_read: host bytes the weight source copied into staging or slots (0 when every
             upload came straight from page-locked memory).
-        link_floor_seconds: ``bytes_uploaded / device.link_bandwidth``, the least time the
-            link needs for this pass (None when the device's bandwidth is unknown).
+        link_floor_seconds: ``(bytes_uploaded + 2 * activation_bytes) / device.link_bandwidth``,
+            the least time the link needs for this pass (None when the device's bandwidth is
+            unknown).
         peak_counts_compute: whether ``device_peak_bytes`` includes every allocation of the
             compute (False on a CPU device that does not count them: then it is the peak of
             what the device holds for the run: slots, resident units, adapters, optimizer
             states and tracked activations).
         timeline: the device's events recorded during the pass (empty if it keeps none).
+        activation_bytes: bytes of the checkpointed inputs offloaded (and as many fetched back).
     """
 
     bytes_uploaded: int
@@ -88,6 +95,7 @@ class StepReport:
     link_floor_seconds: float | None = None
     peak_counts_compute: bool = True
     timeline: tuple[tuple[Any, ...], ...] = ()
+    activation_bytes: int = 0
 
 
 class Engine:
@@ -105,6 +113,8 @@ class Engine:
         compute_dtype: the dtype quantized weights are dequantized to (default: the spec's);
             a model with packed weights gets one device scratch buffer for them
             (:class:`lema.adapters.devices.dequantize.UnitDequantizer`).
+        offload_inputs: train passes move the checkpointed layer inputs to host memory and
+            back (the schedule's activation steps); :meth:`run` then needs ``inputs``.
 
     Raises:
         ConfigError: negative prefetch, or a unit both resident and streamed / unknown.
@@ -114,7 +124,7 @@ class Engine:
 
     def __init__(self, spec: ModelSpec, source: WeightSource, device: Device, *, prefetch: int,
                  resident_units: Sequence[int] = (), streamed_units: Sequence[int] | None = None,
-                 plan: Any = None, compute_dtype: torch.dtype | None = None) -> None:
+                 plan: Any = None, compute_dtype: torch.dtype | None = None, offload_inputs: bool = False) -> None:
         resident = tuple(resident_units)
         if streamed_units is None:
             streamed_units = [u.index for u in spec.units[1:] if u.index not in resident]
@@ -127,6 +137,7 @@ class Engine:
         _check_plan(plan, device)
         self.spec, self.source, self.device = spec, source, device
         self.prefetch = prefetch
+        self.offload_inputs = bool(offload_inputs)
         self.n_slots = slot_count(len(streamed), prefetch)  # validates prefetch
         self.units = tuple(sorted(resident + streamed))
         self.resident = frozenset(resident)
@@ -154,6 +165,7 @@ class Engine:
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._consumed: list[Ticket | None] = [None] * self.n_slots
         self._staged: list[Ticket | None] = [None] * self.n_slots
+        self._inputs = InputOffloader(device)
         self._jobs: queue.Queue = queue.Queue()
         # The thread holds only a weak reference, so an engine nobody closed is still
         # collected, and its finalizer stops the thread.
@@ -233,7 +245,8 @@ class Engine:
     # -- a pass --------------------------------------------------------------------------------
 
     def run(self, compute: ComputeFn, *, mode: Literal["train", "forward"] = "train",
-            backward_units: frozenset[int] | Sequence[int] | None = None) -> StepReport:
+            backward_units: frozenset[int] | Sequence[int] | None = None,
+            inputs: InputStore | None = None) -> StepReport:
         """Walk one pass's schedule, calling ``compute(phase, unit, weights)`` for each compute step.
 
         Args:
@@ -241,28 +254,33 @@ class Engine:
                 valid only during the call (the slot is refilled afterwards).
             mode: ``"train"`` (forward, then backward in reverse) or ``"forward"``.
             backward_units: units with a backward compute in train mode (default: all).
+            inputs: the pass's checkpointed inputs (needed by an engine that offloads them).
 
         Returns:
             A :class:`StepReport`.
 
         Raises:
             whatever ``compute`` or the weight source raised (reads fail on the prefetch
-            thread and are re-raised here); ConfigError when the engine is closed.
+            thread and are re-raised here); ConfigError when the engine is closed, or when it
+            offloads inputs and a train pass gives none.
         """
         if self._closed:
             raise ConfigError("the engine is closed")
+        offload = self.offload_inputs and mode == "train"
+        if offload and inputs is None:
+            raise ConfigError("this engine offloads activations: a train pass must pass inputs= (its InputStore)")
         backward = None if backward_units is None else frozenset(backward_units)
-        steps = build_schedule(self.units, self.prefetch, self.resident, mode, backward)
+        steps = build_schedule(self.units, self.prefetch, self.resident, mode, backward, offload_inputs=offload)
         device = self.device
         device.reset_peak()
         start = time.perf_counter()
         pending: dict[int, Future] = {}
         issued: list[Future] = []
-        stats = {"waited": 0.0, "computed": 0.0, "moved": 0, "fetches": 0}
+        stats = {"waited": 0.0, "computed": 0.0, "moved": 0, "fetches": 0, "offloaded": 0}
         read_before = self.source.bytes_copied
         try:
             with device.measuring():  # the compute's own allocations count toward the device peak
-                self._walk(steps, compute, pending, issued, stats)
+                self._walk(steps, compute, pending, issued, stats, inputs)
         except BaseException:
             # A failed compute may still be reading any slot (on CUDA, asynchronously).
             self._consumed = [device.mark_consumed(slot) for slot in self._slots]
@@ -272,6 +290,7 @@ class Engine:
             # buffer behind the next pass's back (errors were or will be raised above).
             for future in issued:
                 future.exception()
+            self._inputs.drop()
         self.bytes_uploaded_total += stats["moved"]
         bandwidth = device.link_bandwidth
         return StepReport(
@@ -279,15 +298,22 @@ class Engine:
             compute_seconds=stats["computed"],
             seconds=time.perf_counter() - start, device_peak_bytes=device.peak_bytes(),
             bytes_read=self.source.bytes_copied - read_before,
-            link_floor_seconds=stats["moved"] / bandwidth if bandwidth else None,
+            link_floor_seconds=(stats["moved"] + 2 * stats["offloaded"]) / bandwidth if bandwidth else None,
             peak_counts_compute=bool(getattr(device, "counts_compute", True)),
             timeline=tuple(e for e in device.timeline() if isinstance(e[-1], float) and e[-1] >= start),
+            activation_bytes=stats["offloaded"],
         )
 
     def _walk(self, steps, compute: ComputeFn, pending: dict[int, Future], issued: list[Future],
-              stats: dict[str, Any]) -> None:
+              stats: dict[str, Any], inputs: InputStore | None) -> None:
         device = self.device
         for step in steps:
+            if isinstance(step, OffloadInput):
+                stats["offloaded"] += self._inputs.offload(step.unit, inputs)  # type: ignore[arg-type]
+                continue
+            if isinstance(step, FetchInput):
+                self._inputs.fetch(step.unit)
+                continue
             if isinstance(step, Fetch):
                 future: Future = Future()
                 pending[step.slot] = future
@@ -308,11 +334,16 @@ class Engine:
                 if self._dequant is not None:
                     fetch = None if step.slot is None else self._fetched[step.slot]
                     weights = self._dequant(step.unit, weights, (step.unit, step.slot, fetch))
+                t = time.perf_counter()  # an offloaded input comes back before its backward
+                restored = self._inputs.hand_back(step.unit, inputs) if step.phase is Phase.BACKWARD else None
+                stats["waited"] += time.perf_counter() - t
                 device.record("compute_start", step.unit, step.phase.value)
                 t = time.perf_counter()
                 compute(step.phase, step.unit, weights)
                 stats["computed"] += time.perf_counter() - t
                 device.record("compute_end", step.unit, step.phase.value)
+                self._inputs.release(restored)
+                del restored
             elif isinstance(step, Release):
                 self._consumed[step.slot] = device.mark_consumed(self._slots[step.slot])
                 device.record("release", step.unit, step.slot)
@@ -349,6 +380,7 @@ class Engine:
         self.device.synchronize()
         self._views.clear()
         self._resident.clear()
+        self._inputs.close()
         self._free_all()
 
     def __enter__(self) -> "Engine":

@@ -23,7 +23,7 @@ from lema.app.batches import as_batch
 from lema.app.engine import Engine, StepReport
 from lema.app.seeds import dropout_seed, init_seed
 from lema.config import LemaConfig
-from lema.domain.model import blocks, heads
+from lema.domain.model import blocks, heads, tiling
 from lema.domain.model.context import BlockContext, make_context
 from lema.domain.model.lora import (
     LoraSpec,
@@ -78,7 +78,7 @@ class LemaModel:
         self.source = bootstrap.make_source(config.strategy, self._resolved, self.device)
         self.engine = Engine(self.spec, self.source, self.device, prefetch=config.prefetch_distance,
                              resident_units=self._plan.resident_units, plan=self._plan,
-                             compute_dtype=self.compute_dtype)
+                             compute_dtype=self.compute_dtype, offload_inputs=self._plan.offload_activations)
         self.embedding = self.source.read_unit(0)
         self.lora: LoraState | None = None
         self.last_report: StepReport | None = None
@@ -160,6 +160,7 @@ class LemaModel:
             ctx, x = self.prepare_inputs(input_ids, attention_mask, training=False)
             state: dict[str, Any] = {"x": x}
             lora = self.lora
+            tile = self._plan.tile_tokens
 
             def compute(phase: Phase, unit: int, weights: Any) -> None:
                 weights = self.cast_weights(weights)
@@ -168,7 +169,10 @@ class LemaModel:
                     return
                 layer = unit - 1
                 adapters = lora.layer(layer) if lora is not None else None
-                state["x"] = blocks.decoder_block(self.spec, weights, adapters, state["x"], ctx, layer)
+                if 0 < tile < state["x"].shape[1]:  # long sequences: the plan's tiles, as in training
+                    state["x"] = tiling.tiled_forward(self.spec, weights, adapters, state["x"], ctx, layer, tile)
+                else:
+                    state["x"] = blocks.decoder_block(self.spec, weights, adapters, state["x"], ctx, layer)
 
             self.last_report = self.engine.run(compute, mode="forward")
             return state["result"]

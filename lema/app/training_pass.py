@@ -11,6 +11,12 @@ weights already on the device. This module decides what a compute *does*:
   backpropagate the incoming gradient (LoRA gradients accumulate in their ``.grad``), and
   pass ``dL/dx_i`` on.
 
+With ``tile_tokens`` (chosen by the planner for long sequences) the checkpointed forward
+and the recompute + backward run the layer over sequence tiles
+(:mod:`lema.domain.model.tiling`). With activation offload the engine moves the saved
+inputs to host memory and back through :meth:`TrainingPass.take_input` and
+:meth:`TrainingPass.give_input` (the pass is the engine's ``InputStore``).
+
 With ``gradient_checkpointing=False`` the forward keeps each layer's autograd graph and the
 backward skips the recompute. The graph would pin the layer's weight slot, so saved base
 weights are swapped for a reference and looked up again in the slot the engine refills
@@ -23,11 +29,12 @@ from typing import Mapping
 
 import torch
 
-from lema.domain.model import blocks, heads
+from lema.domain.model import blocks, heads, tiling
 from lema.domain.model.context import BlockContext
 from lema.domain.model.lora import LoraState
 from lema.domain.model.spec import ModelSpec
 from lema.domain.schedule.layer_schedule import Phase
+from lema.errors import ConfigError
 
 
 class TrainingPass:
@@ -46,14 +53,20 @@ class TrainingPass:
         chunk_tokens: tokens per cross-entropy chunk.
         keep_logits: also keep the full float32 logits of the last layer's output (the
             ones the loss is computed from) in :attr:`logits`.
+        tile_tokens: positions per sequence tile of each layer (0, or the sequence length or
+            more: untiled); needs checkpointing.
     """
 
     def __init__(self, spec: ModelSpec, lora: LoraState, ctx: BlockContext, x0: torch.Tensor,
                  targets: torch.Tensor, *, loss_scale: float = 1.0, checkpointing: bool = True,
                  chunk_tokens: int = heads.DEFAULT_CHUNK_TOKENS, keep_logits: bool = False,
-                 token_count: int | None = None) -> None:
+                 token_count: int | None = None, tile_tokens: int = 0) -> None:
+        tiled = 0 < tile_tokens < x0.shape[1]
+        if tiled and not checkpointing:
+            raise ConfigError("sequence tiling recomputes each layer: it needs gradient_checkpointing=True")
         self.spec, self.lora, self.ctx, self.targets = spec, lora, ctx, targets
         self.token_count = token_count
+        self.tile = tile_tokens if tiled else 0
         self.loss_scale, self.checkpointing = loss_scale, checkpointing
         self.chunk_tokens = chunk_tokens
         self.keep_logits = keep_logits
@@ -74,13 +87,27 @@ class TrainingPass:
         else:
             self._backward(unit, weights)
 
+    def take_input(self, unit: int) -> torch.Tensor:
+        """Hand ``unit``'s checkpointed input to the engine (activation offload)."""
+        if not self.checkpointing:
+            raise ConfigError("activation offload moves checkpointed inputs: it needs gradient_checkpointing=True")
+        return self.saved.pop(unit)
+
+    def give_input(self, unit: int, x: torch.Tensor) -> None:
+        """Take ``unit``'s checkpointed input back from the engine, before its backward."""
+        self.saved[unit] = x
+
     def _forward(self, unit: int, weights: Mapping[str, torch.Tensor]) -> None:
         layer = unit - 1
         x_in = self.x
         if self.checkpointing:
             self.saved[unit] = x_in
             with torch.no_grad():
-                self.x = blocks.decoder_block(self.spec, weights, self.lora.layer(layer), x_in, self.ctx, layer)
+                if self.tile:
+                    self.x = tiling.tiled_forward(self.spec, weights, self.lora.layer(layer), x_in, self.ctx, layer,
+                                                  self.tile)
+                else:
+                    self.x = blocks.decoder_block(self.spec, weights, self.lora.layer(layer), x_in, self.ctx, layer)
             return
         x_in = x_in.detach().requires_grad_(True)
         self.saved[unit] = x_in
@@ -114,6 +141,11 @@ class TrainingPass:
     def _backward(self, unit: int, weights: Mapping[str, torch.Tensor]) -> None:
         layer = unit - 1
         x_in = self.saved.pop(unit)
+        if self.tile:
+            grad, self.grad = self.grad, None
+            self.grad = tiling.tiled_backward(self.spec, weights, self.lora.layer(layer), x_in, grad, self.ctx,
+                                              layer, self.tile)
+            return
         if self.checkpointing:
             x_in = x_in.detach().requires_grad_(True)
             with torch.enable_grad():

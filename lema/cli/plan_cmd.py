@@ -37,6 +37,9 @@ DEFAULT_BANDWIDTH = "24G"  # bytes/s: PCIe 4.0 x16 host -> device from pinned me
               help="cuda or cpu (sets the runtime reserve and the attention path).")
 @click.option("--mode", default="train", show_default=True, help="train, or inference (forward only).")
 @click.option("--no-checkpointing", is_flag=True, help="Plan without gradient checkpointing.")
+@click.option("--offload-activations/--no-offload-activations", "offload", default=None,
+              help="Keep the checkpointed layer inputs in host memory between each layer's forward and backward "
+                   "(default: on when the run needs it to fit).")
 @click.option("--reserve", metavar="SIZE", help="Runtime reserve (default 512M on cuda, 0 on cpu).")
 @click.option("--bandwidth", default=DEFAULT_BANDWIDTH, show_default=True, metavar="SIZE[/s]",
               help="Host -> device bandwidth for the link time floor (assumed PCIe 4.0 x16).")
@@ -48,7 +51,8 @@ DEFAULT_BANDWIDTH = "24G"  # bytes/s: PCIe 4.0 x16 host -> device from pinned me
 def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: int, rank: int,
          targets: str | None, strategy: str, prefetch: int, dtype: str | None, quantize: str | None,
          no_double_quant: bool, config_path: str | None, device_kind: str, mode: str, no_checkpointing: bool,
-         reserve: str | None, bandwidth: str, nproc: int, as_json: bool, list_models: bool) -> None:
+         offload: bool | None, reserve: str | None, bandwidth: str, nproc: int, as_json: bool,
+         list_models: bool) -> None:
     """Plan the device and host memory of a LoRA run, and say whether it fits."""
     from lema.adapters.weights.model_files import (
         default_environment_allows_network,
@@ -72,7 +76,7 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
         raise ConfigError("--ram needs --vram too (the device budget); e.g. --vram 8G --ram 32G")
     shape = TrainingShape(batch=batch, seq=seq, lora_rank=rank, lora_targets=targets, strategy=strategy,
                           prefetch=prefetch, dtype=dtype, gradient_checkpointing=not no_checkpointing,
-                          device_kind=device_kind, mode=mode,
+                          device_kind=device_kind, mode=mode, offload_activations=offload,
                           reserve_bytes=None if reserve is None else _reserve(reserve), local_ranks=nproc)
     resolved = resolve_model(model, config_path, allow_network=default_environment_allows_network())
     spec = resolved.spec
@@ -114,6 +118,7 @@ def _print_human(ref: str, resolved, result, link: int, floor: float, budget_sou
     from rich.console import Console
     from rich.table import Table
 
+    from lema.domain.plan.memory_plan import link_line, run_extras
     from lema.domain.units import format_size
 
     console = Console(highlight=False, soft_wrap=True)
@@ -125,7 +130,8 @@ def _print_human(ref: str, resolved, result, link: int, floor: float, budget_sou
                   f"(largest layer {format_size(m.largest_layer_bytes)}, head {format_size(m.head_bytes)})")
     console.print(f"run: {s.mode}, batch {s.batch}, seq {s.seq}, LoRA rank {s.lora_rank} on "
                   f"{','.join(m.lora_targets)}; {s.strategy.value}, prefetch {s.prefetch}, checkpointing "
-                  f"{'on' if s.gradient_checkpointing else 'off'}, {s.attention_path} attention, {s.device_kind}")
+                  f"{'on' if s.gradient_checkpointing else 'off'}, {s.attention_path} attention, {s.device_kind}"
+                  + run_extras(result))
     if resolved.note:
         console.print(f"note: {resolved.note}")
     table = Table(show_edge=False, pad_edge=False)
@@ -144,8 +150,8 @@ def _print_human(ref: str, resolved, result, link: int, floor: float, budget_sou
             table.add_row(where, item.name, format_size(item.bytes), item.note)
         table.add_row(where, "[bold]total[/]", f"[bold]{format_size(total)}[/]", "", end_section=True)
     console.print(table)
-    console.print(f"link: {format_size(result.transfer_bytes_per_step)} host -> device per step; at "
-                  f"{format_size(link)}/s (assumed) at least {floor:.2f} s per step")
+    console.print(f"link: {link_line(result)}; at {format_size(link)}/s (assumed, one copy stream) at least "
+                  f"{floor:.2f} s per step")
     if result.budget is None:
         console.print("no --vram given and no GPU visible: " + result.verdict())
     elif result.fits:

@@ -80,6 +80,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             logits = _capped(project(hc, weight, matmul_dtype=matmul_dtype), cap).float()
             loss += F.cross_entropy(logits, tc, ignore_index=IGNORE_INDEX, reduction="sum")
             if not (need_h or need_w):
+                del logits  # before the next chunk's logits exist
                 continue
             # d(sum CE)/d logits = softmax - onehot on counted rows, 0 on ignored rows.
             probs = torch.softmax(logits, dim=-1)
@@ -97,6 +98,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_h[start:start + chunk] = backproject(g, weight, matmul_dtype=matmul_dtype)
             if need_w:
                 grad_w += (g.t() @ hc).float()
+            del probs, g  # one chunk's logits at a time: these go before the next chunk's arrive
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.flags = (need_h, need_w)
         ctx.w_dtype = weight.dtype

@@ -1,16 +1,21 @@
-"""Assembling a plan: the model facts a shape needs, the device and host items, AUTO residency (pure).
+"""Assembling a plan: the model facts a shape needs, the device and host items, AUTO residency,
+and the activation choices (offload, tiles) when the shape leaves them to the planner (pure).
 
 See :mod:`lema.domain.plan.planner` for the device model these items follow.
 """
 
 from __future__ import annotations
 
+import attrs
+
 from lema.domain.model.spec import ModelSpec
 from lema.domain.plan import items as pi
+from lema.domain.plan import stages
 from lema.domain.plan.inputs import Budget, TrainingShape
 from lema.domain.plan.items import MemoryItem, ModelFacts
 from lema.domain.plan.memory_plan import MemoryPlan, ModelSummary
 from lema.domain.plan.strategy import MemoryStrategy
+from lema.domain.schedule.layer_schedule import kept_inputs
 from lema.domain.units import format_size
 
 
@@ -75,6 +80,11 @@ def build(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Bu
         MemoryItem("embedding", f.embed_only_bytes if resident_strategy else 0,
                    f"in RAM{shared}" if resident_strategy else "rows gathered from the mmap'd file"),
     ]
+    offloaded = offloaded_inputs(f, shape)
+    if offloaded:
+        x = shape.batch * shape.seq * f.hidden * f.act_bytes
+        host.append(MemoryItem("offloaded_inputs", offloaded * x,
+                               f"{offloaded} layer inputs x T h a" + (", pinned" if shape.device_kind == "cuda" else "")))
 
     decoders = [i for i in streamed if i <= n]
     transfer = sum(f.unit_bytes[i] for i in streamed)
@@ -85,7 +95,13 @@ def build(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Bu
         transfer += sum(f.unit_bytes[i] for i in decoders[:len(decoders) - max(kept, 0)])
     return MemoryPlan(model=summary, shape=shape, budget=budget, device_items=tuple(device), host_items=tuple(host),
                       resident_units=resident, streamed_units=streamed, slot_count=slot_count, slot_bytes=slot_bytes,
-                      transfer_bytes_per_step=transfer)
+                      transfer_bytes_per_step=transfer,
+                      activation_bytes_per_step=offloaded * shape.batch * shape.seq * f.hidden * f.act_bytes)
+
+
+def offloaded_inputs(f: ModelFacts, shape: TrainingShape) -> int:
+    """How many layer inputs leave the device each step (all but the kept ones)."""
+    return f.n_layers - kept_inputs(f.n_layers, shape.prefetch) if shape.offloads else 0
 
 
 def persistent_items(summary: ModelSummary, f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
@@ -117,6 +133,12 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
       one layer's recompute + backward;
     * ``optimizer_step``: every gradient plus the optimizer's temporaries (CUDA foreach:
       one parameter-sized copy of all; CPU: two of the largest tensor).
+
+    With activation offload only ``k`` inputs are on the device at a time instead of ``L``
+    (the kept ones, :func:`~lema.domain.schedule.layer_schedule.kept_inputs`: the current
+    input and the one fetched ahead); on CUDA the forward also holds the previous input
+    until its copy to the host is done. With tiling, a layer's forward and recompute +
+    backward are :mod:`lema.domain.plan.stages`' tiled items.
 
     Inference (``LemaModel.forward``): ``forward`` (the embedding output, the hidden state,
     one layer) and ``head`` (the same two + the full float32 logits it returns).
@@ -154,21 +176,35 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
                                                          "foreach: one copy" if shape.device_kind == "cuda"
                                                          else "two copies of the largest tensor")])
     if shape.gradient_checkpointing:
-        if n * x + g >= x + n * g:
-            kept = [MemoryItem("checkpointed_inputs", n * x, f"{n} layers x T h a"),
-                    MemoryItem("lora_grads", g, "the last layer's")]
+        k = kept_inputs(n, shape.prefetch) if shape.offloads else n
+        where = f"{k} of {n} layers on the device" if k < n else f"{n} layers"
+        # At backward position p (unit L - p) the device holds min(k, L - p) inputs and the
+        # gradients of p + 1 layers: the larger end is p = L - k or p = L - 1.
+        if k * x + (n - k + 1) * g >= x + n * g:
+            kept = [MemoryItem("checkpointed_inputs", k * x, f"{where} x T h a"),
+                    MemoryItem("lora_grads", (n - k + 1) * g, f"{n - k + 1} layers, fp32")]
         else:
             kept = [MemoryItem("checkpointed_inputs", x, "the first layer's"),
                     MemoryItem("lora_grads", n * g, f"{n} layers, fp32")]
-        inputs = MemoryItem("checkpointed_inputs", n * x, f"{n} layers x T h a")
+        inputs = MemoryItem("checkpointed_inputs", k * x, f"{where} x T h a")
+        forward_inputs = inputs
+        if k < n and shape.device_kind == "cuda" and k < 2:
+            forward_inputs = MemoryItem("checkpointed_inputs", 2 * x, "the current input + the previous one, "
+                                                                      "until its copy to the host is done")
+        tile = shape.tile
+        if tile:
+            layer = stages.tiled_forward(f, b, s, tile, attention)
+            recompute = stages.tiled_backward(f, b, s, tile, shape.lora_rank, attention)
+        else:
+            layer = pi.layer_forward(f, b, s, attention)
+            recompute = pi.layer_recompute(f, b, s, shape.lora_rank, attention)
         dequantize = [pi.summed("dequantize", kept + [MemoryItem("gradient", x, "incoming: T h a"), dequant])] \
             if temp else []
         return [
-            pi.summed("forward", [inputs, pi.layer_forward(f, b, s, attention)] + layer_wide),
+            pi.summed("forward", [forward_inputs, layer] + layer_wide),
             pi.summed("head", [inputs, MemoryItem("hidden_state", x, "x_L: T h a"),
                                pi.head_train(f, b, s, shape.head_chunk_tokens)] + head_wide),
-            pi.summed("layer_backward", kept + [pi.layer_recompute(f, b, s, shape.lora_rank, attention)]
-                      + layer_wide),
+            pi.summed("layer_backward", kept + [recompute] + layer_wide),
             optimizer,
         ] + dequantize
     m = pi.layer_model(f, b, s, shape.lora_rank, attention)
@@ -233,3 +269,43 @@ def auto_resident(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, bu
         if fits(k):
             best = k
     return _resident_prefix(n, best)
+
+
+MIN_TILE = 128  # positions: below this a tile's products are too small to keep the device busy
+
+
+def tile_candidates(seq: int) -> list[int]:
+    """Tile sizes the planner considers: the powers of two below ``seq``, largest first,
+    down to :data:`MIN_TILE`."""
+    out, tile = [], 1 << max((seq - 1).bit_length() - 1, 0)
+    while tile >= MIN_TILE:
+        out.append(tile)
+        tile //= 2
+    return out
+
+
+def activation_options(shape: TrainingShape) -> list[TrainingShape]:
+    """The resolved shapes a shape allows, in the planner's order of preference: whole
+    layers before tiles (larger first), and for each, inputs kept on the device before
+    offloaded (offload costs link time; tiling recomputes the projections)."""
+    if not (shape.training and shape.gradient_checkpointing):
+        return [attrs.evolve(shape, offload_activations=bool(shape.offload_activations), tile_tokens=0)]
+    offloads = [False, True] if shape.offload_activations is None else [shape.offload_activations]
+    tiles = [0, *tile_candidates(shape.seq)] if shape.tile_tokens is None else [shape.tile_tokens]
+    return [attrs.evolve(shape, offload_activations=o, tile_tokens=t) for t in tiles for o in offloads]
+
+
+def resolve_activations(summary: ModelSummary, f: ModelFacts, shape: TrainingShape,
+                        budget: Budget | None) -> TrainingShape:
+    """The shape with offload and tile decided: the first option that fits (with nothing
+    resident), else the one that needs the least device memory."""
+    options = activation_options(shape)
+    if budget is None or len(options) == 1:
+        return options[0]
+    plans = []
+    for option in options:
+        p = build(summary, f, option, budget, ())
+        if p.fits:
+            return option
+        plans.append((p.device_total, p.host_total, option))
+    return min(plans, key=lambda x: (x[0], x[1]))[2]

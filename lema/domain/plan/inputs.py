@@ -65,6 +65,12 @@ class TrainingShape:
         local_ranks: data-parallel ranks on this machine (torchrun ``--nproc-per-node``):
             the device items are per rank (``batch`` is per rank); the host holds one staging
             ring per rank and, with RESIDENT, one copy of the weights shared by all of them.
+        offload_activations: move the checkpointed layer inputs to host memory between a
+            layer's forward and its backward (True/False); None: the planner decides (on
+            when the run does not fit without). Training with checkpointing only.
+        tile_tokens: run each layer's token-wise stages over tiles of this many positions
+            (0: whole); None: the planner decides (the largest power of two that fits,
+            when the run does not fit whole). Training with checkpointing only.
 
     Raises:
         ConfigError: naming every field whose value is out of range, at once.
@@ -86,6 +92,8 @@ class TrainingShape:
     mode: str = "train"
     wide_matmul: bool = False
     local_ranks: int = 1
+    offload_activations: bool | None = None
+    tile_tokens: int | None = None
 
     def __attrs_post_init__(self) -> None:
         problems = []
@@ -111,6 +119,16 @@ class TrainingShape:
             problems.append(f"mode={self.mode!r} must be 'train' or 'inference'")
         if self.lora_targets is not None and (not self.lora_targets or not all(self.lora_targets)):
             problems.append(f"lora_targets={self.lora_targets!r} must be non-empty module names")
+        if self.offload_activations not in (None, True, False):
+            problems.append(f"offload_activations={self.offload_activations!r} must be True, False or None (auto)")
+        elif self.offload_activations and not (self.mode == "train" and self.gradient_checkpointing):
+            problems.append("offload_activations=True moves checkpointed layer inputs: it needs mode='train' "
+                            "with gradient checkpointing")
+        if self.tile_tokens is not None and (not is_int(self.tile_tokens) or self.tile_tokens < 0):
+            problems.append(f"tile_tokens={self.tile_tokens!r} must be an integer >= 0 (0: no tiling) or None (auto)")
+        elif self.tile_tokens and not (self.mode == "train" and self.gradient_checkpointing):
+            problems.append("tile_tokens: sequence tiling recomputes each layer: it needs mode='train' "
+                            "with gradient checkpointing")
         if problems:
             raise ConfigError("training shape: " + "; ".join(problems))
 
@@ -129,6 +147,17 @@ class TrainingShape:
     @property
     def training(self) -> bool:
         return self.mode == "train"
+
+    @property
+    def offloads(self) -> bool:
+        """The checkpointed layer inputs go to host memory (False while undecided: None)."""
+        return bool(self.offload_activations) and self.training and self.gradient_checkpointing
+
+    @property
+    def tile(self) -> int:
+        """Positions per sequence tile of each layer; 0: the layers run whole (or undecided)."""
+        tile = self.tile_tokens or 0
+        return tile if 0 < tile < self.seq and self.training and self.gradient_checkpointing else 0
 
 
 @attrs.frozen

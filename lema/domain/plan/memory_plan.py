@@ -52,6 +52,22 @@ class MemoryPlan:
     transfer_bytes_per_step: int
     recommendations: tuple[str, ...] = ()
     fixes: tuple[str, ...] = ()  # CLI options that each make it fit, e.g. "--seq 256"
+    activation_bytes_per_step: int = 0  # offloaded layer inputs: device -> host, and as many back
+
+    @property
+    def offload_activations(self) -> bool:
+        """Whether this plan moves the checkpointed layer inputs to host memory."""
+        return self.shape.offloads
+
+    @property
+    def tile_tokens(self) -> int:
+        """Positions per sequence tile of each layer (0: layers run whole)."""
+        return self.shape.tile
+
+    @property
+    def link_bytes_per_step(self) -> int:
+        """Bytes over the link per step, both ways: weights host -> device, layer inputs both ways."""
+        return self.transfer_bytes_per_step + 2 * self.activation_bytes_per_step
 
     @property
     def device_total(self) -> int:
@@ -87,10 +103,11 @@ class MemoryPlan:
         raise KeyError(name)
 
     def link_time_floor(self, bandwidth_bytes_per_s: float) -> float:
-        """Seconds per step the host -> device link needs at this bandwidth (a lower bound)."""
+        """Seconds per step the link needs at this bandwidth (a lower bound): the weights
+        host -> device and the offloaded inputs both ways, on one copy stream."""
         if not bandwidth_bytes_per_s > 0:
             raise ConfigError(f"bandwidth: {bandwidth_bytes_per_s!r} must be positive")
-        return self.transfer_bytes_per_step / bandwidth_bytes_per_s
+        return self.link_bytes_per_step / bandwidth_bytes_per_s
 
     def verdict(self) -> str:
         """One line: ``FITS: ...`` or ``DOES NOT FIT: ...; would fit with ...``."""
@@ -110,7 +127,8 @@ class MemoryPlan:
                       "gradient_checkpointing": s.gradient_checkpointing, "optimizer_states": s.optimizer_states,
                       "device_kind": s.device_kind, "attention": s.attention_path,
                       "head_chunk_tokens": s.head_chunk_tokens, "reserve_bytes": s.reserve, "mode": s.mode,
-                      "local_ranks": s.local_ranks},
+                      "local_ranks": s.local_ranks, "offload_activations": self.offload_activations,
+                      "tile_tokens": self.tile_tokens},
             "device": {"total_bytes": self.device_total, "items": [i.to_dict() for i in self.device_items]},
             "host": {"total_bytes": self.host_total, "items": [i.to_dict() for i in self.host_items]},
             "budget_bytes": None if self.budget is None else self.budget.device_bytes,
@@ -120,6 +138,8 @@ class MemoryPlan:
             "resident_units": list(self.resident_units), "streamed_units": list(self.streamed_units),
             "slot_count": self.slot_count, "slot_bytes": self.slot_bytes,
             "transfer_bytes_per_step": self.transfer_bytes_per_step,
+            "activation_bytes_per_step": self.activation_bytes_per_step,
+            "link_bytes_per_step": self.link_bytes_per_step,
             "recommendations": list(self.recommendations), "fixes": list(self.fixes),
         }
 
@@ -154,13 +174,32 @@ def explain(p: MemoryPlan) -> str:
         f"largest layer {format_size(m.largest_layer_bytes)}",
         f"run: {s.mode}, batch {s.batch}, seq {s.seq}, LoRA rank {s.lora_rank} on {', '.join(m.lora_targets)}, "
         f"strategy {s.strategy.value}, prefetch {s.prefetch}, checkpointing "
-        f"{'on' if s.gradient_checkpointing else 'off'}, {s.attention_path} attention",
+        f"{'on' if s.gradient_checkpointing else 'off'}, {s.attention_path} attention" + run_extras(p),
         f"device ({format_size(p.device_total)}):",
     ]
     lines += [f"  {i.name}: {format_size(i.bytes)}" + (f" ({i.note})" if i.note else "") for i in p.device_items]
     lines.append(f"host ({format_size(p.host_total)}):")
     lines += [f"  {i.name}: {format_size(i.bytes)}" + (f" ({i.note})" if i.note else "") for i in p.host_items]
-    lines.append(f"link: {format_size(p.transfer_bytes_per_step)} host -> device per step")
+    lines.append("link: " + link_line(p))
     lines.append(verdict(p))
     lines += [f"  - {r}" for r in p.recommendations]
     return "\n".join(lines)
+
+
+def run_extras(p: MemoryPlan) -> str:
+    """``", activation offload, 4096-position tiles"`` (empty when neither is on)."""
+    out = ""
+    if p.offload_activations:
+        out += ", activation offload"
+    if p.tile_tokens:
+        out += f", {p.tile_tokens}-position tiles"
+    return out
+
+
+def link_line(p: MemoryPlan) -> str:
+    """What crosses the link per step, both ways."""
+    text = f"{format_size(p.transfer_bytes_per_step)} host -> device per step"
+    if p.activation_bytes_per_step:
+        text = (f"{format_size(p.transfer_bytes_per_step)} of weights + {format_size(p.activation_bytes_per_step)} "
+                f"of layer inputs host -> device, {format_size(p.activation_bytes_per_step)} device -> host per step")
+    return text

@@ -11,10 +11,16 @@ units ``1..L+1`` (decoder layers and the head) are streamed through ``min(prefet
 n_streamed)`` slots of the largest streamed unit, unless kept resident (AUTO keeps as many
 decoder layers as fit, from layer 0 upward, then the head). The embedding is gathered on
 the host and only its output is uploaded. LoRA parameters, gradients and AdamW states are
-fp32. With gradient checkpointing each layer's input is kept. The step's transient phases
+fp32. With gradient checkpointing each layer's input is kept (on the device, or with
+activation offload in host memory between its forward and its backward). The step's transient phases
 (the forward, the head's chunked loss + backward, one layer's recompute + backward, the
 optimizer step) run one after another, so the device total is the persistent items plus
 ``activation_peak``, the largest phase (:func:`activation_phases`), not their sum.
+
+Offload and sequence tiling (``TrainingShape.offload_activations``, ``tile_tokens``) are
+decided here when the shape leaves them open (None): the cheapest option that fits, in
+the order whole layers on the device, whole layers with offload, then tiles from the
+largest down, each without and with offload (:func:`resolve_activations`).
 
 Example:
     >>> from lema.domain.model.spec import ModelSpec
@@ -31,7 +37,7 @@ import attrs
 
 from lema.domain.model.spec import ModelSpec
 from lema.domain.plan import items as pi
-from lema.domain.plan.assemble import _summary, auto_resident, build, facts_for
+from lema.domain.plan.assemble import _summary, auto_resident, build, facts_for, resolve_activations
 from lema.domain.plan.inputs import Budget, TrainingShape
 from lema.domain.plan.items import MemoryItem, ModelFacts
 from lema.domain.plan.memory_plan import MemoryPlan, ModelSummary
@@ -64,11 +70,12 @@ def plan(spec: ModelSpec, shape: TrainingShape | None = None, budget: Budget | N
     def facts_at(code: str) -> ModelFacts:
         return pi.model_facts(spec, code, f.targets, f.lora_modules, f.lora_keys)
 
-    recs, fixes = recommendations(summary, f, result, facts_at)
+    recs, fixes = recommendations(summary, f, result, facts_at, requested=shape)
     return attrs.evolve(result, recommendations=recs, fixes=fixes)
 
 
 def _plan_with(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Budget | None) -> MemoryPlan:
+    shape = resolve_activations(summary, f, shape, budget)
     if shape.strategy is MemoryStrategy.AUTO:
         resident = auto_resident(summary, f, shape, budget)
     else:
@@ -80,5 +87,7 @@ def max_resident_layers(spec: ModelSpec, shape: TrainingShape | None = None, bud
     """How many decoder layers AUTO keeps on the device at this budget (0..n_layers)."""
     shape = TrainingShape() if shape is None else shape
     f = facts_for(spec, shape)
-    resident = auto_resident(_summary(spec, shape, f), f, shape, budget)
+    summary = _summary(spec, shape, f)
+    shape = resolve_activations(summary, f, shape, budget)
+    resident = auto_resident(summary, f, shape, budget)
     return sum(1 for i in resident if i <= spec.n_layers)

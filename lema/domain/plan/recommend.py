@@ -1,7 +1,9 @@
 """What would make a plan fit (pure).
 
 Every recommended value is found by planning again (binary search over the pure plan),
-so a recommended ``--batch`` or ``--seq`` really fits when planned with it.
+so a recommended ``--batch`` or ``--seq`` really fits when planned with it. Offload and
+tiles the user left to the planner are decided again for every candidate, as the planner
+would decide them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Callable
 import attrs
 
 from lema.domain.plan import items as pi
-from lema.domain.plan.assemble import auto_resident, build
+from lema.domain.plan.assemble import activation_options, auto_resident, build
 from lema.domain.plan.inputs import TrainingShape
 from lema.domain.plan.memory_plan import MemoryPlan, ModelSummary
 from lema.domain.plan.strategy import MemoryStrategy
@@ -21,8 +23,9 @@ MAX_BATCH = 1 << 14
 
 
 def _fits(summary: ModelSummary, f: pi.ModelFacts, shape: TrainingShape, p: MemoryPlan) -> bool:
-    # With nothing resident: AUTO fits exactly when its all-streamed plan fits.
-    return build(summary, f, shape, p.budget, ()).fits
+    # With nothing resident: AUTO fits exactly when its all-streamed plan fits; offload and
+    # tiles left open fit when one of the planner's options does.
+    return any(build(summary, f, option, p.budget, ()).fits for option in activation_options(shape))
 
 
 def _largest(ok: Callable[[int], bool], lo: int, hi: int) -> int | None:
@@ -39,15 +42,17 @@ def _largest(ok: Callable[[int], bool], lo: int, hi: int) -> int | None:
 
 
 def recommendations(summary: ModelSummary, f: pi.ModelFacts, p: MemoryPlan,
-                    facts_at: Callable[[str], pi.ModelFacts] | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+                    facts_at: Callable[[str], pi.ModelFacts] | None = None,
+                    requested: TrainingShape | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Recommendations (sentences) and fixes (CLI options that each make ``p`` fit).
 
     Args:
         summary, f: the model, as the plan saw it.
         p: a plan with a budget.
         facts_at: the model's facts at another dtype code (for the ``--dtype`` suggestion).
+        requested: the shape as asked for (offload and tiles maybe left open; default ``p.shape``).
     """
-    s, recs, fixes = p.shape, [], []
+    s, recs, fixes = (requested or p.shape), [], []
 
     def fits(**changes: object) -> bool:
         return _fits(summary, f, attrs.evolve(s, **changes), p)
@@ -60,6 +65,7 @@ def recommendations(summary: ModelSummary, f: pi.ModelFacts, p: MemoryPlan,
         if seq is not None:
             capped = " (the model's context length)" if seq == summary.max_positions else ""
             recs.append(f"largest sequence that fits at batch {s.batch}: --seq {seq}{capped}")
+        _activations(summary, f, p, s, recs)
         _residency(summary, f, p, recs)
         return tuple(recs), ()
     if not p.device_fits or not p.host_fits:
@@ -74,6 +80,11 @@ def recommendations(summary: ModelSummary, f: pi.ModelFacts, p: MemoryPlan,
             fixes.append(f"--prefetch {prefetch}")
             slots = "1 weight slot" if prefetch == 0 else f"{prefetch + 1} weight slots"
             recs.append(f"--prefetch {prefetch} fits ({slots} instead of {p.slot_count})")
+        if s.offload_activations is False and fits(offload_activations=None):
+            fixes.append("--offload-activations")
+            recs.append("--offload-activations fits: the checkpointed layer inputs wait in host memory between "
+                        "each layer's forward and backward" + (" (with sequence tiling)" if not fits(
+                            offload_activations=True, tile_tokens=0) else ""))
         if not p.host_fits and s.strategy is MemoryStrategy.RESIDENT and fits(strategy=MemoryStrategy.STREAMING):
             fixes.append("--strategy streaming")
             recs.append("--strategy streaming fits: weights stay in the mmap'd file instead of host RAM")
@@ -83,11 +94,26 @@ def recommendations(summary: ModelSummary, f: pi.ModelFacts, p: MemoryPlan,
                 fixes.append("--dtype bfloat16")
                 recs.append("--dtype bfloat16 fits (weights cast to 16-bit on load, half the bytes)")
     if not fixes:
-        floor = build(summary, f, attrs.evolve(s, batch=1, seq=1, prefetch=0), None, ())
+        floor = build(summary, f, attrs.evolve(p.shape, batch=1, seq=1, prefetch=0), None, ())
         recs.append(f"nothing at this budget fits: even batch 1, seq 1, prefetch 0 needs "
                     f"{format_size(floor.device_total)} on the device (largest streamed unit "
                     f"{format_size(floor.slot_bytes)}); use a larger device or a smaller model")
     return tuple(recs), tuple(fixes)
+
+
+def _activations(summary: ModelSummary, f: pi.ModelFacts, p: MemoryPlan, requested: TrainingShape,
+                 recs: list[str]) -> None:
+    """Say what the planner turned on for the run to fit, and what the run needs without it."""
+    s = p.shape
+    if s.offloads and requested.offload_activations is None:
+        without = build(summary, f, attrs.evolve(s, offload_activations=False), p.budget, p.resident_units)
+        recs.append(f"activation offload is on: {format_size(p.activation_bytes_per_step)} of layer inputs wait in "
+                    f"host memory between each layer's forward and backward (without it the run needs "
+                    f"{format_size(without.device_total)}; --no-offload-activations turns it off)")
+    if s.tile and requested.tile_tokens is None:
+        whole = build(summary, f, attrs.evolve(s, tile_tokens=0), p.budget, p.resident_units)
+        recs.append(f"sequence tiling is on: each layer's projections and MLP run over {s.tile}-position tiles "
+                    f"(whole layers would need {format_size(whole.device_total)})")
 
 
 def _residency(summary: ModelSummary, f: pi.ModelFacts, p: MemoryPlan, recs: list[str]) -> None:

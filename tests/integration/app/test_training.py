@@ -133,8 +133,12 @@ def test_training_within_a_device_capacity_matches_the_plan(tmp_path):
 
 
 def test_a_budget_below_the_plan_is_refused_before_training(llama_file):
-    probe = LemaModel(LemaConfig(gbi_path=str(llama_file), device="cpu"))
-    total = probe.plan().device_total
+    # With no room at all, the planner reports its smallest plan (activation offload, the
+    # smallest tiles): a budget just below that is refused before anything is allocated.
+    with pytest.raises(DoesNotFitError) as tiny:
+        LemaModel(LemaConfig(gbi_path=str(llama_file), device="cpu", vram_budget=1))
+    total = tiny.value.plan.device_total
     with pytest.raises(DoesNotFitError) as info:
         LemaModel(LemaConfig(gbi_path=str(llama_file), device="cpu", vram_budget=int(total * 0.97)))
     assert "fit" in str(info.value).lower()
+    assert LemaModel(LemaConfig(gbi_path=str(llama_file), device="cpu", vram_budget=total)).plan().fits

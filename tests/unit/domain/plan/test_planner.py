@@ -241,8 +241,9 @@ def test_dtype_override_halves_the_weights_and_is_recommended_for_fp32():
     spec = SPECS["gpt2"]
     assert plan(spec, TrainingShape(dtype="bfloat16")).slot_bytes * 2 == plan(spec).slot_bytes
     # activations dominate at batch 8 x 1024 tokens: 16-bit halves them (the computing unit's
-    # cast copy eats the saving on the weights)
-    p = plan(spec, TrainingShape(prefetch=0, device_kind="cpu", seq=1024, batch=8), Budget(1024 * 1024**2))
+    # cast copy eats the saving on the weights); whole layers on the device, as asked
+    shape = TrainingShape(prefetch=0, device_kind="cpu", seq=1024, batch=8, offload_activations=False, tile_tokens=0)
+    p = plan(spec, shape, Budget(1024 * 1024**2))
     assert not p.fits and "--dtype bfloat16" in p.fixes
 
 

@@ -216,3 +216,80 @@ def test_bad_engine_arguments_raise_config_error(model):
     engine.close()
     with pytest.raises(ConfigError, match="closed"):
         engine.run(lambda *a: None)
+
+
+# -- activation offload (issue 14) ------------------------------------------------------------
+
+
+class Inputs:
+    """A toy pass that keeps one 'checkpointed input' per decoder unit, like TrainingPass."""
+
+    def __init__(self, n_layers: int, device: CpuDevice) -> None:
+        self.n_layers, self.device = n_layers, device
+        self.saved: dict[int, torch.Tensor] = {}
+        self.seen: list[tuple[str, int]] = []
+
+    def take_input(self, unit):
+        return self.saved.pop(unit)
+
+    def give_input(self, unit, x):
+        self.saved[unit] = x
+
+    def __call__(self, phase, unit, weights):
+        if unit > self.n_layers:
+            return
+        if phase is Phase.FORWARD:
+            with self.device.measuring():
+                self.saved[unit] = torch.full((3, 1000), float(unit))
+        else:
+            x = self.saved.pop(unit)
+            assert x.shape == (3, 1000) and torch.equal(x, torch.full((3, 1000), float(unit))), unit
+            self.seen.append((phase.value, unit))
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+def test_offloaded_inputs_come_back_intact_and_stop_counting_meanwhile(model, prefetch):
+    spec, root, state = model
+    device = CpuDevice(link_bandwidth=2e9)
+    source = ResidentSource.from_state_dict(spec, state)
+    decoders = list(range(1, LAYERS + 1))
+    with Engine(spec, source, device, prefetch=prefetch, offload_inputs=True) as engine:
+        for _ in range(2):  # host buffers are allocated once and reused
+            store = Inputs(LAYERS, device)
+            before = device.current_bytes()
+            report = engine.run(store, backward_units=decoders, inputs=store)
+            assert store.seen == [("backward", u) for u in reversed(decoders)] and not store.saved
+            kept = 1 if prefetch == 0 else 2
+            assert report.activation_bytes == (LAYERS - kept) * 3 * 1000 * 4
+            # inputs on the device at once: the kept ones, plus one in flight either way
+            assert report.device_peak_bytes - before <= (kept + 1) * 12000 + slot_count(LAYERS + 1, prefetch) * \
+                slot_bytes(spec.units[1:])
+            assert device.current_bytes() == before  # every fetched input was freed after its backward
+        assert device.bytes_downloaded == 2 * report.activation_bytes
+    kinds = [e[0] for e in report.timeline]
+    assert kinds.count("download_done") == LAYERS - kept and kinds.count("upload_done") >= LAYERS - kept
+
+
+def test_an_offloading_engine_needs_the_pass_inputs_and_recovers_after_an_error(model):
+    spec, root, state = model
+    device = CpuDevice()
+    source = ResidentSource.from_state_dict(spec, state)
+    decoders = list(range(1, LAYERS + 1))
+    with Engine(spec, source, device, prefetch=1, offload_inputs=True) as engine:
+        with pytest.raises(ConfigError, match="inputs="):
+            engine.run(lambda *a: None, backward_units=decoders)
+        engine.run(lambda *a: None, mode="forward")  # a forward pass moves no inputs
+        store = Inputs(LAYERS, device)
+
+        def failing(phase, unit, weights):
+            if phase is Phase.BACKWARD and unit == 2:
+                raise RuntimeError("backward failed")
+            store(phase, unit, weights)
+
+        with pytest.raises(RuntimeError, match="backward failed"):
+            engine.run(failing, backward_units=decoders, inputs=store)
+        store = Inputs(LAYERS, device)
+        before = device.current_bytes()
+        engine.run(store, backward_units=decoders, inputs=store)
+        assert store.seen == [("backward", u) for u in reversed(decoders)]
+        assert device.current_bytes() == before

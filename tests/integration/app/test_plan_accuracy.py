@@ -2,7 +2,8 @@
 
 Whole training steps (prepare + engine run + optimizer step, AdamW states created by the
 first step) and one inference forward, on small random transformers models of varied
-shape, dtype, batch, sequence, rank, prefetch and strategy.
+shape, dtype, batch, sequence, rank, prefetch and strategy, and long sequences whose
+budget makes the planner offload the layer inputs and tile the layers (issue 14).
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ def _llama(h: int, ff: int, layers: int, vocab: int, heads: int = 4, kv: int = 2
 
     return LlamaForCausalLM(LlamaConfig(hidden_size=h, intermediate_size=ff, num_hidden_layers=layers,
                                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
-                                        max_position_embeddings=1024))
+                                        max_position_embeddings=4096))
 
 
 def _gpt2(h: int, layers: int, vocab: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(n_embd=h, n_layer=layers, n_head=4, vocab_size=vocab, n_positions=512,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    return GPT2LMHeadModel(GPT2Config(n_embd=h, n_layer=layers, n_head=4, vocab_size=vocab, n_positions=4096,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                      eos_token_id=0))
 
 
 def _family(name: str):
@@ -91,13 +93,35 @@ CASES = {
     "phi3-f32": (lambda: _family("phi3"), None, dict(batch_size=2, max_seq_len=128, lora_rank=8,
                                                      prefetch_distance=1)),
 }
+# Long sequences at budgets that make the planner offload the layer inputs and/or tile the
+# layers: id -> (builder, dtype, config, expected (offload, tile)).
+LONG = {
+    "llama-2k-offload-tiles": (lambda: _llama(64, 172, 4, 256), None,
+                               dict(batch_size=1, max_seq_len=2048, lora_rank=8, prefetch_distance=1,
+                                    vram_budget=7_000_000), (True, 256)),
+    "llama-bf16-2k-tiles": (lambda: _llama(64, 172, 4, 256), torch.bfloat16,
+                            dict(batch_size=1, max_seq_len=2048, lora_rank=8, prefetch_distance=1,
+                                 vram_budget=6_000_000), (None, 512)),
+    "llama-wide-batch-offload": (lambda: _llama(128, 344, 6, 512, heads=8, kv=8), None,
+                                 dict(batch_size=2, max_seq_len=1024, lora_rank=8, prefetch_distance=0,
+                                      vram_budget=26_000_000), (True, None)),
+    "gpt2-2k-tiles": (lambda: _gpt2(64, 4, 256), None,
+                      dict(batch_size=1, max_seq_len=2048, lora_rank=8, prefetch_distance=1,
+                           vram_budget=9_000_000), (None, 256)),
+}
+for _id, (_build, _dtype, _config, _) in LONG.items():
+    CASES[_id] = (_build, _dtype, _config)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c if c not in LONG else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
 def test_training_peak_matches_plan(tmp_path, case):
     build, dtype, config = CASES[case]
     model = _model(tmp_path, build, dtype, **config)
     planned = model.plan().device_total
+    if case in LONG:  # the plan took the long-context measures this case is about
+        offload, tile = LONG[case][3]
+        assert offload is None or model.plan().offload_activations == offload
+        assert tile is None or model.plan().tile_tokens == tile
     model.initialize_lora()
     trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3))
     ids = torch.randint(0, model.spec.vocab_size, (config["batch_size"], config["max_seq_len"]))

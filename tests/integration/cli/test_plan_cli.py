@@ -256,3 +256,34 @@ def test_unknown_hub_id_offline_says_so(monkeypatch):
     result = run("--model", "someone/not-a-real-model-xyz")
     assert result.exit_code == 2
     assert "network is off" in result.output
+
+
+@pytest.mark.parametrize("model, vram, seq", [("llama-2-7b", "8G", "32768"), ("llama-3.1-8b", "24G", "65536")])
+def test_long_context_fits_with_activation_offload_and_tiles(model, vram, seq):
+    """Issue 14's must-show: 7B at 32k tokens on 8 GiB, 8B at 64k tokens on 24 GiB, items shown."""
+    result = run("--model", model, "--vram", vram, "--seq", seq)
+    assert result.exit_code == 0, result.output
+    for text in ("FITS: ", "activation offload", "-position tiles", "offloaded_inputs", "30 layer inputs x T h a, pinned",
+                 "of layer inputs host -> device", "device -> host per step", "activation offload is on",
+                 "sequence tiling is on"):
+        assert text in result.output, text
+    data = plan_json("--model", model, "--vram", vram, "--seq", seq)
+    assert data["fits"] and data["shape"]["offload_activations"] is True and data["shape"]["tile_tokens"] > 0
+    host = {i["name"]: i["bytes"] for i in data["host"]["items"]}
+    assert host["offloaded_inputs"] == data["activation_bytes_per_step"] == 30 * int(seq) * 4096 * 2
+    assert data["link_bytes_per_step"] == data["transfer_bytes_per_step"] + 2 * data["activation_bytes_per_step"]
+    phases = {p["name"]: p for p in next(i for i in data["device"]["items"] if i["name"] == "activation_peak")["parts"]}
+    assert set(phases) == {"forward", "head", "layer_backward", "optimizer_step"}
+
+
+def test_no_offload_activations_says_offload_would_fit():
+    result = run("--model", "llama-2-7b", "--vram", "8G", "--seq", "32768", "--no-offload-activations")
+    assert result.exit_code == 1
+    assert "would fit with" in result.output and "--offload-activations" in result.output
+    assert "offloaded_inputs" not in result.output
+
+
+def test_offload_activations_needs_training_with_checkpointing():
+    for extra in (("--mode", "inference"), ("--no-checkpointing",)):
+        result = run("--model", "llama-2-7b", "--offload-activations", *extra)
+        assert result.exit_code == 2 and result.output.startswith("Error: ") and "offload_activations" in result.output

@@ -17,7 +17,7 @@ from lema.domain.plan.planner import (
     plan,
 )
 from lema.domain.plan.strategy import MemoryStrategy
-from lema.domain.schedule.layer_schedule import Fetch, build_schedule
+from lema.domain.schedule.layer_schedule import Fetch, OffloadInput, build_schedule
 from lema.errors import ConfigError
 
 GiB = 1024**3
@@ -28,11 +28,23 @@ SPECS["tiny"] = ModelSpec.from_config(TINY, dtype="F32")
 
 specs = st.sampled_from(sorted(SPECS))
 strategies = st.sampled_from(list(MemoryStrategy))
-shapes = st.builds(
-    TrainingShape, batch=st.integers(1, 8), seq=st.integers(1, 2048), lora_rank=st.integers(1, 64),
-    strategy=strategies, prefetch=st.integers(0, 4), gradient_checkpointing=st.booleans(),
-    device_kind=st.sampled_from(["cuda", "cpu"]), mode=st.sampled_from(["train", "inference"]),
-)
+
+
+@st.composite
+def shapes(draw):
+    """Training shapes; offload and tiles left to the planner or fixed where they apply."""
+    shape = draw(st.builds(
+        TrainingShape, batch=st.integers(1, 8), seq=st.integers(1, 2048), lora_rank=st.integers(1, 64),
+        strategy=strategies, prefetch=st.integers(0, 4), gradient_checkpointing=st.booleans(),
+        device_kind=st.sampled_from(["cuda", "cpu"]), mode=st.sampled_from(["train", "inference"]),
+    ))
+    applies = shape.training and shape.gradient_checkpointing
+    offload = draw(st.sampled_from([None, False, True] if applies else [None, False]))
+    tile = draw(st.sampled_from([None, 0, 128, 1000] if applies else [None, 0]))
+    return attrs.evolve(shape, offload_activations=offload, tile_tokens=tile)
+
+
+shapes = shapes()
 budgets = st.integers(64 * 1024**2, 64 * GiB)
 
 
@@ -286,3 +298,94 @@ def test_budget_from_strings_names_the_option():
             Budget.from_strings(bad)
     with pytest.raises(ConfigError):
         Budget(0)
+
+
+# -- long context: activation offload and sequence tiling (issue 14) -------------------------------
+
+
+LONG = ModelSpec.from_config(builtin_config("llama-2-7b"))
+
+
+def test_offloaded_inputs_wait_in_host_memory_and_cross_the_link_both_ways():
+    shape = TrainingShape(seq=4096, prefetch=2, tile_tokens=0)
+    on = plan(LONG, attrs.evolve(shape, offload_activations=True))
+    off = plan(LONG, attrs.evolve(shape, offload_activations=False))
+    x = 4096 * 4096 * 2  # one layer input: T h a
+    assert on.item("offloaded_inputs").bytes == 30 * x  # 32 layers, the last 2 stay for the turn
+    assert on.activation_bytes_per_step == 30 * x and off.activation_bytes_per_step == 0
+    assert on.transfer_bytes_per_step == off.transfer_bytes_per_step  # the weights move as before
+    assert on.link_bytes_per_step == on.transfer_bytes_per_step + 2 * 30 * x
+    assert on.link_time_floor(1e9) == pytest.approx(on.link_bytes_per_step / 1e9)
+    phases = {p.name: p for p in on.item("activation_peak").parts}
+    assert _find(phases["head"], "checkpointed_inputs")[0].bytes == 2 * x
+    # The largest phase is a layer's backward; without offload, at the first layer backward
+    # (32 inputs, one layer's LoRA gradients), with it at the 30th (2 inputs, 31 layers' gradients).
+    g = on.model.lora_parameters * 4 // 32
+    assert off.device_total - on.device_total == 30 * x - 30 * g
+    assert "offloaded_inputs" not in {i.name for i in off.host_items}
+
+
+@given(specs, st.integers(0, 4), st.integers(1, 4), st.integers(16, 1024))
+def test_offloaded_bytes_match_the_schedule(name, prefetch, batch, seq):
+    """The plan's activation bytes are the schedule's OffloadInput steps times one layer input."""
+    spec = SPECS[name]
+    p = plan(spec, TrainingShape(batch=batch, seq=seq, prefetch=prefetch, offload_activations=True))
+    n = spec.n_layers
+    steps = build_schedule(list(range(1, n + 2)), prefetch, backward_units=frozenset(range(1, n + 1)),
+                           offload_inputs=True)
+    x = batch * seq * spec.hidden_size * {"F32": 4, "F16": 2, "BF16": 2}[p.model.dtype]
+    assert p.activation_bytes_per_step == sum(1 for s in steps if isinstance(s, OffloadInput)) * x
+
+
+@pytest.mark.parametrize("name", ["llama-2-7b", "gpt2", "tiny"])
+def test_smaller_tiles_never_need_more_and_whole_layers_are_tile_zero(name):
+    spec = SPECS[name]
+    shape = TrainingShape(seq=2048, batch=2, offload_activations=True)
+    totals = [plan(spec, attrs.evolve(shape, tile_tokens=t)).device_total for t in (0, 1024, 512, 256, 128)]
+    assert totals == sorted(totals, reverse=True) and totals[0] > totals[-1]
+    assert plan(spec, attrs.evolve(shape, tile_tokens=4096)).device_total == totals[0]  # a tile >= seq is whole
+
+
+def test_the_planner_turns_on_offload_then_tiles_only_when_needed():
+    spec = LONG
+    roomy = plan(spec, TrainingShape(seq=512), Budget.from_strings("8G"))
+    assert not roomy.offload_activations and roomy.tile_tokens == 0
+    long = plan(spec, TrainingShape(seq=32768), Budget.from_strings("8G"))
+    assert long.fits and long.offload_activations and long.tile_tokens in (4096, 8192, 16384)
+    # the chosen tile is the largest that fits: the next larger one does not
+    larger = plan(spec, TrainingShape(seq=32768, offload_activations=True, tile_tokens=2 * long.tile_tokens),
+                  Budget.from_strings("8G"))
+    assert not larger.fits
+    assert any("activation offload is on" in r for r in long.recommendations)
+    assert any(f"{long.tile_tokens}-position tiles" in r for r in long.recommendations)
+    # offload alone is preferred to tiles when it is enough
+    mid = plan(spec, TrainingShape(seq=4096), Budget(plan(spec, TrainingShape(seq=4096, offload_activations=True,
+                                                                             tile_tokens=0)).device_total))
+    assert mid.offload_activations and mid.tile_tokens == 0
+
+
+def test_must_show_long_context_runs_fit():
+    """Issue 14: llama-2-7b at 32k tokens on 8 GiB, llama-3.1-8b at 64k tokens on 24 GiB."""
+    for name, vram, seq in (("llama-2-7b", "8G", 32768), ("llama-3.1-8b", "24G", 65536)):
+        p = plan(ModelSpec.from_config(builtin_config(name)), TrainingShape(seq=seq), Budget.from_strings(vram))
+        assert p.fits, p.explain()
+        assert p.offload_activations and p.tile_tokens
+        assert p.item("offloaded_inputs").bytes == 30 * seq * 4096 * 2
+
+
+def test_forbidding_offload_says_it_would_fit():
+    p = plan(LONG, TrainingShape(seq=32768, offload_activations=False), Budget.from_strings("8G"))
+    assert not p.fits and "--offload-activations" in p.fixes
+    assert "would fit with" in p.verdict() and "--offload-activations" in p.verdict()
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"offload_activations": True, "mode": "inference"}, "offload_activations=True"),
+    ({"offload_activations": True, "gradient_checkpointing": False}, "offload_activations=True"),
+    ({"offload_activations": "yes"}, "offload_activations='yes'"),
+    ({"tile_tokens": -1}, "tile_tokens=-1"),
+    ({"tile_tokens": 256, "mode": "inference"}, "tile_tokens"),
+])
+def test_offload_and_tiles_need_checkpointed_training(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        TrainingShape(**kwargs)

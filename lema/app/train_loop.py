@@ -296,7 +296,9 @@ def plan_summary(model: Any) -> str:
     s = p.shape
     head = (f"plan: {s.strategy.value} on {model.device.torch_device}, batch {s.batch} x seq {s.seq}, "
             f"LoRA rank {s.lora_rank} ({p.model.lora_parameters:,} trainable parameters), "
-            f"{p.model.n_layers} layers, {len(p.resident_units)} units resident")
+            f"{p.model.n_layers} layers, {len(p.resident_units)} units resident"
+            + (", activation offload" if p.offload_activations else "")
+            + (f", {p.tile_tokens}-position tiles" if p.tile_tokens else ""))
     if p.budget is None:
         body = f"device {format_size(p.device_total)} needed (no budget to check against)"
     else:

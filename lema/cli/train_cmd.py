@@ -94,6 +94,9 @@ EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
               help="Seeds the adapter init, LoRA dropout and data order.")
 @click.option("--tokenizer", metavar="PATH", help="Tokenizer folder (default: the model's folder).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--offload-activations/--no-offload-activations", "offload", default=None,
+              help="Keep the checkpointed layer inputs in host memory between each layer's forward and backward "
+                   "(default: on when the memory plan needs it; the planner also tiles long sequences).")
 @click.option("--prefetch", type=click.IntRange(min=0), default=2, show_default=True,
               help="Layers read ahead of the one computing.")
 @click.option("--max-line-size", default="1M", show_default=True, metavar="SIZE",
@@ -169,6 +172,7 @@ class TrainOptions:
     seed: int
     tokenizer: str | None
     device: str
+    offload: bool | None
     prefetch: int
     max_line_size: str
     warmup: int
@@ -205,6 +209,7 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any) -> int
 
     runtime = dict(gbi_path=gbi_path, model_name_or_path=name_or_path, strategy=o.strategy, device=o.device,
                    vram_budget=o.vram, prefetch_distance=o.prefetch, batch_size=o.batch, max_seq_len=o.seq,
+                   offload_activations="auto" if o.offload is None else o.offload,
                    gradient_accumulation_steps=o.grad_accum)
     if ckpt is not None:
         from lema.app import bootstrap

@@ -117,6 +117,22 @@ def test_a_plan_that_does_not_fit_exits_1_and_says_what_would(tmp_path, model_di
     assert not (tmp_path / "run" / "final").exists()
 
 
+def test_offload_activations_option_trains_with_inputs_in_host_memory(tmp_path, model_dir, data):
+    """--offload-activations: the same adapter as without (offload moves bytes, not math)."""
+    outs = {}
+    for flag in ("--offload-activations", "--no-offload-activations"):
+        out = tmp_path / flag
+        # prefetch 0: of the tiny model's 2 layers, the first one's input leaves the device
+        result = run(*base_args(model_dir, data["txt"], out, "--steps", "2", "--prefetch", "0", flag))
+        assert result.exit_code == 0, result.output
+        assert ("activation offload" in result.output) == (flag == "--offload-activations")  # the plan line
+        outs[flag] = adapter(out / "final")
+    a, b = outs.values()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "--offload-activations" / "final" / "trainer_state.json").read_text()
+                      )["config"]["offload_activations"] is True
+
+
 @pytest.mark.parametrize("name,content,where", [
     ("empty.txt", "", "empty.txt: the file is empty"),
     ("bad.jsonl", '{"text": "fine"}\n{"text": oops}\n', "bad.jsonl, line 2: invalid JSON"),

@@ -57,24 +57,36 @@ def recommendations(summary: ModelSummary, f: pi.ModelFacts, p: MemoryPlan,
     def fits(**changes: object) -> bool:
         return _fits(summary, f, attrs.evolve(s, **changes), p)
 
+    def needing(*notes: str, **changes: object) -> str:
+        """`` (notes; with activation offload)`` when the changed run fits only with measures this
+        plan has not taken; just the notes otherwise."""
+        option = next((o for o in activation_options(attrs.evolve(s, **changes))
+                       if build(summary, f, o, p.budget, ()).fits), None)
+        taken = [] if option is None else [
+            name for name, now, before in (("activation offload", option.offloads, p.shape.offloads),
+                                           (f"{option.tile}-position tiles", option.tile, p.shape.tile))
+            if now and not before]
+        words = [*notes, *(["with " + " and ".join(taken)] if taken else [])]
+        return f" ({'; '.join(words)})" if words else ""
+
     batch = _largest(lambda b: fits(batch=b), 1, MAX_BATCH)
     seq = _largest(lambda q: fits(seq=q), 1, max(summary.max_positions, s.seq))
     if p.fits:
         if batch is not None:
-            recs.append(f"largest batch that fits at seq {s.seq}: --batch {batch}")
+            recs.append(f"largest batch that fits at seq {s.seq}: --batch {batch}{needing(batch=batch)}")
         if seq is not None:
-            capped = " (the model's context length)" if seq == summary.max_positions else ""
-            recs.append(f"largest sequence that fits at batch {s.batch}: --seq {seq}{capped}")
+            capped = ("the model's context length",) if seq == summary.max_positions else ()
+            recs.append(f"largest sequence that fits at batch {s.batch}: --seq {seq}{needing(*capped, seq=seq)}")
         _activations(summary, f, p, s, recs)
         _residency(summary, f, p, recs)
         return tuple(recs), ()
     if not p.device_fits or not p.host_fits:
         if batch is not None and batch < s.batch:
             fixes.append(f"--batch {batch}")
-            recs.append(f"largest batch that fits at seq {s.seq}: --batch {batch}")
+            recs.append(f"largest batch that fits at seq {s.seq}: --batch {batch}{needing(batch=batch)}")
         if seq is not None and seq < s.seq:
             fixes.append(f"--seq {seq}")
-            recs.append(f"largest sequence that fits at batch {s.batch}: --seq {seq}")
+            recs.append(f"largest sequence that fits at batch {s.batch}: --seq {seq}{needing(seq=seq)}")
         prefetch = _largest(lambda d: fits(prefetch=d), 0, s.prefetch - 1) if s.prefetch > 0 else None
         if prefetch is not None:
             fixes.append(f"--prefetch {prefetch}")

@@ -310,11 +310,9 @@ class Engine:
         for step in steps:
             if isinstance(step, OffloadInput):
                 stats["offloaded"] += self._inputs.offload(step.unit, inputs)  # type: ignore[arg-type]
-                continue
-            if isinstance(step, FetchInput):
+            elif isinstance(step, FetchInput):
                 self._inputs.fetch(step.unit)
-                continue
-            if isinstance(step, Fetch):
+            elif isinstance(step, Fetch):
                 future: Future = Future()
                 pending[step.slot] = future
                 issued.append(future)
@@ -343,7 +341,7 @@ class Engine:
                 stats["computed"] += time.perf_counter() - t
                 device.record("compute_end", step.unit, step.phase.value)
                 self._inputs.release(restored)
-                del restored
+                del restored  # on CUDA the memory goes back to the allocator only with the last reference
             elif isinstance(step, Release):
                 self._consumed[step.slot] = device.mark_consumed(self._slots[step.slot])
                 device.record("release", step.unit, step.slot)

@@ -201,7 +201,7 @@ def test_cpu_simulated_link_records_upload_times_in_order():
 
 
 def test_cpu_offloaded_bytes_stop_counting_once_copied_and_released():
-    device = CpuDevice(link_bandwidth=1e9)
+    device = CpuDevice(link_bandwidth=1e9, count_compute=True)
     host = device.host_buffer(1 << 20)
     with device.measuring():
         x = torch.ones(1 << 18)  # 1 MiB, counted

@@ -250,7 +250,7 @@ class Inputs:
 @pytest.mark.parametrize("prefetch", [0, 1, 3])
 def test_offloaded_inputs_come_back_intact_and_stop_counting_meanwhile(model, prefetch):
     spec, root, state = model
-    device = CpuDevice(link_bandwidth=2e9)
+    device = CpuDevice(link_bandwidth=2e9, count_compute=True)
     source = ResidentSource.from_state_dict(spec, state)
     decoders = list(range(1, LAYERS + 1))
     with Engine(spec, source, device, prefetch=prefetch, offload_inputs=True) as engine:

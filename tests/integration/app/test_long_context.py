@@ -46,7 +46,7 @@ def _batch(i: int) -> torch.Tensor:
 def _model(path, capacity: int | None = None, **overrides) -> LemaModel:
     config = LemaConfig(gbi_path=str(path), device="cpu", lora_rank=8, seed=3, batch_size=1, max_seq_len=SEQ,
                         prefetch_distance=1, **overrides)
-    model = LemaModel(config, device=CpuDevice(capacity=capacity))
+    model = LemaModel(config, device=CpuDevice(capacity=capacity, count_compute=True))
     model.initialize_lora()
     return model
 

@@ -119,6 +119,9 @@ def tiled_backward(f: ModelFacts, batch: int, seq: int, tile: int, rank: int, at
       ``2 T q a + T H 4``, the attention gradient ``T q a`` and one tile's post stage;
     * attention's backward: the same plus ``dq, dk, dv`` ``T (q + 2kv) a``;
     * pre tiles: ``dq, dk, dv`` and one tile's pre stage.
+
+    In the tile steps the layer's LoRA gradients summed over the tiles and one tile's
+    ``2 G`` (fp32) are alive too; they are handed to autograd once at the end.
     """
     t, rows, h, q, kv, a = batch * seq, batch * min(tile, seq), f.hidden, f.q_dim, f.kv_dim, f.act_bytes
     qkv = MemoryItem("qkv", t * (q + 2 * kv) * a, "q, k, v: T (q + 2kv) a")
@@ -126,10 +129,12 @@ def tiled_backward(f: ModelFacts, batch: int, seq: int, tile: int, rank: int, at
     grad_attn = MemoryItem("attention_gradient", t * q * a, "T q a")
     dqkv = MemoryItem("qkv_gradients", t * (q + 2 * kv) * a, "dq, dk, dv: T (q + 2kv) a")
     held = [qkv, attn, grad_attn] + _scores(f, batch, seq, attention, 1)
+    g = rank * sum(i + o for i, o in f.lora_modules) * FP32
+    sums = MemoryItem("lora_gradient_sums", 2 * g, "a layer's LoRA gradients, summed over tiles and one tile's: 2 G")
     steps = peak_of("steps", [
-        summed("post_tiles", held + [MemoryItem("tile", rows * post_backward_token(f, rank), f"{rows} rows")]),
-        summed("attention_backward", held + [dqkv] + _scores(f, batch, seq, attention, 2)),
-        summed("pre_tiles", [dqkv, MemoryItem("tile", rows * pre_backward_token(f), f"{rows} rows")]),
+        summed("post_tiles", held + [sums, MemoryItem("tile", rows * post_backward_token(f, rank), f"{rows} rows")]),
+        summed("attention_backward", held + [sums, dqkv] + _scores(f, batch, seq, attention, 2)),
+        summed("pre_tiles", [dqkv, sums, MemoryItem("tile", rows * pre_backward_token(f), f"{rows} rows")]),
     ])
     return summed("layer_recompute", [MemoryItem("incoming_gradient", t * h * a, "T h a, overwritten with dL/dx"),
                                       steps],

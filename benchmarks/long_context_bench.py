@@ -8,7 +8,8 @@ three configurations, on the same batch, in one process:
   (c) activation offload and sequence tiles: the device budget is set to the plan of
       (b) with tiles of a quarter of the sequence, so the planner itself picks the tiles.
 
-For each it prints the median step time and its ratio to (a), the device peak measured by
+For each it prints the median step time and its ratio to (a), how long the compute
+waited for the link (weights and inputs), the device peak measured by
 the CPU device's accounting next to the plan, and the bytes the link moves per step.
 Timed steps run round-robin over the three (so load drifting on a shared machine slows
 them alike), with allocation counting off (it costs a Python call per op); two more steps
@@ -72,6 +73,7 @@ def measure(path: Path, args: argparse.Namespace, batch: torch.Tensor, runs: dic
     drifts slows them alike; then measure each run's peak with allocation counting on."""
     models = {name: _model(path, args, False, **overrides) for name, overrides in runs.items()}
     times: dict[str, list[float]] = {name: [] for name in runs}
+    waits: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(args.warmup + args.steps):
         for name, (model, trainer) in models.items():
             model.device.synchronize()
@@ -80,6 +82,7 @@ def measure(path: Path, args: argparse.Namespace, batch: torch.Tensor, runs: dic
             model.device.synchronize()
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
+                waits[name].append(model.last_report.wait_seconds)
     out = {}
     for name, (model, _) in models.items():
         p, report = model.plan(), model.last_report
@@ -95,7 +98,7 @@ def measure(path: Path, args: argparse.Namespace, batch: torch.Tensor, runs: dic
         counted.close()
         del counted, trainer
         out[name] = {"offload": p.offload_activations, "tile": p.tile_tokens, "step_s": statistics.median(times[name]),
-                     "times": times[name], "peak": peak, "plan": p.device_total,
+                     "times": times[name], "wait_s": statistics.median(waits[name]), "peak": peak, "plan": p.device_total,
                      "activation_bytes": report.activation_bytes, "weight_bytes": report.bytes_uploaded,
                      "link_floor_s_24g": p.link_time_floor(24 * 1024**3)}
     return out
@@ -151,10 +154,11 @@ def main() -> None:
           f"{args.heads}/{args.kv_heads} heads, vocab {args.vocab}, {args.dtype}; batch 1 x {args.seq}; "
           f"LoRA rank {args.rank}; prefetch {args.prefetch}; link "
           f"{'memcpy' if args.link_bandwidth is None else format_size(int(args.link_bandwidth)) + '/s (simulated)'}")
-    print(f"{'run':22s} {'offload':>7s} {'tile':>6s} {'step':>8s} {'ratio':>6s} {'peak':>11s} {'plan':>11s} "
-          f"{'peak/plan':>9s} {'inputs moved':>13s}")
+    print(f"{'run':22s} {'offload':>7s} {'tile':>6s} {'step':>8s} {'ratio':>6s} {'waited':>7s} {'peak':>11s} "
+          f"{'plan':>11s} {'peak/plan':>9s} {'inputs moved':>13s}")
     for name, r in runs.items():
         print(f"{name:22s} {str(r['offload']):>7s} {r['tile']:>6d} {r['step_s']:7.2f}s {r['step_s'] / base:6.3f} "
+              f"{r['wait_s']:6.2f}s "
               f"{format_size(r['peak']):>11s} {format_size(r['plan']):>11s} {r['peak'] / r['plan']:9.3f} "
               f"{format_size(r['activation_bytes']) + ' x2':>13s}")
     print(f"machine: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}")

@@ -284,14 +284,23 @@ def tile_candidates(seq: int) -> list[int]:
     return out
 
 
-def activation_options(shape: TrainingShape) -> list[TrainingShape]:
+def tiles_planned(f: ModelFacts) -> bool:
+    """Whether the planner chooses tiles for this model by itself: the tiled working set
+    (:mod:`.stages`) is measured for dense layers without the newer families' extra terms;
+    routed experts, eager soft-capped scores, fused projections and post-norms are not
+    (a forced ``tile_tokens`` is still planned, with the dense formulas)."""
+    return not (f.experts or f.eager_scores or f.fused_qkv or f.post_norm_width)
+
+
+def activation_options(shape: TrainingShape, f: ModelFacts | None = None) -> list[TrainingShape]:
     """The resolved shapes a shape allows, in the planner's order of preference: whole
     layers before tiles (larger first), and for each, inputs kept on the device before
     offloaded (offload costs link time; tiling recomputes the projections)."""
     if not (shape.training and shape.gradient_checkpointing):
         return [attrs.evolve(shape, offload_activations=bool(shape.offload_activations), tile_tokens=0)]
     offloads = [False, True] if shape.offload_activations is None else [shape.offload_activations]
-    tiles = [0, *tile_candidates(shape.seq)] if shape.tile_tokens is None else [shape.tile_tokens]
+    auto = [0, *tile_candidates(shape.seq)] if f is None or tiles_planned(f) else [0]
+    tiles = auto if shape.tile_tokens is None else [shape.tile_tokens]
     return [attrs.evolve(shape, offload_activations=o, tile_tokens=t) for t in tiles for o in offloads]
 
 
@@ -299,7 +308,7 @@ def resolve_activations(summary: ModelSummary, f: ModelFacts, shape: TrainingSha
                         budget: Budget | None) -> TrainingShape:
     """The shape with offload and tile decided: the first option that fits (with nothing
     resident), else the one that needs the least device memory."""
-    options = activation_options(shape)
+    options = activation_options(shape, f)
     if budget is None or len(options) == 1:
         return options[0]
     plans = []

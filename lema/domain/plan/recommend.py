@@ -25,7 +25,7 @@ MAX_BATCH = 1 << 14
 def _fits(summary: ModelSummary, f: pi.ModelFacts, shape: TrainingShape, p: MemoryPlan) -> bool:
     # With nothing resident: AUTO fits exactly when its all-streamed plan fits; offload and
     # tiles left open fit when one of the planner's options does.
-    return any(build(summary, f, option, p.budget, ()).fits for option in activation_options(shape))
+    return any(build(summary, f, option, p.budget, ()).fits for option in activation_options(shape, f))
 
 
 def _largest(ok: Callable[[int], bool], lo: int, hi: int) -> int | None:
@@ -60,7 +60,7 @@ def recommendations(summary: ModelSummary, f: pi.ModelFacts, p: MemoryPlan,
     def needing(*notes: str, **changes: object) -> str:
         """`` (notes; with activation offload)`` when the changed run fits only with measures this
         plan has not taken; just the notes otherwise."""
-        option = next((o for o in activation_options(attrs.evolve(s, **changes))
+        option = next((o for o in activation_options(attrs.evolve(s, **changes), f)
                        if build(summary, f, o, p.budget, ()).fits), None)
         taken = [] if option is None else [
             name for name, now, before in (("activation offload", option.offloads, p.shape.offloads),

@@ -40,7 +40,9 @@ def pre_forward_token(f: ModelFacts) -> int:
 
 
 def post_forward_token(f: ModelFacts) -> int:
-    """One token of the post-attention stage without autograd: the residual and norm output
+    """One token of a replayed tile without autograd (the family's block, its attention
+    replaced by the precomputed rows): the tile's own q, k, v ``(q + 2kv) a``, recomputed by
+    the block and alive until it returns (GPT-2: ``2 h a``), the residual and norm output
     ``2 h a`` plus the MLP's peak: ``3 f a`` at the SwiGLU product, or with ``up`` adapted
     the activation, up's output and its fp32 delta and sum ``2 f a + 8 f`` (+ the fp32
     norm copy ``4 h`` when cast), or with ``down`` adapted its input, output and fp32 delta
@@ -49,11 +51,11 @@ def post_forward_token(f: ModelFacts) -> int:
     h, ff, a = f.hidden, f.ffn, f.act_bytes
     cast = a != FP32
     if f.family == "gpt2":
-        return 2 * h * a + max(4 * ff * a, _adapted(f, "mlp.c_fc") * (2 * ff * a + 8 * ff))
+        return 4 * h * a + max(4 * ff * a, _adapted(f, "mlp.c_fc") * (2 * ff * a + 8 * ff))
     up = _adapted(f, "mlp.up_proj")
     down = _adapted(f, "mlp.down_proj")
     mlp = max(3 * ff * a, up * (2 * ff * a + 8 * ff), down * (ff * a + h * a + cast * 4 * ff + 8 * h))
-    return 2 * h * a + up * cast * 4 * h + mlp
+    return (f.q_dim + 2 * f.kv_dim) * a + 2 * h * a + up * cast * 4 * h + mlp
 
 
 def pre_backward_token(f: ModelFacts) -> int:
@@ -68,9 +70,12 @@ def pre_backward_token(f: ModelFacts) -> int:
 
 
 def post_backward_token(f: ModelFacts, rank: int) -> int:
-    """One token of the post-attention stage recomputed and backpropagated, with the
-    gradients it returns: ``(3h + 6f) a`` (GPT-2 ``(3h + 7f) a``), plus ``3 r 4`` for the
-    adapters' ``A x`` and, when cast, the adapters' fp32 input copies."""
+    """One token of a replayed tile recomputed and backpropagated, with the gradients it
+    returns: ``(3h + 6f) a`` (GPT-2 ``(3h + 7f) a``), plus ``3 r 4`` for the adapters'
+    ``A x`` and, when cast, the adapters' fp32 input copies. When cast, the tile's forward
+    peaks higher than its backward: the block's recomputed q, k, v and their graph (the
+    norm's and the q/k/v adapters' fp32 copies of their input, ``A x``) are alive through
+    it: ``(q + 2kv) a + 4 h (1 + n) + n r 4`` more for ``n`` adapted q/k/v projections."""
     h, q, ff, a = f.hidden, f.q_dim, f.ffn, f.act_bytes
     cast = a != FP32
     if f.family == "gpt2":
@@ -83,7 +88,11 @@ def post_backward_token(f: ModelFacts, rank: int) -> int:
         n_up = _adapted(f, "mlp.gate_proj") + _adapted(f, "mlp.up_proj")
         base = (3 * h + 6 * ff) * a
         copies = cast * (o * 4 * q + n_up * 4 * h + down * 4 * ff)
-    return base + copies + (o or up or down) * 3 * rank * FP32
+    n_pre = sum(_adapted(f, k) for k in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                         "self_attn.qkv_proj", "attn.c_attn"))
+    # (measured on Llama shapes; GPT-2's fused c_attn keeps less, below its backward's peak)
+    pre_graph = cast * (f.family != "gpt2") * ((f.q_dim + 2 * f.kv_dim) * a + 4 * h * (1 + n_pre) + n_pre * rank * FP32)
+    return base + copies + (o or up or down) * 3 * rank * FP32 + pre_graph
 
 
 def _scores(f: ModelFacts, batch: int, seq: int, attention: str, k: int) -> list[MemoryItem]:

@@ -389,3 +389,15 @@ def test_forbidding_offload_says_it_would_fit():
 def test_offload_and_tiles_need_checkpointed_training(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         TrainingShape(**kwargs)
+
+
+def test_the_planner_tiles_only_layers_whose_tiled_working_set_it_models():
+    """Routed experts (and the other newer-family terms) are not tiled by the planner itself;
+    offload still applies to them."""
+    from tests.family_models import config
+
+    moe = ModelSpec.from_config({**config("mixtral").to_dict(), "max_position_embeddings": 65536}, dtype="F32")
+    p = plan(moe, TrainingShape(seq=8192), Budget(1))
+    assert p.offload_activations and p.tile_tokens == 0
+    forced = plan(moe, TrainingShape(seq=8192, offload_activations=True, tile_tokens=1024))
+    assert forced.tile_tokens == 1024  # asked for: planned with the dense formulas

@@ -100,7 +100,8 @@ def test_larger_shape_never_needs_less_memory(field, bump, name, shape):
     a = plan(SPECS[name], shape)
     b = plan(SPECS[name], attrs.evolve(shape, **{field: getattr(shape, field) + bump}))
     assert b.device_total >= a.device_total
-    assert b.host_total >= a.host_total
+    if not (field == "prefetch" and a.offload_activations):  # a deeper prefetch keeps one more input on the device
+        assert b.host_total >= a.host_total
 
 
 def _recommended(p: MemoryPlan, option: str) -> int | None:
@@ -396,8 +397,13 @@ def test_the_planner_tiles_only_layers_whose_tiled_working_set_it_models():
     offload still applies to them."""
     from tests.family_models import config
 
-    moe = ModelSpec.from_config({**config("mixtral").to_dict(), "max_position_embeddings": 65536}, dtype="F32")
-    p = plan(moe, TrainingShape(seq=8192), Budget(1))
-    assert p.offload_activations and p.tile_tokens == 0
+    moe = ModelSpec.from_config({**config("mixtral").to_dict(), "num_hidden_layers": 8, "max_position_embeddings": 65536},
+                                dtype="F32")
+    offloaded = plan(moe, TrainingShape(seq=8192, offload_activations=True, tile_tokens=0)).device_total
+    tiled = plan(moe, TrainingShape(seq=8192, offload_activations=True, tile_tokens=1024)).device_total
+    assert tiled < offloaded
+    p = plan(moe, TrainingShape(seq=8192), Budget(offloaded))
+    assert p.fits and p.offload_activations and p.tile_tokens == 0
+    assert not plan(moe, TrainingShape(seq=8192), Budget(offloaded - 1)).fits  # tiles are not tried
     forced = plan(moe, TrainingShape(seq=8192, offload_activations=True, tile_tokens=1024))
     assert forced.tile_tokens == 1024  # asked for: planned with the dense formulas

@@ -33,12 +33,12 @@ import weakref
 from concurrent.futures import Future
 from typing import Any, Callable, Literal, Mapping, Sequence
 
-import attrs
 import torch
 
 from lema.adapters.weights.safetensors_source import unit_views
 from lema.adapters.workers import start_worker, stop_worker
 from lema.app.offload import InputOffloader, InputStore
+from lema.app.step_report import StepReport
 from lema.domain.model.spec import ModelSpec
 from lema.domain.schedule.layer_schedule import (
     Compute,
@@ -59,43 +59,6 @@ from lema.ports.device import Device, Ticket
 from lema.ports.weights import WeightSource
 
 ComputeFn = Callable[[Phase, int, Mapping[str, torch.Tensor]], None]
-
-
-@attrs.frozen
-class StepReport:
-    """What one pass moved and how long it waited.
-
-    Attributes:
-        bytes_uploaded: host -> device bytes of this pass's weight fetches.
-        n_fetches: units fetched.
-        wait_seconds: time the calling thread was blocked waiting for weights.
-        compute_seconds: time spent inside the compute callback.
-        seconds: wall time of the pass.
-        device_peak_bytes: the device's peak during the pass.
-        bytes_read: host bytes the weight source copied into staging or slots (0 when every
-            upload came straight from page-locked memory).
-        link_floor_seconds: ``(bytes_uploaded + 2 * activation_bytes) / device.link_bandwidth``,
-            the least time the link needs for this pass (None when the device's bandwidth is
-            unknown).
-        peak_counts_compute: whether ``device_peak_bytes`` includes every allocation of the
-            compute (False on a CPU device that does not count them: then it is the peak of
-            what the device holds for the run: slots, resident units, adapters, optimizer
-            states and tracked activations).
-        timeline: the device's events recorded during the pass (empty if it keeps none).
-        activation_bytes: bytes of the checkpointed inputs offloaded (and as many fetched back).
-    """
-
-    bytes_uploaded: int
-    n_fetches: int
-    wait_seconds: float
-    compute_seconds: float
-    seconds: float
-    device_peak_bytes: int
-    bytes_read: int = 0
-    link_floor_seconds: float | None = None
-    peak_counts_compute: bool = True
-    timeline: tuple[tuple[Any, ...], ...] = ()
-    activation_bytes: int = 0
 
 
 class Engine:

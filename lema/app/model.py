@@ -20,7 +20,8 @@ import torch
 
 from lema.app import bootstrap, distributed
 from lema.app.batches import as_batch
-from lema.app.engine import Engine, StepReport
+from lema.app.engine import Engine
+from lema.app.step_report import StepReport
 from lema.app.seeds import dropout_seed, init_seed
 from lema.config import LemaConfig
 from lema.domain.model import blocks, heads, tiling

@@ -88,3 +88,17 @@ class RankFailedError(LemaError, RuntimeError):
 
     The message names the rank and carries its error; the CLI prints it once, on rank 0.
     """
+
+
+class MissingDependencyError(LemaError, ImportError):
+    """An optional library a feature needs is not installed (the message names the extra)."""
+
+
+def missing_extra(package: str, extra: str, purpose: str) -> MissingDependencyError:
+    """The error for ``purpose`` needing ``package``, installed by ``pip install 'lema[extra]'``.
+
+    Example:
+        >>> str(missing_extra("datasets", "data", "reading .parquet files"))
+        "reading .parquet files needs the optional package 'datasets': pip install 'lema[data]'"
+    """
+    return MissingDependencyError(f"{purpose} needs the optional package {package!r}: pip install 'lema[{extra}]'")

@@ -358,10 +358,12 @@ def data_cases(root: Path) -> list[Case]:
         "surrogate_prompt.jsonl": ('{"prompt": "\\udfff", "completion": "x"}\n', "surrogate"),
         "surrogate_key.jsonl": ('{"text": "ok", "\\ud800": 1}\n', "surrogate"),
         "huge_integer.jsonl": ('{"text": "a", "n": ' + "7" * 5000 + "}\n", "out of range"),
-        "alpaca_array.json": (json.dumps(rows, indent=2), "one JSON array \\(42 items"),
-        "array_one_line.jsonl": (json.dumps([{"text": "a"}, {"text": "b"}]), "one JSON array"),
+        # A JSON array is data (issue 17): its bad items are named by position and line.
+        "alpaca_array_bad_item.json": (json.dumps(rows[:5] + [{"instruction": "x"}] + rows[5:], indent=2),
+                                       'item 6 \\(line 27\\): missing field "output"'),
+        "array_one_line.jsonl": (json.dumps([{"text": "a"}, {"txt": "b"}]), 'item 2 \\(line 1\\): missing field "text"'),
         "pretty_object.json": (json.dumps({"text": "a long text"}, indent=2), "one JSON object spread over"),
-        "array_of_strings.json": (json.dumps(["a", "b", "c"]), "one JSON array"),
+        "array_of_strings.json": (json.dumps(["a", "b", "c"]), "item 1 \\(line 1\\): expected a JSON object"),
         "long_line.txt": ("short line\n" + "x" * (50 * 1024 * 1024) + "\nend\n", "line 2: 52,428,800 bytes"),
         "long_line.jsonl": ('{"text": "ok"}\n{"text": "' + "y" * (2 * 1024 * 1024) + '"}\n', "line 2: .* bytes"),
         "text_null.jsonl": ('{"text": null}\n', "must be a string"),
@@ -394,7 +396,7 @@ def data_cases(root: Path) -> list[Case]:
         cases.append(Case("data", name, f"data/{name}", (_train("good/model", f"data/{name}"),), expect))
     (folder / "a_folder.txt").mkdir()
     cases.append(Case("data", "a_folder", "data/a_folder.txt", (_train("good/model", "data/a_folder.txt"),),
-                      "is not a file"))
+                      "no data files in the folder"))  # a folder of data files is data (issue 17)
     cases.append(Case("data", "small_limit", "good/data.txt",
                       (_train("good/model", "good/data.txt", "out/train", "--max-line-size", "64"),), "64 B limit"))
     return cases

@@ -19,6 +19,12 @@ settings.register_profile("bad-inputs", parent=settings.get_profile(_ACTIVE),
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _lema_cache_under_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests write only under temporary folders: converted models and tokenized data too."""
+    os.environ["LEMA_CACHE"] = str(tmp_path_factory.mktemp("lema-cache"))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 

@@ -35,12 +35,13 @@ def as_batch(tensor: Any, name: str) -> torch.Tensor:
     return tensor.long()
 
 
-def batches_to_tensors(batches: Iterable[Any]) -> Iterable[tuple[torch.Tensor, Any, Any]]:
-    """Accept dicts with input_ids/labels/attention_mask, tuples, or bare tensors."""
+def batches_to_tensors(batches: Iterable[Any]) -> Iterable[tuple[torch.Tensor, Any, Any, Any]]:
+    """Accept dicts with input_ids/labels/attention_mask(/position_ids), tuples, or bare
+    tensors; yields ``(input_ids, labels, attention_mask, position_ids)``."""
     for batch in batches:
         if isinstance(batch, dict):
-            yield batch["input_ids"], batch.get("labels"), batch.get("attention_mask")
+            yield batch["input_ids"], batch.get("labels"), batch.get("attention_mask"), batch.get("position_ids")
         elif isinstance(batch, (tuple, list)):
-            yield (tuple(batch) + (None, None))[:3]
+            yield (tuple(batch) + (None, None, None))[:4]
         else:
-            yield batch, None, None
+            yield batch, None, None, None

@@ -6,8 +6,10 @@ there is one place that knows which adapter serves which port.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import attrs
 import torch
@@ -20,6 +22,7 @@ from lema.domain.plan.planner import Budget, MemoryPlan, TrainingShape, plan
 from lema.domain.plan.strategy import MemoryStrategy
 from lema.errors import ConfigError, LemaWarning, ModelFormatError, PinningRefused
 from lema.ports.device import Device
+from lema.ports.metrics import MetricsSink
 from lema.ports.weights import WeightSource
 
 # Reader threads per unit when streaming to a GPU: enough to keep a page cache or an NVMe
@@ -154,3 +157,54 @@ def make_source(strategy: MemoryStrategy, resolved: ResolvedModel, device: Devic
                                           f"buffers: {exc}"), stacklevel=2)
         return ResidentSource.from_safetensors(resolved.spec, resolved.root, allocate=ram_buffer)
     return SafetensorsSource(resolved.spec, resolved.root, readers=READERS if gpu else 1)
+
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+_SINK_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def sink_names(report_to: str | Sequence[str] | None) -> list[str]:
+    """The sinks ``--report-to`` names (comma-separated; ``none``: no sink besides
+    ``metrics.jsonl``), checked before a run starts.
+
+    Raises:
+        ConfigError: an unknown name.
+        MissingDependencyError: the library of a named sink is not installed.
+    """
+    import importlib.util
+
+    from lema.errors import missing_extra
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    names = list(dict.fromkeys(n.strip() for name in names for n in name.split(",") if n.strip()))
+    unknown = [n for n in names if n not in REPORT_TO]
+    if unknown:
+        raise ConfigError(f"--report-to: {', '.join(map(repr, unknown))} is not one of {', '.join(REPORT_TO)}")
+    for name in names:
+        if name in _SINK_PACKAGES:
+            package, extra = _SINK_PACKAGES[name]
+            try:
+                found = importlib.util.find_spec(package) is not None
+            except (ImportError, ValueError):  # a package set to None in sys.modules, or half-installed
+                found = False
+            if not found:
+                raise missing_extra(package, extra, f"--report-to {name}")
+    return [n for n in names if n != "none"]
+
+
+def make_sinks(report_to: str | Sequence[str] | None, out: Path, *, run_name: str | None = None,
+               options: Mapping[str, Any] | None = None) -> list[MetricsSink]:
+    """The metrics sinks :func:`sink_names` accepts: TensorBoard event files in
+    ``out/tensorboard``, a wandb run under ``out/wandb``."""
+    sinks: list[MetricsSink] = []
+    for name in sink_names(report_to):
+        if name == "tensorboard":
+            from lema.adapters.reporting.tensorboard import TensorBoardSink
+
+            sinks.append(TensorBoardSink(out / "tensorboard", hparams=options))
+        elif name == "wandb":
+            from lema.adapters.reporting.wandb import WandbSink
+
+            sinks.append(WandbSink(out, project=os.environ.get("WANDB_PROJECT") or "lema",
+                                   name=run_name or out.name, config=options))
+    return sinks

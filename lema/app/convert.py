@@ -136,6 +136,7 @@ def prepare_monolithic_safetensors(
     dev = resolve_device(device)
     folder = resolve_model(model, revision=revision, token=token)
     check_output(out, option="OUT", folders=[folder], files=folder_files(folder), overwrite=overwrite)
+    check_tokenizer_beside(out, folder, overwrite)
     config_text = read_config_text(folder)
     config = json.loads(config_text)
     names, loader = iter_checkpoint_tensors(folder)
@@ -175,4 +176,30 @@ def prepare_monolithic_safetensors(
             del tensor
             if progress is not None:
                 progress(done, len(plan), name)
+    write_tokenizer_beside(folder, out)
     return out
+
+
+def check_tokenizer_beside(model_file: Path, source: str | os.PathLike[str] | None, overwrite: bool) -> None:
+    """Refuse to write ``model_file``'s tokenizer folder (``X.tokenizer/``) over an input or
+    over an existing non-empty folder without ``overwrite`` (checked before any writing)."""
+    from lema.data.tokenizer import sidecar_dir
+
+    check_output(sidecar_dir(model_file), option="the tokenizer folder beside OUT", folders=[source],
+                 overwrite=overwrite, replaces_folder=True)
+
+
+def write_tokenizer_beside(source: str | os.PathLike[str] | None, model_file: Path) -> Path | None:
+    """Copy the tokenizer files of folder ``source`` into ``model_file``'s tokenizer folder
+    (``X.tokenizer/``, replaced atomically); None when ``source`` holds none."""
+    from lema.adapters.checkpoints.atomic import atomic_directory
+    from lema.adapters.checkpoints.store import copy_tokenizer_files
+    from lema.adapters.weights.hub import TOKENIZER_FILES
+    from lema.data.tokenizer import sidecar_dir
+
+    if source is None or not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    target = sidecar_dir(model_file)
+    with atomic_directory(target) as tmp:
+        copy_tokenizer_files(source, tmp)
+    return target

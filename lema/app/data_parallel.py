@@ -59,7 +59,7 @@ class DataParallel:
     # -- a micro-step ------------------------------------------------------------------------
 
     def micro_step(self, input_ids: Any, labels: Any, attention_mask: Any,
-                   return_logits: bool = False) -> tuple[torch.Tensor | None, float]:
+                   return_logits: bool = False, position_ids: Any = None) -> tuple[torch.Tensor | None, float]:
         """This rank's rows of one micro-batch (zero rows are allowed: the rank still takes
         part). Returns this rank's logits (with ``return_logits``) and the mean loss over the
         whole micro-batch's target tokens."""
@@ -70,7 +70,7 @@ class DataParallel:
         with model.device.measuring():
             try:
                 if as_batch(input_ids, "input_ids").shape[0] > 0:
-                    batch = trainer.prepare_batch(input_ids, labels, attention_mask)
+                    batch = trainer.prepare_batch(input_ids, labels, attention_mask, position_ids)
                 elif model.lora_spec.dropout > 0:
                     # No rows, but the dropout stream moves on as on the other ranks (a
                     # checkpoint holds rank 0's, and every rank resumes from it).

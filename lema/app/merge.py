@@ -173,7 +173,10 @@ def merge_adapter(
         dtype: output dtype of floating tensors (default: each base tensor's own).
         hf_folder: write ``model.safetensors`` + ``config.json`` (+ tokenizer files) with
             transformers' naming (a tied ``lm_head.weight`` is left out).
-        tokenizer_dir: a folder whose tokenizer files are copied (``hf_folder`` only).
+        tokenizer_dir: a folder whose tokenizer files are copied into the output (into the
+            folder with ``hf_folder``, else beside the file as ``X.tokenizer/``); default:
+            the adapter's folder (checkpoints carry the tokenizer they trained with), else
+            the base's.
         progress: called as ``progress(done, total, name)`` after each tensor.
         overwrite: replace an existing non-empty ``out`` (else :class:`OutputError`).
 
@@ -192,6 +195,14 @@ def merge_adapter(
     files = [base if base.is_file() else None, *folder_files(adapter_dir),
              *(folder_files(base) if base.is_dir() else [])]
     check_output(out, option="--out", folders=folders, files=files, overwrite=overwrite, replaces_folder=hf_folder)
+    if tokenizer_dir is None:
+        from lema.data.tokenizer import find_tokenizer_dir
+
+        tokenizer_dir = find_tokenizer_dir(adapter_dir, base)
+    if not hf_folder:
+        from lema.app.convert import check_tokenizer_beside
+
+        check_tokenizer_beside(out, tokenizer_dir, overwrite)
     target = output_dtype(dtype)
     adapter_config, adapter_tensors = read_adapter(adapter_dir)
     deltas = lora_deltas(adapter_config, adapter_tensors)
@@ -253,6 +264,9 @@ def merge_adapter(
             raise ConfigError(f"{out}: is a folder; pass a .safetensors file name or use --hf-folder")
         out.parent.mkdir(parents=True, exist_ok=True)
         write(out, {"format": "pt", "config": config_text, "lema_version": __version__})
+        from lema.app.convert import write_tokenizer_beside
+
+        write_tokenizer_beside(tokenizer_dir, out)
         return out
     with atomic_directory(out) as tmp:
         write(tmp / "model.safetensors", {"format": "pt"})

@@ -25,7 +25,7 @@ from lema.app.step_report import StepReport
 from lema.app.seeds import dropout_seed, init_seed
 from lema.config import LemaConfig
 from lema.domain.model import blocks, heads, tiling
-from lema.domain.model.context import BlockContext, make_context
+from lema.domain.model.context import BlockContext, make_context, segment_ids
 from lema.domain.model.lora import (
     LoraSpec,
     LoraState,
@@ -133,32 +133,37 @@ class LemaModel:
         return self._plan
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Float32 logits ``(batch, seq, vocab)`` of base + adapters; no gradients."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits ``(batch, seq, vocab)`` of base + adapters; no gradients.
+
+        ``position_ids`` that restart at 0 mark packed examples (see :meth:`prepare_inputs`).
+        """
         def head(weights: Any, x: torch.Tensor) -> torch.Tensor:
             return heads.head_logits(self.spec, weights, x, self.matmul_dtype)
 
-        return self._forward_pass(input_ids, attention_mask, head)
+        return self._forward_pass(input_ids, attention_mask, head, position_ids)
 
     __call__ = forward
 
     @torch.no_grad()
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-             attention_mask: torch.Tensor | None = None) -> tuple[float, int]:
+             attention_mask: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None) -> tuple[float, int]:
         """Summed next-token loss and the number of scored tokens (labels default to inputs)."""
-        targets = self.targets_for(input_ids, labels, attention_mask)
+        targets = self.targets_for(input_ids, labels, attention_mask, position_ids)
 
         def head(weights: Any, x: torch.Tensor) -> tuple[float, int]:
             loss_sum, n = heads.head_loss(self.spec, weights, x, targets, matmul_dtype=self.matmul_dtype)
             return float(loss_sum), n
 
-        return self._forward_pass(input_ids, attention_mask, head)
+        return self._forward_pass(input_ids, attention_mask, head, position_ids)
 
     def _forward_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      head: Callable[[Any, torch.Tensor], Any]) -> Any:
+                      head: Callable[[Any, torch.Tensor], Any], position_ids: torch.Tensor | None = None) -> Any:
         """One forward pass through the engine; ``head(weights, x_L)`` makes the result."""
         with self.device.measuring():
-            ctx, x = self.prepare_inputs(input_ids, attention_mask, training=False)
+            ctx, x = self.prepare_inputs(input_ids, attention_mask, training=False, position_ids=position_ids)
             state: dict[str, Any] = {"x": x}
             lora = self.lora
             tile = self._plan.tile_tokens
@@ -179,8 +184,12 @@ class LemaModel:
             return state["result"]
 
     def targets_for(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
-                    attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """The next-token targets of a batch (labels or the inputs, padding ignored)."""
+                    attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The next-token targets of a batch (labels or the inputs, padding ignored).
+
+        In packed rows (``position_ids`` restarting at 0) the last token of an example does
+        not predict the first token of the next one.
+        """
         # Padding is not a target when the labels default to the inputs; explicit labels are
         # used as given, as transformers does.
         default = labels is None
@@ -194,6 +203,11 @@ class LemaModel:
                               f"nor {heads.IGNORE_INDEX} (ignored)")
         if default and attention_mask is not None:
             labels = labels.masked_fill(as_batch(attention_mask, "attention_mask") == 0, heads.IGNORE_INDEX)
+        segments = None if position_ids is None else segment_ids(as_batch(position_ids, "position_ids"))
+        if segments is not None:
+            starts = torch.zeros_like(segments, dtype=torch.bool)
+            starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+            labels = labels.masked_fill(starts.to(labels.device), heads.IGNORE_INDEX)
         return heads.shift_labels(labels).to(self.device.torch_device)
 
     # -- adapters and checkpoints --------------------------------------------------------
@@ -317,14 +331,26 @@ class LemaModel:
         return {k: (t.to(self.compute_dtype) if t.is_floating_point() else t) for k, t in weights.items()}
 
     def prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                       training: bool) -> tuple[BlockContext, torch.Tensor]:
-        """Validate a batch; return its block context and the embedded input on the device."""
+                       training: bool, position_ids: torch.Tensor | None = None) -> tuple[BlockContext, torch.Tensor]:
+        """Validate a batch; return its block context and the embedded input on the device.
+
+        ``position_ids`` default to ``0..seq-1`` in every row. Positions that restart at 0
+        inside a row mark packed examples: attention is confined to each example (a
+        block-diagonal causal mask), so each computes what it computes alone.
+        """
         input_ids = as_batch(input_ids, "input_ids")
         if attention_mask is not None:
             attention_mask = as_batch(attention_mask, "attention_mask")
             if attention_mask.shape != input_ids.shape:
                 raise ConfigError(f"attention_mask: shape {list(attention_mask.shape)} differs from input_ids' "
                                   f"{list(input_ids.shape)}")
+        segments = None
+        if position_ids is not None:
+            position_ids = as_batch(position_ids, "position_ids")
+            if position_ids.shape != input_ids.shape:
+                raise ConfigError(f"position_ids: shape {list(position_ids.shape)} differs from input_ids' "
+                                  f"{list(input_ids.shape)}")
+            segments = segment_ids(position_ids)
         ids = input_ids.to("cpu")
         if int(ids.min()) < 0 or int(ids.max()) >= self.spec.vocab_size:
             raise ConfigError(f"input_ids: token ids must be in [0, {self.spec.vocab_size}); "
@@ -338,10 +364,11 @@ class LemaModel:
             seed = (seed + _RANK_SALT * distributed.current().rank) % 2**62
         ctx = make_context(self.spec, tuple(ids.shape), attention_mask=attention_mask, device=dev,
                            dtype=self.compute_dtype, lora=self.lora_spec, training=training,
-                           dropout_seed=seed, matmul_dtype=self.matmul_dtype)
+                           dropout_seed=seed, matmul_dtype=self.matmul_dtype, position_ids=position_ids,
+                           segments=segments)
         # The embedding is gathered on the host from the mmap'd (or RAM) table: only the
         # (batch, seq, hidden) activations cross the link, never the vocab-sized matrix.
         host_ctx = ctx if dev.type == "cpu" else make_context(self.spec, tuple(ids.shape), device="cpu",
-                                                              dtype=self.compute_dtype)
+                                                              dtype=self.compute_dtype, position_ids=position_ids)
         x = blocks.embed(self.spec, self.embedding, ids, host_ctx).to(self.compute_dtype).to(dev)
         return ctx, x

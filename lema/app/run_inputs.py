@@ -65,8 +65,21 @@ def open_tokenizer(tokenizer: str | None, model: str) -> tuple[Any, Path | None]
         return load_tokenizer(p), (p if p.is_dir() else None)
     folder = find_tokenizer_dir(model)
     if folder is None:
+        from lema.data.tokenizer import sidecar_dir
+
         where = Path(model).expanduser()
-        where = where.parent if where.is_file() else where
+        where = f"{sidecar_dir(where)} or {where.parent}" if where.is_file() else str(where)
         raise ConfigError(f"no tokenizer found in {where} (looked for tokenizer.json, tokenizer.model, vocab.json); "
                           "pass the model's tokenizer folder with --tokenizer")
     return load_tokenizer(folder), folder
+
+
+def save_tokenizer_with_template(tokenizer: Any, chat_template: str, folder: Path) -> Path:
+    """Save ``tokenizer`` with the ``--chat-template`` it trained with into ``folder`` (the
+    run's ``OUT/tokenizer``), so that checkpoints carry that template."""
+    from lema.data.chat import resolve_template
+
+    tokenizer.chat_template = resolve_template(tokenizer, chat_template)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,12 +1,13 @@
 """The training loop a command-line run uses (``lema train`` and ``lema demo``).
 
 It runs optimizer steps through a :class:`~lema.app.trainer.LemaTrainer`, writes
-``metrics.jsonl``, periodic checkpoints and the final one. On Ctrl-C or SIGTERM (what
-schedulers and ``docker stop`` send) it rolls back to the last optimizer step and saves a
-resumable checkpoint; on a non-finite loss it does the same and raises
-:class:`~lema.errors.NonFiniteLossError` naming the step and the checkpoint. The LR
-schedule and the checkpoint naming live here too; the run folder (lock, resume point) in
-:mod:`lema.app.run_folder`.
+``metrics.jsonl`` (and the metrics sinks: TensorBoard, wandb), evaluates held-out data
+every ``eval_steps``, writes periodic checkpoints (keeping the newest ``save_total_limit``)
+and the final one. On Ctrl-C or SIGTERM (what schedulers and ``docker stop`` send) it
+rolls back to the last optimizer step and saves a resumable checkpoint; on a non-finite
+loss it does the same and raises :class:`~lema.errors.NonFiniteLossError` naming the step
+and the checkpoint. The optimizer, the LR schedule and the checkpoint naming live here
+too; the run folder (lock, resume point) in :mod:`lema.app.run_folder`.
 
 Under torchrun every rank runs this loop on its rows of each batch
 (:func:`lema.data.sharding.rank_batches`); rank 0 alone writes ``metrics.jsonl`` and the
@@ -19,21 +20,23 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import attrs
 
 from lema.adapters.checkpoints.atomic import atomic_write_text
-from lema.app.run_folder import FINAL, METRICS
+from lema.app.run_folder import FINAL, METRICS, checkpoint_step
 from lema.domain.json_values import parse_json
-from lema.errors import CheckpointError, ConfigError, NonFiniteLossError
+from lema.errors import CheckpointError, ConfigError, NonFiniteLossError, missing_extra
 
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 # Options that change which batches a step sees: a resumed run must use the same values.
-DATA_ARGS = ("data", "global_batch", "seq", "grad_accum", "seed")
+DATA_ARGS = ("data", "global_batch", "seq", "grad_accum", "seed", "format", "chat_template", "packing", "eval_split")
 
 
 @attrs.frozen(kw_only=True)
@@ -52,6 +55,10 @@ class LoopOptions:
     lr_schedule: str = "constant"
     log_every: int = 0  # 0: about ten lines per run when not on a terminal
     resume_hint: str = ""
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    eval_steps: int = 0  # 0: evaluate (when there is eval data) at the end only
+    save_total_limit: int = 0  # 0: keep every periodic checkpoint
 
 
 @attrs.frozen
@@ -132,25 +139,84 @@ class _StopFlag:
 
 
 def make_optimizer(model: Any, opts: LoopOptions) -> tuple[Any, Any]:
-    """AdamW on the LoRA parameters and its warmup/decay schedule."""
+    """The optimizer ``opts.optimizer`` names on the LoRA parameters, and its warmup/decay schedule.
+
+    ``adamw`` (torch), ``adamw8bit`` (bitsandbytes' 8-bit AdamW: a quarter of the state
+    memory; runs on CPU and CUDA) or ``sgd`` (no state).
+
+    Raises:
+        ConfigError: an unknown optimizer.
+        MissingDependencyError: ``adamw8bit`` without bitsandbytes.
+    """
     import torch
 
-    optimizer = torch.optim.AdamW(model.get_trainable_parameters(), lr=opts.lr, weight_decay=0.0)
+    params = model.get_trainable_parameters()
+    if opts.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    elif opts.optimizer == "adamw8bit":
+        optimizer = require_bitsandbytes().optim.AdamW8bit(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    elif opts.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    else:
+        raise ConfigError(f"--optimizer: {opts.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opts.lr_schedule, opts.warmup, opts.steps))
     return optimizer, scheduler
 
 
+def require_bitsandbytes() -> Any:
+    """The bitsandbytes module (``--optimizer adamw8bit``), or an error naming the extra."""
+    import logging
+
+    # On CPUs with AVX512-BF16 its import tries to fetch an optional 4-bit kernel and logs a
+    # warning when it cannot; the 8-bit optimizer does not use that kernel.
+    log = logging.getLogger("bitsandbytes")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise missing_extra("bitsandbytes", "quant", "--optimizer adamw8bit") from None
+    finally:
+        log.setLevel(level)
+    return bitsandbytes
+
+
+def evaluate(trainer: Any, examples: Any, pad_id: int, opts: LoopOptions) -> dict[str, float]:
+    """Mean token loss and perplexity of the held-out ``examples`` (padded batches, in order)."""
+    from lema.data.examples import batches
+
+    return trainer.evaluate(batches(examples, opts.batch, pad_id, seq=opts.seq, shuffle=False))
+
+
+def prune_checkpoints(out: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` ``checkpoint-<step>`` folders of ``out`` (never ``final``)."""
+    if keep <= 0:
+        return []
+    found = sorted((checkpoint_step(p), p) for p in out.glob("checkpoint-*") if p.is_dir())
+    removed = [p for _, p in found[:-keep]]
+    for p in removed:
+        shutil.rmtree(p)
+    return removed
+
+
 def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopOptions,
                tokenizer_dir: Path | None, echo: Callable[[str], None] = print,
-               progress: Callable[[int, int], Any] | None = None) -> LoopResult:
+               progress: Callable[[int, int], Any] | None = None, *,
+               collate_fn: Callable[..., Any] | None = None, eval_examples: Any = None,
+               sinks: Sequence[Any] = ()) -> LoopResult:
     """Run optimizer steps ``trainer.global_step + 1 .. opts.steps``: progress, metrics,
-    periodic checkpoints, and a checkpoint on Ctrl-C (see the module docstring).
+    evaluation, periodic checkpoints, and a checkpoint on Ctrl-C (see the module docstring).
 
     Args:
+        examples: the training items (examples, or packed rows with ``collate_fn``).
         echo: where progress lines go (the CLI passes ``click.echo``).
         progress: ``progress(total, start)`` gives a context manager with ``live`` (True when
             it shows the progress itself, so no lines are logged) and ``update(step, record)``;
-            None logs lines only.
+            None logs lines only. Evaluations are passed to ``update`` too (records with
+            ``eval_loss``).
+        collate_fn: makes a batch of items (default: padded examples).
+        eval_examples: held-out examples, evaluated every ``opts.eval_steps`` and at the end.
+        sinks: :class:`~lema.ports.metrics.MetricsSink` objects that also get every record.
     """
     from lema.app import distributed
     from lema.data.sharding import rank_batches
@@ -165,7 +231,7 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
         out.mkdir(parents=True, exist_ok=True)
         _trim_metrics(out / METRICS, start)
     stream = rank_batches(examples, opts.batch, pad_id, rank=ranks.rank, world=ranks.world, seq=opts.seq,
-                          seed=opts.seed, epochs=None, skip=start * opts.grad_accum)
+                          seed=opts.seed, epochs=None, skip=start * opts.grad_accum, collate_fn=collate_fn)
     log_every = opts.log_every or max(1, (opts.steps - start) // 10)
     saved: Path | None = None
     last_loss: float | None = None
@@ -185,7 +251,8 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
                 for _ in range(opts.grad_accum):
                     batch = next(stream)
                     _, loss = trainer.train_step(batch["input_ids"], labels=batch["labels"],
-                                                 attention_mask=batch["attention_mask"])
+                                                 attention_mask=batch["attention_mask"],
+                                                 position_ids=batch.get("position_ids"))
                     losses.append(loss)
                     tokens += int(batch["tokens"])  # the whole batch's, over all ranks
                 seconds = time.perf_counter() - t0
@@ -201,11 +268,23 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
                           "seconds": seconds}
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+                _to_sinks(sinks, step, record, "train/")
                 bar.update(step, record)
                 if not bar.live and (step % log_every == 0 or step == opts.steps):
                     echo(_log_line(record, opts.steps))
+                if eval_examples is not None and (step == opts.steps or (opts.eval_steps and step % opts.eval_steps == 0)):
+                    scores = evaluate(trainer, eval_examples, pad_id, opts)
+                    row = {"step": step, "eval_loss": scores["loss"], "eval_perplexity": scores["perplexity"]}
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                    _to_sinks(sinks, step, {"loss": scores["loss"], "perplexity": scores["perplexity"]}, "eval/")
+                    bar.update(step, row)
+                    echo(f"step {step}/{opts.steps}  eval_loss {scores['loss']:.4f}  "
+                         f"perplexity {scores['perplexity']:.2f}")
                 if opts.save_steps and step % opts.save_steps == 0 and step < opts.steps:
                     saved = trainer.save_checkpoint(out / f"checkpoint-{step}", tokenizer_dir=tokenizer_dir)
+                    if ranks.is_main:
+                        prune_checkpoints(out, opts.save_total_limit)
         except (KeyboardInterrupt, NonFiniteLossError) as exc:
             if ranks.distributed and isinstance(exc, KeyboardInterrupt):
                 raise  # the ranks are at different points: no collective save
@@ -218,6 +297,8 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
             trainer.restore_rng(boundary_rng)
         interrupted = (interrupted or stopping) and trainer.global_step < opts.steps
     step = trainer.global_step
+    for sink in sinks:
+        sink.close()
     if interrupted:
         saved = trainer.save_checkpoint(out / f"checkpoint-{step}", tokenizer_dir=tokenizer_dir)
     else:
@@ -236,6 +317,13 @@ def _stop_agreed(stop: _StopFlag, ranks: Any) -> bool:
     from lema.app.rank_agreement import settle
 
     return settle(None, [float(stop.requested)])[0] > 0
+
+
+def _to_sinks(sinks: Sequence[Any], step: int, record: dict[str, Any], prefix: str) -> None:
+    values = {f"{prefix}{k}": v for k, v in record.items()
+              if k not in ("step", "seconds", "tokens") and isinstance(v, (int, float)) and v is not None}
+    for sink in sinks:
+        sink.log(step, values)
 
 
 def _current_lr(trainer: Any) -> float:

@@ -52,8 +52,8 @@ class LemaTrainer:
         return self.model.config.gradient_accumulation_steps
 
     def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                   attention_mask: torch.Tensor | None = None, *, return_logits: bool = False
-                   ) -> tuple[torch.Tensor | None, float]:
+                   attention_mask: torch.Tensor | None = None, *, return_logits: bool = False,
+                   position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, float]:
         """One micro-batch: forward, backward, and (every ``gradient_accumulation_steps``)
         gradient clipping, ``optimizer.step()`` and ``zero_grad()``.
 
@@ -65,6 +65,8 @@ class LemaTrainer:
             return_logits: also return the full float32 logits the loss was computed from
                 (this step's forward, before the optimizer step; off by default so that the
                 ``(batch, seq, vocab)`` logits never need to exist).
+            position_ids: ``(batch, seq)`` positions; restarting at 0 inside a row marks packed
+                examples (attention stays inside each; see ``LemaModel.prepare_inputs``).
 
         Returns:
             ``(logits, loss)``: logits (or None) and the mean loss of this micro-batch as a
@@ -83,11 +85,11 @@ class LemaTrainer:
         """
         dp = self._data_parallel()
         if dp is not None:
-            return dp.micro_step(input_ids, labels, attention_mask, return_logits)
+            return dp.micro_step(input_ids, labels, attention_mask, return_logits, position_ids=position_ids)
         # Everything the step allocates on the device counts: activations, gradients, and the
         # optimizer's states (created lazily by its first step).
         with self.model.device.measuring():
-            batch = self.prepare_batch(input_ids, labels, attention_mask)
+            batch = self.prepare_batch(input_ids, labels, attention_mask, position_ids)
             loss_sum, n_tokens, logits = self.run_batch(batch, keep_logits=return_logits)
             loss = loss_sum / max(n_tokens, 1)
             self.end_micro_step(loss)
@@ -96,12 +98,13 @@ class LemaTrainer:
     # -- the parts of a micro-step (data parallel runs them between collectives) ------------
 
     def prepare_batch(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
-                      attention_mask: torch.Tensor | None) -> PreparedBatch:
+                      attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
+                      ) -> PreparedBatch:
         """Validate a micro-batch and embed it on the device (no pass yet)."""
         model = self.model
         model.require_lora()
-        ctx, x0 = model.prepare_inputs(input_ids, attention_mask, training=True)
-        targets = model.targets_for(input_ids, labels, attention_mask)
+        ctx, x0 = model.prepare_inputs(input_ids, attention_mask, training=True, position_ids=position_ids)
+        targets = model.targets_for(input_ids, labels, attention_mask, position_ids)
         return PreparedBatch(ctx, x0, targets, int((targets != heads.IGNORE_INDEX).sum()))
 
     def run_batch(self, batch: PreparedBatch, token_count: int | None = None,
@@ -184,11 +187,12 @@ class LemaTrainer:
         mean = total / count
         return {"loss": mean, "perplexity": math.exp(min(mean, 700.0))}
 
-    def loss_totals(self, batches: Iterable[tuple[Any, Any, Any]]) -> tuple[float, int]:
-        """Summed loss and scored tokens of ``(input_ids, labels, attention_mask)`` batches, here."""
+    def loss_totals(self, batches: Iterable[tuple[Any, ...]]) -> tuple[float, int]:
+        """Summed loss and scored tokens of ``(input_ids, labels, attention_mask[, position_ids])``
+        batches, here."""
         total, count = 0.0, 0
-        for input_ids, labels, attention_mask in batches:
-            loss_sum, n = self.model.loss(input_ids, labels, attention_mask)
+        for input_ids, labels, attention_mask, *rest in batches:
+            loss_sum, n = self.model.loss(input_ids, labels, attention_mask, rest[0] if rest else None)
             total += loss_sum
             count += n
         return total, count

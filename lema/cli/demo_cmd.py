@@ -1,21 +1,26 @@
-"""``lema demo``: the whole workflow on this machine in about two minutes, no network.
+"""``lema demo``: a chat fine-tune of a model several times larger than the device, in about
+two minutes on a CPU, with no network.
 
-1. Train a byte-level BPE tokenizer on the corpus shipped with LEMA.
-2. Build a small Llama-family model with random weights (fixed seed) and convert it into
-   the one self-describing ``.safetensors`` file LEMA streams from.
-3. Show the memory plan, then fine-tune a LoRA adapter with the STREAMING strategy on the
-   CPU: every step reads each layer from the mmap'd file, as it would for a 70B model.
-4. Save the checkpoint (peft format) and print the held-out loss and a greedy generation
-   before and after.
+1. Open the chat data and the tokenizer shipped with LEMA (``lema/data/demo``: a library
+   help desk; a byte-level BPE with a chat template).
+2. Build a Llama-family model with random weights (fixed seed) and write it as the one
+   ``.safetensors`` file LEMA streams from.
+3. Plan the run against a device budget a few times smaller than the weights: the CPU
+   device is given that capacity and refuses to hold more.
+4. Fine-tune a LoRA adapter with STREAMING (each step reads every layer from the mmap'd
+   file, as it would for a 70B model), packed sequences, the loss on the assistant's
+   tokens only, and the held-out loss every few steps.
+5. Print the held-out loss and a reply to a held-out question before and after, the
+   measured device peak against the weights, and where the peft adapter is.
 
 Everything lands in ``--out`` (default ``./lema-demo``): ``base/`` (model + tokenizer),
-``data/`` (train and held-out text), ``final/`` (the adapter checkpoint) and
-``metrics.jsonl``. The same run from the shell is ``lema train --model OUT/base/model.safetensors
---data OUT/data/train.txt --out OUT ...`` (the demo prints the exact command).
+``data/`` (the conversations), ``final/`` (the adapter) and ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import tempfile
 import time
@@ -26,18 +31,15 @@ import attrs
 import click
 
 SIZES = {
-    # hidden, layers, heads, kv heads, intermediate
-    "tiny": (64, 2, 4, 2, 176),
-    "small": (256, 4, 8, 4, 688),
+    # hidden, layers, heads, kv heads, intermediate, LoRA rank, seq
+    "tiny": (256, 12, 8, 4, 688, 4, 96),
+    "small": (512, 10, 8, 4, 1376, 8, 128),
 }
-VOCAB = 512
-HELD_OUT_EVERY = 10  # every 10th paragraph of the corpus is held out for evaluation
-PROMPT = "In the morning"
 # The random base: transformers' usual init (std 0.02) for the layers, but unit-scale
 # token embeddings, so the residual stream keeps each token's identity (instead of being
 # drowned by the layers' random outputs), and a head wide enough for confident logits.
-# A LoRA on such a base learns the corpus' statistics in a few dozen steps.
 INIT_STD, EMBED_STD, HEAD_STD = 0.02, 1.0, 0.06
+QUESTION = 0  # the held-out conversation whose question the demo asks before and after
 
 
 @attrs.frozen(kw_only=True)
@@ -45,20 +47,21 @@ class DemoSettings:
     """The demo's training run."""
 
     size: str = "small"
-    steps: int = 80
-    batch: int = 8
-    seq: int = 128
+    steps: int = 120
     lr: float = 3e-3
-    rank: int = 16
     seed: int = 0
 
+    @property
+    def eval_every(self) -> int:
+        """Held-out loss every 20 steps (every half of a shorter run)."""
+        return min(20, max(1, self.steps // 2))
 
-def split_corpus(text: str) -> tuple[str, str]:
-    """``(train, held_out)``: every ``HELD_OUT_EVERY``-th paragraph goes to held_out."""
-    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
-    held = [p for i, p in enumerate(paragraphs) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
-    train = [p for i, p in enumerate(paragraphs) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
-    return "\n\n".join(train) + "\n", "\n\n".join(held) + "\n"
+
+def demo_assets() -> Path:
+    """The folder of the shipped chat data and tokenizer (``lema/data/demo``)."""
+    from importlib import resources
+
+    return Path(str(resources.files("lema") / "data" / "demo"))
 
 
 def build_base_model(folder: Path, tokenizer: Any, size: str, seed: int) -> Path:
@@ -66,10 +69,11 @@ def build_base_model(folder: Path, tokenizer: Any, size: str, seed: int) -> Path
     and the tokenizer files; returns the ``.safetensors`` path."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from lema.app.convert import prepare_monolithic_safetensors
 
-    hidden, layers, heads, kv, inter = SIZES[size]
+    hidden, layers, heads, kv, inter = SIZES[size][:5]
     config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=kv, intermediate_size=inter, vocab_size=len(tokenizer),
                          max_position_embeddings=1024, tie_word_embeddings=False, initializer_range=INIT_STD,
@@ -81,8 +85,6 @@ def build_base_model(folder: Path, tokenizer: Any, size: str, seed: int) -> Path
         model.model.embed_tokens.weight.normal_(0.0, EMBED_STD)
         model.lm_head.weight.normal_(0.0, HEAD_STD)
     folder.mkdir(parents=True, exist_ok=True)
-    from transformers.utils import logging as hf_logging
-
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         shown = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # its "Writing model shards" bar would interleave our lines
@@ -97,41 +99,22 @@ def build_base_model(folder: Path, tokenizer: Any, size: str, seed: int) -> Path
     return out
 
 
-def held_out_loss(model: Any, examples: Any, pad_id: int, batch: int) -> float:
-    """Mean next-token loss over the held-out examples (no gradients)."""
-    from lema.data.examples import batches
+def reply(model: Any, tokenizer: Any, question: str, system: str | None, new_tokens: int = 32) -> str:
+    """The model's greedy reply to ``question``, rendered with the chat template."""
+    from lema.app.generation import generate
+    from lema.cli.generate_cmd import chat_prompt_ids
 
-    total, count = 0.0, 0
-    for b in batches(examples, batch, pad_id, shuffle=False):
-        loss_sum, n = model.loss(b["input_ids"], b["labels"], b["attention_mask"])
-        total += loss_sum
-        count += n
-    return total / max(count, 1)
-
-
-def greedy(model: Any, tokenizer: Any, prompt: str, new_tokens: int) -> str:
-    """Greedy continuation of ``prompt`` (uses ``lema.app.generation.generate`` when present)."""
-    import torch
-
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-    try:
-        from lema.app.generation import generate
-    except ImportError:
-        generate = None
-    if generate is not None:
-        ids = generate(model, ids, max_new_tokens=new_tokens, eos_token_id=tokenizer.eos_token_id)
-    else:
-        for _ in range(new_tokens):
-            nxt = int(model.forward(ids)[0, -1].argmax())
-            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-            if nxt == tokenizer.eos_token_id:
-                break
-    return tokenizer.decode(ids[0].tolist(), skip_special_tokens=True)
+    ids, stops = chat_prompt_ids(tokenizer, question, system, None)
+    out = generate(model, ids, max_new_tokens=new_tokens, eos_token_id=[tokenizer.eos_token_id, *stops])
+    text = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+    # An untrained model's bytes need not be printable text.
+    return " ".join("".join(c if c.isprintable() else "\ufffd" for c in text).split())
 
 
-def _one_line(text: str, width: int = 100) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 3] + "..."
+def budget_for(plan_bytes: int) -> int:
+    """The device budget the demo runs under: the plan rounded up to a whole MiB (plus 2%)."""
+    mib = 1 << 20
+    return math.ceil(plan_bytes * 1.02 / mib) * mib
 
 
 @click.command("demo")
@@ -139,31 +122,27 @@ def _one_line(text: str, width: int = 100) -> str:
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help=f"Optimizer steps (default {DemoSettings().steps}).")
 @click.option("--size", type=click.Choice(sorted(SIZES)), default="small", show_default=True,
-              help="small: hidden 256, 4 layers (~3M parameters); tiny: hidden 64, 2 layers.")
+              help="small: hidden 512, 10 layers (~30M parameters, 113 MiB); tiny: hidden 256, 12 layers.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Run in a non-empty --out, replacing the demo's files there.")
 def demo(out: str, steps: int | None, size: str, seed: int, overwrite: bool) -> None:
-    """Fine-tune a LoRA adapter on a small local model, streaming layers on the CPU."""
-    import torch
-
+    """Chat-tune a LoRA adapter on a model several times larger than the device budget."""
     from lema.adapters.checkpoints.atomic import atomic_write_text
-    from lema.app.outputs import check_output
-
+    from lema.app import bootstrap
     from lema.app.model import LemaModel
-    from lema.app.train_loop import (
-        LoopOptions,
-        make_optimizer,
-        plan_summary,
-        train_loop,
-    )
+    from lema.app.outputs import check_output
+    from lema.app.run_data import prepare_data
+    from lema.app.run_folder import FINAL, METRICS
+    from lema.app.train_loop import LoopOptions, evaluate, make_optimizer, plan_summary, train_loop
     from lema.cli.progress import TrainingProgress
     from lema.config import LemaConfig, check_seed
-    from lema.data.examples import read_examples, shipped_corpus
-    from lema.data.tokenizer import build_byte_tokenizer
+    from lema.data.tokenizer import load_tokenizer
+    from lema.domain.units import format_size
     from lema.errors import OutputError
 
     check_seed(seed, "--seed")
     settings = DemoSettings(size=size, seed=seed, **({} if steps is None else {"steps": steps}))
+    rank, seq = SIZES[size][5:]
     began = time.perf_counter()
     root = Path(out).expanduser().absolute()  # absolute: the checkpoint records these paths
     if root.exists() and not root.is_dir():
@@ -171,54 +150,75 @@ def demo(out: str, steps: int | None, size: str, seed: int, overwrite: bool) -> 
     check_output(root, option="--out", overwrite=overwrite)
     data_dir, base_dir = root / "data", root / "base"
     data_dir.mkdir(parents=True, exist_ok=True)
-    train_text, held_text = split_corpus(shipped_corpus())
-    atomic_write_text(data_dir / "train.txt", train_text)
-    atomic_write_text(data_dir / "heldout.txt", held_text)
+    assets = demo_assets()
+    for name in ("train.jsonl", "heldout.jsonl"):
+        atomic_write_text(data_dir / name, (assets / name).read_text(encoding="utf-8"))
+    tokenizer = load_tokenizer(assets)
+    held_rows = [json.loads(line) for line in (data_dir / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    system, question = (held_rows[QUESTION]["messages"][0]["content"], held_rows[QUESTION]["messages"][1]["content"])
+    data = prepare_data(str(data_dir / "train.jsonl"), tokenizer, seq=seq, packing=True,
+                        eval_data=str(data_dir / "heldout.jsonl"), seed=seed, cache=False)
+    click.echo(f"1/5 data (shipped with LEMA): a library help desk; {len(data.store)} training conversations, "
+               f"{len(data.eval_examples)} held out; byte-level BPE tokenizer ({len(tokenizer)} tokens) "
+               "with a chat template")
+    for line in data.lines:
+        click.echo(f"      {line}")
 
-    click.echo(f"1/4 tokenizer: byte-level BPE, {VOCAB} tokens, trained on the shipped corpus "
-               f"({len(train_text):,} characters)")
-    tokenizer = build_byte_tokenizer(train_text, vocab_size=VOCAB)
     hidden, layers = SIZES[size][:2]
-    click.echo(f"2/4 base model: Llama-family, hidden {hidden}, {layers} layers, random weights (seed {seed})")
+    click.echo(f"2/5 base model: Llama-family, hidden {hidden}, {layers} layers, random weights (seed {seed})")
     weights = build_base_model(base_dir, tokenizer, size, seed)
-
-    config = LemaConfig(model_name_or_path=str(base_dir), gbi_path=str(weights), strategy="streaming",
-                        device="cpu", lora_rank=settings.rank, batch_size=settings.batch,
-                        max_seq_len=settings.seq, seed=seed)
-    model = LemaModel(config)
+    runtime = dict(model_name_or_path=str(base_dir), gbi_path=str(weights), strategy="streaming", device="cpu",
+                   lora_rank=rank, batch_size=1, max_seq_len=seq, prefetch_distance=0, seed=seed)
+    unbounded = LemaConfig(**runtime)  # planned without a budget: what the run needs
+    spec = bootstrap.open_model(unbounded).spec
+    needed = bootstrap.make_plan(unbounded, spec, bootstrap.make_device(unbounded)).device_total
+    weight_bytes, budget = spec.weight_bytes, budget_for(needed)
+    model = LemaModel(LemaConfig(**runtime, vram_budget=budget))
     try:
         model.initialize_lora()
-        n_params = model.plan().model.parameters
-        click.echo(f"3/4 {plan_summary(model)}\n      ({n_params:,} base parameters streamed from {weights})")
-        train = read_examples(data_dir / "train.txt", tokenizer, settings.seq)
-        held = read_examples(data_dir / "heldout.txt", tokenizer, settings.seq)
-        pad = tokenizer.pad_token_id
-        torch.manual_seed(seed)
-        before_loss = held_out_loss(model, held.examples, pad, settings.batch)
-        before_text = greedy(model, tokenizer, PROMPT, 24)
-
-        click.echo(f"4/4 fine-tuning: {settings.steps} steps of {settings.batch} x {settings.seq} tokens, "
-                   f"lr {settings.lr:g}, LoRA rank {settings.rank} on {', '.join(model.lora_spec.targets)}")
-        opts = LoopOptions(out=root, steps=settings.steps, batch=settings.batch, seq=settings.seq, lr=settings.lr,
-                           seed=seed, lr_schedule="cosine", warmup=max(1, settings.steps // 20))
+        click.echo(f"3/5 plan: weights {format_size(weight_bytes)} on disk, streamed one layer at a time; device "
+                   f"budget {format_size(budget)} (the CPU device's capacity): the model is "
+                   f"{weight_bytes / budget:.1f}x the device")
+        click.echo(f"      {plan_summary(model)}")
+        opts = LoopOptions(out=root, steps=settings.steps, batch=1, seq=seq, lr=settings.lr, seed=seed,
+                           lr_schedule="cosine", warmup=max(1, settings.steps // 20), eval_steps=settings.eval_every)
+        for old in (root / FINAL, root / METRICS):  # the demo's own files of an earlier run (--overwrite)
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
         optimizer, scheduler = make_optimizer(model, opts)
         trainer = model.get_trainer(optimizer, scheduler=scheduler)
-        result = train_loop(model, trainer, train.examples, pad, opts, base_dir, echo=click.echo, progress=TrainingProgress)
+        pad = tokenizer.pad_token_id
+        before = evaluate(trainer, data.eval_examples, pad, opts)["loss"]
+        before_reply = reply(model, tokenizer, question, system)
+        click.echo(f"4/5 fine-tuning: {settings.steps} steps of {seq} packed tokens, lr {settings.lr:g}, LoRA rank "
+                   f"{rank} on {', '.join(model.lora_spec.targets)}; held-out loss every {settings.eval_every} steps")
+        click.echo(f"step 0/{settings.steps}  eval_loss {before:.4f}")
+        result = train_loop(model, trainer, data.items, pad, opts, base_dir, echo=click.echo,
+                            progress=TrainingProgress, collate_fn=data.collate_fn, eval_examples=data.eval_examples)
         if result.interrupted:
             click.echo(f"interrupted at step {result.steps_done}: saved {result.checkpoint}")
             click.get_current_context().exit(143 if result.signal == "SIGTERM" else 130)
-        after_loss = held_out_loss(model, held.examples, pad, settings.batch)
-        after_text = greedy(model, tokenizer, PROMPT, 24)
+        rows = [json.loads(line) for line in (root / METRICS).read_text(encoding="utf-8").splitlines()]
+        after = [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
+        peak = max(r["device_peak_bytes"] for r in rows if r.get("device_peak_bytes"))
+        after_reply = reply(model, tokenizer, question, system)
     finally:
         model.close()
     click.echo("")
-    click.echo(f"held-out loss: before {before_loss:.3f} -> after {after_loss:.3f} "
-               f"({'fell' if after_loss < before_loss else 'did not fall'} by {before_loss - after_loss:.3f})")
-    click.echo(f"greedy before: {_one_line(before_text)!r}")
-    click.echo(f"greedy after:  {_one_line(after_text)!r}")
-    click.echo(f"adapter (peft format): {result.checkpoint}   metrics: {root / 'metrics.jsonl'}")
-    click.echo(f"the same run from the shell: lema train --model {weights} --data {data_dir / 'train.txt'} "
-               f"--out {root / 'run'} --steps {settings.steps} --batch {settings.batch} --seq {settings.seq} "
-               f"--lr {settings.lr:g} --rank {settings.rank} --lr-schedule cosine --warmup {opts.warmup} "
-               f"--device cpu --seed {seed}")
+    click.echo(f"5/5 held-out loss: before {before:.3f} -> after {after:.3f} "
+               f"({'fell' if after < before else 'did not fall'} by {before - after:.3f})")
+    click.echo(f"question (held out): {question!r}")
+    click.echo(f"reply before: {before_reply!r}")
+    click.echo(f"reply after:  {after_reply!r}")
+    click.echo(f"measured device peak {format_size(peak)} (budget {format_size(budget)}): the weights "
+               f"({format_size(weight_bytes)}) are {weight_bytes / peak:.1f}x what the device held")
+    click.echo(f"adapter (peft format): {result.checkpoint}   metrics: {root / METRICS}")
+    click.echo(f"the same run from the shell: lema train --model {weights} --data {data_dir / 'train.jsonl'} "
+               f"--eval-data {data_dir / 'heldout.jsonl'} --eval-steps {settings.eval_every} --out {root / 'run'} "
+               f"--steps {settings.steps} --batch 1 --seq {seq} --packing --lr {settings.lr:g} --rank {rank} "
+               f"--lr-schedule cosine --warmup {opts.warmup} --prefetch 0 --vram {budget} --device cpu --seed {seed}")
+    click.echo(f"then: lema generate --model {weights} --adapter {result.checkpoint} --chat --system {system!r} "
+               f"--prompt {question!r}")
     click.echo(f"demo finished in {time.perf_counter() - began:.0f} s")

@@ -39,9 +39,15 @@ from lema.errors import CheckpointError, ConfigError, ModelFormatError
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
               show_default=True, help="Compute dtype (auto: the model file's).")
 @click.option("--no-echo", is_flag=True, help="Print only the generated text, not the prompt.")
+@click.option("--chat", is_flag=True,
+              help="--prompt is a user message: render it with the chat template and print the reply.")
+@click.option("--system", default=None, help="With --chat: a system message before the user's.")
+@click.option("--chat-template", metavar="FILE|NAME", default=None,
+              help="With --chat: the template (default: the tokenizer's; 'chatml', a Jinja file).")
 def generate(model_path: str, adapter: str | None, prompt: str, max_new_tokens: int, temperature: float | None,
              top_k: int | None, top_p: float | None, seed: int | None, greedy: bool | None,
-             tokenizer_dir: str | None, device: str, strategy: str, dtype: str, no_echo: bool) -> None:
+             tokenizer_dir: str | None, device: str, strategy: str, dtype: str, no_echo: bool, chat: bool,
+             system: str | None, chat_template: str | None) -> None:
     """Generate text from --prompt with the base model (plus --adapter), streamed to stdout.
 
     Generation stops at the model's context length: a --max-new-tokens beyond it is
@@ -69,7 +75,13 @@ def generate(model_path: str, adapter: str | None, prompt: str, max_new_tokens: 
     from lema.app.model import LemaModel
     from lema.config import LemaConfig
 
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    eos: list[int] = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if chat:
+        ids, stops = chat_prompt_ids(tokenizer, prompt, system, chat_template)
+        eos += [i for i in stops if i not in eos]
+        no_echo = True
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         raise ConfigError("--prompt: the prompt encodes to no tokens; pass some text")
     where = ({"gbi_path": model_path} if Path(model_path).expanduser().is_file()
@@ -87,7 +99,7 @@ def generate(model_path: str, adapter: str | None, prompt: str, max_new_tokens: 
         run_generation(model, ids, max_new_tokens, do_sample=do_sample,
                        temperature=1.0 if temperature is None else temperature,
                        top_k=0 if top_k is None else top_k, top_p=1.0 if top_p is None else top_p, seed=seed,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=eos or None, pad_token_id=tokenizer.pad_token_id,
                        stream=printer.add)
         printer.flush()
         click.echo()
@@ -106,6 +118,21 @@ def _cap_to_context(prompt_tokens: int, max_new_tokens: int, context: int) -> in
                    f"generating at most {room} new tokens (--max-new-tokens {max_new_tokens} is capped)", err=True)
         return room
     return max_new_tokens
+
+
+def chat_prompt_ids(tokenizer: Any, prompt: str, system: str | None, chat_template: str | None) -> tuple[Any, list[int]]:
+    """The ids of a one-turn conversation rendered with the generation prompt (no extra BOS:
+    the template writes its own), and the tokens that end the reply."""
+    from lema.data.chat import end_of_turn_ids, render_text, resolve_template
+
+    template = resolve_template(tokenizer, chat_template)
+    if template is None:
+        raise ConfigError("--chat: the tokenizer has no chat template; pass one with --chat-template FILE "
+                          "(or --chat-template chatml)")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text = render_text(tokenizer, messages, template, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"], end_of_turn_ids(tokenizer,
+                                                                                                         template)
 
 
 def _tokenizer(tokenizer_dir: str | None, adapter: str | None, model_path: str) -> Any:

@@ -16,6 +16,7 @@ class TrainingProgress:
         self.total, self.start = total, start
         self._bar: Any = None
         self._task: Any = None
+        self._eval = ""
 
     def __enter__(self) -> "TrainingProgress":
         if self.live:
@@ -36,11 +37,15 @@ class TrainingProgress:
         return self
 
     def update(self, step: int, record: dict[str, Any]) -> None:
+        """Show a training record (loss, tokens/s, device memory) or an evaluation's loss."""
+        if "eval_loss" in record:
+            self._eval = f" | eval {record['eval_loss']:.4f}"
+            return
         if self._bar is not None:
             from lema.app.train_loop import peak_text
 
             tps, peak = record.get("tokens_per_s"), record.get("device_peak_bytes")
-            text = f"loss {record['loss']:.4f}" + (f" | {tps:,.0f} tok/s" if tps else "") + (
+            text = f"loss {record['loss']:.4f}" + self._eval + (f" | {tps:,.0f} tok/s" if tps else "") + (
                 f" | device {peak_text(record)}" if peak else "")
             self._bar.update(self._task, completed=step, description=text)
 

@@ -1,4 +1,8 @@
-"""``lema train --model PATH --data FILE --out DIR``: fine-tune a LoRA adapter from the shell.
+"""``lema train --model PATH --data DATA --out DIR``: fine-tune a LoRA adapter from the shell.
+
+This module parses the options (:mod:`lema.cli.train_options`, or a ``--config`` YAML file)
+and prints; the data is prepared by :mod:`lema.app.run_data` (read, tokenized, cached,
+packed: :mod:`lema.data`) and the steps run in :func:`lema.app.train_loop.train_loop`.
 
 What the run leaves in ``DIR``:
 
@@ -6,7 +10,8 @@ What the run leaves in ``DIR``:
   run (peft adapter + optimizer/trainer state + tokenizer: resumable);
 * ``final/``: the same, written when the run completes (the adapter to use);
 * ``metrics.jsonl``: one JSON object per optimizer step (step, loss, lr, tokens_per_s,
-  device_peak_bytes, ...);
+  device_peak_bytes, ...) and one per evaluation (step, eval_loss, eval_perplexity);
+* ``tensorboard/`` (``--report-to tensorboard``) and ``wandb/`` (``--report-to wandb``);
 * ``train_args.json``: the options of the run, compared on ``--resume``.
 
 ``--resume`` continues from the complete checkpoint in ``DIR`` with the highest step
@@ -40,19 +45,21 @@ import click
 from lema.adapters.checkpoints.atomic import atomic_write_text
 from lema.app.outputs import check_output
 from lema.app.run_folder import ARGS
-from lema.app.run_inputs import open_tokenizer, resolve_model_arg
+from lema.app.run_inputs import open_tokenizer, resolve_model_arg, save_tokenizer_with_template
 from lema.app.train_loop import (
     DATA_ARGS,
     LoopOptions,
     make_optimizer,
     plan_summary,
+    require_bitsandbytes,
     train_loop,
 )
 from lema.cli.progress import TrainingProgress
+from lema.cli.train_options import train_options
 from lema.config import check_seed
 from lema.domain.json_values import parse_json
 from lema.domain.units import parse_size
-from lema.errors import ConfigError, DataError, LemaWarning
+from lema.errors import ConfigError, LemaWarning
 
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -60,50 +67,7 @@ EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 
 @click.command("train")
-@click.option("--model", "model_path", required=True, metavar="PATH",
-              help="A converted .safetensors file, or a Hugging Face model folder (.bin weights are converted "
-                   "once into $LEMA_CACHE, default ~/.cache/lema).")
-@click.option("--data", required=True, metavar="FILE",
-              help="Training data: .txt (cut into --seq blocks), .jsonl with \"text\", or .jsonl with "
-                   "\"prompt\"/\"completion\" (loss on the completion).")
-@click.option("--out", required=True, metavar="DIR", help="Where checkpoints and metrics.jsonl go.")
-@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps to train (total, counting resumed ones).")
-@click.option("--epochs", type=click.IntRange(min=1), help="Passes over the data (default 1 when --steps is not given).")
-@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Sequences per micro-batch (per rank under torchrun).")
-@click.option("--seq", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per sequence.")
-@click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate (AdamW).")
-@click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank.")
-@click.option("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank).")
-@click.option("--targets", metavar="A,B,...", help="LoRA target modules, comma-separated (default: the family's; "
-                                                   "'all-linear').")
-@click.option("--strategy", type=click.Choice(["streaming", "resident", "auto"]), default="streaming",
-              show_default=True, help="How base weights reach the device.")
-@click.option("--vram", metavar="SIZE", help="Device memory budget, e.g. 8G (default: the device's capacity).")
-@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Micro-batches per optimizer step.")
-@click.option("--save-steps", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Write DIR/checkpoint-<step> every N optimizer steps (0: only at the end).")
-@click.option("--resume", is_flag=True, help="Continue from the latest complete checkpoint in DIR.")
-@click.option("--reset-optimizer", is_flag=True,
-              help="With --resume: start AdamW fresh instead of from the checkpoint's optimizer state "
-                   "(required when optimizer.safetensors is missing).")
-@click.option("--lora-dropout", type=click.FloatRange(min=0.0, max=1.0, max_open=True), default=0.0,
-              show_default=True, help="Dropout on the adapters' input (seeded by --seed; exact on --resume).")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seeds the adapter init, LoRA dropout and data order.")
-@click.option("--tokenizer", metavar="PATH", help="Tokenizer folder (default: the model's folder).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--offload-activations/--no-offload-activations", "offload", default=None,
-              help="Keep the checkpointed layer inputs in host memory between each layer's forward and backward "
-                   "(default: on when the memory plan needs it; the planner also tiles long sequences).")
-@click.option("--prefetch", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Layers read ahead of the one computing.")
-@click.option("--max-line-size", default="1M", show_default=True, metavar="SIZE",
-              help="Longest line of --data accepted (bytes of text); longer lines are refused before tokenizing.")
-@click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True, help="Linear warmup steps.")
-@click.option("--lr-schedule", type=click.Choice(["constant", "cosine", "linear"]), default="constant",
-              show_default=True)
+@train_options
 @click.pass_context
 def train(ctx: click.Context, **options: Any) -> None:
     """Fine-tune a LoRA adapter on --data and write it to --out.
@@ -111,13 +75,14 @@ def train(ctx: click.Context, **options: Any) -> None:
     OUT gets checkpoint-<step>/ every --save-steps and on Ctrl-C or SIGTERM, final/ when
     the run completes (peft adapter + optimizer state + tokenizer), and metrics.jsonl.
     OUT must be new or empty; --resume continues the run in it exactly where it stopped.
+    Every option can also be a key of --config run.yaml; flags override it.
 
     \b
     Example:
-      lema train --model llama2_7b.safetensors --data train.jsonl --out runs/a \\
-                 --steps 1000 --batch 4 --seq 512 --lr 2e-4 --save-steps 200
+      lema train --model llama2_7b.safetensors --data chat.jsonl --out runs/a \\
+                 --steps 1000 --batch 4 --seq 1024 --packing --eval-split 0.05 --eval-steps 100
     """
-    from lema.app import distributed
+    from lema.app import bootstrap, distributed
     from lema.app.ranked_run import open_ranked_run
 
     o = TrainOptions(**options)
@@ -129,12 +94,18 @@ def train(ctx: click.Context, **options: Any) -> None:
         raise ConfigError(f"--lr: {o.lr!r} must be a positive number")
     if o.reset_optimizer and not o.resume:
         raise ConfigError("--reset-optimizer only applies with --resume")
+    if o.eval_data is not None and o.eval_split is not None:
+        raise ConfigError("pass --eval-data or --eval-split, not both")
     check_seed(o.seed, "--seed")
     o.max_line_bytes()  # checked before anything is opened
+    bootstrap.sink_names(o.report_to)  # an unknown sink or a missing library: said before any work
+    if o.optimizer == "adamw8bit":
+        require_bitsandbytes()
     out_dir = Path(o.out)
     model_arg = Path(o.model_path).expanduser()
     check_output(out_dir, option="--out", overwrite=None, folders=[model_arg if model_arg.is_dir() else None],
-                 files=[model_arg if model_arg.is_file() else None, Path(o.data)])
+                 files=[model_arg if model_arg.is_file() else None, Path(o.data),
+                        None if o.eval_data is None else Path(o.eval_data)])
     with open_ranked_run(out_dir, resume=o.resume, ranks=ranks, echo=click.echo) as checkpoint:
         if checkpoint is not None:
             _check_resume_args(out_dir, o.args())
@@ -149,35 +120,53 @@ def train(ctx: click.Context, **options: Any) -> None:
 
 @attrs.frozen(kw_only=True)
 class TrainOptions:
-    """The command's options, as click passes them."""
+    """The command's options, as click passes them (:mod:`lema.cli.train_options`)."""
 
     model_path: str
     data: str
     out: str
+    data_format: str
+    chat_template: str | None
+    packing: bool
+    eval_data: str | None
+    eval_split: float | None
+    eval_steps: int
     steps: int | None
     epochs: int | None
     batch: int
     seq: int
     lr: float
+    optimizer: str
+    weight_decay: float
+    max_grad_norm: float
     rank: int
     alpha: float | None
+    lora_dropout: float
     targets: str | None
+    dtype: str
     strategy: str
     vram: str | None
     grad_accum: int
     save_steps: int
+    save_total_limit: int
+    report_to: str
+    run_name: str | None
     resume: bool
     reset_optimizer: bool
-    lora_dropout: float
     seed: int
     tokenizer: str | None
     device: str
     offload: bool | None
     prefetch: int
-    max_line_size: str
     warmup: int
     lr_schedule: str
+    max_line_size: str
+    data_cache: bool
     nproc: int = 1  # torchrun's ranks (not an option: the launcher sets it)
+
+    @property
+    def format(self) -> str | None:
+        return None if self.data_format == "auto" else self.data_format
 
     def max_line_bytes(self) -> int:
         """``--max-line-size`` in bytes (ConfigError naming the option when it is not a size)."""
@@ -189,31 +178,36 @@ class TrainOptions:
                 "grad_accum": self.grad_accum, "seed": self.seed, "rank": self.rank, "alpha": self.alpha,
                 "targets": self.targets, "lr": self.lr, "steps": self.steps, "epochs": self.epochs,
                 "warmup": self.warmup, "lr_schedule": self.lr_schedule, "lora_dropout": self.lora_dropout,
-                "global_batch": self.batch * self.nproc, "nproc": self.nproc}
+                "global_batch": self.batch * self.nproc, "nproc": self.nproc, "format": self.format,
+                "chat_template": self.chat_template, "packing": self.packing, "eval_split": self.eval_split,
+                "eval_data": self.eval_data, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
+                "max_grad_norm": self.max_grad_norm, "dtype": self.dtype}
 
 
 def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any) -> int:
     """The run itself, in a locked ``out_dir``; returns the exit status."""
+    from lema.app import bootstrap
     from lema.app.model import LemaModel
+    from lema.app.run_data import check_vocab, prepare_data
     from lema.config import LemaConfig
-    from lema.data.examples import batches_per_epoch, read_examples
+    from lema.data.examples import batches_per_epoch
 
     gbi_path, name_or_path = resolve_model_arg(o.model_path, echo=click.echo)
     tok, tok_dir = open_tokenizer(o.tokenizer, o.model_path)
-    dataset = read_examples(o.data, tok, o.seq, max_line_bytes=o.max_line_bytes())
-    per_epoch = batches_per_epoch(len(dataset.examples), o.batch * ranks.world)
+    data = prepare_data(o.data, tok, seq=o.seq, format=o.format, chat_template=o.chat_template, packing=o.packing,
+                        eval_data=o.eval_data, eval_split=o.eval_split, seed=o.seed, cache=o.data_cache,
+                        max_line_bytes=o.max_line_bytes())
+    per_epoch = batches_per_epoch(len(data.items), o.batch * ranks.world)
     total = o.steps if o.steps is not None else max(1, math.ceil((o.epochs or 1) * per_epoch / o.grad_accum))
-    click.echo(f"data: {o.data}: {dataset.format}, {len(dataset.examples):,} examples, {dataset.n_tokens:,} tokens"
-               + (f" ({dataset.n_truncated} truncated to --seq {o.seq})" if dataset.n_truncated else "")
-               + f"; {per_epoch} batches per epoch; {total} optimizer steps")
+    for line in data.lines:
+        click.echo(line)
+    click.echo(f"      {per_epoch} batches per epoch; {total} optimizer steps")
 
     runtime = dict(gbi_path=gbi_path, model_name_or_path=name_or_path, strategy=o.strategy, device=o.device,
                    vram_budget=o.vram, prefetch_distance=o.prefetch, batch_size=o.batch, max_seq_len=o.seq,
                    offload_activations="auto" if o.offload is None else o.offload,
-                   gradient_accumulation_steps=o.grad_accum)
+                   gradient_accumulation_steps=o.grad_accum, dtype=o.dtype, max_grad_norm=o.max_grad_norm)
     if ckpt is not None:
-        from lema.app import bootstrap
-
         # from_pretrained's `device` keyword takes a Device object, so the device this run
         # asks for is built here rather than passed as a config override.
         dev = bootstrap.make_device(LemaConfig(**runtime))
@@ -227,10 +221,11 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any) -> int
         model.initialize_lora()
     with model:
         click.echo(plan_summary(model))
-        _check_vocab(dataset, model, o.data)
+        check_vocab(data.store, model.spec.vocab_size, o.data)
         opts = LoopOptions(out=out_dir, steps=total, batch=o.batch, seq=o.seq, lr=o.lr, seed=o.seed,
                            grad_accum=o.grad_accum, save_steps=o.save_steps, warmup=o.warmup,
-                           lr_schedule=o.lr_schedule)
+                           lr_schedule=o.lr_schedule, optimizer=o.optimizer, weight_decay=o.weight_decay,
+                           eval_steps=o.eval_steps, save_total_limit=o.save_total_limit)
         optimizer, scheduler = make_optimizer(model, opts)
         with warnings.catch_warnings():
             warnings.simplefilter("always", LemaWarning)  # every run says it (the CLI prints "warning: ...")
@@ -244,11 +239,16 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any) -> int
                        + (" with a fresh optimizer (--reset-optimizer)" if o.reset_optimizer else ""))
         elif ranks.is_main:
             atomic_write_text(out_dir / ARGS, json.dumps(o.args(), indent=2))
+        if o.chat_template is not None and ranks.is_main:  # checkpoints carry the template the run trained with
+            tok_dir = save_tokenizer_with_template(tok, o.chat_template, out_dir / "tokenizer")
         if trainer.global_step >= total:
             click.echo(f"already trained {trainer.global_step} steps (asked for {total}); nothing to do")
             return 0
-        result = train_loop(model, trainer, dataset.examples, tok.pad_token_id, opts, tok_dir,
-                            echo=click.echo, progress=TrainingProgress if ranks.is_main else None)
+        sinks = bootstrap.make_sinks(o.report_to, out_dir, run_name=o.run_name, options=o.args()) \
+            if ranks.is_main else []
+        result = train_loop(model, trainer, data.items, tok.pad_token_id, opts, tok_dir, echo=click.echo,
+                            progress=TrainingProgress if ranks.is_main else None, collate_fn=data.collate_fn,
+                            eval_examples=data.eval_examples, sinks=sinks)
     if result.interrupted:
         click.echo(f"interrupted at step {result.steps_done}: saved {result.checkpoint}; continue with the same "
                    "command plus --resume")
@@ -267,16 +267,11 @@ def _check_resume_args(out: Path, args: dict[str, Any]) -> None:
     if not isinstance(before, dict):
         return
     before.setdefault("global_batch", before.get("batch"))  # written before data parallel
+    for key, default in (("format", None), ("chat_template", None), ("packing", False), ("eval_split", None)):
+        before.setdefault(key, default)  # written before chat data
     names = {"global_batch": "batch x ranks"}
     changed = [f"{names.get(k, '--' + k.replace('_', '-'))} {before.get(k)!r} -> {args[k]!r}" for k in DATA_ARGS
                if before.get(k) != args[k]]
     if changed:
         click.echo("warning: resuming with different data options than the original run ("
                    + ", ".join(changed) + "); the batches will not continue where they stopped")
-
-
-def _check_vocab(dataset: Any, model: Any, data: str) -> None:
-    top = max(max(e.input_ids) for e in dataset.examples)
-    if top >= model.spec.vocab_size:
-        raise DataError(f"{data}: the tokenizer produces token id {top} but the model's vocabulary has "
-                        f"{model.spec.vocab_size} entries; pass the model's own tokenizer with --tokenizer")

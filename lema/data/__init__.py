@@ -1,1 +1,1 @@
-"""Training data: reading examples, tokenization, batching; the shipped demo corpus."""
+"""Training data: sources, formats, chat templates, token stores, caching, packing, batching; the shipped demo data."""

@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -32,9 +32,10 @@ def shard_bounds(n_rows: int, rank: int, world: int) -> tuple[int, int]:
     return n_rows * rank // world, n_rows * (rank + 1) // world
 
 
-def rank_batches(examples: Sequence[Example], batch_size: int, pad_id: int, *, rank: int = 0, world: int = 1,
-                 seq: int | None = None, seed: int = 0, epochs: int | None = 1, shuffle: bool = True,
-                 skip: int = 0) -> Iterator[dict[str, torch.Tensor | int]]:
+def rank_batches(examples: Sequence[Example] | Sequence[Any], batch_size: int, pad_id: int, *, rank: int = 0,
+                 world: int = 1, seq: int | None = None, seed: int = 0, epochs: int | None = 1, shuffle: bool = True,
+                 skip: int = 0, collate_fn: Callable[..., dict[str, torch.Tensor]] | None = None
+                 ) -> Iterator[dict[str, torch.Tensor | int]]:
     """Yield this rank's rows of each global batch of ``batch_size * world`` examples.
 
     With ``world == 1`` this yields exactly what :func:`lema.data.examples.batches` yields.
@@ -46,6 +47,8 @@ def rank_batches(examples: Sequence[Example], batch_size: int, pad_id: int, *, r
         rank, world: this rank and the number of ranks.
         seq, seed, epochs, shuffle: as :func:`lema.data.examples.batches`.
         skip: global batches to skip (resuming: steps x accumulation).
+        collate_fn: makes a batch of items (default :func:`lema.data.examples.collate`; packed
+            rows use :func:`lema.data.packing.collate_packed`).
 
     Yields:
         ``collate``'s dict (``input_ids``, ``labels``, ``attention_mask``; ``(0, 1)`` tensors
@@ -56,18 +59,29 @@ def rank_batches(examples: Sequence[Example], batch_size: int, pad_id: int, *, r
     if not examples:
         raise DataError("no training examples to batch")
     global_batch = batch_size * world
+    lengths = examples.lengths() if hasattr(examples, "lengths") else None  # a TokenStore knows them
+
+    def length_of(i: int) -> int:
+        return int(lengths[i]) if lengths is not None else _length(examples[i])
+
     per_epoch = batches_per_epoch(len(examples), global_batch)
     epoch, index = divmod(max(skip, 0), per_epoch)
     while epochs is None or epoch < epochs:
         for chunk in batch_order(len(examples), global_batch, seed, epoch, shuffle)[index:]:
             lo, hi = shard_bounds(len(chunk), rank, world)
             mine = [examples[i] for i in chunk[lo:hi]]
-            batch: dict[str, torch.Tensor | int] = dict(collate(mine, pad_id, seq)) if mine else _empty()
-            batch["tokens"] = sum(min(len(examples[i].input_ids), seq or len(examples[i].input_ids))
-                                  for i in chunk)
+            batch: dict[str, torch.Tensor | int] = dict((collate_fn or collate)(mine, pad_id, seq)) if mine \
+                else _empty()
+            batch["tokens"] = sum(min(n, seq or n) for n in (length_of(i) for i in chunk))
             yield batch
         index = 0
         epoch += 1
+
+
+def _length(item: Any) -> int:
+    """Tokens of an example (or of a packed row)."""
+    ids = getattr(item, "input_ids", None)
+    return len(ids) if ids is not None else len(item)
 
 
 def _empty() -> dict[str, torch.Tensor | int]:

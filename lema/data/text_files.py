@@ -99,12 +99,12 @@ def detect_format(path: str | os.PathLike[str], text: str) -> str:
                 return "jsonl"
         except JsonValueError:
             pass
-        if _one_document(text) is not None:
+        if one_document(text) is not None:
             return "jsonl"  # parse_jsonl explains that it is one document
     return "text"
 
 
-def _one_document(text: str) -> str | None:
+def one_document(text: str) -> str | None:
     """What the file is when it is a single JSON document rather than JSON Lines, else None."""
     lines = [line for line in split_lines(text) if line.strip()]
     if not lines or not lines[0].lstrip().startswith(("[", "{")):
@@ -137,7 +137,7 @@ def parse_jsonl(path: str | os.PathLike[str], text: str) -> tuple[str, list[tupl
     collected and reported in one DataError; a file that is one JSON document (an array,
     or one object over several lines) is reported as that, in one line.
     """
-    document = _one_document(text)
+    document = one_document(text)
     if document is not None:
         raise DataError(f"{path}: the file is {document}, not JSON Lines; {_ONE_PER_LINE}: e.g. convert it "
                         "with `jq -c '.[]' FILE > FILE.jsonl` and map its fields to \"text\" or "

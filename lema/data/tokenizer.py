@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from lema.errors import ConfigError, ModelFormatError
 
@@ -25,7 +25,8 @@ TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokeniz
 _MIN_VOCAB = 256 + 3  # the 256 byte symbols plus pad, bos, eos
 
 
-def build_byte_tokenizer(corpus_text: str | Iterable[str], vocab_size: int = 512) -> Any:
+def build_byte_tokenizer(corpus_text: str | Iterable[str], vocab_size: int = 512,
+                         extra_special_tokens: Sequence[str] = ()) -> Any:
     """Train a byte-level BPE tokenizer on ``corpus_text`` (no network, a few seconds at most).
 
     Every byte has a symbol, so any UTF-8 text round-trips. Special tokens: ``<|pad|>`` (id
@@ -36,6 +37,9 @@ def build_byte_tokenizer(corpus_text: str | Iterable[str], vocab_size: int = 512
         corpus_text: the training text, or an iterable of text pieces (e.g. lines).
         vocab_size: the vocabulary size, at least 259 (bytes + specials); a small corpus may
             stop short of it when no pair is left to merge.
+        extra_special_tokens: more special tokens (e.g. a chat template's ``<|user|>``), with
+            ids 3, 4, ... after pad, bos and eos; never split, and skipped by
+            ``decode(..., skip_special_tokens=True)``.
 
     Returns:
         A ``transformers.PreTrainedTokenizerFast``.
@@ -53,22 +57,28 @@ def build_byte_tokenizer(corpus_text: str | Iterable[str], vocab_size: int = 512
     )
     from transformers import PreTrainedTokenizerFast
 
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < _MIN_VOCAB:
-        raise ConfigError(f"vocab_size: {vocab_size!r} must be an integer >= {_MIN_VOCAB} (256 bytes + 3 specials)")
+    minimum = _MIN_VOCAB + len(extra_special_tokens)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
+        raise ConfigError(f"vocab_size: {vocab_size!r} must be an integer >= {minimum} (256 bytes + "
+                          f"{minimum - 256} specials)")
     pieces = [corpus_text] if isinstance(corpus_text, str) else list(corpus_text)
     if not any(p.strip() for p in pieces):
         raise ConfigError("build_byte_tokenizer: the corpus is empty; pass some text to learn merges from")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, *extra_special_tokens],
+                                  show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_lines(pieces), trainer=trainer)
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    model_max_length=1 << 30, clean_up_tokenization_spaces=False)
+    if extra_special_tokens:
+        fast.add_special_tokens({"additional_special_tokens": list(extra_special_tokens)})
+    return fast
 
 
 def _lines(pieces: list[str]) -> Iterator[str]:
@@ -119,14 +129,25 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     return tok
 
 
+def sidecar_dir(model_file: str | os.PathLike[str]) -> Path:
+    """Where ``lema convert`` and ``lema merge`` put a model file's tokenizer: ``X.safetensors``
+    -> ``X.tokenizer/`` beside it."""
+    p = Path(model_file)
+    return p.with_name(p.stem + ".tokenizer")
+
+
 def find_tokenizer_dir(*candidates: str | os.PathLike[str] | None) -> Path | None:
-    """The first candidate folder that holds tokenizer files, or None."""
+    """The first candidate folder that holds tokenizer files, or None.
+
+    A candidate that is a file (a ``.safetensors`` model) stands for its tokenizer folder
+    (:func:`sidecar_dir`), then the folder it is in.
+    """
     for c in candidates:
         if c is None:
             continue
         p = Path(c).expanduser()
-        if p.is_file():
-            p = p.parent
-        if p.is_dir() and any((p / name).is_file() for name in TOKENIZER_MARKERS):
-            return p
+        places = [sidecar_dir(p), p.parent] if p.is_file() else [p]
+        for place in places:
+            if place.is_dir() and any((place / name).is_file() for name in TOKENIZER_MARKERS):
+                return place
     return None

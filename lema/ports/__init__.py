@@ -1,1 +1,1 @@
-"""The ports: typing.Protocol interfaces the application needs (WeightSource, Device)."""
+"""The ports: typing.Protocol interfaces the application needs (WeightSource, Device, MetricsSink)."""

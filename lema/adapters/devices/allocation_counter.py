@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 _paused = threading.local()
 
@@ -32,9 +31,24 @@ class paused:
         _paused.depth -= 1
 
 
-def _storages(tree: Any) -> list[torch.UntypedStorage]:
-    leaves, _ = tree_flatten(tree)
-    return [t.untyped_storage() for t in leaves if isinstance(t, torch.Tensor) and t.device.type != "meta"]
+def _storages(tree: Any, found: list[torch.UntypedStorage] | None = None) -> list[torch.UntypedStorage]:
+    """The storages of the tensors in ``tree`` (tuples, lists and dicts of tensors and plain
+    values: what aten ops take and return). A direct walk: this runs for every op, and
+    ``torch.utils._pytree`` costs several times more per call."""
+    if found is None:
+        found = []
+    if isinstance(tree, torch.Tensor):
+        if tree.device.type != "meta":
+            found.append(tree.untyped_storage())
+    elif isinstance(tree, (tuple, list)):
+        for item in tree:
+            if isinstance(item, (torch.Tensor, tuple, list, dict)):
+                _storages(item, found)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            if isinstance(item, (torch.Tensor, tuple, list, dict)):
+                _storages(item, found)
+    return found
 
 
 class AllocationCounter(TorchDispatchMode):

@@ -12,6 +12,11 @@ the W most recent keys, the query included, counted by sequence index), combined
 to itself and its output is then zeroed, which is what PyTorch's SDPA returns for such
 rows in transformers.
 
+Packed rows (several examples in one sequence) carry ``segments``: the mask is then
+block-diagonal causal, each token attending only to earlier tokens of its own example,
+and the positions restart at 0 for each example (:func:`segment_ids` finds the examples
+from such positions), so every example computes exactly what it computes alone.
+
 Example:
     >>> import torch
     >>> from lema.domain.model.spec import ModelSpec
@@ -38,7 +43,7 @@ from lema.domain.model.spec import ModelSpec
 from lema.errors import ConfigError
 
 __all__ = ["FULL", "SLIDING", "BlockContext", "decode_position_ids", "make_context", "make_decode_context",
-           "sliding_keys_kept"]
+           "segment_ids", "sliding_keys_kept"]
 
 # A mask and the multiplier (1 keep / 0 zero) of its fully masked query rows, both optional.
 AttentionMask = tuple["torch.Tensor | None", "torch.Tensor | None"]
@@ -101,16 +106,39 @@ def sliding_keys_kept(window: int | None, past_len: int) -> int:
     return past_len if window is None else min(past_len, window - 1)
 
 
+def segment_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """The example each token of packed rows belongs to, or None when no row is packed.
+
+    A new example starts wherever a position is not the previous one plus 1 (positions
+    restart at 0 for each packed example), the convention of transformers'
+    ``DataCollatorWithFlattening``.
+
+    Example:
+        >>> segment_ids(torch.tensor([[0, 1, 2, 0, 1]])).tolist()
+        [[1, 1, 1, 2, 2]]
+        >>> segment_ids(torch.arange(4)[None]) is None
+        True
+    """
+    if position_ids.dim() != 2:
+        raise ConfigError(f"position_ids has shape {list(position_ids.shape)}, expected [batch, seq]")
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not bool(starts[:, 1:].any()):
+        return None
+    return starts.long().cumsum(-1)
+
+
 def _mask(pad: torch.Tensor | None, seq: int, window: int | None, device: torch.device, past: int = 0,
-          kept: int | None = None) -> AttentionMask:
+          kept: int | None = None, segments: torch.Tensor | None = None) -> AttentionMask:
     # Queries are the last ``seq`` of ``past + seq`` positions; the keys are the ``kept`` cached
     # ones (the most recent, default all ``past``) followed by the new ones. ``pad`` is
     # ``(batch, past + seq)``. None stands for causal aligned to the last key: SDPA's
-    # ``is_causal`` when there is no past, every key for a single query.
+    # ``is_causal`` when there is no past, every key for a single query. ``segments`` is
+    # ``(batch, seq)`` (no past): a token attends only to tokens of its own segment.
     kept = past if kept is None else kept
     start = past - kept
-    if pad is None and (seq == 1 and (window is None or kept < window)
-                        or past == 0 and (window is None or seq <= window)):
+    if pad is None and segments is None and (seq == 1 and (window is None or kept < window)
+                                             or past == 0 and (window is None or seq <= window)):
         return None, None
     q = torch.arange(past, past + seq, device=device)[:, None]
     k = torch.arange(start, past + seq, device=device)[None, :]
@@ -118,6 +146,8 @@ def _mask(pad: torch.Tensor | None, seq: int, window: int | None, device: torch.
     if window is not None:
         allowed = allowed & (k > q - window)
     allowed = allowed[None, None]
+    if segments is not None:
+        allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
     if pad is None:
         return allowed, None
     allowed = allowed & pad[:, None, None, start:]
@@ -142,7 +172,8 @@ def _kinds(layout: AttentionLayout) -> set[str]:
 def make_context(spec: ModelSpec, input_shape: tuple[int, int], attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, lora: LoraSpec | None = None, training: bool = False,
-                 dropout_seed: int | None = None, matmul_dtype: torch.dtype | None = None) -> BlockContext:
+                 dropout_seed: int | None = None, matmul_dtype: torch.dtype | None = None,
+                 segments: torch.Tensor | None = None) -> BlockContext:
     """Build the per-batch context.
 
     Args:
@@ -158,12 +189,14 @@ def make_context(spec: ModelSpec, input_shape: tuple[int, int], attention_mask: 
         dropout_seed: seed of the dropout masks; drawn from torch's global RNG when None.
         matmul_dtype: compute the frozen weights' products in this dtype (see
             :mod:`lema.domain.model.matmul`); None: in ``dtype``.
+        segments: ``(batch, seq)`` example numbers of packed rows (:func:`segment_ids`):
+            attention stays inside each example; None: one example per row.
 
     Returns:
         The :class:`BlockContext`.
 
     Raises:
-        ConfigError: when a mask or position tensor does not have shape ``(batch, seq)``.
+        ConfigError: when a mask, position or segment tensor does not have shape ``(batch, seq)``.
     """
     batch, seq = input_shape
     device = torch.device(device)
@@ -181,7 +214,11 @@ def make_context(spec: ModelSpec, input_shape: tuple[int, int], attention_mask: 
         pad = attention_mask.to(device).bool()
         if bool(pad.all()):
             pad = None
-    masks = {kind: _mask(pad, seq, layout.sliding_window if kind == SLIDING else None, device)
+    if segments is not None:
+        if tuple(segments.shape) != (batch, seq):
+            raise ConfigError(f"segments has shape {list(segments.shape)}, expected [{batch}, {seq}]")
+        segments = segments.to(device)
+    masks = {kind: _mask(pad, seq, layout.sliding_window if kind == SLIDING else None, device, segments=segments)
              for kind in _kinds(layout)}
     p = lora.dropout if (lora is not None and training) else 0.0
     if dropout_seed is None:

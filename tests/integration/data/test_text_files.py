@@ -65,12 +65,30 @@ def test_a_line_over_the_cap_is_refused_by_number_before_tokenizing(lines, cap, 
 @BAD
 @given(st.lists(st.dictionaries(st.sampled_from(["instruction", "input", "output", "text"]), st.text(max_size=8),
                                 min_size=1), min_size=1, max_size=50), st.booleans(), st.sampled_from([".json", ".jsonl"]))
-def test_a_json_array_file_is_named_as_one_array_in_one_line(rows, indent, suffix):
-    """Property: an Alpaca-style array is "one JSON array (N items ...)", not N bad lines."""
+def test_a_json_array_file_reads_as_its_items_and_never_as_bad_lines(rows, indent, suffix):
+    """Property: an Alpaca-style array is one JSON array whose items are the records (issue 17):
+    it gives the examples the same rows as JSON Lines give, or the same problems, named by
+    item and line; never "N bad lines" of JSON syntax."""
+    tok = byte_tokenizer()
     path = write("data" + suffix, json.dumps(rows, indent=2 if indent else None))
-    with pytest.raises(DataError, match=rf"is one JSON array \({len(rows):,} items") as info:
-        read_examples(path, NoTokenizer(), seq=16)
-    assert "\n" not in str(info.value) and "bad lines" not in str(info.value)
+    lines = write("data.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        expected = [(e.input_ids, e.labels) for e in read_examples(lines, tok, seq=64).examples]
+    except DataError as exc:
+        with pytest.raises(DataError) as info:
+            read_examples(path, tok, seq=64)
+        assert "\n" not in str(info.value) and "invalid JSON" not in str(info.value)
+        assert _problems(str(info.value)) == _problems(str(exc))  # the same problems, row by row
+        assert "item " in str(info.value)
+        return
+    assert [(e.input_ids, e.labels) for e in read_examples(path, tok, seq=64).examples] == expected
+
+
+def _problems(message: str) -> list[str]:
+    """The problems an error lists, without their locations ("line 3: " or "item 3 (line 9): ")."""
+    import re
+
+    return re.findall(r"(?:line \d+|item \d+ \(line \d+\)): ([^;]+)", message)
 
 
 @BAD

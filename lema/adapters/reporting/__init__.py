@@ -1,0 +1,1 @@
+"""Metrics sinks: TensorBoard event files and Weights & Biases runs, through their own libraries."""

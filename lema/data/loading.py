@@ -1,0 +1,172 @@
+"""``--data`` to a tokenized store: source -> format -> samples -> tokens, cached.
+
+Example:
+    >>> data = load_data("chat.jsonl", tokenizer, DataOptions(seq=512))  # doctest: +SKIP
+    >>> data.format, len(data.store), data.store.n_tokens  # doctest: +SKIP
+    ('messages', 1000, 81234)
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+from pathlib import Path
+from typing import Any, Iterator
+
+import attrs
+
+from lema.data import cache, chat, formats
+from lema.data.encode import encode_samples, encode_stream
+from lema.data.records import MAX_LINE_BYTES, Problems, Record
+from lema.data.sources import Source, open_source
+from lema.data.store import TokenStore
+from lema.errors import DataError
+
+
+@attrs.frozen(kw_only=True)
+class DataOptions:
+    """How data is read and tokenized.
+
+    Attributes:
+        seq: the longest example in tokens (plain text is cut into blocks of this size).
+        format: one of :data:`lema.data.formats.FORMATS`, or None to detect it.
+        chat_template: ``--chat-template``: a built-in name, a file or the template text;
+            None: the tokenizer's own.
+        cache_dir: where tokenized stores are cached; None: no caching.
+        max_line_bytes: the longest line of a text or JSON file (bytes of UTF-8).
+    """
+
+    seq: int
+    format: str | None = None
+    chat_template: str | None = None
+    cache_dir: Path | None = None
+    max_line_bytes: int = MAX_LINE_BYTES
+
+
+@attrs.frozen
+class TrainingData:
+    """Tokenized data and how it was read."""
+
+    store: TokenStore
+    format: str
+    name: str
+    cached: bool = False
+
+    @property
+    def truncated(self) -> int:
+        return int(self.store.meta.get("truncated", 0))
+
+    @property
+    def dropped(self) -> int:
+        return int(self.store.meta.get("dropped", 0))
+
+    def describe(self) -> str:
+        """``"messages, 1,000 examples, 81,234 tokens (3 truncated to --seq 512)"``."""
+        s = self.store
+        notes = []
+        if self.truncated:
+            notes.append(f"{self.truncated} truncated to --seq {s.meta.get('seq')}")
+        if self.dropped:
+            notes.append(f"{self.dropped} dropped: no assistant token within --seq")
+        if self.cached:
+            notes.append("tokens from the cache")
+        return (f"{self.format}, {len(s):,} examples, {s.n_tokens:,} tokens"
+                + (f" ({'; '.join(notes)})" if notes else ""))
+
+
+def load_data(spec: str | os.PathLike[str], tokenizer: Any, options: DataOptions) -> TrainingData:
+    """Read and tokenize ``spec`` (a file, folder, saved dataset or Hub id).
+
+    The data is read twice: once to check every row (so that a bad row, or a line over the
+    cap, is refused before anything is tokenized), then to tokenize it; neither pass holds
+    more than a batch of rows.
+
+    Raises:
+        DataError: unreadable data, bad rows (all of them, by line, in one error), no
+            example left, a chat format without a chat template.
+        MissingDependencyError: a source that needs the ``datasets`` extra.
+    """
+    seq = options.seq
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 2:
+        raise DataError(f"seq: {seq!r} must be an integer >= 2 (a sequence predicts its next tokens)")
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise DataError("the tokenizer has no eos token; use a tokenizer that defines one")
+    fmt = formats.check_format(options.format)
+    source = open_source(spec, options.max_line_bytes)
+    template = chat.resolve_template(tokenizer, options.chat_template)
+    if options.cache_dir is not None:
+        # The cap is in the key too: the same data under a lower cap is checked (and refused) again.
+        key = cache.cache_key(source.identity, tokenizer, {"seq": seq, "format": fmt, "template": template,
+                                                           "max_line_bytes": options.max_line_bytes})
+        hit = cache.load(Path(options.cache_dir), key)
+        if hit is not None:
+            return TrainingData(hit, str(hit.meta.get("format")), source.name, cached=True)
+    data = _read(source, tokenizer, seq, fmt, template)
+    if options.cache_dir is not None:
+        cache.save(Path(options.cache_dir), key, data.store)
+    return data
+
+
+def _read(source: Source, tokenizer: Any, seq: int, fmt: str | None, template: str | None) -> TrainingData:
+    if source.kind == "text":
+        if fmt not in (None, formats.TEXT):
+            raise DataError(f"{source.name}: plain text is one text stream; --format {fmt} needs records "
+                            "(JSONL, JSON, Parquet, CSV)")
+        assert source.chunks is not None
+        for _ in source.chunks():  # the checks (UTF-8, line lengths, emptiness) before any token
+            pass
+        store = encode_stream(source.chunks(), tokenizer, seq, {"format": "text", "seq": seq})
+        return TrainingData(store, "text", source.name)
+    assert source.rows is not None
+    problems = Problems(source.name)
+    rows = source.rows(problems)
+    first = next(rows, None)
+    if first is None:
+        problems.raise_if_any(formats.FIX)
+        raise DataError(f"{source.name}: no records in the data; give it some examples")
+    fmt = fmt or formats.detect(first.fields)
+    if fmt is None:
+        problems.add(first.line, formats.undetected(first))
+        for _ in rows:  # report the other bad lines too
+            pass
+        problems.raise_if_any(formats.FIX)
+    assert fmt is not None
+    name = "jsonl-text" if fmt == formats.TEXT and source.json_lines else fmt
+    for _ in _samples(itertools.chain([first], rows), fmt, problems, template is not None):
+        pass  # every row checked before anything is tokenized
+    problems.raise_if_any(formats.FIX)
+    samples = _samples(source.rows(problems), fmt, problems, template is not None)
+    store = encode_samples(samples, tokenizer, seq, problems, template, {"format": name, "seq": seq})
+    problems.raise_if_any(formats.FIX)
+    if len(store) == 0:
+        raise DataError(f"{source.name}: no example has a token to learn within --seq {seq} "
+                        f"({store.meta.get('dropped', 0)} dropped); raise --seq")
+    return TrainingData(store, name, source.name)
+
+
+def _samples(rows: Iterator[Record], fmt: str, problems: Problems, chat_available: bool) -> Iterator[formats.Sample]:
+    for record in rows:
+        sample = formats.to_sample(fmt, record, problems, chat_available)
+        if sample is not None:
+            yield sample
+
+
+def split_eval(store: TokenStore, fraction: float, seed: int) -> tuple[TokenStore, TokenStore]:
+    """``(train, eval)``: a seeded ``fraction`` of the examples held out (at least one).
+
+    Raises:
+        DataError: a fraction outside (0, 1), or too few examples to split.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"--eval-split: {fraction!r} must be a fraction between 0 and 1, e.g. 0.05")
+    n = len(store)
+    n_eval = max(1, round(n * fraction))
+    if n_eval >= n:
+        raise DataError(f"--eval-split {fraction}: {n} examples are too few to hold {n_eval} out; "
+                        "pass --eval-data or more data")
+    order = list(range(n))
+    random.Random(f"lema-eval-{seed}").shuffle(order)
+    held = sorted(order[:n_eval])
+    kept = sorted(order[n_eval:])
+    return store.subset(kept), store.subset(held)

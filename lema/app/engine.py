@@ -117,8 +117,10 @@ class Engine:
             # A device whose memory is host memory (the CPU) is read into directly: no staging
             # copy, no second pass over the bytes competing with compute for the cores.
             self._direct = bool(getattr(device, "direct_reads", False))
-            self._staging = [] if self._direct else [device.host_buffer(self.slot_nbytes)
-                                                     for _ in range(self.n_slots)]
+            # A source holding every streamed unit page-locked (pinned RESIDENT) is uploaded
+            # from directly: no staging ring to allocate (or pin).
+            staged = not self._direct and any(source.host_unit(u) is None for u in streamed)
+            self._staging = [device.host_buffer(self.slot_nbytes) for _ in range(self.n_slots)] if staged else []
             self._resident = self._load_resident(sorted(resident))
             if any(spec.units[i].packed for i in self.units):
                 self._dequant = _dequantizer(spec, source, device, compute_dtype, self.units)
@@ -146,10 +148,7 @@ class Engine:
         out: dict[int, dict[str, torch.Tensor]] = {}
         if not units:
             return out
-        need = max(self._sizes[u] for u in units)
-        staging = None
-        if not self._direct:
-            staging = self._staging[0] if self._staging and need <= self.slot_nbytes else self.device.host_buffer(need)
+        staging = None  # made on first need: a unit with no page-locked copy, on a device with its own memory
         for u in units:
             buffer = self._alloc(self._sizes[u], f"resident {self.spec.units[u].name}")
             host = None if self._direct else self.source.host_unit(u)
@@ -159,11 +158,15 @@ class Engine:
                 self.bytes_uploaded_total += self._sizes[u]
                 out[u] = unit_views(buffer, self._layouts[u])
                 continue
-            if staging is None:
+            if self._direct:
                 self.source.read_unit(u, buffer)
                 self.bytes_uploaded_total += self._sizes[u]
                 out[u] = unit_views(buffer, self._layouts[u])
                 continue
+            if staging is None:
+                need = max(self._sizes[v] for v in units)
+                staging = (self._staging[0] if self._staging and need <= self.slot_nbytes
+                           else self.device.host_buffer(need))
             self.source.read_unit(u, staging)
             ticket = self.device.upload(staging, buffer, self._sizes[u], label=u)
             self.device.host_reusable(ticket)

@@ -35,6 +35,7 @@ import time
 import weakref
 from typing import Callable, Iterator
 
+import numpy
 import torch
 
 from lema.adapters.devices.allocation_counter import AllocationCounter, paused
@@ -266,12 +267,12 @@ class CpuDevice:
         try:
             if after is not None:
                 after.wait()
-            if self.link_bandwidth:
-                time.sleep(nbytes / self.link_bandwidth)
+            start = time.perf_counter()
             source, target = tensors
-            with paused():
-                target[:nbytes].copy_(source[:nbytes])
+            _memcpy(target[:nbytes], source[:nbytes])
             del source, target
+            if self.link_bandwidth:  # the transfer takes nbytes / bandwidth in all, the copy included
+                time.sleep(max(0.0, nbytes / self.link_bandwidth - (time.perf_counter() - start)))
             tensors.clear()  # the source may be freed now (an offloaded activation stops counting)
             with self._lock:
                 if direction == "up":
@@ -345,6 +346,17 @@ class CpuDevice:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _memcpy(target: torch.Tensor, source: torch.Tensor) -> None:
+    """``target[:] = source`` on the calling thread alone, as a copy engine would: a torch copy
+    fans out over the intra-op threads, which on a small CPU are the compute's own (and a
+    second OpenMP team spinning beside the compute's slows both)."""
+    if target.dtype == source.dtype == torch.uint8 and target.is_contiguous() and source.is_contiguous():
+        numpy.copyto(target.numpy(), source.numpy())
+        return
+    with paused():
+        target.copy_(source)
 
 
 @functools.lru_cache(maxsize=None)

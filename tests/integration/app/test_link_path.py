@@ -49,7 +49,9 @@ def _run(path, strategy: str, device: CpuDevice):
 
 
 def test_resident_on_a_pinned_capable_device_makes_no_host_copy_of_weights(llama_file):
-    steps, adapters = _run(llama_file, "resident", CpuDevice(pinned_host=True))
+    device = CpuDevice(pinned_host=True)
+    steps, adapters = _run(llama_file, "resident", device)
+    assert device.host_buffers_allocated == 0  # no staging ring: nothing is ever staged
     for s in steps:
         assert s["copied"] == 0 and s["report"].bytes_read == 0  # uploads DMA from the source's buffers
         assert s["uploaded"] == s["report"].bytes_uploaded > 0

@@ -106,9 +106,11 @@ def make_device(settings: BenchSettings) -> Any:
         return device
     from lema.adapters.devices.cpu import CpuDevice
 
-    # No simulated link: the CPU's memory is the device's, weights are read into the slots.
+    # No simulated link: the CPU trains as LemaModel runs it without a budget, on the weights
+    # where the host holds them (nothing crosses a link). With one, weights go through slots.
     return CpuDevice(link_bandwidth=settings.link_bandwidth, direct_reads=settings.link_bandwidth is None,
-                     count_compute=settings.trace, record_timeline=settings.trace)
+                     in_place=settings.link_bandwidth is None, count_compute=settings.trace,
+                     record_timeline=settings.trace)
 
 
 class LemaRun:

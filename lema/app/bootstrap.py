@@ -83,7 +83,10 @@ def make_device(config: LemaConfig) -> Device:
 
         # The compute's allocations are counted (a Python call per op) only when a budget
         # must be enforced; otherwise the step runs free and its report says what it counted.
-        return CpuDevice(capacity=config.vram_bytes, direct_reads=True, record_timeline=False)
+        # With a budget the CPU stands in for a smaller device (weights go through counted
+        # slots); without one it trains for real, on the weights where the host holds them.
+        return CpuDevice(capacity=config.vram_bytes, direct_reads=True, record_timeline=False,
+                         in_place=config.vram_bytes is None)
     from lema.adapters.devices.cuda import CudaDevice
 
     # "cuda" is this rank's GPU under torchrun (cuda:LOCAL_RANK), else the current device.
@@ -114,7 +117,7 @@ def training_shape(config: LemaConfig, spec: ModelSpec, device: Device) -> Train
         gradient_checkpointing=config.gradient_checkpointing, device_kind=kind,
         offload_activations=config.offload if config.gradient_checkpointing else False,
         wide_matmul=device.matmul_dtype(compute_dtype(config, spec)) is not None,
-        local_ranks=local_world_size(),
+        local_ranks=local_world_size(), weights_in_place=bool(getattr(device, "reads_in_place", False)),
     )
 
 

@@ -9,8 +9,8 @@ the engine is built, plus one device buffer per resident unit (uploaded once). A
   into the slot's staging buffer and starts the device upload (after the slot's previous
   reader finished: the device's consumed ticket). A source that holds the unit in
   page-locked memory (RESIDENT on CUDA: :meth:`WeightSource.host_unit`) is uploaded from
-  directly: no read, no staging copy. On a device whose memory is host memory (the CPU)
-  the unit is read straight into the slot;
+  directly: no read, no staging copy. On the CPU the unit is read straight into the slot,
+  or (``reads_in_place``: no budget) not copied at all (:mod:`lema.app.ready_units`);
 * ``Compute``: wait for the unit's upload, call ``compute(phase, unit, weights)`` with
   typed views of the slot (or the resident tensors);
 * ``Release``: mark the slot consumed, so the next fetch into it may overwrite it;
@@ -38,6 +38,7 @@ import torch
 from lema.adapters.weights.safetensors_source import unit_views
 from lema.adapters.workers import start_worker, stop_worker
 from lema.app.offload import InputOffloader, InputStore
+from lema.app.ready_units import DONE, touched
 from lema.app.step_report import StepReport
 from lema.domain.model.spec import ModelSpec
 from lema.domain.schedule.layer_schedule import (
@@ -112,23 +113,28 @@ class Engine:
         self.bytes_uploaded_total = 0
         self._dequant: Any = None  # the UnitDequantizer of a quantized model (see :attr:`dequantizer`)
         self._fetched = [0] * self.n_slots  # fetches into each slot: what its bytes are (dequantization)
+        packed = any(spec.units[i].packed for i in self.units)
+        # The CPU training for real takes the source's views of each unit: no slot, no copy.
+        self._in_place = bool(getattr(device, "reads_in_place", False)) and not packed
+        self._placed: list[Mapping[str, torch.Tensor] | None] = [None] * self.n_slots
         try:
-            self._slots = [self._alloc(self.slot_nbytes, f"slot {k}") for k in range(self.n_slots)]
+            self._slots = [] if self._in_place else [self._alloc(self.slot_nbytes, f"slot {k}")
+                                                     for k in range(self.n_slots)]
             # A device whose memory is host memory (the CPU) is read into directly: no staging
             # copy, no second pass over the bytes competing with compute for the cores.
-            self._direct = bool(getattr(device, "direct_reads", False))
+            self._direct = bool(getattr(device, "direct_reads", False)) or self._in_place
             # A source holding every streamed unit page-locked (pinned RESIDENT) is uploaded
             # from directly: no staging ring to allocate (or pin).
             staged = not self._direct and any(source.host_unit(u) is None for u in streamed)
             self._staging = [device.host_buffer(self.slot_nbytes) for _ in range(self.n_slots)] if staged else []
             self._resident = self._load_resident(sorted(resident))
-            if any(spec.units[i].packed for i in self.units):
+            if packed:
                 self._dequant = _dequantizer(spec, source, device, compute_dtype, self.units)
         except BaseException:
             self._free_all()
             raise
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-        self._consumed: list[Ticket | None] = [None] * self.n_slots
+        self._consumed: list[Ticket | None] = [None] * self.n_slots  # stays None in place
         self._staged: list[Ticket | None] = [None] * self.n_slots
         self._inputs = InputOffloader(device)
         self._jobs: queue.Queue = queue.Queue()
@@ -150,6 +156,9 @@ class Engine:
             return out
         staging = None  # made on first need: a unit with no page-locked copy, on a device with its own memory
         for u in units:
+            if self._in_place:
+                out[u] = touched(self.source.read_unit(u))
+                continue
             buffer = self._alloc(self._sizes[u], f"resident {self.spec.units[u].name}")
             host = None if self._direct else self.source.host_unit(u)
             if host is not None:
@@ -180,6 +189,12 @@ class Engine:
     def _prefetch_one(self, job: tuple) -> None:
         unit, slot, after, future = job
         try:
+            if self._in_place:
+                self.device.record("read_start", unit)
+                self._placed[slot] = touched(self.source.read_unit(unit))  # pages faulted in here, ahead
+                self.device.record("read_done", unit)
+                future.set_result(DONE)
+                return
             if self._direct:
                 if after is not None:
                     after.wait()
@@ -187,7 +202,7 @@ class Engine:
                 self.source.read_unit(unit, self._slots[slot])
                 self.device.record("read_done", unit)
                 self.device.record("upload_done", unit)
-                future.set_result(_DONE)
+                future.set_result(DONE)
                 return
             host = self.source.host_unit(unit)
             if host is not None:
@@ -249,7 +264,8 @@ class Engine:
                 self._walk(steps, compute, pending, issued, stats, inputs)
         except BaseException:
             # A failed compute may still be reading any slot (on CUDA, asynchronously).
-            self._consumed = [device.mark_consumed(slot) for slot in self._slots]
+            if not self._in_place:
+                self._consumed = [device.mark_consumed(slot) for slot in self._slots]
             raise
         finally:
             # Let every read this pass started finish, so none writes a slot or staging
@@ -286,7 +302,7 @@ class Engine:
                 self._jobs.put((step.unit, step.slot, self._consumed[step.slot], future))
                 self._fetched[step.slot] += 1
                 stats["fetches"] += 1
-                stats["moved"] += self._sizes[step.unit]
+                stats["moved"] += 0 if self._in_place else self._sizes[step.unit]
             elif isinstance(step, Compute):
                 if step.slot is None:
                     weights = self._resident[step.unit]
@@ -294,7 +310,7 @@ class Engine:
                     t = time.perf_counter()
                     pending[step.slot].result().wait()
                     stats["waited"] += time.perf_counter() - t
-                    weights = self._slot_views(step.unit, step.slot)
+                    weights = self._placed[step.slot] if self._in_place else self._slot_views(step.unit, step.slot)
                 if self._dequant is not None:
                     fetch = None if step.slot is None else self._fetched[step.slot]
                     weights = self._dequant(step.unit, weights, (step.unit, step.slot, fetch))
@@ -309,7 +325,10 @@ class Engine:
                 self._inputs.release(restored)
                 del restored  # on CUDA the memory goes back to the allocator only with the last reference
             elif isinstance(step, Release):
-                self._consumed[step.slot] = device.mark_consumed(self._slots[step.slot])
+                if self._in_place:
+                    self._placed[step.slot] = None
+                else:
+                    self._consumed[step.slot] = device.mark_consumed(self._slots[step.slot])
                 device.record("release", step.unit, step.slot)
 
     @property
@@ -363,19 +382,6 @@ def _dequantizer(spec: ModelSpec, source: WeightSource, device: Device, dtype: t
 
     compute = dtype if dtype is not None else torch_dtype(spec.dtype)
     return UnitDequantizer(spec, device, compute, read_quant_states(spec, source), units)
-
-
-class _Done:
-    """The ticket of a read that is already complete (direct reads)."""
-
-    def wait(self) -> None:
-        return None
-
-    def done(self) -> bool:
-        return True
-
-
-_DONE = _Done()
 
 
 def _check_plan(plan: Any, device: Device) -> None:

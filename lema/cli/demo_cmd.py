@@ -128,6 +128,7 @@ def budget_for(plan_bytes: int) -> int:
 def demo(out: str, steps: int | None, size: str, seed: int, overwrite: bool) -> None:
     """Chat-tune a LoRA adapter on a model several times larger than the device budget."""
     from lema.adapters.checkpoints.atomic import atomic_write_text
+    from lema.adapters.devices.cpu import CpuDevice
     from lema.app import bootstrap
     from lema.app.model import LemaModel
     from lema.app.outputs import check_output
@@ -171,7 +172,8 @@ def demo(out: str, steps: int | None, size: str, seed: int, overwrite: bool) -> 
                    lora_rank=rank, batch_size=1, max_seq_len=seq, prefetch_distance=0, seed=seed)
     unbounded = LemaConfig(**runtime)  # planned without a budget: what the run needs
     spec = bootstrap.open_model(unbounded).spec
-    needed = bootstrap.make_plan(unbounded, spec, bootstrap.make_device(unbounded)).device_total
+    # planned for the CPU standing in for a smaller device (weights through slots), as it will run
+    needed = bootstrap.make_plan(unbounded, spec, CpuDevice(direct_reads=True, record_timeline=False)).device_total
     weight_bytes, budget = spec.weight_bytes, budget_for(needed)
     model = LemaModel(LemaConfig(**runtime, vram_budget=budget))
     try:

@@ -82,6 +82,10 @@ class CpuDevice:
             ignored when ``link_bandwidth`` simulates a link.
         pinned_host: play a device that uploads straight from "page-locked" host buffers
             (:meth:`pinned_buffer`), as CUDA does; for tests of the RESIDENT upload path.
+        in_place: compute on the weights where the host holds them (the mapped file's pages,
+            or RESIDENT's RAM copy): no slots, no copy per step. The CPU training for real,
+            not standing in for a smaller device: ignored when ``link_bandwidth`` simulates
+            a link (see :attr:`reads_in_place`).
 
     Raises:
         ConfigError: a non-positive capacity or bandwidth.
@@ -89,7 +93,7 @@ class CpuDevice:
 
     def __init__(self, capacity: int | None = None, link_bandwidth: float | None = None,
                  record_timeline: bool = True, count_compute: bool | None = None, direct_reads: bool = False,
-                 pinned_host: bool = False) -> None:
+                 pinned_host: bool = False, in_place: bool = False) -> None:
         if capacity is not None and capacity <= 0:
             raise ConfigError(f"capacity: {capacity} must be a positive number of bytes (or None)")
         if link_bandwidth is not None and link_bandwidth <= 0:
@@ -105,6 +109,8 @@ class CpuDevice:
         # slots instead of staging them and "uploading" (a second copy). Off when a link is
         # simulated, so its delay applies.
         self.direct_reads = direct_reads and link_bandwidth is None
+        # The CPU's memory is the host's: an engine may compute on the source's own tensors.
+        self.reads_in_place = in_place and link_bandwidth is None
         self._lock = threading.RLock()
         self._current = 0
         self._peak = 0

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
@@ -46,7 +47,16 @@ def _lora_delta(x: torch.Tensor, adapter: tuple[torch.Tensor, torch.Tensor], ctx
         gen = torch.Generator(device=h.device).manual_seed(seed)
         keep = torch.empty_like(h).bernoulli_(1.0 - ctx.lora_dropout, generator=gen)
         h = h * keep / (1.0 - ctx.lora_dropout)
-    return F.linear(F.linear(h, a), b) * ctx.lora_scaling
+    scaling = ctx.lora_scaling
+    if _power_of_two(scaling):
+        # Scaling the rank-r product instead of the output is the same to the bit (a power of
+        # two scales every product and partial sum exactly) and costs r/out of the multiply.
+        return F.linear(F.linear(h, a) * scaling, b)
+    return F.linear(F.linear(h, a), b) * scaling
+
+
+def _power_of_two(x: float) -> bool:
+    return x > 0 and math.isfinite(x) and math.frexp(x)[0] == 0.5
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, adapter: tuple | None,

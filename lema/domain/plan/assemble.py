@@ -50,10 +50,13 @@ def build(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Bu
     streamed = tuple(i for i in range(1, n + 2) if i not in kept)
     slot_count = min(shape.prefetch + 1, len(streamed))
     slot_bytes = max((f.unit_buffer_bytes[i] for i in streamed), default=0)
+    in_place = shape.weights_in_place and not f.quantization
+    in_place_note = "read in place: the device's memory is the host's"
     device = [
-        MemoryItem("resident_weights", sum(f.unit_buffer_bytes[i] for i in resident),
-                   f"{len(resident)} units kept on the device"),
-        MemoryItem("weight_slots", slot_count * slot_bytes,
+        MemoryItem("resident_weights", 0 if in_place else sum(f.unit_buffer_bytes[i] for i in resident),
+                   in_place_note if in_place else f"{len(resident)} units kept on the device"),
+        MemoryItem("weight_slots", 0 if in_place else slot_count * slot_bytes,
+                   in_place_note if in_place else
                    f"{slot_count} slots x {format_size(slot_bytes)} (prefetch {shape.prefetch} + 1)"
                    + (f", {f.quantization} packed" if f.quantization else "")),
     ]
@@ -71,8 +74,8 @@ def build(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Bu
     per_rank = f"{ranks} ranks x " if ranks > 1 else ""
     shared = f", one copy shared by {ranks} ranks (page cache)" if ranks > 1 else ""
     host = [
-        MemoryItem("staging_buffers", 0 if resident_strategy else ranks * slot_count * slot_bytes,
-                   "" if resident_strategy else
+        MemoryItem("staging_buffers", 0 if resident_strategy or in_place else ranks * slot_count * slot_bytes,
+                   "" if resident_strategy or in_place else
                    f"{per_rank}{slot_count} x {format_size(slot_bytes)}"
                    + (", pinned" if shape.device_kind == "cuda" else "")),
         MemoryItem("resident_weights_host", f.streamed_bytes if resident_strategy else 0,
@@ -87,8 +90,8 @@ def build(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Bu
                                f"{offloaded} layer inputs x T h a" + (", pinned" if shape.device_kind == "cuda" else "")))
 
     decoders = [i for i in streamed if i <= n]
-    transfer = sum(f.unit_bytes[i] for i in streamed)
-    if shape.training:
+    transfer = 0 if in_place else sum(f.unit_bytes[i] for i in streamed)
+    if shape.training and not in_place:
         # The last fetched units (head + the last `prefetch` decoders) are still in their
         # slots at the turn, so backward re-fetches only the other streamed decoders.
         kept = slot_count - (1 if (n + 1) in streamed else 0)

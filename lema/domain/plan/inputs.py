@@ -71,6 +71,8 @@ class TrainingShape:
         tile_tokens: run each layer's token-wise stages over tiles of this many positions
             (0: whole); None: the planner decides (the largest power of two that fits,
             when the run does not fit whole). Training with checkpointing only.
+        weights_in_place: the device computes on the weights where the host holds them (the
+            CPU training without a budget): no weight slots, no staging, nothing uploaded.
 
     Raises:
         ConfigError: naming every field whose value is out of range, at once.
@@ -94,6 +96,7 @@ class TrainingShape:
     local_ranks: int = 1
     offload_activations: bool | None = None
     tile_tokens: int | None = None
+    weights_in_place: bool = False
 
     def __attrs_post_init__(self) -> None:
         problems = []

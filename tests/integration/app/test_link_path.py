@@ -96,3 +96,39 @@ def test_cpu_device_counts_the_compute_only_when_a_capacity_needs_it(llama_file)
     assert counted[-1]["report"].peak_counts_compute is True
     # Without the counter the peak is what the device holds for the run, which the compute adds to.
     assert 0 < free[-1]["report"].device_peak_bytes < counted[-1]["report"].device_peak_bytes
+
+
+@pytest.mark.parametrize("strategy", ["streaming", "resident"])
+def test_the_cpu_training_for_real_computes_on_the_weights_in_place(llama_file, strategy):
+    # Without a budget LemaModel's CPU device computes on the source's own tensors (the
+    # mapped file's pages, RESIDENT's RAM copy): no slot, no copy, nothing uploaded.
+    in_place = CpuDevice(direct_reads=True, in_place=True, count_compute=True)
+    steps, adapters = _run(llama_file, strategy, in_place)
+    for s in steps:
+        assert s["copied"] == s["uploaded"] == s["report"].bytes_uploaded == s["report"].bytes_read == 0
+    assert in_place.host_buffers_allocated == 0
+    # the same adapters as the CPU standing in for a GPU (weights read into slots)
+    _, slotted = _run(llama_file, strategy, CpuDevice(direct_reads=True))
+    assert all(torch.equal(a, b) for a, b in zip(adapters, slotted))
+
+
+def test_the_plan_of_weights_in_place_has_no_slots_and_matches_the_measured_peak(llama_file):
+    config = LemaConfig(gbi_path=str(llama_file), device="cpu", lora_rank=4, seed=3, prefetch_distance=1,
+                        batch_size=2, max_seq_len=12)
+    default = LemaModel(config)  # what a user without --vram gets
+    assert default.device.reads_in_place and not default.device.count_compute
+    items = {i.name: i.bytes for i in default.plan().device_items}
+    assert items["weight_slots"] == items["resident_weights"] == 0 and default.plan().transfer_bytes_per_step == 0
+    default.close()
+    counted = LemaModel(config, device=CpuDevice(direct_reads=True, in_place=True, count_compute=True))
+    counted.initialize_lora()
+    trainer = counted.get_trainer(torch.optim.AdamW(counted.get_trainable_parameters(), lr=1e-2))
+    for step in range(2):
+        trainer.train_step(_batch(step))
+    assert counted.device.usage().keys().isdisjoint({"slot 0", "slot 1"})
+    planned, peak = counted.plan().device_total, counted.device.peak_bytes()
+    assert abs(peak - planned) / planned <= 0.10, (peak, planned)
+    slotted = LemaModel(config, device=CpuDevice(direct_reads=True))
+    assert slotted.plan().device_total - planned == 2 * slotted.plan().slot_bytes  # prefetch 1: two slots
+    counted.close()
+    slotted.close()

@@ -27,8 +27,9 @@ def _llama(h: int, ff: int, layers: int, vocab: int, heads: int = 4, kv: int = 2
 
 
 def _step(folder, **config) -> LemaModel:
+    # The CPU standing in for a GPU: every weight is uploaded into a slot (not computed in place)
     model = LemaModel(LemaConfig(model_name_or_path=str(folder), device="cpu", lora_rank=4, batch_size=1,
-                                 max_seq_len=16, **config))
+                                 max_seq_len=16, **config), device=CpuDevice(direct_reads=True))
     model.initialize_lora()
     trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3))
     trainer.train_step(torch.randint(0, model.spec.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)))

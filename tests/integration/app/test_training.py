@@ -36,11 +36,11 @@ def _batch(seed: int, batch: int = 2, seq: int = 12, vocab: int = 128) -> torch.
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def _train(path, steps: int = STEPS, **overrides) -> tuple[list[torch.Tensor], LemaModel]:
+def _train(path, steps: int = STEPS, device: CpuDevice | None = None, **overrides) -> tuple[list[torch.Tensor], LemaModel]:
     cfg = dict(gbi_path=str(path), device="cpu", lora_rank=4, lora_dropout=0.0, seed=3,
                batch_size=2, max_seq_len=12)
     cfg.update(overrides)
-    model = LemaModel(LemaConfig(**cfg))
+    model = LemaModel(LemaConfig(**cfg), device=device)
     model.initialize_lora()
     optimizer = torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-2)
     trainer = model.get_trainer(optimizer)
@@ -96,7 +96,8 @@ def test_auto_with_half_the_room_streams_about_half(tmp_path):
     from lema.domain.plan.planner import Budget, plan
 
     path = save_monolithic(build_hf_model_layers(6), tmp_path / "six.safetensors")
-    _, streaming = _train(path, steps=1, strategy=MemoryStrategy.STREAMING)
+    # The CPU standing in for a GPU: weights go through slots (without a budget it would compute in place)
+    _, streaming = _train(path, steps=1, strategy=MemoryStrategy.STREAMING, device=CpuDevice(direct_reads=True))
     streamed_all = streaming.last_report.bytes_uploaded
     spec, shape = streaming.spec, streaming.plan().shape
     # The smallest budget at which AUTO keeps half of the decoder layers on the device.
@@ -119,7 +120,7 @@ def test_training_within_a_device_capacity_matches_the_plan(tmp_path):
     path = save_monolithic(LlamaForCausalLM(cfg), tmp_path / "m.safetensors")
     config = LemaConfig(gbi_path=str(path), device="cpu", lora_rank=8, batch_size=2, max_seq_len=16,
                         prefetch_distance=1)
-    probe = LemaModel(config)
+    probe = LemaModel(config, device=CpuDevice(direct_reads=True))  # standing in for a GPU: weights in slots
     budget = probe.plan().device_total
     assert budget < probe.spec.weight_bytes  # the model is larger than the device
     device = CpuDevice(capacity=budget)

@@ -20,9 +20,9 @@ def test_bench_measures_lema_and_the_reference_in_one_run(tmp_path):
                      "hf_peft_nockpt"]
     runs = {r["name"]: r for r in data["runs"]}
     assert all(r["step_s"] > 0 for r in data["runs"])
-    # The streaming run moves weights every step; AUTO with an unlimited CPU budget keeps them all.
-    assert runs["lema_streaming"]["bytes_uploaded_per_step"] > 0
-    assert runs["lema_auto"]["bytes_uploaded_per_step"] == 0
+    # Without a simulated link the CPU trains as a user's run does without a budget: on the
+    # weights where the host holds them, nothing uploaded (the next test simulates a link).
+    assert all(runs[n]["bytes_uploaded_per_step"] == 0 for n in ("lema_streaming", "lema_resident", "lema_auto"))
     for name in ("lema_streaming", "lema_resident"):
         peak, plan = runs[name]["device_peak_bytes"], runs[name]["plan_device_total_bytes"]
         assert abs(peak - plan) / plan <= 0.10
@@ -47,6 +47,7 @@ def test_bench_with_a_simulated_link_reports_its_floor(tmp_path):
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["link_bandwidth_Bps"] == 100 << 20
     run = {r["name"]: r for r in data["runs"]}["lema_streaming"]
+    assert run["bytes_uploaded_per_step"] > 0  # through the slots, over the simulated link
     assert run["link_floor_s"] == run["bytes_uploaded_per_step"] / (100 << 20)
     assert data["reads"] is None
 

@@ -114,7 +114,6 @@ class Engine:
         self._dequant: Any = None  # the UnitDequantizer of a quantized model (see :attr:`dequantizer`)
         self._fetched = [0] * self.n_slots  # fetches into each slot: what its bytes are (dequantization)
         packed = any(spec.units[i].packed for i in self.units)
-        # The CPU training for real takes the source's views of each unit: no slot, no copy.
         self._in_place = bool(getattr(device, "reads_in_place", False)) and not packed
         self._placed: list[Mapping[str, torch.Tensor] | None] = [None] * self.n_slots
         try:
@@ -201,8 +200,10 @@ class Engine:
                 self.device.record("read_start", unit)
                 self.source.read_unit(unit, self._slots[slot])
                 self.device.record("read_done", unit)
-                self.device.record("upload_done", unit)
-                future.set_result(DONE)
+                link = getattr(self.device, "link_bandwidth", None)  # simulated: its time, no copy
+                if not link:
+                    self.device.record("upload_done", unit)
+                future.set_result(self.device.carry(self._sizes[unit], label=unit) if link else DONE)  # type: ignore
                 return
             host = self.source.host_unit(unit)
             if host is not None:

@@ -28,17 +28,17 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import queue
 import threading
 import time
 import weakref
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy
 import torch
 
 from lema.adapters.devices.allocation_counter import AllocationCounter, paused
+from lema.adapters.devices.half_matmul import half_matmul_is_slow
 from lema.adapters.workers import start_worker, stop_worker
 from lema.domain.units import format_size
 from lema.errors import ConfigError, DeviceOutOfMemory, PinningRefused
@@ -79,7 +79,8 @@ class CpuDevice:
             (needed to enforce ``capacity`` and to compare with the plan; costs a Python
             call per op). None (the default): on exactly when a capacity is set.
         direct_reads: let an engine read weights straight into its slots (no staging copy);
-            ignored when ``link_bandwidth`` simulates a link.
+            with a simulated link the slot is then handed over after the link's time
+            (:meth:`carry`), as a GPU's copy engine moves a staged unit without the CPU.
         pinned_host: play a device that uploads straight from "page-locked" host buffers
             (:meth:`pinned_buffer`), as CUDA does; for tests of the RESIDENT upload path.
         in_place: compute on the weights where the host holds them (the mapped file's pages,
@@ -106,9 +107,8 @@ class CpuDevice:
         self.count_compute = capacity is not None if count_compute is None else bool(count_compute)
         self.pinned_host = pinned_host
         # The device's memory is host memory: an engine may read weights straight into its
-        # slots instead of staging them and "uploading" (a second copy). Off when a link is
-        # simulated, so its delay applies.
-        self.direct_reads = direct_reads and link_bandwidth is None
+        # slots instead of staging them and "uploading" (a second copy).
+        self.direct_reads = direct_reads
         # The CPU's memory is the host's: an engine may compute on the source's own tensors.
         self.reads_in_place = in_place and link_bandwidth is None
         self._lock = threading.RLock()
@@ -245,6 +245,15 @@ class CpuDevice:
         self._jobs.put(("up", [host, device], nbytes, after, label, ticket))
         return ticket
 
+    def carry(self, nbytes: int, label: object = None) -> CpuTicket:
+        """The simulated link's time for ``nbytes`` an engine read straight into a slot: the
+        ticket completes ``nbytes / link_bandwidth`` later, on the link's worker, in turn with
+        the other transfers (no copy: the bytes are in place, as after a DMA)."""
+        ticket = CpuTicket()
+        self._ensure_worker()
+        self._jobs.put(("carry", [], nbytes, None, label, ticket))
+        return ticket
+
     def download(self, device: torch.Tensor, host: torch.Tensor, nbytes: int, label: object = None) -> CpuTicket:
         """Queue ``host[:nbytes] = device[:nbytes]`` on the worker; returns at once.
 
@@ -274,19 +283,20 @@ class CpuDevice:
             if after is not None:
                 after.wait()
             start = time.perf_counter()
-            source, target = tensors
-            _memcpy(target[:nbytes], source[:nbytes])
-            del source, target
+            if direction != "carry":
+                source, target = tensors
+                _memcpy(target[:nbytes], source[:nbytes])
+                del source, target
             if self.link_bandwidth:  # the transfer takes nbytes / bandwidth in all, the copy included
                 time.sleep(max(0.0, nbytes / self.link_bandwidth - (time.perf_counter() - start)))
             tensors.clear()  # the source may be freed now (an offloaded activation stops counting)
             with self._lock:
-                if direction == "up":
+                if direction != "down":
                     self.bytes_uploaded += nbytes
                 else:
                     self.bytes_downloaded += nbytes
             if label is not None:
-                self.record("upload_done" if direction == "up" else "download_done", label)
+                self.record("download_done" if direction == "down" else "upload_done", label)
             ticket._finish()
         except BaseException as exc:  # handed to whoever waits on the ticket
             tensors.clear()
@@ -329,7 +339,7 @@ class CpuDevice:
         CPU has no fast half-precision products (measured once per process), else None."""
         if dtype not in (torch.bfloat16, torch.float16):
             return None
-        return torch.float32 if _half_matmul_is_slow(dtype) else None
+        return torch.float32 if half_matmul_is_slow(dtype) else None
 
     # -- timeline ------------------------------------------------------------------------------
 
@@ -363,31 +373,3 @@ def _memcpy(target: torch.Tensor, source: torch.Tensor) -> None:
         return
     with paused():
         target.copy_(source)
-
-
-@functools.lru_cache(maxsize=None)
-def _half_matmul_is_slow(dtype: torch.dtype) -> bool:
-    """Time both orientations a linear layer needs, in ``dtype`` and in fp32 (a few ms).
-
-    AVX2-only CPUs run bf16 products several times slower than fp32 (and ``grad @ W`` up
-    to 100x slower); CPUs with AVX512-BF16/AMX run them faster. Measuring beats guessing
-    from flags.
-    """
-    gen = torch.Generator().manual_seed(0)
-    x, w = torch.randn(64, 256, generator=gen), torch.randn(512, 256, generator=gen)
-    g = torch.randn(64, 512, generator=gen)
-
-    def best(fn: Callable[[], object]) -> float:
-        fn()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    with paused():
-        xh, wh, gh = x.to(dtype), w.to(dtype), g.to(dtype)
-        half = best(lambda: (xh @ wh.t(), gh @ wh))
-        wide = best(lambda: (xh.float() @ wh.float().t(), gh.float() @ wh.float()))
-    return half > wide

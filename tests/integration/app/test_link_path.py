@@ -132,3 +132,22 @@ def test_the_plan_of_weights_in_place_has_no_slots_and_matches_the_measured_peak
     assert slotted.plan().device_total - planned == 2 * slotted.plan().slot_bytes  # prefetch 1: two slots
     counted.close()
     slotted.close()
+
+
+def test_a_simulated_link_behind_direct_reads_costs_its_time_and_no_second_copy(llama_file):
+    # As on a GPU: the host copies each byte once (file -> slot, standing for the pinned
+    # staging), and the link's time passes before the compute may use the slot.
+    device = CpuDevice(direct_reads=True, link_bandwidth=1e9)
+    steps, adapters = _run(llama_file, "streaming", device)
+    for s in steps:
+        assert s["copied"] == s["uploaded"] == s["report"].bytes_uploaded > 0
+        assert s["report"].link_floor_seconds == pytest.approx(s["report"].bytes_uploaded / 1e9)
+    assert device.host_buffers_allocated == 0
+    events = [e for e in device.timeline() if e[0] in ("read_done", "upload_done", "compute_start")]
+    for unit in {e[1] for e in events}:
+        mine = [e for e in events if e[1] == unit]
+        first_done = next(e for e in mine if e[0] == "upload_done")
+        # the slot is used only once the link has carried it
+        assert all(e[-1] >= first_done[-1] for e in mine if e[0] == "compute_start")
+    _, plain = _run(llama_file, "streaming", CpuDevice())
+    assert all(torch.equal(a, b) for a, b in zip(adapters, plain))

@@ -77,7 +77,9 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
     shape = TrainingShape(batch=batch, seq=seq, lora_rank=rank, lora_targets=targets, strategy=strategy,
                           prefetch=prefetch, dtype=dtype, gradient_checkpointing=not no_checkpointing,
                           device_kind=device_kind, mode=mode, offload_activations=offload,
-                          reserve_bytes=None if reserve is None else _reserve(reserve), local_ranks=nproc)
+                          reserve_bytes=None if reserve is None else _reserve(reserve), local_ranks=nproc,
+                          # the CPU without a budget trains on the weights in place, as `lema train` runs it
+                          weights_in_place=device_kind == "cpu" and vram is None)
     resolved = resolve_model(model, config_path, allow_network=default_environment_allows_network())
     spec = resolved.spec
     if quantize is not None:

@@ -287,3 +287,15 @@ def test_offload_activations_needs_training_with_checkpointing():
     for extra in (("--mode", "inference"), ("--no-checkpointing",)):
         result = run("--model", "llama-2-7b", "--offload-activations", *extra)
         assert result.exit_code == 2 and result.output.startswith("Error: ") and "offload_activations" in result.output
+
+
+def test_the_cpu_without_a_budget_is_planned_with_its_weights_in_place(sparse):
+    # as `lema train --device cpu` runs it without --vram: no weight slots, no staging, no link bytes
+    free = plan_json("--model", str(sparse["llama-2-7b"]), "--device", "cpu")
+    items = {i["name"]: i["bytes"] for i in free["device"]["items"]}
+    assert items["weight_slots"] == items["resident_weights"] == 0 and free["transfer_bytes_per_step"] == 0
+    # with a budget the CPU stands in for a smaller device: weights through slots
+    budgeted = plan_json("--model", str(sparse["llama-2-7b"]), "--device", "cpu", "--vram", "64G")
+    slots = {i["name"]: i["bytes"] for i in budgeted["device"]["items"]}["weight_slots"]
+    assert slots == budgeted["slot_count"] * budgeted["slot_bytes"] > 0
+    assert budgeted["device"]["total_bytes"] - free["device"]["total_bytes"] == slots

@@ -180,7 +180,22 @@ class SafetensorsSource:
             self.read_into(index, buffer)
             return unit_views(buffer, self._layouts[index])
         self._check_open()
+        self._check_length(index)
         return {t.key: self._mapped(t) for t, _ in self._layouts[index]}
+
+    def _check_length(self, index: int) -> None:
+        """A file cut short since it was opened (replaced or truncated under a run) is refused
+        by name before its mapping is touched: a mapped page past the end would be a SIGBUS."""
+        ends: dict[str, tuple[int, str]] = {}
+        for t, _ in self._layouts[index]:
+            if t.nbytes and t.end > ends.get(t.file, (0, ""))[0]:
+                ends[t.file] = (t.end, t.name)
+        for file, (end, name) in ends.items():
+            size = os.fstat(self._fd(file)).st_size
+            if size < end:
+                raise ModelFormatError(f"{self.root / file}: now {size} bytes, but {name} ends at byte {end}; the "
+                                       "file changed on disk during the run; restore it and resume from the last "
+                                       "checkpoint")
 
     def _mapped(self, t: TensorSpec) -> torch.Tensor:
         mm = self._map(t.file)

@@ -151,3 +151,24 @@ def test_a_simulated_link_behind_direct_reads_costs_its_time_and_no_second_copy(
         assert all(e[-1] >= first_done[-1] for e in mine if e[0] == "compute_start")
     _, plain = _run(llama_file, "streaming", CpuDevice())
     assert all(torch.equal(a, b) for a, b in zip(adapters, plain))
+
+
+def test_a_model_file_cut_short_under_an_in_place_run_is_refused_by_name(tmp_path, llama_file):
+    # Computing on the mapped file's pages, a page past a new end would kill the process
+    # (SIGBUS): the source checks the file's length before it hands a unit over.
+    import shutil
+
+    from lema.errors import ModelFormatError
+
+    path = shutil.copy(llama_file, tmp_path / "model.safetensors")
+    config = LemaConfig(gbi_path=str(path), device="cpu", lora_rank=4, seed=3, prefetch_distance=1)
+    model = LemaModel(config)
+    model.initialize_lora()
+    trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-2))
+    trainer.train_step(_batch(0))
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size - 4096)
+    with pytest.raises(ModelFormatError, match="changed on disk during the run"):
+        trainer.train_step(_batch(1))
+    model.close()

@@ -20,6 +20,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 import attrs
 
 from lema.domain.model import options as opt
+from lema.domain.model.decoder_layout import (
+    attention_biases, attention_weights, decoder_dims, decoder_tensors, gated_mlp, norm_weights,
+)
 from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor, PlanTerms
 from lema.domain.model.layout import config_int as _int
 from lema.domain.model.rope_config import standard_rope
@@ -74,17 +77,8 @@ def dims(config: Mapping[str, Any]) -> Dims:
                            "is not implemented with sliding layers (transformers fails on it)")
     opt.raise_problems(config, problems)
     standard_rope(config, _head_dim(config))
-    heads = _int(config, "num_attention_heads")
-    return Dims(
-        family=NAME, model_type=str(config["model_type"]).lower(), n_layers=_int(config, "num_hidden_layers"),
-        hidden_size=_int(config, "hidden_size"), n_heads=heads,
-        n_kv_heads=_int(config, "num_key_value_heads", default=heads), head_dim=_head_dim(config),
-        intermediate_size=_int(config, "intermediate_size"), vocab_size=_int(config, "vocab_size"),
-        tied_embeddings=bool(config.get("tie_word_embeddings", True)),
-        attention_bias=bool(config.get("attention_bias", False)),
-        max_positions=_int(config, "max_position_embeddings", default=8192),
-        activation=str(config.get("hidden_activation") or "gelu_pytorch_tanh"),
-    )
+    return decoder_dims(config, NAME, _head_dim(config), max_positions=8192, tied=True,
+                        activation_key="hidden_activation", activation="gelu_pytorch_tanh")
 
 
 def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
@@ -94,23 +88,10 @@ def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
 
 def expected_tensors(d: Dims, config: Mapping[str, Any], names: set[str] | None = None) -> list[ExpectedTensor]:
     """Every tensor a Gemma 2 model with this config has, grouped into units."""
-    h, q, kv, ff = d.hidden_size, d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim, d.intermediate_size
-    out = [ExpectedTensor(0, "embed_tokens.weight", ("model.embed_tokens.weight",), (d.vocab_size, h))]
-    for i in range(d.n_layers):
-        layer = [(f"{n}.weight", (h,)) for n in _NORMS] + [
-            ("self_attn.q_proj.weight", (q, h)), ("self_attn.k_proj.weight", (kv, h)),
-            ("self_attn.v_proj.weight", (kv, h)), ("self_attn.o_proj.weight", (h, q)),
-            ("mlp.gate_proj.weight", (ff, h)), ("mlp.up_proj.weight", (ff, h)), ("mlp.down_proj.weight", (h, ff)),
-        ]
-        if d.attention_bias:
-            layer += [("self_attn.q_proj.bias", (q,)), ("self_attn.k_proj.bias", (kv,)),
-                      ("self_attn.v_proj.bias", (kv,)), ("self_attn.o_proj.bias", (h,))]
-        out += [ExpectedTensor(i + 1, key, (f"model.layers.{i}.{key}",), shape) for key, shape in layer]
-    head = d.n_layers + 1
-    out.append(ExpectedTensor(head, "norm.weight", ("model.norm.weight",), (h,)))
-    tied = ("model.embed_tokens.weight",) if d.tied_embeddings else ()
-    out.append(ExpectedTensor(head, "lm_head.weight", ("lm_head.weight", *tied), (d.vocab_size, h)))
-    return out
+    layer = norm_weights(d, *_NORMS) + attention_weights(d) + gated_mlp(d)
+    if d.attention_bias:
+        layer += attention_biases(d)
+    return decoder_tensors(d, [layer] * d.n_layers)
 
 
 @functools.lru_cache(maxsize=32)

@@ -23,6 +23,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 import attrs
 
 from lema.domain.model import options as opt
+from lema.domain.model.decoder_layout import (
+    attention_biases, attention_weights, decoder_dims, decoder_tensors, gated_mlp, norm_weights,
+)
 from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor
 from lema.domain.model.layout import config_int as _int
 from lema.domain.model.rope_config import standard_rope
@@ -111,44 +114,22 @@ def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
 def dims(config: Mapping[str, Any]) -> Dims:
     """Read the dimensions of a Llama-family config dict (options checked)."""
     check(config)
-    heads = _int(config, "num_attention_heads")
-    return Dims(
-        family=NAME, model_type=str(config["model_type"]).lower(),
-        n_layers=_int(config, "num_hidden_layers"), hidden_size=_int(config, "hidden_size"), n_heads=heads,
-        n_kv_heads=_int(config, "num_key_value_heads", default=heads), head_dim=_head_dim(config),
-        intermediate_size=_int(config, "intermediate_size"), vocab_size=_int(config, "vocab_size"),
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)), attention_bias=_biases(config)[0],
-        max_positions=_int(config, "max_position_embeddings", default=2048),
-        activation=str(config.get("hidden_act") or "silu"),
-    )
+    return decoder_dims(config, NAME, _head_dim(config), max_positions=2048, attention_bias=_biases(config)[0])
 
 
 def expected_tensors(d: Dims, config: Mapping[str, Any], names: set[str] | None = None) -> list[ExpectedTensor]:
     """Every tensor a Llama-family model with this config has, grouped into units."""
-    h, q, kv, ff = d.hidden_size, d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim, d.intermediate_size
     qkv_bias, o_bias, mlp_bias = _biases(config)
-    out = [ExpectedTensor(0, "embed_tokens.weight", ("model.embed_tokens.weight",), (d.vocab_size, h))]
-    for i in range(d.n_layers):
-        layer = [
-            ("input_layernorm.weight", (h,)),
-            ("self_attn.q_proj.weight", (q, h)), ("self_attn.k_proj.weight", (kv, h)),
-            ("self_attn.v_proj.weight", (kv, h)), ("self_attn.o_proj.weight", (h, q)),
-            ("post_attention_layernorm.weight", (h,)),
-            ("mlp.gate_proj.weight", (ff, h)), ("mlp.up_proj.weight", (ff, h)), ("mlp.down_proj.weight", (h, ff)),
-        ]
-        if qkv_bias:
-            layer += [("self_attn.q_proj.bias", (q,)), ("self_attn.k_proj.bias", (kv,)),
-                      ("self_attn.v_proj.bias", (kv,))]
-        if o_bias:
-            layer.append(("self_attn.o_proj.bias", (h,)))
-        if mlp_bias:
-            layer += [("mlp.gate_proj.bias", (ff,)), ("mlp.up_proj.bias", (ff,)), ("mlp.down_proj.bias", (h,))]
-        out += [ExpectedTensor(i + 1, key, (f"model.layers.{i}.{key}",), shape) for key, shape in layer]
-    head = d.n_layers + 1
-    out.append(ExpectedTensor(head, "norm.weight", ("model.norm.weight",), (h,)))
-    tied = ("model.embed_tokens.weight",) if d.tied_embeddings else ()
-    out.append(ExpectedTensor(head, "lm_head.weight", ("lm_head.weight", *tied), (d.vocab_size, h)))
-    return out
+    h, ff = d.hidden_size, d.intermediate_size
+    layer = (norm_weights(d, "input_layernorm") + attention_weights(d) + norm_weights(d, "post_attention_layernorm")
+             + gated_mlp(d))
+    if qkv_bias:
+        layer += attention_biases(d, o=False)
+    if o_bias:
+        layer.append(("self_attn.o_proj.bias", (h,)))
+    if mlp_bias:
+        layer += [("mlp.gate_proj.bias", (ff,)), ("mlp.up_proj.bias", (ff,)), ("mlp.down_proj.bias", (h,))]
+    return decoder_tensors(d, [layer] * d.n_layers)
 
 
 @functools.lru_cache(maxsize=32)

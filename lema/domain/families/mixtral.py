@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import attrs
 
 from lema.domain.model import options as opt
+from lema.domain.model.decoder_layout import attention_weights, decoder_dims, decoder_tensors, norm_weights
 from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor, PlanTerms
 from lema.domain.model.layout import config_int as _int
 from lema.domain.model.rope_config import standard_rope
@@ -73,17 +74,10 @@ def dims(config: Mapping[str, Any]) -> Dims:
     problems += opt.expect(config, "router_jitter_noise", 0.0, lambda v: not v, "is not implemented; use 0")
     opt.raise_problems(config, problems)
     standard_rope(config, _head_dim(config), default_theta=1_000_000.0)
-    heads, ff = _int(config, "num_attention_heads"), _int(config, "intermediate_size")
-    return Dims(
-        family=NAME, model_type=str(config["model_type"]).lower(), n_layers=_int(config, "num_hidden_layers"),
-        hidden_size=_int(config, "hidden_size"), n_heads=heads,
-        n_kv_heads=_int(config, "num_key_value_heads", default=heads), head_dim=_head_dim(config),
-        intermediate_size=ff, vocab_size=_int(config, "vocab_size"),
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)), attention_bias=False,
-        max_positions=_int(config, "max_position_embeddings", default=131072),
-        activation=str(config.get("hidden_act") or "silu"), n_experts=_experts(config),
-        experts_per_token=_int(config, "num_experts_per_tok", default=2), expert_intermediate_size=ff,
-    )
+    ff = _int(config, "intermediate_size")
+    return decoder_dims(config, NAME, _head_dim(config), max_positions=131072, attention_bias=False,
+                        intermediate_size=ff, n_experts=_experts(config),
+                        experts_per_token=_int(config, "num_experts_per_tok", default=2), expert_intermediate_size=ff)
 
 
 def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
@@ -93,25 +87,13 @@ def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
 
 def expected_tensors(d: Dims, config: Mapping[str, Any], names: set[str] | None = None) -> list[ExpectedTensor]:
     """Every tensor a Mixtral model with this config has, grouped into units (experts per expert)."""
-    h, q, kv, ff = d.hidden_size, d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim, d.intermediate_size
-    out = [ExpectedTensor(0, "embed_tokens.weight", ("model.embed_tokens.weight",), (d.vocab_size, h))]
-    for i in range(d.n_layers):
-        layer = [
-            ("input_layernorm.weight", (h,)),
-            ("self_attn.q_proj.weight", (q, h)), ("self_attn.k_proj.weight", (kv, h)),
-            ("self_attn.v_proj.weight", (kv, h)), ("self_attn.o_proj.weight", (h, q)),
-            ("post_attention_layernorm.weight", (h,)),
-            ("block_sparse_moe.gate.weight", (d.n_experts, h)),
-        ]
-        for e in range(d.n_experts):
-            p = f"block_sparse_moe.experts.{e}."
-            layer += [(p + "w1.weight", (ff, h)), (p + "w3.weight", (ff, h)), (p + "w2.weight", (h, ff))]
-        out += [ExpectedTensor(i + 1, key, (f"model.layers.{i}.{key}",), shape) for key, shape in layer]
-    head = d.n_layers + 1
-    out.append(ExpectedTensor(head, "norm.weight", ("model.norm.weight",), (h,)))
-    tied = ("model.embed_tokens.weight",) if d.tied_embeddings else ()
-    out.append(ExpectedTensor(head, "lm_head.weight", ("lm_head.weight", *tied), (d.vocab_size, h)))
-    return out
+    h, ff = d.hidden_size, d.intermediate_size
+    layer = (norm_weights(d, "input_layernorm") + attention_weights(d) + norm_weights(d, "post_attention_layernorm")
+             + [("block_sparse_moe.gate.weight", (d.n_experts, h))])
+    for e in range(d.n_experts):
+        p = f"block_sparse_moe.experts.{e}."
+        layer += [(p + "w1.weight", (ff, h)), (p + "w3.weight", (ff, h)), (p + "w2.weight", (h, ff))]
+    return decoder_tensors(d, [layer] * d.n_layers)
 
 
 @functools.lru_cache(maxsize=32)

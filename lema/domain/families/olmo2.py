@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 import attrs
 
 from lema.domain.model import options as opt
+from lema.domain.model.decoder_layout import (
+    attention_biases, attention_weights, decoder_dims, decoder_tensors, gated_mlp, norm_weights, qk_norms,
+)
 from lema.domain.model.layout import FULL, AttentionLayout, Dims, ExpectedTensor, PlanTerms
 from lema.domain.model.layout import config_int as _int
 from lema.domain.model.rope_config import standard_rope
@@ -59,17 +62,7 @@ def dims(config: Mapping[str, Any]) -> Dims:
     """Read the dimensions of an OLMo 2 config dict (options checked)."""
     opt.raise_problems(config, opt.common_problems(config, "hidden_act", "silu"))
     standard_rope(config, _head_dim(config))
-    heads = _int(config, "num_attention_heads")
-    return Dims(
-        family=NAME, model_type=str(config["model_type"]).lower(), n_layers=_int(config, "num_hidden_layers"),
-        hidden_size=_int(config, "hidden_size"), n_heads=heads,
-        n_kv_heads=_int(config, "num_key_value_heads", default=heads), head_dim=_head_dim(config),
-        intermediate_size=_int(config, "intermediate_size"), vocab_size=_int(config, "vocab_size"),
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        attention_bias=bool(config.get("attention_bias", False)),
-        max_positions=_int(config, "max_position_embeddings", default=2048),
-        activation=str(config.get("hidden_act") or "silu"),
-    )
+    return decoder_dims(config, NAME, _head_dim(config), max_positions=2048)
 
 
 def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
@@ -79,26 +72,12 @@ def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
 
 def expected_tensors(d: Dims, config: Mapping[str, Any], names: set[str] | None = None) -> list[ExpectedTensor]:
     """Every tensor an OLMo 2 model with this config has, grouped into units."""
-    h, q, kv, ff = d.hidden_size, d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim, d.intermediate_size
-    out = [ExpectedTensor(0, "embed_tokens.weight", ("model.embed_tokens.weight",), (d.vocab_size, h))]
-    for i in range(d.n_layers):
-        layer = [
-            ("self_attn.q_proj.weight", (q, h)), ("self_attn.k_proj.weight", (kv, h)),
-            ("self_attn.v_proj.weight", (kv, h)), ("self_attn.o_proj.weight", (h, q)),
-            ("self_attn.q_norm.weight", (q,)), ("self_attn.k_norm.weight", (kv,)),
-            ("post_attention_layernorm.weight", (h,)),
-            ("mlp.gate_proj.weight", (ff, h)), ("mlp.up_proj.weight", (ff, h)), ("mlp.down_proj.weight", (h, ff)),
-            ("post_feedforward_layernorm.weight", (h,)),
-        ]
-        if d.attention_bias:
-            layer += [("self_attn.q_proj.bias", (q,)), ("self_attn.k_proj.bias", (kv,)),
-                      ("self_attn.v_proj.bias", (kv,)), ("self_attn.o_proj.bias", (h,))]
-        out += [ExpectedTensor(i + 1, key, (f"model.layers.{i}.{key}",), shape) for key, shape in layer]
-    head = d.n_layers + 1
-    out.append(ExpectedTensor(head, "norm.weight", ("model.norm.weight",), (h,)))
-    tied = ("model.embed_tokens.weight",) if d.tied_embeddings else ()
-    out.append(ExpectedTensor(head, "lm_head.weight", ("lm_head.weight", *tied), (d.vocab_size, h)))
-    return out
+    layer = (attention_weights(d) + qk_norms(d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim)
+             + norm_weights(d, "post_attention_layernorm") + gated_mlp(d)
+             + norm_weights(d, "post_feedforward_layernorm"))
+    if d.attention_bias:
+        layer += attention_biases(d)
+    return decoder_tensors(d, [layer] * d.n_layers)
 
 
 @functools.lru_cache(maxsize=32)

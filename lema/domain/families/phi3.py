@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import attrs
 
 from lema.domain.model import options as opt
+from lema.domain.model.decoder_layout import decoder_dims, decoder_tensors, norm_weights
 from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor, PlanTerms
 from lema.domain.model.layout import config_int as _int
 from lema.domain.model.rope_config import make_rope, rope_dict
@@ -82,16 +83,7 @@ def dims(config: Mapping[str, Any]) -> Dims:
     """Read the dimensions of a Phi-3 config dict (options checked)."""
     opt.raise_problems(config, opt.common_problems(config, "hidden_act", "silu"))
     _rope(config)
-    heads = _int(config, "num_attention_heads")
-    return Dims(
-        family=NAME, model_type=str(config["model_type"]).lower(), n_layers=_int(config, "num_hidden_layers"),
-        hidden_size=_int(config, "hidden_size"), n_heads=heads,
-        n_kv_heads=_int(config, "num_key_value_heads", default=heads), head_dim=_head_dim(config),
-        intermediate_size=_int(config, "intermediate_size"), vocab_size=_int(config, "vocab_size"),
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)), attention_bias=False,
-        max_positions=_int(config, "max_position_embeddings", default=4096),
-        activation=str(config.get("hidden_act") or "silu"),
-    )
+    return decoder_dims(config, NAME, _head_dim(config), max_positions=4096, attention_bias=False)
 
 
 def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
@@ -102,20 +94,12 @@ def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
 def expected_tensors(d: Dims, config: Mapping[str, Any], names: set[str] | None = None) -> list[ExpectedTensor]:
     """Every tensor a Phi-3 model with this config has, grouped into units."""
     h, q, kv, ff = d.hidden_size, d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim, d.intermediate_size
-    out = [ExpectedTensor(0, "embed_tokens.weight", ("model.embed_tokens.weight",), (d.vocab_size, h))]
-    for i in range(d.n_layers):
-        layer = [
-            ("input_layernorm.weight", (h,)),
-            ("self_attn.qkv_proj.weight", (q + 2 * kv, h)), ("self_attn.o_proj.weight", (h, q)),
-            ("post_attention_layernorm.weight", (h,)),
-            ("mlp.gate_up_proj.weight", (2 * ff, h)), ("mlp.down_proj.weight", (h, ff)),
-        ]
-        out += [ExpectedTensor(i + 1, key, (f"model.layers.{i}.{key}",), shape) for key, shape in layer]
-    head = d.n_layers + 1
-    out.append(ExpectedTensor(head, "norm.weight", ("model.norm.weight",), (h,)))
-    tied = ("model.embed_tokens.weight",) if d.tied_embeddings else ()
-    out.append(ExpectedTensor(head, "lm_head.weight", ("lm_head.weight", *tied), (d.vocab_size, h)))
-    return out
+    layer = norm_weights(d, "input_layernorm") + [
+        ("self_attn.qkv_proj.weight", (q + 2 * kv, h)), ("self_attn.o_proj.weight", (h, q)),
+        ("post_attention_layernorm.weight", (h,)),
+        ("mlp.gate_up_proj.weight", (2 * ff, h)), ("mlp.down_proj.weight", (h, ff)),
+    ]
+    return decoder_tensors(d, [layer] * d.n_layers)
 
 
 @functools.lru_cache(maxsize=32)

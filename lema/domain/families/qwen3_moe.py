@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 import attrs
 
 from lema.domain.model import options as opt
+from lema.domain.model.decoder_layout import (
+    attention_biases, attention_weights, decoder_dims, decoder_tensors, gated_mlp, norm_weights, qk_norms,
+)
 from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor, PlanTerms
 from lema.domain.model.layout import config_int as _int
 from lema.domain.model.rope_config import standard_rope
@@ -83,19 +86,11 @@ def dims(config: Mapping[str, Any]) -> Dims:
                            "is not implemented (it adds the router's load-balancing loss); use false")
     opt.raise_problems(config, problems)
     standard_rope(config, _head_dim(config))
-    heads = _int(config, "num_attention_heads")
     moe = _int(config, "moe_intermediate_size", default=768)
-    return Dims(
-        family=NAME, model_type=str(config["model_type"]).lower(), n_layers=_int(config, "num_hidden_layers"),
-        hidden_size=_int(config, "hidden_size"), n_heads=heads,
-        n_kv_heads=_int(config, "num_key_value_heads", default=heads), head_dim=_head_dim(config),
-        intermediate_size=_int(config, "intermediate_size", default=6144) if not all(_sparse(config)) else moe,
-        vocab_size=_int(config, "vocab_size"), tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        attention_bias=bool(config.get("attention_bias", False)),
-        max_positions=_int(config, "max_position_embeddings", default=32768),
-        activation=str(config.get("hidden_act") or "silu"), n_experts=_experts(config),
-        experts_per_token=_int(config, "num_experts_per_tok", default=8), expert_intermediate_size=moe,
-    )
+    dense = _int(config, "intermediate_size", default=6144) if not all(_sparse(config)) else moe
+    return decoder_dims(config, NAME, _head_dim(config), max_positions=32768, intermediate_size=dense,
+                        n_experts=_experts(config), experts_per_token=_int(config, "num_experts_per_tok", default=8),
+                        expert_intermediate_size=moe)
 
 
 def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
@@ -105,35 +100,13 @@ def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
 
 def expected_tensors(d: Dims, config: Mapping[str, Any], names: set[str] | None = None) -> list[ExpectedTensor]:
     """Every tensor a Qwen3-MoE model with this config has, grouped into units (experts per expert)."""
-    h, q, kv, hd = d.hidden_size, d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim, d.head_dim
-    ff, moe = _int(config, "intermediate_size", default=6144), d.expert_intermediate_size
-    out = [ExpectedTensor(0, "embed_tokens.weight", ("model.embed_tokens.weight",), (d.vocab_size, h))]
-    for i, sparse in enumerate(_sparse(config)):
-        layer = [
-            ("input_layernorm.weight", (h,)),
-            ("self_attn.q_proj.weight", (q, h)), ("self_attn.k_proj.weight", (kv, h)),
-            ("self_attn.v_proj.weight", (kv, h)), ("self_attn.o_proj.weight", (h, q)),
-            ("self_attn.q_norm.weight", (hd,)), ("self_attn.k_norm.weight", (hd,)),
-            ("post_attention_layernorm.weight", (h,)),
-        ]
-        if d.attention_bias:
-            layer += [("self_attn.q_proj.bias", (q,)), ("self_attn.k_proj.bias", (kv,)),
-                      ("self_attn.v_proj.bias", (kv,)), ("self_attn.o_proj.bias", (h,))]
-        if sparse:
-            layer.append(("mlp.gate.weight", (d.n_experts, h)))
-            for e in range(d.n_experts):
-                p = f"mlp.experts.{e}."
-                layer += [(p + "gate_proj.weight", (moe, h)), (p + "up_proj.weight", (moe, h)),
-                          (p + "down_proj.weight", (h, moe))]
-        else:
-            layer += [("mlp.gate_proj.weight", (ff, h)), ("mlp.up_proj.weight", (ff, h)),
-                      ("mlp.down_proj.weight", (h, ff))]
-        out += [ExpectedTensor(i + 1, key, (f"model.layers.{i}.{key}",), shape) for key, shape in layer]
-    head = d.n_layers + 1
-    out.append(ExpectedTensor(head, "norm.weight", ("model.norm.weight",), (h,)))
-    tied = ("model.embed_tokens.weight",) if d.tied_embeddings else ()
-    out.append(ExpectedTensor(head, "lm_head.weight", ("lm_head.weight", *tied), (d.vocab_size, h)))
-    return out
+    attention = (norm_weights(d, "input_layernorm") + attention_weights(d) + qk_norms(d.head_dim, d.head_dim)
+                 + norm_weights(d, "post_attention_layernorm") + (attention_biases(d) if d.attention_bias else []))
+    dense = gated_mlp(d, width=_int(config, "intermediate_size", default=6144))
+    routed = [("mlp.gate.weight", (d.n_experts, d.hidden_size))]
+    for e in range(d.n_experts):
+        routed += gated_mlp(d, f"mlp.experts.{e}.", d.expert_intermediate_size)
+    return decoder_tensors(d, [attention + (routed if sparse else dense) for sparse in _sparse(config)])
 
 
 @functools.lru_cache(maxsize=32)

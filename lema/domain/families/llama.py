@@ -20,9 +20,9 @@ import functools
 import json
 from typing import TYPE_CHECKING, Any, Mapping
 
-import attrs
 
 from lema.domain.model import options as opt
+from lema.domain.model.decoder_io import DecoderParams, rms_final_norm, token_embedding
 from lema.domain.model.decoder_layout import (
     attention_biases, attention_weights, decoder_dims, decoder_tensors, gated_mlp, norm_weights,
 )
@@ -47,15 +47,7 @@ PEFT_PREFIX = "base_model.model.model.layers."
 CONV1D = False
 
 
-@attrs.frozen
-class Params:
-    """What the blocks read from the config."""
-
-    layout: AttentionLayout
-    eps: float
-    activation: str
-    head_dim: int
-    final_softcap: float | None = None
+Params = DecoderParams
 
 
 def _biases(config: Mapping[str, Any]) -> tuple[bool, bool, bool]:
@@ -145,14 +137,6 @@ def params(config_json: str) -> Params:
                   head_dim=head_dim)
 
 
-def embed(p: Params, weights: "Weights", input_ids: "torch.Tensor", position_ids: "torch.Tensor",
-          dtype: "torch.dtype") -> "torch.Tensor":
-    """Token embeddings ``(batch, seq, hidden)`` in ``dtype``."""
-    import torch.nn.functional as F
-
-    return F.embedding(input_ids, weights["embed_tokens.weight"]).to(dtype)
-
-
 def block(p: Params, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", ctx: "BlockContext", layer: int,
           kv_hook: "KVHook | None" = None) -> "torch.Tensor":
     """One decoder layer (``LlamaDecoderLayer``)."""
@@ -172,8 +156,5 @@ def block(p: Params, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", c
     return x + proj(act(proj(h, "mlp.gate_proj")) * proj(h, "mlp.up_proj"), "mlp.down_proj")
 
 
-def final_norm(p: Params, weights: "Weights", x: "torch.Tensor") -> "torch.Tensor":
-    """The final RMSNorm."""
-    from lema.domain.model import norms
-
-    return norms.rms_norm(x, weights["norm.weight"], p.eps)
+embed = token_embedding
+final_norm = rms_final_norm

@@ -15,9 +15,9 @@ import functools
 import json
 from typing import TYPE_CHECKING, Any, Mapping
 
-import attrs
 
 from lema.domain.model import options as opt
+from lema.domain.model.decoder_io import DecoderParams, token_embedding
 from lema.domain.model.decoder_layout import (
     attention_biases, attention_weights, decoder_dims, decoder_tensors, gated_mlp, norm_weights, qk_norms,
 )
@@ -43,15 +43,7 @@ PEFT_PREFIX = "base_model.model.model.layers."
 CONV1D = False
 
 
-@attrs.frozen
-class Params:
-    """What the blocks read from the config."""
-
-    layout: AttentionLayout
-    eps: float
-    activation: str
-    head_dim: int
-    final_softcap: float | None = None
+Params = DecoderParams
 
 
 def _head_dim(config: Mapping[str, Any]) -> int:
@@ -96,14 +88,6 @@ def plan_terms(spec: "ModelSpec") -> PlanTerms:
     return PlanTerms(qk_norm_width=(spec.n_heads + spec.n_kv_heads) * spec.head_dim)
 
 
-def embed(p: Params, weights: "Weights", input_ids: "torch.Tensor", position_ids: "torch.Tensor",
-          dtype: "torch.dtype") -> "torch.Tensor":
-    """Token embeddings ``(batch, seq, hidden)`` in ``dtype``."""
-    import torch.nn.functional as F
-
-    return F.embedding(input_ids, weights["embed_tokens.weight"]).to(dtype)
-
-
 def block(p: Params, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", ctx: "BlockContext", layer: int,
           kv_hook: "KVHook | None" = None) -> "torch.Tensor":
     """One decoder layer (``Olmo2DecoderLayer``)."""
@@ -127,3 +111,6 @@ def final_norm(p: Params, weights: "Weights", x: "torch.Tensor") -> "torch.Tenso
     from lema.domain.model import norms
 
     return norms.rms_norm_fp32_scale(x, weights["norm.weight"], p.eps)
+
+
+embed = token_embedding

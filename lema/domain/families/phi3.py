@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import attrs
 
 from lema.domain.model import options as opt
+from lema.domain.model.decoder_io import rms_final_norm, token_embedding
 from lema.domain.model.decoder_layout import decoder_dims, decoder_tensors, norm_weights
 from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor, PlanTerms
 from lema.domain.model.layout import config_int as _int
@@ -122,14 +123,6 @@ def plan_terms(spec: "ModelSpec") -> PlanTerms:
     return PlanTerms(fused_qkv=True)
 
 
-def embed(p: Params, weights: "Weights", input_ids: "torch.Tensor", position_ids: "torch.Tensor",
-          dtype: "torch.dtype") -> "torch.Tensor":
-    """Token embeddings ``(batch, seq, hidden)`` in ``dtype``."""
-    import torch.nn.functional as F
-
-    return F.embedding(input_ids, weights["embed_tokens.weight"]).to(dtype)
-
-
 def block(p: Params, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", ctx: "BlockContext", layer: int,
           kv_hook: "KVHook | None" = None) -> "torch.Tensor":
     """One decoder layer (``Phi3DecoderLayer``)."""
@@ -148,8 +141,5 @@ def block(p: Params, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", c
     return x + proj(up * norms.activation(p.activation)(gate), "mlp.down_proj")
 
 
-def final_norm(p: Params, weights: "Weights", x: "torch.Tensor") -> "torch.Tensor":
-    """The final RMSNorm."""
-    from lema.domain.model import norms
-
-    return norms.rms_norm(x, weights["norm.weight"], p.eps)
+embed = token_embedding
+final_norm = rms_final_norm

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import attrs
 
 from lema.domain.model import options as opt
+from lema.domain.model.decoder_io import rms_final_norm, token_embedding
 from lema.domain.model.decoder_layout import (
     attention_biases, attention_weights, decoder_dims, decoder_tensors, gated_mlp, norm_weights, qk_norms,
 )
@@ -128,14 +129,6 @@ def plan_terms(spec: "ModelSpec") -> PlanTerms:
     return PlanTerms(qk_norm_width=(spec.n_heads + spec.n_kv_heads) * spec.head_dim)
 
 
-def embed(p: Params, weights: "Weights", input_ids: "torch.Tensor", position_ids: "torch.Tensor",
-          dtype: "torch.dtype") -> "torch.Tensor":
-    """Token embeddings ``(batch, seq, hidden)`` in ``dtype``."""
-    import torch.nn.functional as F
-
-    return F.embedding(input_ids, weights["embed_tokens.weight"]).to(dtype)
-
-
 def block(p: Params, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", ctx: "BlockContext", layer: int,
           kv_hook: "KVHook | None" = None) -> "torch.Tensor":
     """One decoder layer (``Qwen3MoeDecoderLayer``)."""
@@ -165,8 +158,5 @@ def block(p: Params, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", c
                                   renormalize=p.renormalize, weights_in_hidden_dtype=True)
 
 
-def final_norm(p: Params, weights: "Weights", x: "torch.Tensor") -> "torch.Tensor":
-    """The final RMSNorm."""
-    from lema.domain.model import norms
-
-    return norms.rms_norm(x, weights["norm.weight"], p.eps)
+embed = token_embedding
+final_norm = rms_final_norm

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import attrs
 
-from lema.data.text_files import MAX_LINE_BYTES, one_document
+from lema.data.text_files import MAX_LINE_BYTES, json_kind, one_document
 from lema.domain.json_values import JsonValueError, parse_json
 from lema.domain.units import format_size
 from lema.errors import DataError
@@ -93,21 +93,6 @@ class _Scoped(Problems):
 
     def add(self, line: int, message: str, order: int = 0) -> None:
         self.items.append(((self.order, line), f"{self.prefix}{message}"))
-
-
-def json_kind(value: Any) -> str:
-    """How a JSON value is described in messages: ``"a list"``, ``"a number"``, ..."""
-    if isinstance(value, list):
-        return "a list"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an object"
 
 
 def check_file(path: str | os.PathLike[str]) -> Path:

@@ -154,7 +154,7 @@ def parse_jsonl(path: str | os.PathLike[str], text: str) -> tuple[str, list[tupl
             continue
         if not isinstance(value, dict):
             problems.append(f"line {number}: expected a JSON object like {{\"text\": \"...\"}}, "
-                            f"got {_json_kind(value)}")
+                            f"got {json_kind(value)}")
             continue
         records.append((number, value))
     kind, fields = _kind(records, problems)
@@ -165,7 +165,7 @@ def parse_jsonl(path: str | os.PathLike[str], text: str) -> tuple[str, list[tupl
                     problems.append(f"line {number}: missing field \"{field}\"; fields found: {_fields(record)}")
                 elif not isinstance(record[field], str):
                     problems.append(f"line {number}: field \"{field}\" must be a string, "
-                                    f"got {_json_kind(record[field])}")
+                                    f"got {json_kind(record[field])}")
     if problems:
         problems.sort(key=lambda text: int(text.split(":")[0].split()[1]))  # by line number
         _raise(path, problems, _ONE_PER_LINE)
@@ -202,7 +202,8 @@ def _fields(record: dict[str, Any]) -> str:
     return (", ".join(names) + (", ..." if len(record) > 8 else "")) if record else "none"
 
 
-def _json_kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
+    """How a JSON value is described in messages: ``"a list"``, ``"a number"``, ..."""
     if isinstance(value, list):
         return "a list"
     if value is None:

@@ -107,8 +107,9 @@ def make_device(settings: BenchSettings) -> Any:
     from lema.adapters.devices.cpu import CpuDevice
 
     # No simulated link: the CPU trains as LemaModel runs it without a budget, on the weights
-    # where the host holds them (nothing crosses a link). With one, weights go through slots.
-    return CpuDevice(link_bandwidth=settings.link_bandwidth, direct_reads=settings.link_bandwidth is None,
+    # where the host holds them (nothing crosses a link). With one, each unit is read into its
+    # slot and handed over after the link's time, as a GPU's host reads and its copy engine moves.
+    return CpuDevice(link_bandwidth=settings.link_bandwidth, direct_reads=True,
                      in_place=settings.link_bandwidth is None, count_compute=settings.trace,
                      record_timeline=settings.trace)
 

@@ -12,6 +12,7 @@ from lema.errors import ConfigError
 from tests.data_parallel_run import global_batches, make_trainer
 from tests.model_files import save_monolithic
 from tests.tiny_models import build_hf_model
+from tests.tolerance import assert_close, forward_floor
 
 
 def test_ranks_come_from_torchruns_environment():
@@ -55,10 +56,11 @@ def test_the_data_parallel_steps_of_one_rank_equal_the_plain_trainer(llama_file,
         _, expected = plain.train_step(batch["input_ids"], labels=batch["labels"],
                                        attention_mask=batch["attention_mask"])
         _, got = dp.micro_step(batch["input_ids"], batch["labels"], batch["attention_mask"])
-        assert got == pytest.approx(expected, rel=1e-6)
+        assert_close(torch.tensor(got), torch.tensor(expected), floor=forward_floor(plain.model.spec, 12, extra=1))
     assert parallel.global_step == plain.global_step == 3
+    floor = forward_floor(plain.model.spec, 12, extra=3)  # three steps
     for a, b in zip(plain.model.get_trainable_parameters(), parallel.model.get_trainable_parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert_close(b, a, floor=floor)
     assert any(e[0] == "grad_allreduce" for e in parallel.last_report.timeline)
     empty = torch.zeros((0, 1), dtype=torch.long)
     dp.micro_step(empty, empty, empty)  # no rows here this micro-step: still takes part

@@ -5,16 +5,17 @@ trained through the guide's API on the CPU device:
 
 * offload alone changes nothing numerically: bit-identical adapters after 3 AdamW steps;
 * offload and tiles chosen by the planner for a budget half the whole-layer plan: LoRA
-  gradients equal the whole-layer ones to 1e-6; the measured device peak drops by more than
-  all the checkpointed inputs' bytes and stays within 10% of the plan.
+  gradients and adapters equal the whole-layer ones within the tolerance rule
+  (tests/tolerance.py); the measured device peak drops by more than all the checkpointed
+  inputs' bytes and stays within 10% of the plan.
 
 (The learning rate is 2e-4, LoRA's usual one. Tiles sum each adapter's gradient over 512
-tokens at a time, so fp32 rounding differs from one sum over 2048 tokens by ~5e-7; AdamW
-divides each gradient element by its own magnitude, so an element whose gradient is small
-moves by ``lr`` times its rounding error relative to itself. The adapters' updates agree
-to ~2e-5 of their size at any learning rate (as the whole-layer run agrees with itself on
-one CPU thread instead of two); the adapters, init plus update, agree to ~1e-7 at 2e-4 and
-~7e-6 at 1e-2. docs/benchmarks.md has the measurements.)
+tokens at a time, so fp32 rounding differs from one sum over 2048 tokens; AdamW divides
+each gradient element by its own magnitude, so an element whose gradient is small moves by
+``lr`` times its rounding error relative to itself. So the noise is measured, as the rule
+says, on the whole-layer run itself with one CPU thread instead of two: on an AMD EPYC
+(AVX512-BF16) the tiled gradients differ by 1.1e-6 where a bound picked on a Xeon said
+1e-6, and that is what the rule is for. docs/testing.md has the measurements.)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from lema import LemaConfig, LemaModel
 from lema.adapters.devices.cpu import CpuDevice
 from tests.model_files import save_monolithic
+from tests.tolerance import assert_close, flat as flat_of, on_one_thread, relative_error, rounding_floor
 
 SEQ, LAYERS, HIDDEN = 2048, 4, 64
 INPUT_BYTES = SEQ * HIDDEN * 4  # one checkpointed layer input, fp32
@@ -87,6 +89,11 @@ def whole(model_file):
     return params, peak, plan, model.initial
 
 
+def _floor(depth_extra: int) -> float:
+    """A forward over SEQ tokens, back through every layer, and ``depth_extra`` more stages."""
+    return rounding_floor(torch.float32, SEQ, depth=2 * LAYERS + 2 + depth_extra)
+
+
 @pytest.mark.slow
 def test_offload_alone_gives_bit_identical_adapters_after_three_adamw_steps(model_file, whole):
     params, peak, model = _train(model_file, offload_activations=True)
@@ -110,16 +117,20 @@ def test_offload_and_tiles_chosen_for_a_small_budget_train_like_whole_layers(mod
     assert whole[1] - peak >= LAYERS * INPUT_BYTES, (whole[1], peak)
     assert abs(peak - plan.device_total) / plan.device_total <= 0.10, (peak, plan.device_total)
     assert abs(whole[1] - whole[2].device_total) / whole[2].device_total <= 0.10
-    # the adapters equal the whole-layer ones, and so do their updates (to fp32 rounding through AdamW)
+    # the adapters equal the whole-layer ones, and so do their updates (to fp32 rounding through AdamW);
+    # the noise: the whole-layer run against itself on one thread
     flat, reference, initial = (torch.cat([p.flatten() for p in ps]) for ps in (params, whole[0], whole[3]))
     assert torch.equal(initial, torch.cat([p.flatten() for p in model.initial]))
-    assert float((flat - reference).norm() / reference.norm()) <= 1e-6
-    assert float((flat - reference).norm() / (reference - initial).norm()) <= 1e-4
+    again = flat_of(on_one_thread(lambda: _train(model_file, offload_activations=False))[0])
+    assert_close(flat, reference, noise=relative_error(again, reference), floor=_floor(3), what="adapters")
+    assert_close(flat - initial, reference - initial, noise=relative_error(again - initial, reference - initial),
+                 floor=_floor(3), what="updates")
 
 
 @pytest.mark.slow
 def test_tiled_and_offloaded_gradients_equal_whole_layer_gradients(model_file):
     reference = _first_gradients(model_file, offload_activations=False)
     tiled = _first_gradients(model_file, vram_budget=BUDGET)
-    for a, b in zip(reference, tiled):
-        assert float((a - b).norm() / a.norm()) <= 1e-6
+    again = on_one_thread(lambda: _first_gradients(model_file, offload_activations=False))
+    for a, b, c in zip(reference, tiled, again):
+        assert_close(b, a, noise=relative_error(c, a), floor=_floor(0))

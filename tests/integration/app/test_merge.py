@@ -17,6 +17,7 @@ from lema.app.convert import prepare_monolithic_safetensors
 from lema.app.merge import merge_adapter
 from lema.cli import main
 from lema.errors import CheckpointError
+from tests.tolerance import assert_close, forward_floor, logits_noise
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -74,7 +75,8 @@ def test_merged_model_matches_peft_logits(tmp_path, family, via, rslora):
     merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         got = merged(IDS).logits
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # merging rounds W + s*BA once more per weight: one more stage on top of the forward's floor
+    assert_close(got, want, noise=logits_noise(reference, IDS), floor=forward_floor(merged.config, 16, extra=1))
     # The monolithic output holds the same tensors plus the tied head, and describes itself.
     mono = merge_adapter(base, tmp_path / "ckpt", tmp_path / "merged.safetensors")
     folder_tensors, mono_tensors = load_file(out / "model.safetensors"), load_file(mono)

@@ -13,6 +13,7 @@ from lema.adapters.devices.cpu import CpuDevice
 from lema.errors import DoesNotFitError
 from tests.model_files import save_monolithic
 from tests.tiny_models import build_hf_model
+from tests.tolerance import assert_close, forward_floor, on_one_thread, relative_error
 
 STEPS = 3
 
@@ -60,10 +61,12 @@ def test_streaming_resident_and_every_prefetch_depth_give_bit_identical_adapters
 
 
 def test_without_gradient_checkpointing_gives_the_same_adapters(llama_file):
-    reference, _ = _train(llama_file)
+    reference, model = _train(llama_file)
     params, _ = _train(llama_file, gradient_checkpointing=False)
-    for a, b in zip(reference, params):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    again, _ = on_one_thread(lambda: _train(llama_file))  # the checkpointed run against itself
+    floor = forward_floor(model.spec, 12, extra=3)  # three AdamW steps
+    for a, b, c in zip(reference, params, again):
+        assert_close(b, a, noise=relative_error(c, a), floor=floor)
 
 
 def test_each_layer_trains_its_own_adapter(llama_file):

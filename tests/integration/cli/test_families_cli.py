@@ -14,6 +14,7 @@ from lema import LemaConfig, LemaModel
 from lema.cli import main
 from tests.demo_models import byte_tokenizer, write_data
 from tests.family_models import FAMILIES, build
+from tests.tolerance import assert_close, forward_floor, logits_noise
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -53,4 +54,5 @@ def test_convert_plan_train_generate_merge(tmp_path, data, name):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32,
                                                   attn_implementation="eager" if name == "gemma2" else "sdpa")
     with torch.no_grad():
-        assert (merged(input_ids=ids).logits - tuned.forward(ids)).abs().max() <= 1e-4
+        assert_close(tuned.forward(ids), merged(input_ids=ids).logits, noise=logits_noise(merged, ids),
+                     floor=forward_floor(merged.config, ids.shape[1], extra=1))  # + the merge's rounding

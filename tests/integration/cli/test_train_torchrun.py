@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from lema.cli import main
 from tests.demo_models import tiny_llama_folder, write_data
+from tests.tolerance import assert_close, forward_floor
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "rank_data_launcher.py"
 
@@ -53,11 +54,22 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "final" / "adapter_model.safetensors"))
 
 
-def relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """|a - b| / |a| over the whole adapter (every tensor, flattened together)."""
+def floor(model: Path) -> float:
+    """Two ranks are the batch split in two: the rounding floor of the model's sums over 48
+    tokens, through the four steps of these runs (tests/tolerance.py)."""
+    from transformers import AutoConfig
+
+    return forward_floor(AutoConfig.from_pretrained(model), 48, extra=4)
+
+
+def same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], model: Path) -> None:
     assert a.keys() == b.keys()
-    x, y = (torch.cat([t[k].flatten() for k in sorted(a)]) for t in (a, b))
-    return float((x - y).norm() / x.norm())
+    assert_close(b, a, floor=floor(model), what="adapter")
+
+
+def same_losses(a: list[dict], b: list[dict], model: Path) -> None:
+    assert_close(torch.tensor([r["loss"] for r in b]), torch.tensor([r["loss"] for r in a]), floor=floor(model),
+                 what="losses")
 
 
 def metrics(out: Path) -> list[dict]:
@@ -70,10 +82,10 @@ def test_two_ranks_end_with_the_adapter_of_one_process_with_twice_the_batch(tmp_
     one_process(*args(model_dir, data["text"], tmp_path / "one", 4, *common))
     run = torchrun(*args(model_dir, data["text"], tmp_path / "two", 2, *common))
     assert run.returncode == 0, run.stdout + run.stderr
-    assert relative_error(adapter(tmp_path / "one"), adapter(tmp_path / "two")) < 1e-5
+    same_adapter(adapter(tmp_path / "one"), adapter(tmp_path / "two"), model_dir)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3, 4]  # written once, by rank 0
-    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    same_losses(one, two, model_dir)
     assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
     assert run.stdout.count("plan: streaming on cpu, batch 2") == 1 and run.stdout.count("step 4/4") == 1
 
@@ -85,16 +97,16 @@ def test_gradient_accumulation_and_resume_across_a_stop_match_one_process(tmp_pa
     two = tmp_path / "two"
     run = torchrun(*args(model_dir, data["text"], two, 2, *common))
     assert run.returncode == 0, run.stdout + run.stderr
-    assert relative_error(adapter(tmp_path / "one"), adapter(two)) < 1e-5
+    same_adapter(adapter(tmp_path / "one"), adapter(two), model_dir)
     # A stop after step 3: only checkpoint-2 survives, and the metrics of steps 1..3.
     shutil.rmtree(two / "final")
     (two / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics(two)[:3]))
     run = torchrun(*args(model_dir, data["text"], two, 2, *common, "--resume"))
     assert run.returncode == 0, run.stdout + run.stderr
     assert "resuming from" in run.stdout and "at step 2" in run.stdout
-    assert relative_error(adapter(tmp_path / "one"), adapter(two)) < 1e-5
+    same_adapter(adapter(tmp_path / "one"), adapter(two), model_dir)
     assert [r["step"] for r in metrics(two)] == [1, 2, 3, 4]
-    assert [r["loss"] for r in metrics(two)] == pytest.approx([r["loss"] for r in metrics(tmp_path / "one")], rel=1e-5)
+    same_losses(metrics(tmp_path / "one"), metrics(two), model_dir)
 
 
 @pytest.mark.slow

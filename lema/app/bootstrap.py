@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import attrs
 import torch
 
+from lema.adapters.devices.host_cpus import fit_torch_threads
 from lema.adapters.weights.model_files import ResolvedModel, resolve_model
 from lema.app.distributed import default_cuda_index, local_world_size
 from lema.config import LemaConfig
@@ -78,6 +79,7 @@ def make_device(config: LemaConfig) -> Device:
     name = config.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    fit_torch_threads()  # the CPU the compute may use (a container's quota), whatever the device
     if name == "cpu":
         from lema.adapters.devices.cpu import CpuDevice
 

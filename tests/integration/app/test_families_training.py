@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lema import LemaConfig, LemaModel
-from lema.app.merge import merge_adapter
+from lema.app.tools.merge import merge_adapter
 from tests.family_models import FAMILIES, batch, files
 
 peft = pytest.importorskip("peft")

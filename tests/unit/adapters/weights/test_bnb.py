@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lema.adapters.weights import bnb
-from lema.domain.model.quant import QuantFormat, packed_weight, stored_tensors
+from lema.domain.nn.quant import QuantFormat, packed_weight, stored_tensors
 
 BF = pytest.importorskip("bitsandbytes.functional")
 FORMATS = [QuantFormat("nf4"), QuantFormat("nf4", True), QuantFormat("fp4"), QuantFormat("fp4", True),

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from lema import LemaConfig, LemaModel  # noqa: E402
 from lema.app.bootstrap import make_plan  # noqa: E402
-from lema.app.convert import prepare_monolithic_safetensors  # noqa: E402
+from lema.app.tools.convert import prepare_monolithic_safetensors  # noqa: E402
 from lema.domain.plan.strategy import MemoryStrategy  # noqa: E402
 from lema.domain.units import format_size  # noqa: E402
 

@@ -93,7 +93,7 @@ def plain_read(path: Path, buffer: torch.Tensor) -> tuple[int, float]:
 
 def source_read(spec, root: Path, method: str, staging: torch.Tensor) -> tuple[int, float]:
     from lema.adapters.weights.safetensors_source import SafetensorsSource
-    from lema.domain.schedule.layer_schedule import unit_buffer_bytes
+    from lema.domain.schedule.slot_layout import unit_buffer_bytes
 
     with SafetensorsSource(spec, root, method=method) as source:
         start = time.perf_counter()
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lema.adapters.weights.safetensors_header import read_header
     from lema.domain.model.spec import ModelSpec
-    from lema.domain.schedule.layer_schedule import slot_bytes
+    from lema.domain.schedule.slot_layout import slot_bytes
 
     config = model_config(args)
     path = write_model(args.path, config)
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     big = device.host_buffer(size)  # pre-touched, like the engine's staging
 
     from lema.adapters.weights.safetensors_source import SafetensorsSource
-    from lema.app.engine import Engine
+    from lema.app.runtime.engine import Engine
 
     # Built once, like a training run: slots and staging are allocated and touched here.
     sources = {m: SafetensorsSource(spec, args.path, method=m) for m in ("pread", "mmap")}

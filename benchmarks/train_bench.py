@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lema.app import benchmarking  # noqa: E402
+from lema.app.tools import benchmarking  # noqa: E402
 
 
 def main() -> None:

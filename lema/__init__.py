@@ -43,7 +43,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "LemaConfig": "lema.config", "MemoryStrategy": "lema.config",
-    "LemaModel": "lema.app.model", "LemaTrainer": "lema.app.trainer",
+    "LemaModel": "lema.app.training.model", "LemaTrainer": "lema.app.training.trainer",
+    "TrainOptions": "lema.app.training.run_training", "run_training": "lema.app.training.run_training",
 }
 
 
@@ -58,5 +59,5 @@ def __getattr__(name: str):
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "DeviceOutOfMemory", "DoesNotFitError",
     "LemaConfig", "LemaError", "LemaModel", "LemaTrainer", "MemoryStrategy", "ModelFormatError",
-    "RankFailedError", "__version__",
+    "RankFailedError", "TrainOptions", "__version__", "run_training",
 ]

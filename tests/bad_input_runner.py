@@ -31,7 +31,7 @@ def run_cases(root: Path, cases: list[dict]) -> list[dict]:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     # The imports every command shares (torch, transformers, the tokenizer's) are paid once
     # here, so each command's time is its own.
-    from lema.app.model import LemaModel  # noqa: F401
+    from lema.app.training.model import LemaModel  # noqa: F401
     from lema.data.tokenizer import load_tokenizer
 
     load_tokenizer(root / "good" / "model")

@@ -92,7 +92,7 @@ def build(name: str, seed: int = 0, vocab: int = VOCAB) -> Any:
 def files(name: str, root: Path) -> tuple[Path, Path]:
     """``(hf_folder, lema_file)``: ``save_pretrained`` (experts per expert, as transformers 5
     writes them) and its conversion by ``lema convert``."""
-    from lema.app.convert import prepare_monolithic_safetensors
+    from lema.app.tools.convert import prepare_monolithic_safetensors
 
     folder, path = root / f"{name}-hf", root / f"{name}.safetensors"
     if not path.exists():

@@ -1,1 +1,1 @@
-"""Use cases on the ports: engine, model facade, trainer, generation, merge, conversion, benchmarking."""
+"""Use cases on the ports, in rooms: runtime (streaming), training, parallel, tools; bootstrap.py composes them."""

@@ -9,14 +9,14 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import attrs
 import torch
 
 from lema.adapters.devices.host_cpus import fit_torch_threads
 from lema.adapters.weights.model_files import ResolvedModel, resolve_model
-from lema.app.distributed import default_cuda_index, local_world_size
+from lema.app.parallel.distributed import default_cuda_index, local_world_size
 from lema.config import LemaConfig
 from lema.domain.model.spec import ModelSpec, dtype_code
 from lema.domain.plan.planner import Budget, MemoryPlan, TrainingShape, plan
@@ -62,10 +62,9 @@ def check_rope(spec: ModelSpec) -> None:
     it does not implement by name.
     """
     from lema.domain.families import registry
-    from lema.domain.model.rope import inv_freq
+    from lema.domain.nn.rope import inv_freq
 
-    layout = getattr(registry.params_of(spec), "layout", None)
-    for _, rope in getattr(layout, "ropes", ()):
+    for _, rope in registry.params_of(spec).layout.ropes:
         try:
             inv_freq(rope, 0)
         except Exception as exc:  # noqa: BLE001 - a malformed setting raises KeyError, TypeError, ValueError, ...
@@ -80,26 +79,37 @@ def make_device(config: LemaConfig) -> Device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     fit_torch_threads()  # the CPU the compute may use (a container's quota), whatever the device
-    if name == "cpu":
-        from lema.adapters.devices.cpu import CpuDevice
+    adapter, _, index = name.partition(":")
+    return _DEVICES[adapter](config, index)
 
-        # The compute's allocations are counted (a Python call per op) only when a budget
-        # must be enforced; otherwise the step runs free and its report says what it counted.
-        # With a budget the CPU stands in for a smaller device (weights go through counted
-        # slots); without one it trains for real, on the weights where the host holds them.
-        return CpuDevice(capacity=config.vram_bytes, direct_reads=True, record_timeline=False,
-                         in_place=config.vram_bytes is None)
+
+def _cpu_device(config: LemaConfig, index: str) -> Device:
+    from lema.adapters.devices.cpu import CpuDevice
+
+    # The compute's allocations are counted (a Python call per op) only when a budget
+    # must be enforced; otherwise the step runs free and its report says what it counted.
+    # With a budget the CPU stands in for a smaller device (weights go through counted
+    # slots); without one it trains for real, on the weights where the host holds them.
+    return CpuDevice(capacity=config.vram_bytes, direct_reads=True, record_timeline=False,
+                     in_place=config.vram_bytes is None)
+
+
+def _cuda_device(config: LemaConfig, index: str) -> Device:
     from lema.adapters.devices.cuda import CudaDevice
 
     # "cuda" is this rank's GPU under torchrun (cuda:LOCAL_RANK), else the current device.
     available = torch.cuda.is_available()
-    index = int(name.split(":")[1]) if ":" in name else (default_cuda_index() if available else 0)
-    if not available or index >= torch.cuda.device_count():
+    gpu = int(index) if index else (default_cuda_index() if available else 0)
+    if not available or gpu >= torch.cuda.device_count():
         raise ConfigError(f"device: {config.device!r} but CUDA is not available here "
                           f"({torch.cuda.device_count()} GPUs visible); use device='cpu'")
     # Without a budget, plan against the whole card.
-    capacity = config.vram_bytes or torch.cuda.get_device_properties(index).total_memory
-    return CudaDevice(index=index, capacity=capacity)
+    capacity = config.vram_bytes or torch.cuda.get_device_properties(gpu).total_memory
+    return CudaDevice(index=gpu, capacity=capacity)
+
+
+# The adapter each device name of LemaConfig.device builds (a new device: one entry here).
+_DEVICES: dict[str, Callable[[LemaConfig, str], Device]] = {"cpu": _cpu_device, "cuda": _cuda_device}
 
 
 def compute_dtype(config: LemaConfig, spec: ModelSpec) -> torch.dtype:
@@ -111,15 +121,14 @@ def compute_dtype(config: LemaConfig, spec: ModelSpec) -> torch.dtype:
 
 def training_shape(config: LemaConfig, spec: ModelSpec, device: Device) -> TrainingShape:
     """The shape the memory plan is checked for."""
-    kind = "cuda" if device.torch_device.type == "cuda" else "cpu"
     return TrainingShape(
         batch=config.batch_size, seq=config.max_seq_len, lora_rank=config.lora_rank,
         lora_targets=config.lora_target_modules, strategy=config.strategy,
         prefetch=config.prefetch_distance, dtype=None if config.dtype == "auto" else dtype_code(config.dtype),
-        gradient_checkpointing=config.gradient_checkpointing, device_kind=kind,
+        gradient_checkpointing=config.gradient_checkpointing, device_kind=device.traits.kind,
         offload_activations=config.offload if config.gradient_checkpointing else False,
         wide_matmul=device.matmul_dtype(compute_dtype(config, spec)) is not None,
-        local_ranks=local_world_size(), weights_in_place=bool(getattr(device, "reads_in_place", False)),
+        local_ranks=local_world_size(), weights_in_place=device.traits.in_place,
     )
 
 
@@ -149,11 +158,11 @@ def make_source(strategy: MemoryStrategy, resolved: ResolvedModel, device: Devic
 
     if resolved.root is None:
         raise ConfigError("internal: a weight source needs a model root folder")
-    gpu = device is not None and device.torch_device.type != "cpu"
+    pool = device is not None and not device.traits.host_memory  # the host's cores are free to read
     if strategy is MemoryStrategy.RESIDENT:
         if local_world_size() > 1:
             return ResidentSource.shared_from_safetensors(resolved.spec, resolved.root)
-        if device is not None and not getattr(device, "direct_reads", False):
+        if device is not None and not device.traits.direct_reads:
             try:
                 return ResidentSource.from_safetensors(resolved.spec, resolved.root, allocate=device.pinned_buffer,
                                                        pinned=True)
@@ -161,7 +170,7 @@ def make_source(strategy: MemoryStrategy, resolved: ResolvedModel, device: Devic
                 warnings.warn(LemaWarning(f"RESIDENT weights stay in pageable RAM and go through staging "
                                           f"buffers: {exc}"), stacklevel=2)
         return ResidentSource.from_safetensors(resolved.spec, resolved.root, allocate=ram_buffer)
-    return SafetensorsSource(resolved.spec, resolved.root, readers=READERS if gpu else 1)
+    return SafetensorsSource(resolved.spec, resolved.root, readers=READERS if pool else 1)
 
 
 REPORT_TO = ("none", "tensorboard", "wandb")

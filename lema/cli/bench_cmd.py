@@ -53,7 +53,7 @@ def bench(model, preset, dtype, batch, seq, steps, warmup, rank, prefetch, devic
     WORKDIR keeps the models it builds (reused by the next run); the result file is
     replaced only with --overwrite.
     """
-    from lema.app import benchmarking
+    from lema.app.tools import benchmarking
     from lema.app.outputs import check_output
     from lema.domain.plan.strategy import MemoryStrategy
     from lema.domain.units import parse_size

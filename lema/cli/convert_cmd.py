@@ -64,7 +64,7 @@ def convert(model: str, out: str, dtype: str | None, revision: str | None, token
 
     OUT must lie outside MODEL's folder; an existing OUT is replaced only with --overwrite.
     """
-    from lema.app.convert import prepare_monolithic_safetensors
+    from lema.app.tools.convert import prepare_monolithic_safetensors
     from lema.errors import ConfigError
 
     if no_double_quant and quantize not in ("nf4", "fp4"):

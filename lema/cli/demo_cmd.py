@@ -71,7 +71,7 @@ def build_base_model(folder: Path, tokenizer: Any, size: str, seed: int) -> Path
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from lema.app.convert import prepare_monolithic_safetensors
+    from lema.app.tools.convert import prepare_monolithic_safetensors
 
     hidden, layers, heads, kv, inter = SIZES[size][:5]
     config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -101,7 +101,7 @@ def build_base_model(folder: Path, tokenizer: Any, size: str, seed: int) -> Path
 
 def reply(model: Any, tokenizer: Any, question: str, system: str | None, new_tokens: int = 32) -> str:
     """The model's greedy reply to ``question``, rendered with the chat template."""
-    from lema.app.generation import generate
+    from lema.app.tools.generation import generate
     from lema.cli.generate_cmd import chat_prompt_ids
 
     ids, stops = chat_prompt_ids(tokenizer, question, system, None)
@@ -130,11 +130,11 @@ def demo(out: str, steps: int | None, size: str, seed: int, overwrite: bool) -> 
     from lema.adapters.checkpoints.atomic import atomic_write_text
     from lema.adapters.devices.cpu import CpuDevice
     from lema.app import bootstrap
-    from lema.app.model import LemaModel
+    from lema.app.training.model import LemaModel
     from lema.app.outputs import check_output
-    from lema.app.run_data import prepare_data
-    from lema.app.run_folder import FINAL, METRICS
-    from lema.app.train_loop import LoopOptions, evaluate, make_optimizer, plan_summary, train_loop
+    from lema.app.training.run_data import prepare_data
+    from lema.app.training.run_folder import FINAL, METRICS
+    from lema.app.training.train_loop import LoopOptions, evaluate, make_optimizer, plan_summary, train_loop
     from lema.cli.progress import TrainingProgress
     from lema.config import LemaConfig, check_seed
     from lema.data.tokenizer import load_tokenizer

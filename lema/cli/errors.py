@@ -10,7 +10,7 @@
 
 Under torchrun (several ranks) only rank 0 prints: the other ranks' standard output is
 discarded, and an error every rank raised together (one rank's failure, agreed through
-:mod:`lema.app.rank_agreement`) ends them with the same status but no message of their own.
+:mod:`lema.app.parallel.rank_agreement`) ends them with the same status but no message of their own.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _exit_code(exc: Exception) -> int:
 def _translate(exc: Exception, quiet: bool) -> BaseException:
     agreed = False
     if "torch" in sys.modules:  # without torch there is no process group (and `lema plan` stays light)
-        from lema.app.rank_agreement import reported_elsewhere, settle_on_exit, stopping_together
+        from lema.app.parallel.rank_agreement import reported_elsewhere, settle_on_exit, stopping_together
 
         # A rank failing on its own meets the others at their next collective, so they stop too.
         exc = settle_on_exit(exc)
@@ -107,7 +107,7 @@ def _translate(exc: Exception, quiet: bool) -> BaseException:
             out.show()
         else:
             traceback.print_exception(out)
-    from lema.app.rank_agreement import farewell
+    from lema.app.parallel.rank_agreement import farewell
 
     farewell()
     return click.exceptions.Exit(code)

@@ -71,8 +71,8 @@ def generate(model_path: str, adapter: str | None, prompt: str, max_new_tokens: 
     do_sample = greedy is False or (greedy is None and any(v is not None for v in (temperature, top_k, top_p)))
 
     from lema.app import bootstrap
-    from lema.app.generation import generate as run_generation
-    from lema.app.model import LemaModel
+    from lema.app.tools.generation import generate as run_generation
+    from lema.app.training.model import LemaModel
     from lema.config import LemaConfig
 
     eos: list[int] = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

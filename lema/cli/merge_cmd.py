@@ -22,7 +22,7 @@ from lema.cli.convert_cmd import tensor_progress
 def merge(base: str, adapter: str, out: str, hf_folder: bool, dtype: str | None, tokenizer_dir: str | None,
           overwrite: bool) -> None:
     """Merge the LoRA adapter in --adapter into --base and write --out."""
-    from lema.app.merge import merge_adapter
+    from lema.app.tools.merge import merge_adapter
 
     with tensor_progress("merging") as progress:
         path = merge_adapter(base, adapter, out, dtype=dtype, hf_folder=hf_folder, tokenizer_dir=tokenizer_dir,

@@ -58,6 +58,7 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
         default_environment_allows_network,
         resolve_model,
     )
+    from lema.domain.device_traits import DEVICE_KINDS
     from lema.domain.plan.planner import Budget, TrainingShape
     from lema.domain.plan.planner import plan as make_plan
     from lema.domain.units import parse_size
@@ -79,11 +80,12 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
                           device_kind=device_kind, mode=mode, offload_activations=offload,
                           reserve_bytes=None if reserve is None else _reserve(reserve), local_ranks=nproc,
                           # the CPU without a budget trains on the weights in place, as `lema train` runs it
-                          weights_in_place=device_kind == "cpu" and vram is None)
+                          weights_in_place=device_kind in DEVICE_KINDS and DEVICE_KINDS[device_kind].host_memory
+                          and vram is None)
     resolved = resolve_model(model, config_path, allow_network=default_environment_allows_network())
     spec = resolved.spec
     if quantize is not None:
-        from lema.domain.model.quant import QuantFormat
+        from lema.domain.nn.quant import QuantFormat
 
         spec = spec.quantized(QuantFormat.parse(quantize, double_quant=not no_double_quant))
     elif no_double_quant:

@@ -42,7 +42,7 @@ class TrainingProgress:
             self._eval = f" | eval {record['eval_loss']:.4f}"
             return
         if self._bar is not None:
-            from lema.app.train_loop import peak_text
+            from lema.app.training.train_loop import peak_text
 
             tps, peak = record.get("tokens_per_s"), record.get("device_peak_bytes")
             text = f"loss {record['loss']:.4f}" + self._eval + (f" | {tps:,.0f} tok/s" if tps else "") + (

@@ -25,6 +25,10 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from lema.domain.device_traits import DeviceTraits
+
+__all__ = ["Device", "DeviceTraits", "Ticket"]
+
 
 @runtime_checkable
 class Ticket(Protocol):
@@ -44,6 +48,8 @@ class Device(Protocol):
     """A compute device with counted memory and an asynchronous host -> device link.
 
     Attributes:
+        traits: what the device is (:class:`~lema.domain.device_traits.DeviceTraits`): the
+            engine, bootstrap and planner read it instead of probing the device.
         torch_device: where tensors for this device live.
         capacity: bytes the device may hold, or ``None`` for no limit.
         link_bandwidth: host -> device bytes per second from page-locked memory, when
@@ -51,6 +57,9 @@ class Device(Protocol):
             engine's report turns it into a time floor.
         bytes_uploaded: host -> device bytes copied so far.
     """
+
+    @property
+    def traits(self) -> DeviceTraits: ...
 
     torch_device: torch.device
     capacity: int | None
@@ -86,6 +95,11 @@ class Device(Protocol):
     def upload(self, host: torch.Tensor, device: torch.Tensor, nbytes: int,
                after: Ticket | None = None, label: object = None) -> Ticket:
         """Start copying ``host[:nbytes]`` into ``device[:nbytes]`` after ``after``; returns at once."""
+        ...
+
+    def carry(self, nbytes: int, label: object = None) -> Ticket:
+        """A ticket that completes once a simulated link (``traits.simulated_link``) would have
+        moved ``nbytes`` already read into a slot; at once on a device with a real link."""
         ...
 
     def download(self, device: torch.Tensor, host: torch.Tensor, nbytes: int, label: object = None) -> Ticket:

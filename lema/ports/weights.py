@@ -34,8 +34,8 @@ class WeightSource(Protocol):
         Args:
             index: unit index (0 embedding, 1..L decoders, L+1 head).
             buffer: optional flat ``uint8`` CPU tensor of at least
-                :func:`lema.domain.schedule.layer_schedule.unit_buffer_bytes` bytes. When given, the unit's
-                bytes are written into it laid out by :func:`lema.domain.schedule.layer_schedule.unit_layout`
+                :func:`lema.domain.schedule.slot_layout.unit_buffer_bytes` bytes. When given, the unit's
+                bytes are written into it laid out by :func:`lema.domain.schedule.slot_layout.unit_layout`
                 and the returned tensors are views of it. When omitted, the source returns
                 tensors it may share with others (mmap-backed views, or its RAM copies):
                 callers must not modify them.

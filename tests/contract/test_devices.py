@@ -7,7 +7,7 @@ import torch
 
 from lema.adapters.devices.cpu import CpuDevice
 from lema.adapters.weights.resident_source import ResidentSource
-from lema.app.engine import Engine
+from lema.app.runtime.engine import Engine
 from lema.errors import DeviceOutOfMemory
 from tests.stream_models import stream_config, write_model
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from lema.adapters.weights.model_files import resolve_model
 from lema.adapters.weights.resident_source import ResidentSource
 from lema.adapters.weights.safetensors_source import SafetensorsSource
-from lema.domain.schedule.layer_schedule import unit_buffer_bytes
+from lema.domain.schedule.slot_layout import unit_buffer_bytes
 
 pytest.importorskip("bitsandbytes")
 

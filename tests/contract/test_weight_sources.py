@@ -8,7 +8,7 @@ import torch
 from lema.adapters.devices.cpu import CpuDevice
 from lema.adapters.weights.resident_source import ResidentSource
 from lema.adapters.weights.safetensors_source import SafetensorsSource
-from lema.domain.schedule.layer_schedule import unit_buffer_bytes
+from lema.domain.schedule.slot_layout import unit_buffer_bytes
 from lema.errors import ConfigError, ModelFormatError
 from tests.stream_models import write_model
 

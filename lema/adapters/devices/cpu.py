@@ -34,12 +34,14 @@ import time
 import weakref
 from typing import Iterator
 
+import attrs
 import numpy
 import torch
 
 from lema.adapters.devices.allocation_counter import AllocationCounter, paused
 from lema.adapters.devices.half_matmul import half_matmul_is_slow
 from lema.adapters.workers import start_worker, stop_worker
+from lema.domain.device_traits import CPU, DeviceTraits
 from lema.domain.units import format_size
 from lema.errors import ConfigError, DeviceOutOfMemory, PinningRefused
 
@@ -225,6 +227,14 @@ class CpuDevice:
     def counts_compute(self) -> bool:
         """True when the peak includes every storage the compute allocated."""
         return self.count_compute
+
+    @property
+    def traits(self) -> DeviceTraits:
+        """The CPU: in place (training for real) or playing a smaller device through slots,
+        read into directly or over a simulated link. ``pinned_host`` only lets
+        :meth:`pinned_buffer` answer (RESIDENT upload tests); the plan stays the CPU's."""
+        return attrs.evolve(CPU, in_place=self.reads_in_place, direct_reads=self.direct_reads,
+                            counts_compute=self.count_compute, simulated_link=self.link_bandwidth is not None)
 
     def pinned_buffer(self, nbytes: int) -> torch.Tensor:
         """See :meth:`lema.ports.device.Device.pinned_buffer`: plain RAM here (the CPU's memory is

@@ -26,6 +26,7 @@ from typing import Iterator
 
 import torch
 
+from lema.domain.device_traits import CUDA, DeviceTraits
 from lema.domain.units import format_size
 from lema.errors import ConfigError, DeviceOutOfMemory, PinningRefused
 
@@ -76,6 +77,11 @@ class CudaDevice:
         self.host_buffers_allocated = 0
         self.bytes_uploaded = 0
         self.link_bandwidth: float | None = None  # pinned host -> device bytes/s, once measured
+
+    @property
+    def traits(self) -> DeviceTraits:
+        """A GPU: pinned staging on a copy stream, a runtime reserve, foreach optimizer steps."""
+        return CUDA
 
     # -- memory ------------------------------------------------------------------------------
 
@@ -206,6 +212,12 @@ class CudaDevice:
 
     def mark_consumed(self, slot: torch.Tensor) -> CudaTicket:
         """An event after the compute issued so far on the current stream."""
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.torch_device))
+        return CudaTicket(event)
+
+    def carry(self, nbytes: int, label: object = None) -> CudaTicket:
+        """No simulated link here (the copy stream is the link): complete after the work issued so far."""
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.torch_device))
         return CudaTicket(event)

@@ -22,7 +22,7 @@ from typing import Hashable, Mapping, Sequence
 import torch
 
 from lema.adapters.weights import bnb
-from lema.domain.model import quant
+from lema.domain.nn import quant
 from lema.domain.model.spec import ModelSpec
 from lema.ports.device import Device
 

@@ -1,7 +1,7 @@
 """The bitsandbytes boundary: import it (or name the extra that installs it), read a packed
 weight's quantization state, dequantize and quantize weights with bitsandbytes' own routines.
 
-The stored tensors of each format are described in :mod:`lema.domain.model.quant`. A 4-bit
+The stored tensors of each format are described in :mod:`lema.domain.nn.quant`. A 4-bit
 weight's constants (block size, dtype, shape, double quant's offset) live in a small JSON
 tensor; they are read once, on the host (:func:`read_quant_states`), so dequantizing on the
 device never waits for a device -> host copy.
@@ -23,8 +23,8 @@ from typing import Any, Mapping
 import attrs
 import torch
 
-from lema.domain.model import quant
-from lema.domain.model.quant import PackedWeight, QuantFormat
+from lema.domain.nn import quant
+from lema.domain.nn.quant import PackedWeight, QuantFormat
 from lema.domain.model.spec import ModelSpec
 from lema.errors import ConfigError, ModelFormatError
 
@@ -170,7 +170,7 @@ def quantize(weight: torch.Tensor, key: str, fmt: QuantFormat,
              chunk_elements: int = 1 << 20) -> dict[str, torch.Tensor]:
     """Quantize one ``[out, in]`` weight exactly as transformers + bitsandbytes do when loading
     with ``BitsAndBytesConfig``; returns its stored tensors by in-unit key (keys as in
-    :func:`lema.domain.model.quant.stored_tensors`), on the CPU.
+    :func:`lema.domain.nn.quant.stored_tensors`), on the CPU.
 
     The 4-bit result depends on the weight's dtype (bitsandbytes records it in the JSON).
     int8 casts to float16 first, as ``Int8Params`` does. The weight is quantized

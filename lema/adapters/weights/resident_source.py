@@ -1,7 +1,7 @@
 """ResidentSource: every base weight held in host RAM (the RESIDENT strategy).
 
 Each unit lives in one flat ``uint8`` buffer laid out exactly as a device slot
-(:func:`~lema.domain.schedule.layer_schedule.unit_layout`), allocated once at load, one
+(:func:`~lema.domain.schedule.slot_layout.unit_layout`), allocated once at load, one
 buffer per unit (so no single huge allocation, or pin, is ever needed). The buffers come
 from an ``allocate`` callable: plain RAM by default, or the device's page-locked memory
 (:meth:`lema.ports.device.Device.pinned_buffer`), in which case :meth:`host_unit` hands
@@ -23,9 +23,8 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from lema.adapters.weights.safetensors_source import unit_views
 from lema.domain.model.spec import ModelSpec, torch_dtype
-from lema.domain.schedule.layer_schedule import unit_buffer_bytes, unit_layout
+from lema.domain.schedule.slot_layout import unit_buffer_bytes, unit_layout, unit_views
 from lema.errors import ConfigError, ModelFormatError
 
 Allocate = Callable[[int], torch.Tensor]

@@ -33,7 +33,7 @@ import torch
 
 from lema.adapters.weights.parallel_read import ParallelReader, pread_full
 from lema.domain.model.spec import ModelSpec, TensorSpec, torch_dtype
-from lema.domain.schedule.layer_schedule import unit_buffer_bytes, unit_layout
+from lema.domain.schedule.slot_layout import unit_buffer_bytes, unit_layout, unit_views
 from lema.errors import ConfigError, ModelFormatError
 
 Method = Literal["pread", "mmap"]
@@ -50,14 +50,6 @@ def byte_view(buffer: torch.Tensor, offset: int, nbytes: int) -> memoryview:
         return memoryview(bytearray(0))
     array = (ctypes.c_ubyte * nbytes).from_address(buffer.data_ptr() + offset)
     return memoryview(array).cast("B")
-
-
-def unit_views(buffer: torch.Tensor, layout: tuple[tuple[TensorSpec, int], ...]) -> dict[str, torch.Tensor]:
-    """Typed views of a flat ``uint8`` buffer laid out by :func:`unit_layout` (any device)."""
-    out = {}
-    for t, offset in layout:
-        out[t.key] = buffer[offset:offset + t.nbytes].view(torch_dtype(t.dtype)).view(t.shape)
-    return out
 
 
 def read_runs(layout: tuple[tuple[TensorSpec, int], ...]) -> list[tuple[str, int, int, int]]:

@@ -9,61 +9,36 @@ pattern 6), ``rope_parameters`` per layer type (sliding: ``rope_local_base_freq`
 ``attention_bias`` (q, k, v and o), ``hidden_activation``, tied or untied head.
 ``attn_logit_softcapping`` is accepted and, exactly as in transformers, not applied.
 Refused: a null ``sliding_window`` with sliding layers, ``partial_rotary_factor`` other
-than 1, and :func:`~lema.domain.model.options.common_problems`
+than 1, and :func:`~lema.domain.nn.options.common_problems`
 (``use_bidirectional_attention`` included). The multimodal ``gemma3`` model type
 (``Gemma3ForConditionalGeneration``) is not this family.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 from typing import TYPE_CHECKING, Any, Mapping
 
-import attrs
 
-from lema.domain.model import options as opt
-from lema.domain.model.decoder_layout import (
-    attention_biases, attention_weights, decoder_dims, decoder_tensors, gated_mlp, norm_weights, qk_norms,
+from lema.domain.families.family import Family
+from lema.domain.nn import options as opt
+from lema.domain.nn.decoder_layout import (
+    ATTENTION_KEYS, GATED_MLP_KEYS, SANDWICH_NORMS, attention_biases, attention_weights,
+    decoder_tensors, gated_mlp, head_dim, norm_weights, qk_norms, sandwich_dims,
 )
-from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor, PlanTerms
-from lema.domain.model.layout import config_int as _int
-from lema.domain.model.rope_config import gemma3_ropes
+from lema.domain.nn.decoder_io import SandwichParams, gemma_final_norm, scaled_embedding
+from lema.domain.nn.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor, ModelShape, PlanTerms
+from lema.domain.nn.layout import config_int as _int
+from lema.domain.nn.rope_config import gemma3_ropes
 
 if TYPE_CHECKING:
     import torch
 
-    from lema.domain.model.attention import KVHook
-    from lema.domain.model.context import BlockContext
-    from lema.domain.model.linear import Adapters, Weights
-    from lema.domain.model.spec import ModelSpec
+    from lema.domain.nn.attention import KVHook
+    from lema.domain.nn.context import BlockContext
+    from lema.domain.nn.linear import Adapters, Weights
 
 NAME = "gemma3"
-MODEL_TYPES = ("gemma3_text",)
-MODULE_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-TARGETS = tuple(k.split(".")[-1] for k in MODULE_KEYS)
-DEFAULT_TARGETS = TARGETS
-PEFT_PREFIX = "base_model.model.model.layers."
-CONV1D = False
-_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
-
-
-@attrs.frozen
-class Params:
-    """What the blocks read from the config."""
-
-    layout: AttentionLayout
-    eps: float
-    activation: str
-    head_dim: int
-    hidden: int
-    scale: float
-    final_softcap: float | None
-
-
-def _head_dim(config: Mapping[str, Any]) -> int:
-    return int(config.get("head_dim") or 256)
+MODULE_KEYS = ATTENTION_KEYS + GATED_MLP_KEYS
 
 
 def _types(config: Mapping[str, Any], problems: list[str]) -> tuple[str, ...]:
@@ -74,82 +49,48 @@ def _types(config: Mapping[str, Any], problems: list[str]) -> tuple[str, ...]:
 
 def dims(config: Mapping[str, Any]) -> Dims:
     """Read the dimensions of a Gemma 3 text config dict (options checked)."""
-    problems = opt.common_problems(config, "hidden_activation", "gelu_pytorch_tanh")
-    types = _types(config, problems)
-    problems += opt.expect(config, "sliding_window", 4096, lambda v: v is not None or SLIDING not in types,
-                           "is not implemented with sliding layers (transformers fails on it)")
-    opt.raise_problems(config, problems)
-    gemma3_ropes(config, _head_dim(config))
-    return decoder_dims(config, NAME, _head_dim(config), max_positions=131072, tied=True,
-                        activation_key="hidden_activation", activation="gelu_pytorch_tanh")
-
-
-def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
-    """The base model's non-zero dropouts, which LEMA does not apply: ``attention_dropout``."""
-    return opt.nonzero_dropouts(config, ("attention_dropout", 0.0))
+    return sandwich_dims(config, NAME, max_positions=131072, layer_types=_types, check_ropes=gemma3_ropes)
 
 
 def expected_tensors(d: Dims, config: Mapping[str, Any], names: set[str] | None = None) -> list[ExpectedTensor]:
     """Every tensor a Gemma 3 text model with this config has, grouped into units."""
-    layer = norm_weights(d, *_NORMS) + attention_weights(d) + qk_norms(d.head_dim, d.head_dim) + gated_mlp(d)
+    layer = norm_weights(d, *SANDWICH_NORMS) + attention_weights(d) + qk_norms(d.head_dim, d.head_dim) + gated_mlp(d)
     if d.attention_bias:
         layer += attention_biases(d)
     return decoder_tensors(d, [layer] * d.n_layers)
 
 
-@functools.lru_cache(maxsize=32)
-def params(config_json: str) -> Params:
-    """The block parameters of a config (``ModelSpec.config_json``), cached."""
-    config = json.loads(config_json)
+Params = SandwichParams
+
+
+def params(config: Mapping[str, Any]) -> Params:
+    """What a Gemma 3 layer reads from its config (the registry caches it per config)."""
     types = _types(config, [])
-    ropes = gemma3_ropes(config, _head_dim(config))
+    ropes = gemma3_ropes(config, head_dim(config, 256))
     window = opt.window({"sliding_window": config.get("sliding_window", 4096)})
     return Params(layout=AttentionLayout(types, window, tuple(sorted(ropes.items()))),
                   eps=float(config.get("rms_norm_eps", 1e-6)),
                   activation=str(config.get("hidden_activation") or "gelu_pytorch_tanh"),
-                  head_dim=_head_dim(config), hidden=_int(config, "hidden_size"),
+                  head_dim=head_dim(config, 256), hidden=_int(config, "hidden_size"),
                   scale=float(config.get("query_pre_attn_scalar", 256)) ** -0.5,
                   final_softcap=config.get("final_logit_softcapping"))
 
 
-def plan_terms(spec: "ModelSpec") -> PlanTerms:
+def plan_terms(model: ModelShape) -> PlanTerms:
     """What a layer keeps beyond a Llama layer's, for the memory plan: two post-norms and the q/k norms."""
-    return PlanTerms(qk_norm_width=(spec.n_heads + spec.n_kv_heads) * spec.head_dim,
-                     post_norm_width=2 * spec.hidden_size)
-
-
-def embed(p: Params, weights: "Weights", input_ids: "torch.Tensor", position_ids: "torch.Tensor",
-          dtype: "torch.dtype") -> "torch.Tensor":
-    """Token embeddings times ``sqrt(hidden)``, the factor rounded to ``dtype`` as transformers does."""
-    import torch
-    import torch.nn.functional as F
-
-    return F.embedding(input_ids, weights["embed_tokens.weight"]).to(dtype) * torch.tensor(p.hidden ** 0.5).to(dtype)
+    return PlanTerms(qk_norm_width=(model.n_heads + model.n_kv_heads) * model.head_dim,
+                     post_norm_width=2 * model.hidden_size)
 
 
 def block(p: Params, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", ctx: "BlockContext", layer: int,
           kv_hook: "KVHook | None" = None) -> "torch.Tensor":
-    """One decoder layer (``Gemma3DecoderLayer``)."""
-    from lema.domain.model import attention, linear, norms
+    """One decoder layer (``Gemma3DecoderLayer``): sandwich norms, q and k normalised per head."""
+    from lema.domain.nn import decoder_block, linear
 
     proj = linear.projector(w, lora, ctx, layer, MODULE_KEYS)
-    batch, seq, _ = x.shape
-    h = norms.rms_norm_gemma(x, w["input_layernorm.weight"], p.eps)
-    q = proj(h, "self_attn.q_proj").view(batch, seq, -1, p.head_dim)
-    k = proj(h, "self_attn.k_proj").view(batch, seq, -1, p.head_dim)
-    v = proj(h, "self_attn.v_proj").view(batch, seq, -1, p.head_dim)
-    q = norms.rms_norm_gemma(q, w["self_attn.q_norm.weight"], p.eps)
-    k = norms.rms_norm_gemma(k, w["self_attn.k_norm.weight"], p.eps)
-    a = attention.self_attention(q, k, v, ctx, p.layout.layer_types[layer], scale=p.scale, kv_hook=kv_hook)
-    x = x + norms.rms_norm_gemma(proj(a, "self_attn.o_proj"), w["post_attention_layernorm.weight"], p.eps)
-    h = norms.rms_norm_gemma(x, w["pre_feedforward_layernorm.weight"], p.eps)
-    act = norms.activation(p.activation)
-    m = proj(act(proj(h, "mlp.gate_proj")) * proj(h, "mlp.up_proj"), "mlp.down_proj")
-    return x + norms.rms_norm_gemma(m, w["post_feedforward_layernorm.weight"], p.eps)
+    return decoder_block.sandwich_layer(p, w, proj, x, ctx, layer, kv_hook, scale=p.scale, qk_norm=True)
 
 
-def final_norm(p: Params, weights: "Weights", x: "torch.Tensor") -> "torch.Tensor":
-    """The final ``1 + w`` RMSNorm (the logits are then soft-capped by ``final_softcap`` if set)."""
-    from lema.domain.model import norms
-
-    return norms.rms_norm_gemma(x, weights["norm.weight"], p.eps)
+FAMILY = Family(name=NAME, model_types=("gemma3_text",), module_keys=MODULE_KEYS, dims=dims,
+                expected_tensors=expected_tensors, params=params, embed=scaled_embedding, block=block,
+                final_norm=gemma_final_norm, plan_terms=plan_terms)

@@ -4,49 +4,32 @@ Options: ``activation_function``, ``layer_norm_epsilon``, ``n_inner``,
 ``scale_attn_weights``, ``scale_attn_by_inverse_layer_idx``, tied or untied head; the
 original OpenAI layout without the ``transformer.`` prefix is read too. Refused:
 ``add_cross_attention`` and ``reorder_and_upcast_attn`` (not implemented), and
-:func:`~lema.domain.model.options.common_problems`. The base model's dropouts
+:func:`~lema.domain.nn.options.common_problems`. The base model's dropouts
 (``resid_pdrop``, ``embd_pdrop``, ``attn_pdrop``) are not applied: only LoRA dropout is.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 from typing import TYPE_CHECKING, Any, Mapping
 
 import attrs
 
-from lema.domain.model import options as opt
-from lema.domain.model.layout import FULL, AttentionLayout, Dims, ExpectedTensor
-from lema.domain.model.layout import config_int as _int
+from lema.domain.families.family import Family
+from lema.domain.nn import options as opt
+from lema.domain.nn.config_values import check_gpt2_fields
+from lema.domain.nn.decoder_io import DecoderParams
+from lema.domain.nn.layout import FULL, AttentionLayout, Dims, ExpectedTensor, LayerFormulas, ModelShape, PlanTerms
+from lema.domain.nn.layout import config_int as _int
 
 if TYPE_CHECKING:
     import torch
 
-    from lema.domain.model.attention import KVHook
-    from lema.domain.model.context import BlockContext
-    from lema.domain.model.linear import Adapters, Weights
+    from lema.domain.nn.attention import KVHook
+    from lema.domain.nn.context import BlockContext
+    from lema.domain.nn.linear import Adapters, Weights
 
 NAME = "gpt2"
-MODEL_TYPES = ("gpt2",)
 MODULE_KEYS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-TARGETS = ("c_attn", "c_proj", "c_fc")
-DEFAULT_TARGETS = ("c_attn",)
-PEFT_PREFIX = "base_model.model.transformer.h."
-CONV1D = True
-
-
-@attrs.frozen
-class Params:
-    """What the blocks read from the config."""
-
-    layout: AttentionLayout
-    eps: float
-    activation: str
-    head_dim: int
-    scale_attn_weights: bool
-    scale_attn_by_inverse_layer_idx: bool
-    final_softcap: float | None = None
 
 
 def check(config: Mapping[str, Any]) -> None:
@@ -79,12 +62,7 @@ BASE_DROPOUTS = (("embd_pdrop", 0.1), ("attn_pdrop", 0.1), ("resid_pdrop", 0.1))
 
 def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
     """The base model's own dropout probabilities that are not zero (LEMA does not apply them)."""
-    out = {}
-    for key, default in BASE_DROPOUTS:
-        value = config.get(key, default)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-            out[key] = float(value)
-    return out
+    return opt.nonzero_dropouts(config, *BASE_DROPOUTS)
 
 
 def expected_tensors(d: Dims, config: Mapping[str, Any], names: set[str] | None = None) -> list[ExpectedTensor]:
@@ -116,10 +94,16 @@ def expected_tensors(d: Dims, config: Mapping[str, Any], names: set[str] | None 
     return out
 
 
-@functools.lru_cache(maxsize=32)
-def params(config_json: str) -> Params:
-    """The block parameters of a config (``ModelSpec.config_json``), cached."""
-    config = json.loads(config_json)
+@attrs.frozen(kw_only=True)
+class Params(DecoderParams):
+    """What the blocks read from the config: its norms' epsilon, head width and attention scaling."""
+
+    scale_attn_weights: bool
+    scale_attn_by_inverse_layer_idx: bool
+
+
+def params(config: Mapping[str, Any]) -> Params:
+    """What a GPT-2 layer reads from its config (the registry caches it per config)."""
     hidden = _int(config, "n_embd", "hidden_size")
     return Params(layout=AttentionLayout((FULL,) * _int(config, "n_layer", "num_hidden_layers")),
                   eps=float(config.get("layer_norm_epsilon", 1e-5)),
@@ -141,7 +125,7 @@ def embed(p: Params, weights: "Weights", input_ids: "torch.Tensor", position_ids
 def block(p: Params, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", ctx: "BlockContext", layer: int,
           kv_hook: "KVHook | None" = None) -> "torch.Tensor":
     """One decoder layer (``GPT2Block``)."""
-    from lema.domain.model import attention, linear, norms
+    from lema.domain.nn import attention, linear, norms
 
     proj = linear.projector(w, lora, ctx, layer, MODULE_KEYS, conv1d=True)
 
@@ -160,6 +144,18 @@ def block(p: Params, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", c
 
 def final_norm(p: Params, weights: "Weights", x: "torch.Tensor") -> "torch.Tensor":
     """The final LayerNorm."""
-    from lema.domain.model import norms
+    from lema.domain.nn import norms
 
     return norms.layer_norm(x, weights["ln_f.weight"], weights["ln_f.bias"], p.eps)
+
+
+def plan_terms(model: ModelShape) -> PlanTerms:
+    """The planner's GPT-2 formulas: LayerNorm, learned positions, one fused c_attn, a GELU MLP."""
+    return PlanTerms(formulas=LayerFormulas.LEARNED_FUSED)
+
+
+FAMILY = Family(name=NAME, model_types=("gpt2",), module_keys=MODULE_KEYS, dims=dims,
+                expected_tensors=expected_tensors, params=params, embed=embed, block=block, final_norm=final_norm,
+                targets=("c_attn", "c_proj", "c_fc"), default_targets=("c_attn",),
+                peft_prefix="base_model.model.transformer.h.", conv1d=True, base_dropouts=base_dropouts,
+                plan_terms=plan_terms, check_fields=check_gpt2_fields)

@@ -11,43 +11,33 @@ Options, as transformers 5 defines them per ``model_type``:
   ``max_window_layers`` on (or as ``layer_types`` says) when ``use_sliding_window``.
 
 Refused for all: ``partial_rotary_factor`` other than 1, rope types transformers does not
-ship, sliding layers without a window, and :func:`~lema.domain.model.options.common_problems`.
+ship, sliding layers without a window, and :func:`~lema.domain.nn.options.common_problems`.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 from typing import TYPE_CHECKING, Any, Mapping
 
-
-from lema.domain.model import options as opt
-from lema.domain.model.decoder_io import DecoderParams, rms_final_norm, token_embedding
-from lema.domain.model.decoder_layout import (
-    attention_biases, attention_weights, decoder_dims, decoder_tensors, gated_mlp, norm_weights,
+from lema.domain.families.family import Family
+from lema.domain.nn import options as opt
+from lema.domain.nn.decoder_io import DecoderParams, rms_final_norm, token_embedding
+from lema.domain.nn.decoder_layout import (
+    ATTENTION_KEYS, GATED_MLP_KEYS, attention_biases, attention_weights, decoder_dims, decoder_tensors, gated_mlp,
+    head_dim, norm_weights,
 )
-from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor
-from lema.domain.model.layout import config_int as _int
-from lema.domain.model.rope_config import standard_rope
+from lema.domain.nn.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor
+from lema.domain.nn.layout import config_int as _int
+from lema.domain.nn.rope_config import standard_rope
 
 if TYPE_CHECKING:
     import torch
 
-    from lema.domain.model.attention import KVHook
-    from lema.domain.model.context import BlockContext
-    from lema.domain.model.linear import Adapters, Weights
+    from lema.domain.nn.attention import KVHook
+    from lema.domain.nn.context import BlockContext
+    from lema.domain.nn.linear import Adapters, Weights
 
 NAME = "llama"
-MODEL_TYPES = ("llama", "mistral", "qwen2")
-MODULE_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-TARGETS = tuple(k.split(".")[-1] for k in MODULE_KEYS)
-DEFAULT_TARGETS = TARGETS
-PEFT_PREFIX = "base_model.model.model.layers."
-CONV1D = False
-
-
-Params = DecoderParams
+MODULE_KEYS = ATTENTION_KEYS + GATED_MLP_KEYS
 
 
 def _biases(config: Mapping[str, Any]) -> tuple[bool, bool, bool]:
@@ -78,10 +68,6 @@ def _attention(config: Mapping[str, Any], n_layers: int, problems: list[str]) ->
     return (FULL,) * n_layers, None
 
 
-def _head_dim(config: Mapping[str, Any]) -> int:
-    return int(config.get("head_dim") or _int(config, "hidden_size") // _int(config, "num_attention_heads"))
-
-
 def check(config: Mapping[str, Any]) -> None:
     """Refuse, by name and value, every option this family does not implement."""
     problems = opt.common_problems(config, "hidden_act", "silu")
@@ -89,24 +75,13 @@ def check(config: Mapping[str, Any]) -> None:
                            "is not implemented (transformers 5 ignores it); use 1")
     _attention(config, _int(config, "num_hidden_layers"), problems)
     opt.raise_problems(config, problems)
-    standard_rope(config, _head_dim(config))
-
-
-def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
-    """The base model's own dropout probabilities that are not zero (LEMA does not apply them).
-
-    Llama, Mistral and Qwen2 have ``attention_dropout`` (0.0 in transformers and in every
-    released config)."""
-    value = config.get("attention_dropout", 0.0)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return {"attention_dropout": float(value)}
-    return {}
+    standard_rope(config, head_dim(config))
 
 
 def dims(config: Mapping[str, Any]) -> Dims:
     """Read the dimensions of a Llama-family config dict (options checked)."""
     check(config)
-    return decoder_dims(config, NAME, _head_dim(config), max_positions=2048, attention_bias=_biases(config)[0])
+    return decoder_dims(config, NAME, head_dim(config), max_positions=2048, attention_bias=_biases(config)[0])
 
 
 def expected_tensors(d: Dims, config: Mapping[str, Any], names: set[str] | None = None) -> list[ExpectedTensor]:
@@ -124,37 +99,26 @@ def expected_tensors(d: Dims, config: Mapping[str, Any], names: set[str] | None 
     return decoder_tensors(d, [layer] * d.n_layers)
 
 
-@functools.lru_cache(maxsize=32)
-def params(config_json: str) -> Params:
-    """The block parameters of a config (``ModelSpec.config_json``), cached."""
-    config = json.loads(config_json)
+def params(config: Mapping[str, Any]) -> DecoderParams:
+    """What a Llama, Mistral or Qwen2 layer reads from its config (the registry caches it per config)."""
     problems: list[str] = []
     types, window = _attention(config, _int(config, "num_hidden_layers"), problems)
-    head_dim = _head_dim(config)
-    rope = standard_rope(config, head_dim)
-    return Params(layout=AttentionLayout(types, window, ((FULL, rope), (SLIDING, rope))),
+    width = head_dim(config)
+    rope = standard_rope(config, width)
+    return DecoderParams(layout=AttentionLayout(types, window, ((FULL, rope), (SLIDING, rope))),
                   eps=float(config.get("rms_norm_eps", 1e-6)), activation=str(config.get("hidden_act") or "silu"),
-                  head_dim=head_dim)
+                  head_dim=width)
 
 
-def block(p: Params, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", ctx: "BlockContext", layer: int,
+def block(p: DecoderParams, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", ctx: "BlockContext", layer: int,
           kv_hook: "KVHook | None" = None) -> "torch.Tensor":
     """One decoder layer (``LlamaDecoderLayer``)."""
-    from lema.domain.model import attention, linear, norms
+    from lema.domain.nn import decoder_block, linear
 
     proj = linear.projector(w, lora, ctx, layer, MODULE_KEYS)
-    batch, seq, _ = x.shape
-    h = norms.rms_norm(x, w["input_layernorm.weight"], p.eps)
-    q = proj(h, "self_attn.q_proj").view(batch, seq, -1, p.head_dim)
-    k = proj(h, "self_attn.k_proj").view(batch, seq, -1, p.head_dim)
-    v = proj(h, "self_attn.v_proj").view(batch, seq, -1, p.head_dim)
-    a = attention.self_attention(q, k, v, ctx, p.layout.layer_types[layer], scale=p.head_dim ** -0.5,
-                                 kv_hook=kv_hook)
-    x = x + proj(a, "self_attn.o_proj")
-    h = norms.rms_norm(x, w["post_attention_layernorm.weight"], p.eps)
-    act = norms.activation(p.activation)
-    return x + proj(act(proj(h, "mlp.gate_proj")) * proj(h, "mlp.up_proj"), "mlp.down_proj")
+    return decoder_block.pre_norm_layer(p, w, proj, x, ctx, layer, kv_hook)
 
 
-embed = token_embedding
-final_norm = rms_final_norm
+FAMILY = Family(name=NAME, model_types=("llama", "mistral", "qwen2"), module_keys=MODULE_KEYS, dims=dims,
+                expected_tensors=expected_tensors, params=params, embed=token_embedding, block=block,
+                final_norm=rms_final_norm)

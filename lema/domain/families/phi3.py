@@ -8,62 +8,34 @@ targets ``qkv_proj``, ``o_proj``, ``gate_up_proj``, ``down_proj`` (rows ``[q | k
 the batch's longest position against ``original_max_position_embeddings``, default 4096),
 ``sliding_window`` on every layer when set, tied or untied head. Refused: other rope
 types (transformers refuses them too) and
-:func:`~lema.domain.model.options.common_problems`. The base model's ``resid_pdrop`` /
+:func:`~lema.domain.nn.options.common_problems`. The base model's ``resid_pdrop`` /
 ``embd_pdrop`` dropouts are not applied. ``phi3small`` and ``phimoe`` are other model types.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 from typing import TYPE_CHECKING, Any, Mapping
 
 import attrs
 
-from lema.domain.model import options as opt
-from lema.domain.model.decoder_io import rms_final_norm, token_embedding
-from lema.domain.model.decoder_layout import decoder_dims, decoder_tensors, norm_weights
-from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor, PlanTerms
-from lema.domain.model.layout import config_int as _int
-from lema.domain.model.rope_config import make_rope, rope_dict
+from lema.domain.families.family import Family
+from lema.domain.nn import options as opt
+from lema.domain.nn.decoder_io import DecoderParams, rms_final_norm, token_embedding
+from lema.domain.nn.decoder_layout import decoder_dims, decoder_tensors, head_dim, norm_weights
+from lema.domain.nn.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor, ModelShape, PlanTerms
+from lema.domain.nn.layout import config_int as _int
+from lema.domain.nn.rope_config import make_rope, rope_dict
 
 if TYPE_CHECKING:
     import torch
 
-    from lema.domain.model.attention import KVHook
-    from lema.domain.model.context import BlockContext
-    from lema.domain.model.linear import Adapters, Weights
-    from lema.domain.model.spec import ModelSpec
-    from lema.domain.model.rope_config import RopeSpec
+    from lema.domain.nn.attention import KVHook
+    from lema.domain.nn.context import BlockContext
+    from lema.domain.nn.linear import Adapters, Weights
+    from lema.domain.nn.rope_config import RopeSpec
 
 NAME = "phi3"
-MODEL_TYPES = ("phi3",)
 MODULE_KEYS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-TARGETS = tuple(k.split(".")[-1] for k in MODULE_KEYS)
-DEFAULT_TARGETS = TARGETS
-PEFT_PREFIX = "base_model.model.model.layers."
-CONV1D = False
-# transformers' Phi-3 drops the KV cache when generation crosses LongRoPE's original length
-# (the long factors then apply to the whole sequence); LEMA's generate does the same.
-LONGROPE_CACHE_RESET = True
-
-
-@attrs.frozen
-class Params:
-    """What the blocks read from the config."""
-
-    layout: AttentionLayout
-    eps: float
-    activation: str
-    head_dim: int
-    q_size: int
-    kv_size: int
-    ffn: int
-    final_softcap: float | None = None
-
-
-def _head_dim(config: Mapping[str, Any]) -> int:
-    return int(config.get("head_dim") or _int(config, "hidden_size") // _int(config, "num_attention_heads"))
 
 
 def _rope(config: Mapping[str, Any]) -> "RopeSpec":
@@ -77,14 +49,14 @@ def _rope(config: Mapping[str, Any]) -> "RopeSpec":
         opt.raise_problems(config, [opt.problem("rope_parameters.rope_type", rp["rope_type"],
                                                 "is not implemented for phi3 (transformers accepts default or "
                                                 "longrope)")])
-    return make_rope(rp, config, _head_dim(config), partial=True)
+    return make_rope(rp, config, head_dim(config), partial=True)
 
 
 def dims(config: Mapping[str, Any]) -> Dims:
     """Read the dimensions of a Phi-3 config dict (options checked)."""
     opt.raise_problems(config, opt.common_problems(config, "hidden_act", "silu"))
     _rope(config)
-    return decoder_dims(config, NAME, _head_dim(config), max_positions=4096, attention_bias=False)
+    return decoder_dims(config, NAME, head_dim(config), max_positions=4096, attention_bias=False)
 
 
 def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
@@ -103,13 +75,20 @@ def expected_tensors(d: Dims, config: Mapping[str, Any], names: set[str] | None 
     return decoder_tensors(d, [layer] * d.n_layers)
 
 
-@functools.lru_cache(maxsize=32)
-def params(config_json: str) -> Params:
-    """The block parameters of a config (``ModelSpec.config_json``), cached."""
-    config = json.loads(config_json)
+@attrs.frozen(kw_only=True)
+class Params(DecoderParams):
+    """What the blocks read from the config: a Llama layer's, and the widths of its fused projections."""
+
+    q_size: int
+    kv_size: int
+    ffn: int
+
+
+def params(config: Mapping[str, Any]) -> Params:
+    """What a Phi-3 layer reads from its config (the registry caches it per config)."""
     window = opt.window(config)
     heads = _int(config, "num_attention_heads")
-    hd = _head_dim(config)
+    hd = head_dim(config)
     rope = _rope(config)
     return Params(layout=AttentionLayout((SLIDING if window else FULL,) * _int(config, "num_hidden_layers"), window,
                                          ((FULL, rope), (SLIDING, rope))),
@@ -118,7 +97,7 @@ def params(config_json: str) -> Params:
                   ffn=_int(config, "intermediate_size"))
 
 
-def plan_terms(spec: "ModelSpec") -> PlanTerms:
+def plan_terms(model: ModelShape) -> PlanTerms:
     """What a layer keeps beyond a Llama layer's, for the memory plan: the fused qkv output."""
     return PlanTerms(fused_qkv=True)
 
@@ -126,7 +105,7 @@ def plan_terms(spec: "ModelSpec") -> PlanTerms:
 def block(p: Params, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", ctx: "BlockContext", layer: int,
           kv_hook: "KVHook | None" = None) -> "torch.Tensor":
     """One decoder layer (``Phi3DecoderLayer``)."""
-    from lema.domain.model import attention, linear, norms
+    from lema.domain.nn import attention, linear, norms
 
     proj = linear.projector(w, lora, ctx, layer, MODULE_KEYS)
     batch, seq, _ = x.shape
@@ -141,5 +120,8 @@ def block(p: Params, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", c
     return x + proj(up * norms.activation(p.activation)(gate), "mlp.down_proj")
 
 
-embed = token_embedding
-final_norm = rms_final_norm
+# Phi-3: transformers drops the KV cache when generation crosses LongRoPE's original length.
+FAMILY = Family(name=NAME, model_types=("phi3",), module_keys=MODULE_KEYS, dims=dims,
+                expected_tensors=expected_tensors, params=params, embed=token_embedding, block=block,
+                final_norm=rms_final_norm, base_dropouts=base_dropouts, plan_terms=plan_terms,
+                longrope_cache_reset=True)

@@ -5,48 +5,34 @@ Options, as ``Qwen3Config`` defines them: ``head_dim`` (default 128, independent
 type, and sliding-window layers when ``use_sliding_window`` (from ``max_window_layers`` on,
 or as ``layer_types`` says; transformers nulls the window otherwise). Refused:
 ``partial_rotary_factor`` other than 1, sliding layers without a window, and
-:func:`~lema.domain.model.options.common_problems`.
+:func:`~lema.domain.nn.options.common_problems`.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 from typing import TYPE_CHECKING, Any, Mapping
 
 
-from lema.domain.model import options as opt
-from lema.domain.model.decoder_io import DecoderParams, rms_final_norm, token_embedding
-from lema.domain.model.decoder_layout import (
-    attention_biases, attention_weights, decoder_dims, decoder_tensors, gated_mlp, norm_weights, qk_norms,
+from lema.domain.families.family import Family
+from lema.domain.nn import options as opt
+from lema.domain.nn.decoder_io import DecoderParams, rms_final_norm, token_embedding
+from lema.domain.nn.decoder_layout import (
+    ATTENTION_KEYS, GATED_MLP_KEYS, attention_biases, attention_weights, decoder_dims, decoder_tensors, gated_mlp,
+    head_dim, norm_weights, qk_norms,
 )
-from lema.domain.model.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor, PlanTerms
-from lema.domain.model.layout import config_int as _int
-from lema.domain.model.rope_config import standard_rope
+from lema.domain.nn.layout import FULL, SLIDING, AttentionLayout, Dims, ExpectedTensor, ModelShape, PlanTerms
+from lema.domain.nn.layout import config_int as _int
+from lema.domain.nn.rope_config import standard_rope
 
 if TYPE_CHECKING:
     import torch
 
-    from lema.domain.model.attention import KVHook
-    from lema.domain.model.context import BlockContext
-    from lema.domain.model.linear import Adapters, Weights
-    from lema.domain.model.spec import ModelSpec
+    from lema.domain.nn.attention import KVHook
+    from lema.domain.nn.context import BlockContext
+    from lema.domain.nn.linear import Adapters, Weights
 
 NAME = "qwen3"
-MODEL_TYPES = ("qwen3",)
-MODULE_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-TARGETS = tuple(k.split(".")[-1] for k in MODULE_KEYS)
-DEFAULT_TARGETS = TARGETS
-PEFT_PREFIX = "base_model.model.model.layers."
-CONV1D = False
-
-
-Params = DecoderParams
-
-
-def _head_dim(config: Mapping[str, Any]) -> int:
-    return int(config.get("head_dim") or 128)
+MODULE_KEYS = ATTENTION_KEYS + GATED_MLP_KEYS
 
 
 def _attention(config: Mapping[str, Any], problems: list[str]) -> tuple[tuple[str, ...], int | None]:
@@ -66,13 +52,8 @@ def dims(config: Mapping[str, Any]) -> Dims:
     problems = opt.common_problems(config, "hidden_act", "silu")
     _attention(config, problems)
     opt.raise_problems(config, problems)
-    standard_rope(config, _head_dim(config))
-    return decoder_dims(config, NAME, _head_dim(config), max_positions=32768)
-
-
-def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
-    """The base model's non-zero dropouts, which LEMA does not apply: ``attention_dropout``."""
-    return opt.nonzero_dropouts(config, ("attention_dropout", 0.0))
+    standard_rope(config, head_dim(config, 128))
+    return decoder_dims(config, NAME, head_dim(config, 128), max_positions=32768)
 
 
 def expected_tensors(d: Dims, config: Mapping[str, Any], names: set[str] | None = None) -> list[ExpectedTensor]:
@@ -84,42 +65,29 @@ def expected_tensors(d: Dims, config: Mapping[str, Any], names: set[str] | None 
     return decoder_tensors(d, [layer] * d.n_layers)
 
 
-@functools.lru_cache(maxsize=32)
-def params(config_json: str) -> Params:
-    """The block parameters of a config (``ModelSpec.config_json``), cached."""
-    config = json.loads(config_json)
+def params(config: Mapping[str, Any]) -> DecoderParams:
+    """What a Qwen3 layer reads from its config (the registry caches it per config)."""
     types, window = _attention(config, [])
-    rope = standard_rope(config, _head_dim(config))
-    return Params(layout=AttentionLayout(types, window, ((FULL, rope), (SLIDING, rope))),
+    rope = standard_rope(config, head_dim(config, 128))
+    return DecoderParams(layout=AttentionLayout(types, window, ((FULL, rope), (SLIDING, rope))),
                   eps=float(config.get("rms_norm_eps", 1e-6)), activation=str(config.get("hidden_act") or "silu"),
-                  head_dim=_head_dim(config))
+                  head_dim=head_dim(config, 128))
 
 
-def plan_terms(spec: "ModelSpec") -> PlanTerms:
+def plan_terms(model: ModelShape) -> PlanTerms:
     """What a layer keeps beyond a Llama layer's, for the memory plan: q/k norms (per head)."""
-    return PlanTerms(qk_norm_width=(spec.n_heads + spec.n_kv_heads) * spec.head_dim)
+    return PlanTerms(qk_norm_width=(model.n_heads + model.n_kv_heads) * model.head_dim)
 
 
-def block(p: Params, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", ctx: "BlockContext", layer: int,
+def block(p: DecoderParams, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", ctx: "BlockContext", layer: int,
           kv_hook: "KVHook | None" = None) -> "torch.Tensor":
-    """One decoder layer (``Qwen3DecoderLayer``)."""
-    from lema.domain.model import attention, linear, norms
+    """One decoder layer (``Qwen3DecoderLayer``): Llama's, with q and k normalised per head."""
+    from lema.domain.nn import decoder_block, linear
 
     proj = linear.projector(w, lora, ctx, layer, MODULE_KEYS)
-    batch, seq, _ = x.shape
-    h = norms.rms_norm(x, w["input_layernorm.weight"], p.eps)
-    q = norms.rms_norm(proj(h, "self_attn.q_proj").view(batch, seq, -1, p.head_dim), w["self_attn.q_norm.weight"],
-                       p.eps)
-    k = norms.rms_norm(proj(h, "self_attn.k_proj").view(batch, seq, -1, p.head_dim), w["self_attn.k_norm.weight"],
-                       p.eps)
-    v = proj(h, "self_attn.v_proj").view(batch, seq, -1, p.head_dim)
-    a = attention.self_attention(q, k, v, ctx, p.layout.layer_types[layer], scale=p.head_dim ** -0.5,
-                                 kv_hook=kv_hook)
-    x = x + proj(a, "self_attn.o_proj")
-    h = norms.rms_norm(x, w["post_attention_layernorm.weight"], p.eps)
-    act = norms.activation(p.activation)
-    return x + proj(act(proj(h, "mlp.gate_proj")) * proj(h, "mlp.up_proj"), "mlp.down_proj")
+    return decoder_block.pre_norm_layer(p, w, proj, x, ctx, layer, kv_hook, qk_norm=True)
 
 
-embed = token_embedding
-final_norm = rms_final_norm
+FAMILY = Family(name=NAME, model_types=("qwen3",), module_keys=MODULE_KEYS, dims=dims,
+                expected_tensors=expected_tensors, params=params, embed=token_embedding, block=block,
+                final_norm=rms_final_norm, plan_terms=plan_terms)

@@ -1,52 +1,33 @@
 """The registry of model families: which family a config belongs to, and what it provides (pure).
 
-A family is one module of :mod:`lema.domain.families` that says everything that differs
-between families, torchtune-style, and nothing else:
-
-* ``NAME``, ``MODEL_TYPES``: its name and the ``model_type`` values it reads;
-* ``MODULE_KEYS`` (every adaptable linear module of a layer, in execution order),
-  ``TARGETS`` (their names as peft sees them), ``DEFAULT_TARGETS``, ``PEFT_PREFIX`` (peft's
-  key prefix of decoder layer ``i``), ``CONV1D`` (weights stored ``[in, out]``);
-* ``dims(config)``: the dimensions, after refusing by name and value every config option
-  the family does not implement;
-* ``expected_tensors(dims, config, names)``: every tensor a file must hold, by unit;
-* ``params(config_json)``: what its blocks read (with ``layout``, the
-  :class:`~lema.domain.model.layout.AttentionLayout`, and ``final_softcap``);
-* ``base_dropouts(config)``: the base model's non-zero dropouts, which LEMA does not apply;
-* ``embed``, ``block``, ``final_norm``: its math, on the shared pieces of
-  :mod:`lema.domain.model` (imported when first called, so reading a config never imports
-  torch);
-* optionally ``plan_terms(spec)``: what its layers keep for backward beyond a Llama
-  layer's (:class:`~lema.domain.model.layout.PlanTerms`), for the memory plan.
-
-Adding a family is one new module listed in ``FAMILIES`` plus its tests. Families never
-import each other.
+Each family is one module of :mod:`lema.domain.families` that ends with a typed
+:class:`~lema.domain.families.family.Family` record (its names, dimensions, tensors, LoRA
+targets, math and plan terms); this module lists them in ``FAMILIES`` and answers for a
+config or a model. Adding a family is one new module listed here plus its tests. Families
+never import each other.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from types import ModuleType
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping, Protocol
 
 from lema.domain.families import gemma2, gemma3, gpt2, llama, mixtral, olmo2, phi3, qwen3, qwen3_moe
-from lema.domain.model.layout import (
-    DECODER,
-    EMBED,
-    HEAD,
-    Dims,
-    ExpectedTensor,
-    PlanTerms,
-    is_ignored,
-)
-from lema.domain.model.config_values import check_fields
+from lema.domain.families.family import BlockParams, Family
+from lema.domain.nn.layout import DECODER, EMBED, HEAD, Dims, ExpectedTensor, ModelShape, PlanTerms, is_ignored
 from lema.errors import ModelFormatError
 
-if TYPE_CHECKING:
-    from lema.domain.model.spec import ModelSpec
+# Each family's parameters are its own type (Family[P]); the registry holds them side by side.
+FAMILIES: dict[str, Family[Any]] = {m.FAMILY.name: m.FAMILY for m in (llama, qwen3, gemma2, gemma3, phi3, olmo2,
+                                                                       mixtral, qwen3_moe, gpt2)}
 
-FAMILIES: dict[str, ModuleType] = {m.NAME: m for m in (llama, qwen3, gemma2, gemma3, phi3, olmo2, mixtral,
-                                                       qwen3_moe, gpt2)}
+
+class FamilyModel(ModelShape, Protocol):
+    """What the registry reads of a model (``ModelSpec`` has these)."""
+
+    @property
+    def family(self) -> str: ...
 
 __all__ = ["DECODER", "EMBED", "FAMILIES", "HEAD", "Dims", "ExpectedTensor", "base_dropouts", "default_targets",
            "dims_of", "expected_tensors", "family", "family_of", "is_ignored", "params_of", "plan_terms",
@@ -55,7 +36,7 @@ __all__ = ["DECODER", "EMBED", "FAMILIES", "HEAD", "Dims", "ExpectedTensor", "ba
 
 def supported_model_types() -> tuple[str, ...]:
     """Every ``model_type`` some family reads."""
-    return tuple(t for m in FAMILIES.values() for t in m.MODEL_TYPES)
+    return tuple(t for m in FAMILIES.values() for t in m.model_types)
 
 
 def family_of(config: Mapping[str, Any]) -> str:
@@ -64,8 +45,8 @@ def family_of(config: Mapping[str, Any]) -> str:
         raise ModelFormatError(f"config.json: expected a JSON object, found {type(config).__name__}")
     raw = config.get("model_type")
     model_type = raw.lower() if isinstance(raw, str) else ""
-    for name, module in FAMILIES.items():
-        if model_type in module.MODEL_TYPES:
+    for name, fam in FAMILIES.items():
+        if model_type in fam.model_types:
             return name
     archs = config.get("architectures")
     names = [a for a in archs if isinstance(a, str)][:3] if isinstance(archs, list) else []
@@ -77,8 +58,8 @@ def family_of(config: Mapping[str, Any]) -> str:
     )
 
 
-def family(name: str) -> ModuleType:
-    """The module of a family name (``spec.family``)."""
+def family(name: str) -> Family[Any]:
+    """The record of a family name (``spec.family``)."""
     return FAMILIES[name]
 
 
@@ -92,7 +73,7 @@ def dims_of(config: Mapping[str, Any]) -> Dims:
     family = family_of(config)
     # Malformed values (wrong types, out of bounds) first, in one line; then what the family
     # does not implement, refused by the family by name.
-    check_fields(config, family)
+    FAMILIES[family].check_fields(config)
     return FAMILIES[family].dims(config)
 
 
@@ -104,12 +85,12 @@ def base_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
 
 def default_targets(name: str) -> tuple[str, ...]:
     """The LoRA target modules LEMA uses when none are given."""
-    return FAMILIES[name].DEFAULT_TARGETS
+    return FAMILIES[name].default_targets
 
 
 def target_modules(name: str) -> tuple[str, ...]:
     """Every module name LoRA can target in this family."""
-    return FAMILIES[name].TARGETS
+    return FAMILIES[name].targets
 
 
 def expected_tensors(config: Mapping[str, Any], names: set[str] | None = None) -> list[ExpectedTensor]:
@@ -124,15 +105,20 @@ def expected_tensors(config: Mapping[str, Any], names: set[str] | None = None) -
     return FAMILIES[dims.family].expected_tensors(dims, config, names)
 
 
-def params_of(spec: "ModelSpec") -> Any:
+def params_of(spec: FamilyModel) -> BlockParams:
     """The family parameters a spec's blocks read (cached per config)."""
-    return FAMILIES[spec.family].params(spec.config_json)
+    return _params(spec.family, spec.config_json)
 
 
-def plan_terms(spec: "ModelSpec") -> PlanTerms:
+@functools.lru_cache(maxsize=64)
+def _params(name: str, config_json: str) -> BlockParams:
+    params: BlockParams = FAMILIES[name].params(json.loads(config_json))
+    return params
+
+
+def plan_terms(spec: FamilyModel) -> PlanTerms:
     """What a layer of this family keeps for backward beyond a Llama layer's (for the planner)."""
-    terms = getattr(FAMILIES[spec.family], "plan_terms", None)
-    return terms(spec) if terms is not None else PlanTerms()
+    return FAMILIES[spec.family].plan_terms(spec)
 
 
 def config_text(config: Mapping[str, Any]) -> str:

@@ -1,1 +1,1 @@
-"""The model's math: ModelSpec, units, blocks, heads, rope, matmul and LoRA (pure functions)."""
+"""Model-level dispatch above the families: ModelSpec, blocks, heads, LoRA state, tiling, decoding, batch contexts."""

@@ -32,10 +32,10 @@ from __future__ import annotations
 import torch
 
 from lema.domain.families import registry
-from lema.domain.model.attention import KVHook
-from lema.domain.model.context import BlockContext
-from lema.domain.model.linear import Adapters, Weights, linear
-from lema.domain.model.norms import activation, rms_norm
+from lema.domain.nn.attention import KVHook
+from lema.domain.nn.context import BlockContext
+from lema.domain.nn.linear import Adapters, Weights, linear
+from lema.domain.nn.norms import activation, rms_norm
 from lema.domain.model.spec import ModelSpec
 
 __all__ = ["Adapters", "KVHook", "Weights", "activation", "decoder_block", "decoder_block_kv", "embed", "linear",

@@ -35,7 +35,7 @@ import attrs
 import torch
 
 from lema.domain.model.blocks import Adapters, Weights, decoder_block_kv
-from lema.domain.model.context import SLIDING, BlockContext, sliding_keys_kept
+from lema.domain.nn.context import SLIDING, BlockContext, sliding_keys_kept
 from lema.domain.model.spec import ModelSpec
 from lema.errors import ConfigError
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lema.domain.families import registry
-from lema.domain.model.matmul import backproject, project
+from lema.domain.nn.matmul import backproject, project
 from lema.domain.model.spec import ModelSpec
 
 IGNORE_INDEX = -100
@@ -59,7 +59,7 @@ def head_logits(spec: ModelSpec, weights: Mapping[str, torch.Tensor], x: torch.T
     """Logits ``(batch, seq, vocab)`` as float32 (projected and soft-capped in ``x``'s dtype,
     then upcast, like transformers).
 
-    ``matmul_dtype`` computes the projection in a wider dtype (see :mod:`lema.domain.model.matmul`).
+    ``matmul_dtype`` computes the projection in a wider dtype (see :mod:`lema.domain.nn.matmul`).
     """
     h = final_norm(spec, weights, x)
     logits = project(h, weights["lm_head.weight"].to(h.dtype), matmul_dtype=matmul_dtype)
@@ -94,9 +94,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 probs *= slope
                 del slope
             g = probs.to(h.dtype)
-            if need_h:
+            if grad_h is not None:
                 grad_h[start:start + chunk] = backproject(g, weight, matmul_dtype=matmul_dtype)
-            if need_w:
+            if grad_w is not None:
                 grad_w += (g.t() @ hc).float()
             del probs, g  # one chunk's logits at a time: these go before the next chunk's arrive
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
@@ -131,7 +131,7 @@ def head_loss(spec: ModelSpec, weights: Mapping[str, torch.Tensor], x: torch.Ten
         weights: the head unit's tensors (``norm.weight``/``ln_f.*`` and ``lm_head.weight``).
         x: ``(batch, seq, hidden)`` output of the last decoder layer.
         targets: ``(batch, seq)`` shifted targets; ``-100`` is ignored.
-        matmul_dtype: compute the products in this wider dtype (see :mod:`lema.domain.model.matmul`).
+        matmul_dtype: compute the products in this wider dtype (see :mod:`lema.domain.nn.matmul`).
         chunk_tokens: tokens per chunk; peak extra memory is about
             ``chunk_tokens * vocab * 8`` bytes (fp32 logits and probabilities).
 

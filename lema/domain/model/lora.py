@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, TypeAlias
 
 import attrs
 
@@ -38,12 +38,12 @@ if TYPE_CHECKING:  # torch is imported lazily so that planning (`lema plan`) nev
 
 def _module_keys(family: str) -> tuple[str, ...]:
     """Every adaptable linear module of the family's decoder layer, in execution order."""
-    return arch.family(family).MODULE_KEYS
+    return arch.family(family).module_keys
 
 
 def _peft_prefix(family: str) -> str:
     """PEFT's prefix of decoder layer i inside a CausalLM wrapped by PeftModel."""
-    return arch.family(family).PEFT_PREFIX
+    return arch.family(family).peft_prefix
 
 
 _PEFT_KEY = re.compile(r"^(?P<prefix>.*?)(?P<layer>\d+)\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -181,16 +181,16 @@ def resolve_targets(family: str, requested: Sequence[str] | None) -> tuple[str, 
     names = tuple(dict.fromkeys(str(r).strip() for r in requested))
     module = arch.family(family)
     if names == ("all-linear",):
-        if getattr(module, "EXPERTS", False):
+        if module.experts:
             raise ConfigError(f"LoRA target 'all-linear' on a {family} mixture of experts would, in peft, adapt the "
                               "experts and the router too (target_parameters), which LEMA does not train; name the "
                               f"modules instead: {', '.join(arch.target_modules(family))}")
         return arch.target_modules(family)
-    keys = module.MODULE_KEYS
+    keys = module.module_keys
     unknown = [n for n in names if not any(_matches(k, n) for k in keys)]
     if unknown or not names:
         experts = (" (LoRA on the experts and the router is not implemented)"
-                   if getattr(module, "EXPERTS", False) else "")
+                   if module.experts else "")
         raise ConfigError(
             f"LoRA targets {unknown or list(names)} match no module of a {family} layer{experts}; "
             f"choose from {', '.join(arch.target_modules(family))} (or {', '.join(keys)})"
@@ -209,10 +209,10 @@ def module_keys(spec: ModelSpec, targets: Sequence[str]) -> tuple[str, ...]:
 def module_shape(spec: ModelSpec, key: str) -> tuple[int, int]:
     """``(in_features, out_features)`` of a module key (GPT-2 Conv1D stores ``[in, out]``)."""
     shape = spec.decoder_units[0].dense_shape(key + ".weight")
-    return (shape[0], shape[1]) if arch.family(spec.family).CONV1D else (shape[1], shape[0])
+    return (shape[0], shape[1]) if arch.family(spec.family).conv1d else (shape[1], shape[0])
 
 
-LayerLora = "dict[str, tuple[torch.Tensor, torch.Tensor]]"
+LayerLora: TypeAlias = "dict[str, tuple[torch.Tensor, torch.Tensor]]"
 
 
 @attrs.define(eq=False)
@@ -353,7 +353,7 @@ def adapter_config(spec: ModelSpec, lora_spec: LoraSpec, base_model_name_or_path
         "exclude_modules": None,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         "lora_dropout": lora_spec.dropout,
-        "fan_in_fan_out": bool(arch.family(spec.family).CONV1D),
+        "fan_in_fan_out": bool(arch.family(spec.family).conv1d),
         "bias": "none",
         "use_rslora": lora_spec.use_rslora,
         "modules_to_save": None,

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import attrs
 
 from lema.domain.families import registry as arch
-from lema.domain.model import quant
-from lema.domain.model.quant import PackedWeight, QuantFormat
+from lema.domain.nn import quant
+from lema.domain.nn.quant import PackedWeight, QuantFormat
 from lema.errors import ConfigError, ModelFormatError
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ class LayerUnit:
     """A group of tensors fetched together: the embedding, one decoder layer, or the head.
 
     ``tensors`` are what is stored (and streamed); a quantized linear weight is stored as
-    several tensors, listed in ``packed`` (:mod:`lema.domain.model.quant`), and becomes one
+    several tensors, listed in ``packed`` (:mod:`lema.domain.nn.quant`), and becomes one
     dense tensor under its own key only once dequantized on the device.
     """
 
@@ -268,7 +268,7 @@ class ModelSpec:
             for e in arch.expected_tensors(config)
         ]
         fmt = quant.format_of(config)
-        if fmt is not None and arch.family(dims.family).CONV1D:
+        if fmt is not None and arch.family(dims.family).conv1d:
             raise ModelFormatError(f"config.json: a quantized {dims.model_type} (Conv1D weights) is not supported; "
                                    "use the 16-bit model")
         spec = cls._build(dims, code, tensors, config)
@@ -279,9 +279,9 @@ class ModelSpec:
         only: what ``lema plan --quantize`` plans and ``lema convert --quantize`` writes.
 
         Raises:
-            ConfigError: see :func:`lema.domain.model.quant.check_packable`.
+            ConfigError: see :func:`lema.domain.nn.quant.check_packable`.
         """
-        if quant.check_packable(self.quantization, fmt, self.model_type, arch.family(self.family).CONV1D,
+        if quant.check_packable(self.quantization, fmt, self.model_type, arch.family(self.family).conv1d,
                                 self.n_experts):
             return self
         units = []
@@ -320,7 +320,7 @@ class ModelSpec:
         # Quantized linear weights: their stored tensors take their place (checked by name too;
         # their dtypes are checked there).
         expected, packed, problems = quant.match_packed(expected, header, range(1, dims.n_layers + 1),
-                                                        arch.family(dims.family).CONV1D)
+                                                        arch.family(dims.family).conv1d)
         stored = {(u, k) for u, ps in packed.items() for p in ps for k in p.stored}
         missing: list[str] = []
         shapes: list[str] = []

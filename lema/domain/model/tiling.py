@@ -6,7 +6,7 @@ copies LoRA keeps of its inputs. In every family only attention mixes tokens; it
 projections, rotary embedding, MLP and residuals treat each token on its own. So a
 family's own ``block`` is run on ``tile`` positions of every sequence at a time, with a
 context of those positions (:meth:`BlockContext.tile`: their rope tables, their dropout
-masks) and an :class:`~lema.domain.model.attention.AttentionTap` in the block's attention:
+masks) and an :class:`~lema.domain.nn.attention.AttentionTap` in the block's attention:
 
 * *collect*: the tap writes the tile's rotated ``q, k, v`` into whole-sequence tensors
   and stops the block (nothing after attention runs);
@@ -50,9 +50,9 @@ from typing import Callable, cast
 import torch
 
 from lema.domain.families import registry
-from lema.domain.model.attention import AttentionTap
-from lema.domain.model.context import BlockContext
-from lema.domain.model.linear import Adapters, Weights
+from lema.domain.nn.attention import AttentionTap
+from lema.domain.nn.context import BlockContext
+from lema.domain.nn.linear import Adapters, Weights
 from lema.domain.model.spec import ModelSpec
 from lema.errors import ConfigError
 

@@ -67,7 +67,7 @@ def build(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Bu
     device += persistent_items(summary, f, shape)
     device.append(activation_peak(f, shape))
     device.append(MemoryItem("runtime_reserve", shape.reserve,
-                             "CUDA context + allocator slack" if shape.device_kind == "cuda" else ""))
+                             "CUDA context + allocator slack" if shape.device.runtime_reserve else ""))
 
     resident_strategy = shape.strategy is MemoryStrategy.RESIDENT
     ranks = shape.local_ranks
@@ -77,7 +77,7 @@ def build(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Bu
         MemoryItem("staging_buffers", 0 if resident_strategy or in_place else ranks * slot_count * slot_bytes,
                    "" if resident_strategy or in_place else
                    f"{per_rank}{slot_count} x {format_size(slot_bytes)}"
-                   + (", pinned" if shape.device_kind == "cuda" else "")),
+                   + (", pinned" if shape.device.pinned_host else "")),
         MemoryItem("resident_weights_host", f.streamed_bytes if resident_strategy else 0,
                    f"decoder layers + head in RAM{shared}" if resident_strategy else "read from the mmap'd file"),
         MemoryItem("embedding", f.embed_only_bytes if resident_strategy else 0,
@@ -87,15 +87,15 @@ def build(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Bu
     if offloaded:
         x = shape.batch * shape.seq * f.hidden * f.act_bytes
         host.append(MemoryItem("offloaded_inputs", offloaded * x,
-                               f"{offloaded} layer inputs x T h a" + (", pinned" if shape.device_kind == "cuda" else "")))
+                               f"{offloaded} layer inputs x T h a" + (", pinned" if shape.device.pinned_host else "")))
 
     decoders = [i for i in streamed if i <= n]
     transfer = 0 if in_place else sum(f.unit_bytes[i] for i in streamed)
     if shape.training and not in_place:
         # The last fetched units (head + the last `prefetch` decoders) are still in their
         # slots at the turn, so backward re-fetches only the other streamed decoders.
-        kept = slot_count - (1 if (n + 1) in streamed else 0)
-        transfer += sum(f.unit_bytes[i] for i in decoders[:len(decoders) - max(kept, 0)])
+        at_turn = slot_count - (1 if (n + 1) in streamed else 0)
+        transfer += sum(f.unit_bytes[i] for i in decoders[:len(decoders) - max(at_turn, 0)])
     return MemoryPlan(model=summary, shape=shape, budget=budget, device_items=tuple(device), host_items=tuple(host),
                       resident_units=resident, streamed_units=streamed, slot_count=slot_count, slot_bytes=slot_bytes,
                       transfer_bytes_per_step=transfer,
@@ -152,7 +152,7 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
     """
     b, s, n, attention = shape.batch, shape.seq, f.n_layers, shape.attention_path
     x = b * s * f.hidden * f.act_bytes
-    temp = f.dequant_temp[1 if shape.device_kind == "cuda" else 0]
+    temp = f.dequant_temp[1 if shape.device.dequantizes_in_place else 0]
     dequant = MemoryItem("dequant_temporaries", temp, "dequantizing the largest packed weight")
     wide = shape.wide_matmul and f.act_bytes != pi.FP32
     # Measured on CpuDevice: a layer's wide products peak below the layer's own peak (their
@@ -170,13 +170,13 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
     g = grads // max(n, 1)
     if shape.optimizer_states == 0:
         opt_temp = 0
-    elif shape.device_kind == "cuda":
+    elif shape.device.foreach_optimizer:
         opt_temp = grads
     else:
         opt_temp = 2 * shape.lora_rank * max((max(i, o) for i, o in f.lora_modules), default=0) * pi.FP32
     optimizer = pi.summed("optimizer_step", [MemoryItem("lora_grads", grads, "fp32"),
                                               MemoryItem("optimizer_temporaries", opt_temp,
-                                                         "foreach: one copy" if shape.device_kind == "cuda"
+                                                         "foreach: one copy" if shape.device.foreach_optimizer
                                                          else "two copies of the largest tensor")])
     if shape.gradient_checkpointing:
         k = kept_inputs(n, shape.prefetch) if shape.offloads else n
@@ -191,7 +191,7 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
                     MemoryItem("lora_grads", n * g, f"{n} layers, fp32")]
         inputs = MemoryItem("checkpointed_inputs", k * x, f"{where} x T h a")
         forward_inputs = inputs
-        if k < n and shape.device_kind == "cuda" and k < 2:
+        if k < n and shape.device.pinned_host and k < 2:
             forward_inputs = MemoryItem("checkpointed_inputs", 2 * x, "the current input + the previous one, "
                                                                       "until its copy to the host is done")
         tile = shape.tile

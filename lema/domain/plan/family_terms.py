@@ -1,7 +1,7 @@
 """What a layer of the newer families holds beyond a Llama layer's: routed experts, extra norms,
 eager attention scores, a fused qkv (pure arithmetic, the notation of :mod:`.items`).
 
-Each family says which terms apply (:class:`~lema.domain.model.layout.PlanTerms`, and its
+Each family says which terms apply (:class:`~lema.domain.nn.layout.PlanTerms`, and its
 expert counts in the spec); :mod:`.items` adds them to the Llama layer's working set. The
 functions take its ``ModelFacts`` and return ``(name, bytes, note)`` terms.
 Measured op by op against the blocks with the allocation counter, as the Llama terms were:

@@ -10,14 +10,18 @@ from typing import Any
 
 import attrs
 
+from lema.domain.device_traits import DEVICE_KINDS, DeviceTraits
 from lema.domain.model.spec import dtype_code
 from lema.domain.plan.strategy import MemoryStrategy
 from lema.domain.units import parse_size
 from lema.errors import ConfigError, ModelFormatError
 
-DEFAULT_CUDA_RESERVE = 512 * 1024**2
 _POSITIVE = ("batch", "seq", "lora_rank", "head_chunk_tokens", "local_ranks")
 _NON_NEGATIVE = ("prefetch", "optimizer_states")
+
+
+def _strategy(value: "str | MemoryStrategy") -> MemoryStrategy:
+    return MemoryStrategy.parse(value)
 
 
 def _targets(value: Any) -> tuple[str, ...] | None:
@@ -49,7 +53,8 @@ class TrainingShape:
         dtype: compute/storage dtype override (``"bfloat16"``); None keeps the file's.
         gradient_checkpointing: keep only layer inputs and recompute in backward.
         optimizer_states: fp32 states per LoRA parameter (AdamW: 2).
-        device_kind: ``"cuda"`` or ``"cpu"`` (sets the default reserve and attention path).
+        device_kind: a key of :data:`~lema.domain.device_traits.DEVICE_KINDS` (``"cuda"``, ``"cpu"``):
+            the device traits planned for (reserve, pinned staging, optimizer and dequantization).
         attention: ``"flash"`` (no s^2 scores saved) or ``"math"``; None: flash. PyTorch's SDPA
             picks a fused kernel on both kinds: on CPU (torch >= 2.x) ``F.scaled_dot_product_attention``
             runs ``_scaled_dot_product_flash_attention_for_cpu`` for fp32 and bf16, with ``is_causal``
@@ -60,7 +65,7 @@ class TrainingShape:
         reserve_bytes: runtime reserve; None: 512 MiB on cuda, 0 on cpu.
         mode: ``"train"`` or ``"inference"`` (forward only: no grads, optimizer, checkpoints).
         wide_matmul: the frozen weights' products run in fp32 although activations are
-            bf16/fp16 (a CPU without fast half precision, see ``lema.domain.model.matmul``): each
+            bf16/fp16 (a CPU without fast half precision, see ``lema.domain.nn.matmul``): each
             product briefly holds fp32 copies of its input, weight and output.
         local_ranks: data-parallel ranks on this machine (torchrun ``--nproc-per-node``):
             the device items are per rank (``batch`` is per rank); the host holds one staging
@@ -82,7 +87,7 @@ class TrainingShape:
     seq: int = 512
     lora_rank: int = 16
     lora_targets: tuple[str, ...] | None = attrs.field(default=None, converter=_targets)
-    strategy: MemoryStrategy = attrs.field(default=MemoryStrategy.STREAMING, converter=MemoryStrategy.parse)
+    strategy: MemoryStrategy = attrs.field(default=MemoryStrategy.STREAMING, converter=_strategy)
     prefetch: int = 2
     dtype: str | None = attrs.field(default=None, converter=_dtype)
     gradient_checkpointing: bool = True
@@ -114,8 +119,8 @@ class TrainingShape:
                 problems.append(f"{name}={value!r} must be an integer >= 0")
         if self.reserve_bytes is not None and (not is_int(self.reserve_bytes) or self.reserve_bytes < 0):
             problems.append(f"reserve_bytes={self.reserve_bytes!r} must be an integer >= 0")
-        if self.device_kind not in ("cuda", "cpu"):
-            problems.append(f"device_kind={self.device_kind!r} must be 'cuda' or 'cpu'")
+        if self.device_kind not in DEVICE_KINDS:
+            problems.append(f"device_kind={self.device_kind!r} must be {' or '.join(map(repr, DEVICE_KINDS))}")
         if self.attention not in (None, "flash", "math"):
             problems.append(f"attention={self.attention!r} must be 'flash' or 'math'")
         if self.mode not in ("train", "inference"):
@@ -145,7 +150,12 @@ class TrainingShape:
         """The runtime reserve in bytes."""
         if self.reserve_bytes is not None:
             return self.reserve_bytes
-        return DEFAULT_CUDA_RESERVE if self.device_kind == "cuda" else 0
+        return self.device.runtime_reserve
+
+    @property
+    def device(self) -> DeviceTraits:
+        """The traits of the device kind planned for (:mod:`lema.domain.device_traits`)."""
+        return DEVICE_KINDS[self.device_kind]
 
     @property
     def training(self) -> bool:

@@ -20,10 +20,13 @@ from typing import Any, Sequence
 import attrs
 
 from lema.domain.families import registry
-from lema.domain.model import quant
+from lema.domain.nn import quant
+from lema.domain.nn.layout import LayerFormulas
 from lema.domain.model.spec import ModelSpec, itemsize
 from lema.domain.plan import family_terms
-from lema.domain.schedule.layer_schedule import SLOT_ALIGN
+from lema.domain.schedule.slot_layout import SLOT_ALIGN
+
+LEARNED_FUSED = LayerFormulas.LEARNED_FUSED
 
 MiB = 1024**2
 FP32 = 4
@@ -77,7 +80,7 @@ class ModelFacts:
         streamed_bytes: bytes of the unique tensors of units ``1..L+1`` (what RESIDENT holds).
         lora_modules: ``(in, out)`` of each adapted module of one decoder layer.
         dequant_bytes: per unit, its packed weights dequantized to the planned dtype (the
-            scratch buffer's layout, :func:`lema.domain.model.quant.dense_bytes`); 0 for dense units.
+            scratch buffer's layout, :func:`lema.domain.nn.quant.dense_bytes`); 0 for dense units.
         castable_bytes: per unit, the bytes of its dense tensors (what a dtype cast copies).
         dequant_temp: the transient bytes of dequantizing the largest packed weight, on a CPU
             and on CUDA (:func:`dequant_temporaries`).
@@ -85,6 +88,7 @@ class ModelFacts:
     """
 
     family: str
+    formulas: LayerFormulas
     n_layers: int
     hidden: int
     n_heads: int
@@ -136,7 +140,8 @@ def model_facts(spec: ModelSpec, dtype: str | None, targets: Sequence[str], lora
     dense = spec.intermediate_size if spec.intermediate_size != spec.expert_intermediate_size else 0
     act_bytes = itemsize(dtype or spec.dtype)
     return ModelFacts(
-        family=spec.family, n_layers=spec.n_layers, hidden=spec.hidden_size, n_heads=spec.n_heads,
+        family=spec.family, formulas=terms.formulas, n_layers=spec.n_layers, hidden=spec.hidden_size,
+        n_heads=spec.n_heads,
         q_dim=spec.n_heads * spec.head_dim, kv_dim=spec.n_kv_heads * spec.head_dim,
         ffn=spec.intermediate_size, vocab=spec.vocab_size, act_bytes=itemsize(dtype or spec.dtype),
         activation=spec.activation, unit_bytes=tuple(sum(nbytes(t) for t in u.tensors) for u in spec.units),
@@ -232,7 +237,7 @@ def layer_model(f: ModelFacts, batch: int, seq: int, rank: int, attention: str) 
     ax = t * rank * FP32 * len(ad)
     lse = t * f.n_heads * FP32
     items: list[MemoryItem] = []
-    if f.family == "gpt2":
+    if f.formulas is LEARNED_FUSED:
         if not cast:
             lora_in = t * h * a * (("attn.c_attn" in ad) + ("mlp.c_fc" in ad)) + t * ff * a * ("mlp.c_proj" in ad)
         items.append(MemoryItem("norms", t * h * a + 4 * t * FP32, "LayerNorm statistics + second input: T h a + 4 T 4"))
@@ -303,7 +308,7 @@ def layer_forward(f: ModelFacts, batch: int, seq: int, attention: str) -> Memory
     t, h, a, ff = batch * seq, f.hidden, f.act_bytes, f.ffn
     ad = _adapters(f)
     cast = a != FP32
-    if f.family == "gpt2":
+    if f.formulas is LEARNED_FUSED:
         attn = 4 * t * h * a
         mlp = 3 * t * ff * a + (2 * t * ff * FP32 + (t * h * FP32 if cast else 0) if "mlp.c_fc" in ad else 0)
     else:
@@ -332,7 +337,7 @@ def head_train(f: ModelFacts, batch: int, seq: int, chunk_tokens: int) -> Memory
     """
     t, h, a = batch * seq, f.hidden, f.act_bytes
     c = min(t, chunk_tokens)
-    norm = (t * h * FP32 if a != FP32 else 0) if f.family != "gpt2" else 0
+    norm = (t * h * FP32 if a != FP32 else 0) if f.formulas is not LEARNED_FUSED else 0
     chunk, back = 2 * c * f.vocab * FP32, t * h * (a + 2 * FP32)
     return summed("head", [
         MemoryItem("final_norm", norm + 2 * t * FP32, "fp32 input T h 4 (a != 4)" if norm else "statistics"),
@@ -355,7 +360,7 @@ def batch_context(f: ModelFacts, batch: int, seq: int, train: bool) -> MemoryIte
     """Per-step tensors made before the first layer: rotary cos/sin ``2 T d a`` (Llama
     family), positions ``s 8`` and (training) the shifted targets ``T 8``."""
     t = batch * seq
-    rope = 2 * t * f.head_dim * f.act_bytes if f.family != "gpt2" else 0
+    rope = 2 * t * f.head_dim * f.act_bytes if f.formulas is not LEARNED_FUSED else 0
     return MemoryItem("batch_context", rope + seq * 8 + (t * 8 if train else 0), "rope tables, positions, targets")
 
 
@@ -369,7 +374,7 @@ def peak_of(name: str, phases: Sequence[MemoryItem], note: str = "") -> MemoryIt
 
 
 def wide_matmul_head(f: ModelFacts, batch: int, seq: int, chunk_tokens: int) -> MemoryItem:
-    """The head's products computed wide (:mod:`lema.domain.model.matmul`). At the head's peak
+    """The head's products computed wide (:mod:`lema.domain.nn.matmul`). At the head's peak
     (the gradient towards the hidden states, ``g @ W``) the fp32 probabilities and their
     half-precision cast are joined by an fp32 copy of the cast (``c V 4`` where the plain
     path's ``2 c V 4`` holds ``c V 6``: ``c V 2`` more), the fp32 weight ``V h 4`` and the fp32

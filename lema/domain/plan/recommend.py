@@ -8,7 +8,7 @@ would decide them.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import attrs
 
@@ -54,10 +54,10 @@ def recommendations(summary: ModelSummary, f: pi.ModelFacts, p: MemoryPlan,
     """
     s, recs, fixes = (requested or p.shape), [], []
 
-    def fits(**changes: object) -> bool:
+    def fits(**changes: Any) -> bool:
         return _fits(summary, f, attrs.evolve(s, **changes), p)
 
-    def needing(*notes: str, **changes: object) -> str:
+    def needing(*notes: str, **changes: Any) -> str:
         """`` (notes; with activation offload)`` when the changed run fits only with measures this
         plan has not taken; just the notes otherwise."""
         option = next((o for o in activation_options(attrs.evolve(s, **changes), f)

@@ -20,7 +20,10 @@ fp32 log-sum-exp ``T H 4``; its backward, ``dq, dk, dv``.
 
 from __future__ import annotations
 
+from lema.domain.nn.layout import LayerFormulas
 from lema.domain.plan.items import FP32, MemoryItem, ModelFacts, peak_of, summed
+
+LEARNED_FUSED = LayerFormulas.LEARNED_FUSED
 
 
 def _adapted(f: ModelFacts, *keys: str) -> bool:
@@ -34,7 +37,7 @@ def pre_forward_token(f: ModelFacts) -> int:
     delta, ``10 h a`` (+ ``16 h``)."""
     h, q, kv, a = f.hidden, f.q_dim, f.kv_dim, f.act_bytes
     cast = a != FP32
-    if f.family == "gpt2":
+    if f.formulas is LEARNED_FUSED:
         return 10 * h * a + cast * 16 * h
     return max(h + 4 * q + 2 * kv, h + 2 * q + 5 * kv) * a + cast * 4 * h
 
@@ -50,7 +53,7 @@ def post_forward_token(f: ModelFacts) -> int:
     ``2 f a + 8 f`` with c_fc adapted."""
     h, ff, a = f.hidden, f.ffn, f.act_bytes
     cast = a != FP32
-    if f.family == "gpt2":
+    if f.formulas is LEARNED_FUSED:
         return 4 * h * a + max(4 * ff * a, _adapted(f, "mlp.c_fc") * (2 * ff * a + 8 * ff))
     up = _adapted(f, "mlp.up_proj")
     down = _adapted(f, "mlp.down_proj")
@@ -64,7 +67,7 @@ def pre_backward_token(f: ModelFacts) -> int:
     GPT-2 ``10 h a`` (+ ``20 h``)."""
     h, q, kv, a = f.hidden, f.q_dim, f.kv_dim, f.act_bytes
     cast = a != FP32
-    if f.family == "gpt2":
+    if f.formulas is LEARNED_FUSED:
         return 10 * h * a + cast * 20 * h
     return (2 * h + 4 * q + 3 * kv) * a + cast * 4 * (h + q + 2 * kv)
 
@@ -78,7 +81,7 @@ def post_backward_token(f: ModelFacts, rank: int) -> int:
     it: ``(q + 2kv) a + 4 h (1 + n) + n r 4`` more for ``n`` adapted q/k/v projections."""
     h, q, ff, a = f.hidden, f.q_dim, f.ffn, f.act_bytes
     cast = a != FP32
-    if f.family == "gpt2":
+    if f.formulas is LEARNED_FUSED:
         o, up, down = _adapted(f, "attn.c_proj"), _adapted(f, "mlp.c_fc"), _adapted(f, "mlp.c_proj")
         base = (3 * h + 7 * ff) * a
         copies = cast * (o * 4 * q + up * 4 * h + down * 4 * ff)
@@ -91,7 +94,8 @@ def post_backward_token(f: ModelFacts, rank: int) -> int:
     n_pre = sum(_adapted(f, k) for k in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                          "self_attn.qkv_proj", "attn.c_attn"))
     # (measured on Llama shapes; GPT-2's fused c_attn keeps less, below its backward's peak)
-    pre_graph = cast * (f.family != "gpt2") * ((f.q_dim + 2 * f.kv_dim) * a + 4 * h * (1 + n_pre) + n_pre * rank * FP32)
+    rotary = f.formulas is not LEARNED_FUSED
+    pre_graph = cast * rotary * ((f.q_dim + 2 * f.kv_dim) * a + 4 * h * (1 + n_pre) + n_pre * rank * FP32)
     return base + copies + (o or up or down) * 3 * rank * FP32 + pre_graph
 
 

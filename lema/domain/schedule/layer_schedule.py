@@ -1,7 +1,7 @@
 """LayerSchedule: the ordered fetch / compute / release steps of one pass (pure).
 
 The functional core of streaming (cosmicpython's ``determine_actions``): plain inputs in,
-a tuple of steps out; :mod:`lema.app.engine` carries them out. Nothing here touches a file,
+a tuple of steps out; :mod:`lema.app.runtime.engine` carries them out. Nothing here touches a file,
 a device, a clock or a thread.
 
 Vocabulary:
@@ -43,12 +43,7 @@ from typing import Literal, Sequence, Union
 
 import attrs
 
-from lema.domain.model.spec import LayerUnit, TensorSpec
 from lema.errors import ConfigError
-
-# Every tensor starts at a multiple of this many bytes inside a slot (cache line / SIMD
-# friendly, and a multiple of every dtype's size so ``view(dtype)`` is always legal).
-SLOT_ALIGN = 64
 
 
 class Phase(str, enum.Enum):
@@ -118,40 +113,6 @@ def slot_count(n_streamed: int, prefetch: int) -> int:
     if prefetch < 0:
         raise ConfigError(f"prefetch: {prefetch} must be >= 0 (0 fetches each layer just before use)")
     return min(prefetch + 1, n_streamed) if n_streamed > 0 else 0
-
-
-def _align(n: int) -> int:
-    return -(-n // SLOT_ALIGN) * SLOT_ALIGN
-
-
-def unit_layout(unit: LayerUnit) -> tuple[tuple[TensorSpec, int], ...]:
-    """Where each tensor of ``unit`` sits in a flat slot buffer: ``(tensor, byte offset)``.
-
-    Tensors go in file order (so contiguous file ranges stay contiguous and are read in
-    one call), each at an offset rounded up to :data:`SLOT_ALIGN` bytes.
-    """
-    ordered = sorted(unit.tensors, key=lambda t: (t.file, t.start)) if all(t.start >= 0 for t in unit.tensors) \
-        else list(unit.tensors)
-    out: list[tuple[TensorSpec, int]] = []
-    offset = 0
-    for t in ordered:
-        out.append((t, offset))
-        offset = _align(offset + t.nbytes)
-    return tuple(out)
-
-
-def unit_buffer_bytes(unit: LayerUnit) -> int:
-    """Bytes of a flat buffer holding ``unit`` laid out by :func:`unit_layout`.
-
-    Equals ``sum(align64(t.nbytes))`` over the unit's tensors, which is ``unit.nbytes``
-    whenever every tensor's size is a multiple of 64 bytes (all real models).
-    """
-    return sum(_align(t.nbytes) for t in unit.tensors)
-
-
-def slot_bytes(units: Sequence[LayerUnit]) -> int:
-    """Bytes of one streaming slot (and of one host staging buffer): the largest unit."""
-    return max((unit_buffer_bytes(u) for u in units), default=0)
 
 
 def build_schedule(

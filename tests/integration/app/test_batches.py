@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lema import LemaConfig, LemaModel
-from lema.app.batches import as_batch
+from lema.app.runtime.batches import as_batch
 from lema.errors import ConfigError
 from tests.model_files import save_monolithic
 from tests.tiny_models import build_hf_model

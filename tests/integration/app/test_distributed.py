@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lema.app import distributed
-from lema.app.data_parallel import DataParallel
-from lema.app.rank_agreement import is_agreed, reported_elsewhere, settle
+from lema.app.parallel import distributed
+from lema.app.parallel.data_parallel import DataParallel
+from lema.app.parallel.rank_agreement import is_agreed, reported_elsewhere, settle
 from lema.errors import ConfigError
 from tests.data_parallel_run import global_batches, make_trainer
 from tests.model_files import save_monolithic

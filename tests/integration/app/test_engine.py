@@ -11,14 +11,9 @@ from hypothesis import strategies as st
 from lema.adapters.devices.cpu import CpuDevice
 from lema.adapters.weights.resident_source import ResidentSource
 from lema.adapters.weights.safetensors_source import SafetensorsSource
-from lema.app.engine import Engine
-from lema.domain.schedule.layer_schedule import (
-    Phase,
-    expected_transfers,
-    slot_bytes,
-    slot_count,
-    unit_buffer_bytes,
-)
+from lema.app.runtime.engine import Engine
+from lema.domain.schedule.layer_schedule import Phase, expected_transfers, slot_count
+from lema.domain.schedule.slot_layout import slot_bytes, unit_buffer_bytes
 from lema.errors import ConfigError, DoesNotFitError, ModelFormatError
 from tests.stream_models import write_model
 

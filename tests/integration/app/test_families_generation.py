@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lema import LemaConfig, LemaModel
-from lema.app.generation import generate, kv_cache_bytes
+from lema.app.tools.generation import generate, kv_cache_bytes
 from lema.domain.families import registry
 from tests.family_models import FAMILIES, build, files
 

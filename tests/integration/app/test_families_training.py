@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lema import LemaConfig, LemaModel
-from lema.app.merge import merge_adapter
+from lema.app.tools.merge import merge_adapter
 from tests.family_models import FAMILIES, batch, files
 from tests.tolerance import assert_close, forward_floor, logits_noise, on_one_thread, relative_error
 

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from lema import LemaConfig, LemaModel
-from lema.app.generation import choose_tokens, generate, kv_cache_bytes
+from lema.app.tools.generation import choose_tokens, generate, kv_cache_bytes
 from lema.cli import main
 from lema.errors import ConfigError
 from tests.model_files import save_monolithic

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lema.app.grad_buckets import GradientBuckets
+from lema.app.parallel.grad_buckets import GradientBuckets
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lema.adapters.checkpoints.store import read_adapter, write_checkpoint
-from lema.app.convert import prepare_monolithic_safetensors
-from lema.app.merge import merge_adapter
+from lema.app.tools.convert import prepare_monolithic_safetensors
+from lema.app.tools.merge import merge_adapter
 from lema.cli import main
 from lema.errors import CheckpointError
 from tests.tolerance import assert_close, forward_floor, logits_noise

@@ -58,7 +58,7 @@ def _model(tmp_path, build, dtype, **config) -> LemaModel:
     if model.config.model_type in ("llama", "gpt2"):
         path = save_monolithic(model, tmp_path / "m.safetensors", dtype=dtype)
     else:  # the experts as save_pretrained writes them, converted as a user would
-        from lema.app.convert import prepare_monolithic_safetensors
+        from lema.app.tools.convert import prepare_monolithic_safetensors
 
         model.save_pretrained(tmp_path / "hf")
         path = prepare_monolithic_safetensors(tmp_path / "hf", tmp_path / "m.safetensors", device="cpu", dtype=dtype)

@@ -122,7 +122,7 @@ def test_the_adapter_of_a_quantized_base_loads_on_the_16_bit_base_and_merges_int
                                                                                               tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lema.app.merge import merge_adapter
+    from lema.app.tools.merge import merge_adapter
 
     folder = quantized_model("llama", "nf4_dq")
     model = _lema(folder)

@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from lema import LemaConfig, LemaModel
-from lema.app.convert import prepare_monolithic_safetensors
+from lema.app.tools.convert import prepare_monolithic_safetensors
 from lema.cli import main
 from lema.errors import OutputError
 from tests.demo_models import tiny_llama_folder
@@ -97,7 +97,7 @@ def test_the_python_api_protects_inputs_too(inputs, tmp_path):
     before = snapshot(inputs)
     with pytest.raises(OutputError, match="input folder"):
         prepare_monolithic_safetensors(inputs / "hf", inputs / "hf" / "model.safetensors", device="cpu")
-    from lema.app.merge import merge_adapter
+    from lema.app.tools.merge import merge_adapter
 
     with pytest.raises(OutputError, match="is the input file"):
         merge_adapter(inputs / "model.safetensors", inputs / "adapter", inputs / "model.safetensors", overwrite=True)

@@ -83,8 +83,8 @@ def test_every_command_refuses_with_one_line_naming_it(inputs, tmp_path, command
 
 @pytest.mark.parametrize("kind, named", [("tensor", EXTRA), ("option", "rope_type='proportional'")])
 def test_the_python_api_refuses_the_same_way(inputs, tmp_path, kind, named):
-    from lema.app.convert import prepare_monolithic_safetensors
-    from lema.app.merge import merge_adapter
+    from lema.app.tools.convert import prepare_monolithic_safetensors
+    from lema.app.tools.merge import merge_adapter
     from lema.errors import ModelFormatError
 
     folder = inputs[kind]

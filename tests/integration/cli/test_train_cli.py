@@ -161,7 +161,7 @@ def test_missing_tokenizer_says_to_pass_tokenizer(tmp_path, model_dir, data):
 
 
 def test_a_converted_file_trains_with_the_tokenizer_beside_it(tmp_path, model_dir, data):
-    from lema.app.convert import prepare_monolithic_safetensors
+    from lema.app.tools.convert import prepare_monolithic_safetensors
 
     weights = prepare_monolithic_safetensors(model_dir, tmp_path / "m" / "tiny.safetensors", device="cpu")
     result = run(*base_args(weights, data["txt"], tmp_path / "run", "--steps", "1", "--tokenizer", str(model_dir)))

@@ -60,7 +60,7 @@ def test_an_upload_waits_for_the_slots_last_compute():
 def test_engine_streams_bit_identical_weights_to_the_gpu(tmp_path):
     from lema.adapters.devices.cuda import CudaDevice
     from lema.adapters.weights.safetensors_source import SafetensorsSource
-    from lema.app.engine import Engine
+    from lema.app.runtime.engine import Engine
     from tests.stream_models import write_model
 
     spec, root, state = write_model(tmp_path / "m", layers=4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lema.adapters.weights import bnb
-from lema.domain.model.quant import QuantFormat, packed_weight, stored_tensors
+from lema.domain.nn.quant import QuantFormat, packed_weight, stored_tensors
 from tests.tolerance import assert_close, rounding_floor
 
 BF = pytest.importorskip("bitsandbytes.functional")

@@ -10,13 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lema.domain.model.blocks import decoder_block
-from lema.domain.model.context import (
-    decode_position_ids,
-    make_context,
-    make_decode_context,
-)
+from lema.domain.model.context import make_context, make_decode_context
 from lema.domain.model.decode import KVCache, decoder_block_cached
 from lema.domain.model.lora import LoraSpec, init_lora
+from lema.domain.nn.context import decode_position_ids
 from lema.errors import ConfigError
 from tests.tiny_models import KINDS as ALL_KINDS
 from tests.tiny_models import build_hf_model, spec_of, unit_weights

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lema.domain.model.blocks import decoder_block, embed
-from lema.domain.model.context import make_context, segment_ids
+from lema.domain.model.context import make_context
+from lema.domain.nn.context import segment_ids
 from lema.domain.model.heads import head_logits
 from tests.tiny_models import KINDS, build_hf_model, spec_of, unit_weights
 from tests.tolerance import assert_close, forward_floor, logits_noise

@@ -1,0 +1,1 @@
+"""Data parallelism over torch.distributed: the process group, gradient buckets, rank agreement."""

@@ -1,0 +1,1 @@
+"""Tools around training: convert, quantize, merge, generation, benchmarking."""

@@ -1,0 +1,258 @@
+"""run_training: the "train a run" use case behind ``lema train``, ``lema demo``'s shell line and the Python API.
+
+A run is a :class:`TrainOptions` (``lema train``'s options as values, with its defaults);
+:func:`run_training` checks them, locks ``out`` (rank 0 under torchrun), prepares the data,
+builds the model, optimizer, trainer and metric sinks, and runs the loop
+(:func:`lema.app.training.train_loop.train_loop`): the same checkpoints, ``metrics.jsonl``
+and exit status as the command, which only parses options into it and prints.
+
+Example:
+    >>> from lema.app.training.run_training import TrainOptions, run_training
+    >>> status = run_training(TrainOptions(model_path="model.safetensors", data="chat.jsonl",  # doctest: +SKIP
+    ...                                    out="runs/a", steps=100, batch=2, seq=512))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import attrs
+
+from lema.adapters.checkpoints.atomic import atomic_write_text
+from lema.app.outputs import check_output
+from lema.app.training.run_folder import ARGS
+from lema.app.training.run_inputs import open_tokenizer, resolve_model_arg, save_tokenizer_with_template
+from lema.app.training.train_loop import (
+    DATA_ARGS,
+    LoopOptions,
+    make_optimizer,
+    plan_summary,
+    require_bitsandbytes,
+    train_loop,
+)
+from lema.config import LemaConfig, check_seed
+from lema.domain.json_values import parse_json
+from lema.domain.units import parse_size
+from lema.errors import ConfigError, LemaWarning
+
+__all__ = ["EXIT_SIGNAL", "TrainOptions", "run_training"]
+
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+Echo = Callable[[str], Any]
+
+
+def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None) -> int:
+    """Train the run ``o`` describes, as ``lema train`` does; returns its exit status.
+
+    Args:
+        o: the run's options.
+        echo: where the run's lines go (``lema train`` prints them).
+        progress: a progress display class for the loop (the CLI's bar), or None.
+
+    Returns:
+        0 done (or nothing left to do), 1 a non-finite loss stopped the run (after saving
+        the last good step), 130 / 143 stopped by SIGINT / SIGTERM (after saving).
+
+    Raises:
+        LemaError: bad options or input, a plan that does not fit, a locked ``out``.
+    """
+    # Imported here: they import torch, and `lema --help` (which imports this module) must stay light.
+    from lema.app import bootstrap
+    from lema.app.parallel import distributed
+    from lema.app.training.ranked_run import open_ranked_run
+
+    ranks, device = distributed.start(o.device)  # torchrun: join the process group, pick this rank's device
+    o = attrs.evolve(o, device=device, nproc=ranks.world)
+    if o.steps is not None and o.epochs is not None:
+        raise ConfigError("pass --steps or --epochs, not both")
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        raise ConfigError(f"--lr: {o.lr!r} must be a positive number")
+    if o.reset_optimizer and not o.resume:
+        raise ConfigError("--reset-optimizer only applies with --resume")
+    if o.eval_data is not None and o.eval_split is not None:
+        raise ConfigError("pass --eval-data or --eval-split, not both")
+    check_seed(o.seed, "--seed")
+    o.max_line_bytes()  # checked before anything is opened
+    bootstrap.sink_names(o.report_to)  # an unknown sink or a missing library: said before any work
+    if o.optimizer == "adamw8bit":
+        require_bitsandbytes()
+    out_dir = Path(o.out)
+    model_arg = Path(o.model_path).expanduser()
+    check_output(out_dir, option="--out", overwrite=None, folders=[model_arg if model_arg.is_dir() else None],
+                 files=[model_arg if model_arg.is_file() else None, Path(o.data),
+                        None if o.eval_data is None else Path(o.eval_data)])
+    with open_ranked_run(out_dir, resume=o.resume, ranks=ranks, echo=echo) as checkpoint:
+        if checkpoint is not None:
+            _check_resume_args(out_dir, o.args(), echo)
+        code = _train(o, out_dir, checkpoint, ranks, echo, progress)
+    if code and ranks.distributed:  # stopped early: torchrun ends every rank once one exits non-zero,
+        from lema.app.parallel.rank_agreement import farewell  # so wait until rank 0 has saved and unlocked
+
+        farewell()
+    return code
+
+
+@attrs.frozen(kw_only=True)
+class TrainOptions:
+    """A training run's options: ``lema train``'s, by the same names and with the same defaults
+    (:mod:`lema.cli.train_options`); ``model_path`` is ``--model``, ``data_format`` ``--format``,
+    ``offload`` ``--offload-activations``."""
+
+    model_path: str
+    data: str
+    out: str
+    data_format: str = "auto"
+    chat_template: str | None = None
+    packing: bool = False
+    eval_data: str | None = None
+    eval_split: float | None = None
+    eval_steps: int = 0
+    steps: int | None = None
+    epochs: int | None = None
+    batch: int = 4
+    seq: int = 512
+    lr: float = 2e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    rank: int = 16
+    alpha: float | None = None
+    lora_dropout: float = 0.0
+    targets: str | None = None
+    dtype: str = "auto"
+    strategy: str = "streaming"
+    vram: str | None = None
+    grad_accum: int = 1
+    save_steps: int = 0
+    save_total_limit: int = 0
+    report_to: str = "none"
+    run_name: str | None = None
+    resume: bool = False
+    reset_optimizer: bool = False
+    seed: int = 0
+    tokenizer: str | None = None
+    device: str = "auto"
+    offload: bool | None = None
+    prefetch: int = 2
+    warmup: int = 0
+    lr_schedule: str = "constant"
+    max_line_size: str = "1M"
+    data_cache: bool = True
+    nproc: int = 1  # torchrun's ranks (not an option: the launcher sets it)
+
+    @property
+    def format(self) -> str | None:
+        return None if self.data_format == "auto" else self.data_format
+
+    def max_line_bytes(self) -> int:
+        """``--max-line-size`` in bytes (ConfigError naming the option when it is not a size)."""
+        return parse_size(self.max_line_size, field="--max-line-size")
+
+    def args(self) -> dict[str, Any]:
+        """What ``train_args.json`` records (compared on ``--resume``)."""
+        return {"model": self.model_path, "data": str(self.data), "batch": self.batch, "seq": self.seq,
+                "grad_accum": self.grad_accum, "seed": self.seed, "rank": self.rank, "alpha": self.alpha,
+                "targets": self.targets, "lr": self.lr, "steps": self.steps, "epochs": self.epochs,
+                "warmup": self.warmup, "lr_schedule": self.lr_schedule, "lora_dropout": self.lora_dropout,
+                "global_batch": self.batch * self.nproc, "nproc": self.nproc, "format": self.format,
+                "chat_template": self.chat_template, "packing": self.packing, "eval_split": self.eval_split,
+                "eval_data": self.eval_data, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
+                "max_grad_norm": self.max_grad_norm, "dtype": self.dtype}
+
+
+
+
+def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: Echo, progress: Any) -> int:
+    """The run itself, in a locked ``out_dir``; returns the exit status."""
+    from lema.app import bootstrap
+    from lema.app.training.model import LemaModel
+    from lema.app.training.run_data import check_vocab, prepare_data
+    from lema.data.examples import batches_per_epoch
+
+    gbi_path, name_or_path = resolve_model_arg(o.model_path, echo=echo)
+    tok, tok_dir = open_tokenizer(o.tokenizer, o.model_path)
+    data = prepare_data(o.data, tok, seq=o.seq, format=o.format, chat_template=o.chat_template, packing=o.packing,
+                        eval_data=o.eval_data, eval_split=o.eval_split, seed=o.seed, cache=o.data_cache,
+                        max_line_bytes=o.max_line_bytes())
+    per_epoch = batches_per_epoch(len(data.items), o.batch * ranks.world)
+    total = o.steps if o.steps is not None else max(1, math.ceil((o.epochs or 1) * per_epoch / o.grad_accum))
+    for line in data.lines:
+        echo(line)
+    echo(f"      {per_epoch} batches per epoch; {total} optimizer steps")
+
+    runtime = dict(gbi_path=gbi_path, model_name_or_path=name_or_path, strategy=o.strategy, device=o.device,
+                   vram_budget=o.vram, prefetch_distance=o.prefetch, batch_size=o.batch, max_seq_len=o.seq,
+                   offload_activations="auto" if o.offload is None else o.offload,
+                   gradient_accumulation_steps=o.grad_accum, dtype=o.dtype, max_grad_norm=o.max_grad_norm)
+    if ckpt is not None:
+        # from_pretrained's `device` keyword takes a Device object, so the device this run
+        # asks for is built here rather than passed as a config override.
+        dev = bootstrap.make_device(LemaConfig(**runtime))
+        model = LemaModel.from_pretrained(ckpt, device=dev,
+                                          **{k: v for k, v in runtime.items() if k != "device"})
+    else:
+        targets = [t.strip() for t in o.targets.split(",") if t.strip()] if o.targets else None
+        config = LemaConfig(lora_rank=o.rank, lora_alpha=o.alpha, lora_dropout=o.lora_dropout, seed=o.seed,
+                            lora_target_modules=targets, **runtime)
+        model = LemaModel(config)
+        model.initialize_lora()
+    with model:
+        echo(plan_summary(model))
+        check_vocab(data.store, model.spec.vocab_size, o.data)
+        opts = LoopOptions(out=out_dir, steps=total, batch=o.batch, seq=o.seq, lr=o.lr, seed=o.seed,
+                           grad_accum=o.grad_accum, save_steps=o.save_steps, warmup=o.warmup,
+                           lr_schedule=o.lr_schedule, optimizer=o.optimizer, weight_decay=o.weight_decay,
+                           eval_steps=o.eval_steps, save_total_limit=o.save_total_limit)
+        optimizer, scheduler = make_optimizer(model, opts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", LemaWarning)  # every run says it (the CLI prints "warning: ...")
+            trainer = model.get_trainer(optimizer, scheduler=scheduler, reset_optimizer=o.reset_optimizer)
+        if ranks.distributed:  # every rank is ready (or all stop with the first one's error) before any writes
+            from lema.app.parallel.rank_agreement import settle
+
+            settle()
+        if ckpt is not None:
+            echo(f"resuming from {ckpt} at step {trainer.global_step}"
+                       + (" with a fresh optimizer (--reset-optimizer)" if o.reset_optimizer else ""))
+        elif ranks.is_main:
+            atomic_write_text(out_dir / ARGS, json.dumps(o.args(), indent=2))
+        if o.chat_template is not None and ranks.is_main:  # checkpoints carry the template the run trained with
+            tok_dir = save_tokenizer_with_template(tok, o.chat_template, out_dir / "tokenizer")
+        if trainer.global_step >= total:
+            echo(f"already trained {trainer.global_step} steps (asked for {total}); nothing to do")
+            return 0
+        sinks = bootstrap.make_sinks(o.report_to, out_dir, run_name=o.run_name, options=o.args()) \
+            if ranks.is_main else []
+        result = train_loop(model, trainer, data.items, tok.pad_token_id, opts, tok_dir, echo=echo,
+                            progress=progress if ranks.is_main else None, collate_fn=data.collate_fn,
+                            eval_examples=data.eval_examples, sinks=sinks)
+    if result.interrupted:
+        echo(f"interrupted at step {result.steps_done}: saved {result.checkpoint}; continue with the same "
+                   "command plus --resume")
+        return EXIT_SIGNAL.get(result.signal or "SIGINT", 130)
+    echo(f"done: {result.steps_done} steps in {result.seconds:.1f} s, last loss "
+               f"{result.last_loss if result.last_loss is None else format(result.last_loss, '.4f')}; "
+               f"adapter in {result.checkpoint}")
+    return 0
+
+
+def _check_resume_args(out: Path, args: dict[str, Any], echo: Echo) -> None:
+    try:
+        before = parse_json((out / ARGS).read_bytes())
+    except (OSError, ValueError):
+        return
+    if not isinstance(before, dict):
+        return
+    before.setdefault("global_batch", before.get("batch"))  # written before data parallel
+    for key, default in (("format", None), ("chat_template", None), ("packing", False), ("eval_split", None)):
+        before.setdefault(key, default)  # written before chat data
+    names = {"global_batch": "batch x ranks"}
+    changed = [f"{names.get(k, '--' + k.replace('_', '-'))} {before.get(k)!r} -> {args[k]!r}" for k in DATA_ARGS
+               if before.get(k) != args[k]]
+    if changed:
+        echo("warning: resuming with different data options than the original run ("
+                   + ", ".join(changed) + "); the batches will not continue where they stopped")

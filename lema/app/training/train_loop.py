@@ -1,0 +1,395 @@
+"""The training loop a command-line run uses (``lema train`` and ``lema demo``).
+
+It runs optimizer steps through a :class:`~lema.app.training.trainer.LemaTrainer`, writes
+``metrics.jsonl`` (and the metrics sinks: TensorBoard, wandb), evaluates held-out data
+every ``eval_steps``, writes periodic checkpoints (keeping the newest ``save_total_limit``)
+and the final one. On Ctrl-C or SIGTERM (what schedulers and ``docker stop`` send) it
+rolls back to the last optimizer step and saves a resumable checkpoint; on a non-finite
+loss it does the same and raises :class:`~lema.errors.NonFiniteLossError` naming the step
+and the checkpoint. The optimizer, the LR schedule and the checkpoint naming live here
+too; the run folder (lock, resume point) in :mod:`lema.app.training.run_folder`.
+
+Under torchrun every rank runs this loop on its rows of each batch
+(:func:`lema.data.sharding.rank_batches`); rank 0 alone writes ``metrics.jsonl`` and the
+checkpoints (the others wait for it inside ``save_checkpoint``). The ranks agree at every
+step whether a signal asked any of them to stop, so they stop and save together; a second
+Ctrl-C (torchrun forwards its own) ends them without a checkpoint of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import attrs
+
+from lema.adapters.checkpoints.atomic import atomic_write_text
+from lema.app.training.run_folder import FINAL, METRICS, checkpoint_step
+from lema.domain.json_values import parse_json
+from lema.errors import CheckpointError, ConfigError, NonFiniteLossError, missing_extra
+
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+# Options that change which batches a step sees: a resumed run must use the same values.
+DATA_ARGS = ("data", "global_batch", "seq", "grad_accum", "seed", "format", "chat_template", "packing", "eval_split")
+
+
+@attrs.frozen(kw_only=True)
+class LoopOptions:
+    """What the training loop needs besides the model, the tokenizer and the data."""
+
+    out: Path
+    steps: int
+    batch: int
+    seq: int
+    lr: float
+    seed: int = 0
+    grad_accum: int = 1
+    save_steps: int = 0
+    warmup: int = 0
+    lr_schedule: str = "constant"
+    log_every: int = 0  # 0: about ten lines per run when not on a terminal
+    resume_hint: str = ""
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    eval_steps: int = 0  # 0: evaluate (when there is eval data) at the end only
+    save_total_limit: int = 0  # 0: keep every periodic checkpoint
+
+
+@attrs.frozen
+class LoopResult:
+    """How a training loop ended; ``signal`` names what interrupted it (``"SIGINT"``,
+    ``"SIGTERM"``) or is None."""
+
+    steps_done: int
+    last_loss: float | None
+    checkpoint: Path | None
+    interrupted: bool
+    seconds: float
+    signal: str | None = None
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The LR multiplier after ``step`` optimizer steps: linear warmup, then constant, cosine
+    (to 0) or linear (to 0) decay over the remaining steps."""
+    if kind not in ("constant", "cosine", "linear"):
+        raise ConfigError(f"--lr-schedule: {kind!r} must be constant, cosine or linear")
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return factor
+
+
+def _trim_metrics(path: Path, keep_through: int) -> None:
+    # Steps after the checkpoint we resume from are trained again: drop their old lines.
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if int(parse_json(line)["step"]) <= keep_through:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+
+class _StopFlag:
+    """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the next optimizer step;
+    a second one raises KeyboardInterrupt at once (the loop still rolls back and saves).
+    Only installed in the main thread (where signals arrive)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        self.requested = False
+        self.signal: str | None = None
+        self._echo = echo
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal = signal.Signals(signum).name
+        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        self._echo(f"{self.signal}: stopping after this step and saving a checkpoint ({again} again to stop at once)")
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+
+def make_optimizer(model: Any, opts: LoopOptions) -> tuple[Any, Any]:
+    """The optimizer ``opts.optimizer`` names on the LoRA parameters, and its warmup/decay schedule.
+
+    ``adamw`` (torch), ``adamw8bit`` (bitsandbytes' 8-bit AdamW: a quarter of the state
+    memory; runs on CPU and CUDA) or ``sgd`` (no state).
+
+    Raises:
+        ConfigError: an unknown optimizer.
+        MissingDependencyError: ``adamw8bit`` without bitsandbytes.
+    """
+    import torch
+
+    params = model.get_trainable_parameters()
+    if opts.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    elif opts.optimizer == "adamw8bit":
+        optimizer = require_bitsandbytes().optim.AdamW8bit(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    elif opts.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    else:
+        raise ConfigError(f"--optimizer: {opts.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opts.lr_schedule, opts.warmup, opts.steps))
+    return optimizer, scheduler
+
+
+def require_bitsandbytes() -> Any:
+    """The bitsandbytes module (``--optimizer adamw8bit``), or an error naming the extra."""
+    import logging
+
+    # On CPUs with AVX512-BF16 its import tries to fetch an optional 4-bit kernel and logs a
+    # warning when it cannot; the 8-bit optimizer does not use that kernel.
+    log = logging.getLogger("bitsandbytes")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise missing_extra("bitsandbytes", "quant", "--optimizer adamw8bit") from None
+    finally:
+        log.setLevel(level)
+    return bitsandbytes
+
+
+def evaluate(trainer: Any, examples: Any, pad_id: int, opts: LoopOptions) -> dict[str, float]:
+    """Mean token loss and perplexity of the held-out ``examples`` (padded batches, in order)."""
+    from lema.data.examples import batches
+
+    return trainer.evaluate(batches(examples, opts.batch, pad_id, seq=opts.seq, shuffle=False))
+
+
+def prune_checkpoints(out: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` ``checkpoint-<step>`` folders of ``out`` (never ``final``)."""
+    if keep <= 0:
+        return []
+    found = sorted((checkpoint_step(p), p) for p in out.glob("checkpoint-*") if p.is_dir())
+    removed = [p for _, p in found[:-keep]]
+    for p in removed:
+        shutil.rmtree(p)
+    return removed
+
+
+def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopOptions,
+               tokenizer_dir: Path | None, echo: Callable[[str], None] = print,
+               progress: Callable[[int, int], Any] | None = None, *,
+               collate_fn: Callable[..., Any] | None = None, eval_examples: Any = None,
+               sinks: Sequence[Any] = ()) -> LoopResult:
+    """Run optimizer steps ``trainer.global_step + 1 .. opts.steps``: progress, metrics,
+    evaluation, periodic checkpoints, and a checkpoint on Ctrl-C (see the module docstring).
+
+    Args:
+        examples: the training items (examples, or packed rows with ``collate_fn``).
+        echo: where progress lines go (the CLI passes ``click.echo``).
+        progress: ``progress(total, start)`` gives a context manager with ``live`` (True when
+            it shows the progress itself, so no lines are logged) and ``update(step, record)``;
+            None logs lines only. Evaluations are passed to ``update`` too (records with
+            ``eval_loss``).
+        collate_fn: makes a batch of items (default: padded examples).
+        eval_examples: held-out examples, evaluated every ``opts.eval_steps`` and at the end.
+        sinks: :class:`~lema.ports.metrics.MetricsSink` objects that also get every record.
+    """
+    from lema.app.parallel import distributed
+    from lema.data.sharding import rank_batches
+
+    ranks = distributed.current()
+    out = opts.out
+    start = trainer.global_step
+    if trainer.micro_step:
+        raise CheckpointError("the checkpoint was saved in the middle of a gradient accumulation; "
+                              "resume from an earlier checkpoint")
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _trim_metrics(out / METRICS, start)
+    stream = rank_batches(examples, opts.batch, pad_id, rank=ranks.rank, world=ranks.world, seq=opts.seq,
+                          seed=opts.seed, epochs=None, skip=start * opts.grad_accum, collate_fn=collate_fn)
+    log_every = opts.log_every or max(1, (opts.steps - start) // 10)
+    saved: Path | None = None
+    last_loss: float | None = None
+    began = time.perf_counter()
+    boundary_rng = trainer.rng_snapshot()
+    interrupted = False
+    failure: NonFiniteLossError | None = None
+    bar_cm = progress(opts.steps, start) if progress is not None else _NoProgress()
+    metrics_cm = open(out / METRICS, "a", encoding="utf-8") if ranks.is_main else _NoMetrics()
+    stopping = False
+    with _StopFlag(echo) as stop, bar_cm as bar, metrics_cm as metrics:
+        try:
+            while trainer.global_step < opts.steps and not (stopping := _stop_agreed(stop, ranks)):
+                t0 = time.perf_counter()
+                lr = _current_lr(trainer)  # the scheduler moves it after the step: log the one used
+                losses, tokens = [], 0
+                for _ in range(opts.grad_accum):
+                    batch = next(stream)
+                    _, loss = trainer.train_step(batch["input_ids"], labels=batch["labels"],
+                                                 attention_mask=batch["attention_mask"],
+                                                 position_ids=batch.get("position_ids"))
+                    losses.append(loss)
+                    tokens += int(batch["tokens"])  # the whole batch's, over all ranks
+                seconds = time.perf_counter() - t0
+                boundary_rng = trainer.rng_snapshot()
+                step = trainer.global_step
+                last_loss = sum(losses) / len(losses)
+                report = getattr(model, "last_report", None)
+                peak = getattr(report, "device_peak_bytes", None)
+                counted = bool(getattr(report, "peak_counts_compute", True))
+                record = {"step": step, "loss": last_loss, "lr": lr,
+                          "tokens_per_s": tokens / seconds if seconds > 0 else None,
+                          "device_peak_bytes": peak, "device_peak_counts_compute": counted, "tokens": tokens,
+                          "seconds": seconds}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                _to_sinks(sinks, step, record, "train/")
+                bar.update(step, record)
+                if not bar.live and (step % log_every == 0 or step == opts.steps):
+                    echo(_log_line(record, opts.steps))
+                if eval_examples is not None and (step == opts.steps or (opts.eval_steps and step % opts.eval_steps == 0)):
+                    scores = evaluate(trainer, eval_examples, pad_id, opts)
+                    row = {"step": step, "eval_loss": scores["loss"], "eval_perplexity": scores["perplexity"]}
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                    _to_sinks(sinks, step, {"loss": scores["loss"], "perplexity": scores["perplexity"]}, "eval/")
+                    bar.update(step, row)
+                    echo(f"step {step}/{opts.steps}  eval_loss {scores['loss']:.4f}  "
+                         f"perplexity {scores['perplexity']:.2f}")
+                if opts.save_steps and step % opts.save_steps == 0 and step < opts.steps:
+                    saved = trainer.save_checkpoint(out / f"checkpoint-{step}", tokenizer_dir=tokenizer_dir)
+                    if ranks.is_main:
+                        prune_checkpoints(out, opts.save_total_limit)
+        except (KeyboardInterrupt, NonFiniteLossError) as exc:
+            if ranks.distributed and isinstance(exc, KeyboardInterrupt):
+                raise  # the ranks are at different points: no collective save
+            interrupted = True
+            if isinstance(exc, NonFiniteLossError):
+                failure = exc
+            # Roll back to the last optimizer step: drop the partial accumulation so that the
+            # checkpoint describes exactly `global_step` steps, RNG included.
+            trainer.discard_accumulation()
+            trainer.restore_rng(boundary_rng)
+        interrupted = (interrupted or stopping) and trainer.global_step < opts.steps
+    step = trainer.global_step
+    for sink in sinks:
+        sink.close()
+    if interrupted:
+        saved = trainer.save_checkpoint(out / f"checkpoint-{step}", tokenizer_dir=tokenizer_dir)
+    else:
+        saved = trainer.save_checkpoint(out / FINAL, tokenizer_dir=tokenizer_dir)
+    if failure is not None:
+        raise NonFiniteLossError(f"{failure}; the last good step ({step}) is saved in {saved}",
+                                 step=failure.step, value=failure.value, checkpoint=saved) from None
+    return LoopResult(step, last_loss, saved, interrupted, time.perf_counter() - began,
+                      signal=(stop.signal or ("SIGTERM" if stopping else None)) if interrupted else None)
+
+
+def _stop_agreed(stop: _StopFlag, ranks: Any) -> bool:
+    """Whether a signal asked this rank (or, under torchrun, any rank) to stop."""
+    if not ranks.distributed:
+        return stop.requested
+    from lema.app.parallel.rank_agreement import settle
+
+    return settle(None, [float(stop.requested)])[0] > 0
+
+
+def _to_sinks(sinks: Sequence[Any], step: int, record: dict[str, Any], prefix: str) -> None:
+    values = {f"{prefix}{k}": v for k, v in record.items()
+              if k not in ("step", "seconds", "tokens") and isinstance(v, (int, float)) and v is not None}
+    for sink in sinks:
+        sink.log(step, values)
+
+
+def _current_lr(trainer: Any) -> float:
+    return float(trainer.optimizer.param_groups[0]["lr"])
+
+
+def _log_line(record: dict[str, Any], total: int) -> str:
+    tps = record.get("tokens_per_s")
+    peak = record.get("device_peak_bytes")
+    return (f"step {record['step']}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}"
+            + (f"  {tps:,.0f} tok/s" if tps else "") + (f"  device {peak_text(record)}" if peak else ""))
+
+
+def peak_text(record: dict[str, Any]) -> str:
+    """The device peak of a metrics record, saying when the compute's allocations are not in it."""
+    from lema.domain.units import format_size
+
+    held = "" if record.get("device_peak_counts_compute", True) else " held (compute not counted)"
+    return f"{format_size(record['device_peak_bytes'])}{held}"
+
+
+class _NoMetrics:
+    """Where ranks other than 0 write their metrics: nowhere."""
+
+    def __enter__(self) -> "_NoMetrics":
+        return self
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+class _NoProgress:
+    """No progress display: the loop logs lines instead."""
+
+    live = False
+
+    def __enter__(self) -> "_NoProgress":
+        return self
+
+    def update(self, step: int, record: dict[str, Any]) -> None:
+        pass
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def plan_summary(model: Any) -> str:
+    """A compact plan: strategy, shape, device total against the budget, the verdict."""
+    from lema.domain.units import format_size
+
+    p = model.plan()
+    s = p.shape
+    head = (f"plan: {s.strategy.value} on {model.device.torch_device}, batch {s.batch} x seq {s.seq}, "
+            f"LoRA rank {s.lora_rank} ({p.model.lora_parameters:,} trainable parameters), "
+            f"{p.model.n_layers} layers, {len(p.resident_units)} units resident"
+            + (", activation offload" if p.offload_activations else "")
+            + (f", {p.tile_tokens}-position tiles" if p.tile_tokens else ""))
+    if p.budget is None:
+        body = f"device {format_size(p.device_total)} needed (no budget to check against)"
+    else:
+        body = (f"device {format_size(p.device_total)} of {format_size(p.budget.device_bytes)} budget "
+                f"(headroom {format_size(p.headroom_bytes)}): {'fits' if p.fits else 'DOES NOT FIT'}")
+    return head + "\n      " + body

@@ -1,0 +1,67 @@
+"""DeviceTraits: what a device is, declared by the device and read by the engine, bootstrap and planner.
+
+A :class:`~lema.ports.device.Device` carries one of these records (``device.traits``), so
+no caller probes a device for optional attributes or compares its name: the engine picks
+its weight path from ``in_place``, ``direct_reads`` and ``simulated_link``; the planner
+counts the runtime reserve, the optimizer's temporaries, the dequantization path and the
+pinned staging from the others. ``lema plan --device cuda|cpu`` plans for a kind it has no
+device of: :data:`DEVICE_KINDS` holds the traits of each kind, which the adapters start from.
+
+Example:
+    >>> DEVICE_KINDS["cuda"].pinned_host, DEVICE_KINDS["cpu"].runtime_reserve
+    (True, 0)
+"""
+
+from __future__ import annotations
+
+import attrs
+
+__all__ = ["CPU", "CUDA", "DEFAULT_CUDA_RESERVE", "DEVICE_KINDS", "DeviceTraits"]
+
+# CUDA context + allocator slack, counted when no --reserve is given (measured: 400-500 MiB).
+DEFAULT_CUDA_RESERVE = 512 * 1024**2
+
+
+@attrs.frozen(kw_only=True)
+class DeviceTraits:
+    """What a device is (its capacity is the device's own ``capacity``).
+
+    Attributes:
+        kind: its name in messages and plans (``"cuda"``, ``"cpu"``); nothing branches on it.
+        host_memory: its memory is the host's (the CPU): tensors made on the host are
+            already on the device, and its cores run the compute (weights are read by one
+            thread, not a pool).
+        pinned_host: uploads and downloads run from page-locked host buffers on a copy
+            stream, asynchronously with the compute (CUDA).
+        runtime_reserve: bytes the runtime holds beyond the counted tensors (the CUDA
+            context, the allocator's slack), planned when no reserve is given.
+        foreach_optimizer: the optimizer step runs foreach kernels, one temporary copy of all
+            the gradients (CUDA); otherwise two copies of the largest tensor.
+        dequantizes_in_place: dequantization writes the scratch buffer in place (CUDA); on a
+            CPU bitsandbytes returns the dense weight as a new tensor, then copied.
+        in_place: computes on the weights where the source holds them (the CPU training for
+            real): no slots, no copy per step.
+        direct_reads: the source reads weights straight into the device's slots (its memory
+            is host memory): no staging copy.
+        counts_compute: the device's peak counts every storage the compute allocates.
+        simulated_link: the link is simulated (``Device.carry`` passes its time for bytes
+            already in a slot).
+    """
+
+    kind: str
+    host_memory: bool = False
+    pinned_host: bool = False
+    runtime_reserve: int = 0
+    foreach_optimizer: bool = False
+    dequantizes_in_place: bool = False
+    in_place: bool = False
+    direct_reads: bool = False
+    counts_compute: bool = True
+    simulated_link: bool = False
+
+
+CUDA = DeviceTraits(kind="cuda", pinned_host=True, runtime_reserve=DEFAULT_CUDA_RESERVE, foreach_optimizer=True,
+                    dequantizes_in_place=True)
+CPU = DeviceTraits(kind="cpu", host_memory=True)
+
+DEVICE_KINDS: dict[str, DeviceTraits] = {t.kind: t for t in (CUDA, CPU)}

@@ -1,0 +1,1 @@
+"""Shared tensor math below the families: BlockContext, attention, linear maps, norms, rope, experts, options."""

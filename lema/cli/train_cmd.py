@@ -54,6 +54,7 @@ from lema.app.train_loop import (
     require_bitsandbytes,
     train_loop,
 )
+from lema.cli.context_check import check_seq
 from lema.cli.progress import TrainingProgress
 from lema.cli.train_options import train_options
 from lema.config import check_seed
@@ -92,12 +93,18 @@ def train(ctx: click.Context, **options: Any) -> None:
         raise ConfigError("pass --steps or --epochs, not both")
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise ConfigError(f"--lr: {o.lr!r} must be a positive number")
+    for flag, value in (("--weight-decay", o.weight_decay), ("--max-grad-norm", o.max_grad_norm),
+                        ("--alpha", o.alpha), ("--lora-dropout", o.lora_dropout), ("--eval-split", o.eval_split)):
+        if value is not None and not math.isfinite(value):  # click's FloatRange lets nan through
+            raise ConfigError(f"{flag}: {value!r} is not a finite number")
     if o.reset_optimizer and not o.resume:
         raise ConfigError("--reset-optimizer only applies with --resume")
     if o.eval_data is not None and o.eval_split is not None:
         raise ConfigError("pass --eval-data or --eval-split, not both")
     check_seed(o.seed, "--seed")
     o.max_line_bytes()  # checked before anything is opened
+    if o.vram is not None:
+        parse_size(o.vram, field="--vram")  # named as the user wrote it, not as LemaConfig's vram_budget
     bootstrap.sink_names(o.report_to)  # an unknown sink or a missing library: said before any work
     if o.optimizer == "adamw8bit":
         require_bitsandbytes()
@@ -193,10 +200,14 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any) -> int
     from lema.data.examples import batches_per_epoch
 
     gbi_path, name_or_path = resolve_model_arg(o.model_path, echo=click.echo)
+    # The context comes from the header and config alone: a --seq beyond it is refused
+    # before the data is read.
+    check_seq(o.seq, bootstrap.open_model(LemaConfig(gbi_path=gbi_path, model_name_or_path=name_or_path)).spec,
+              lambda line: click.echo(line, err=True))
     tok, tok_dir = open_tokenizer(o.tokenizer, o.model_path)
     data = prepare_data(o.data, tok, seq=o.seq, format=o.format, chat_template=o.chat_template, packing=o.packing,
                         eval_data=o.eval_data, eval_split=o.eval_split, seed=o.seed, cache=o.data_cache,
-                        max_line_bytes=o.max_line_bytes())
+                        max_line_bytes=o.max_line_bytes(), progress=click.echo)
     per_epoch = batches_per_epoch(len(data.items), o.batch * ranks.world)
     total = o.steps if o.steps is not None else max(1, math.ceil((o.epochs or 1) * per_epoch / o.grad_accum))
     for line in data.lines:
@@ -248,7 +259,7 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any) -> int
             if ranks.is_main else []
         result = train_loop(model, trainer, data.items, tok.pad_token_id, opts, tok_dir, echo=click.echo,
                             progress=TrainingProgress if ranks.is_main else None, collate_fn=data.collate_fn,
-                            eval_examples=data.eval_examples, sinks=sinks)
+                            eval_examples=data.eval_examples, sinks=sinks, hold_signals=True)
     if result.interrupted:
         click.echo(f"interrupted at step {result.steps_done}: saved {result.checkpoint}; continue with the same "
                    "command plus --resume")

@@ -37,6 +37,7 @@ def test_the_corpus_has_over_100_bad_files_of_every_kind(corpus):
     assert all((root / f).exists() for f in files)
     for kind in ("header", "config", "index", "data", "checkpoint"):
         assert sum(1 for c in cases if c.kind == kind) >= 8, kind
+    assert sum(1 for c in cases if c.kind == "hostile") >= 60  # the second campaign (issue 25)
     commands = {argv[0] for c in cases for argv in c.commands}
     assert commands == {"plan", "convert", "train", "generate", "merge", "bench", "demo", "frobnicate"}
 

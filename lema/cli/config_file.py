@@ -135,8 +135,8 @@ def _check_value(param: click.Parameter, key: str, value: Any, path: str) -> Non
     if flag and not isinstance(value, bool):
         raise ConfigError(f"{where}: {value!r} is not true or false")
     if not flag and isinstance(value, bool):
-        raise ConfigError(f"{where}: {str(value).lower()} is not a value of this option; give a "
-                          f"{getattr(param.type, 'name', 'value')}")
+        raise ConfigError(f"{where}: {str(value).lower()} is not a value of this option (it takes "
+                          f"{getattr(param.type, 'name', 'a value')}, not true or false)")
     if isinstance(value, float) and value != value:
         raise ConfigError(f"{where}: .nan is not a number")
     if not isinstance(value, (str, int, float)):  # dates, binary: YAML types no option takes

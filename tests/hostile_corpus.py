@@ -245,9 +245,8 @@ def _file_kind_cases(root: Path) -> list[Case]:
     os.mkfifo(adapter_fifo / "adapter_config.json")
     k = "hostile/kinds"
     return [
-        Case("hostile", "data_fifo", f"{k}/pipe.txt", (_train("good/model", f"{k}/pipe.txt"),), "not a regular file"),
-        Case("hostile", "data_dev_zero", f"{k}/zero.txt", (_train("good/model", f"{k}/zero.txt"),),
-             "not a regular file"),
+        Case("hostile", "data_fifo", f"{k}/pipe.txt", (_train("good/model", f"{k}/pipe.txt"),), "is not a file"),
+        Case("hostile", "data_dev_zero", f"{k}/zero.txt", (_train("good/model", f"{k}/zero.txt"),), "is not a file"),
         Case("hostile", "data_symlink_loop", k, (_train("good/model", f"{k}/loop.txt"),),  # a loop does not "exist"
              "symbolic links|no such data"),
         Case("hostile", "config_symlink_loop", f"{k}/loop_model", (

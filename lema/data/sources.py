@@ -70,9 +70,6 @@ def open_source(spec: str | os.PathLike[str], max_line_bytes: int = rec.MAX_LINE
     if path.is_dir():
         return _folder(path, max_line_bytes)
     if path.exists():
-        if not path.is_file():  # a FIFO blocks forever, a device never ends: data is read twice, from files
-            raise DataError(f"{path}: not a regular file (a pipe, a socket or a device); LEMA reads the data twice "
-                            "(checks, then tokens): save it to a file and pass that")
         return _of_kind(kind_of(path), [path], str(path), max_line_bytes)
     text = str(spec)
     if _HUB_ID.match(text) and ".." not in text and "/" in text.split(":")[0]:

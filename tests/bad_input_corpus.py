@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-KINDS = ("header", "config", "index", "data", "checkpoint", "option")
+KINDS = ("header", "config", "index", "data", "checkpoint", "option", "hostile")
 BAD = "\ud800"  # a lone surrogate, as json.dumps escapes it
 
 
@@ -546,10 +546,12 @@ def option_cases(root: Path) -> list[Case]:
 
 def build_corpus(root: Path) -> list[Case]:
     """Write the good inputs and every bad one under ``root``; return the cases."""
+    from tests.hostile_corpus import hostile_cases
+
     build_good(root)
     (root / "out").mkdir()
     return [*header_cases(root), *config_cases(root), *index_cases(root), *data_cases(root),
-            *checkpoint_cases(root), *option_cases(root)]
+            *checkpoint_cases(root), *option_cases(root), *hostile_cases(root)]
 
 
 def corpus_files(cases: list[Case]) -> set[str]:

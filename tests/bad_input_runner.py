@@ -4,8 +4,9 @@ Usage: ``python -m tests.bad_input_runner ROOT CASES_JSON`` (the cwd becomes ROO
 the cases' relative paths point). Every command line of every case runs through click's
 ``CliRunner`` in this process (one torch import for all of them); for each it records the
 exit status, stdout/stderr, any exception that escaped the command, the wall time, and the
-process's peak resident memory so far (``ru_maxrss``, a high-water mark: the largest value
-bounds every command before it). The imports all commands share are done first, untimed. A case with ``fsize`` runs under that ``RLIMIT_FSIZE``,
+process's peak resident memory so far (``VmHWM``, a high-water mark: the largest value
+bounds every command before it; not ``ru_maxrss``, which Linux carries over from the parent
+at exec, so a large pytest process would be charged to every case). The imports all commands share are done first, untimed. A case with ``fsize`` runs under that ``RLIMIT_FSIZE``,
 so writes past it fail as on a full disk (``SIGXFSZ`` is ignored so the write returns an
 error instead of killing the process).
 """
@@ -57,9 +58,15 @@ def run_cases(root: Path, cases: list[dict]) -> list[dict]:
                 "kind": case["kind"], "name": case["name"], "argv": list(argv), "expect": case["expect"],
                 "exit_code": result.exit_code, "stdout": result.stdout[-2000:], "stderr": result.stderr[-4000:],
                 "escaped": escaped, "seconds": seconds,
-                "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "maxrss_bytes": _peak_rss(),
             })
     return results
+
+
+def _peak_rss() -> int:
+    """This process's own peak resident memory in bytes (``VmHWM`` of /proc/self/status)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
 
 
 def main() -> None:

@@ -46,9 +46,8 @@ def open_model(config: LemaConfig) -> ResolvedModel:
         resolved = resolve_model(str(config.model_name_or_path), allow_network=False)
     if resolved.weights_path is None:
         raise ModelFormatError(
-            f"{config.gbi_path or config.model_name_or_path}: no safetensors weights to train on; "
-            "convert the model first with `lema convert MODEL OUT.safetensors` (or "
-            "prepare_monolithic_safetensors) and pass gbi_path=OUT.safetensors"
+            f"{config.gbi_path or config.model_name_or_path}: no safetensors weights; convert the model first "
+            "with `lema convert MODEL OUT.safetensors` and pass OUT.safetensors"
         )
     check_rope(resolved.spec)
     return resolved

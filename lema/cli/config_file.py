@@ -55,7 +55,12 @@ def read_yaml(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"--config: {p}: no such file")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        with open(p, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"--config: {p} is larger than {MAX_CONFIG_BYTES // 1024} KiB; a run's options fit in "
+                              "a few lines: pass the YAML file of options")
+        data = yaml.load(raw.decode("utf-8"), Loader=_loader_class(yaml, p))  # noqa: S506 - a SafeLoader
     except UnicodeDecodeError:
         raise ConfigError(f"--config: {p} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
@@ -68,6 +73,74 @@ def read_yaml(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {p}: expected a mapping of option: value, got a {type(data).__name__}")
     return data
+
+
+# A run's options are a few dozen short lines; the bounds leave room for any honest file.
+MAX_CONFIG_BYTES = 256 * 1024
+MAX_DEPTH = 20
+
+
+def _loader_class(yaml: Any, path: Path) -> Any:
+    """A SafeLoader (no Python tags: no code runs) that also refuses anchors and aliases
+    (a 444-byte alias bomb expands to gigabytes), nesting deeper than :data:`MAX_DEPTH`
+    (deep nesting ends in a RecursionError) and duplicate keys (the second value would
+    silently win)."""
+
+    class Loader(yaml.SafeLoader):  # type: ignore[name-defined,misc]
+        _depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                line = event.start_mark.line + 1
+                raise ConfigError(f"--config: {path}: line {line}: YAML anchors and aliases (&name, *name) are not "
+                                  "accepted in an options file; write each value out")
+            self._depth += 1
+            try:
+                if self._depth > MAX_DEPTH:
+                    raise ConfigError(f"--config: {path}: line {event.start_mark.line + 1}: nested deeper than "
+                                      f"{MAX_DEPTH} levels; an options file is a flat mapping of option: value")
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (list, dict)):
+                    raise ConfigError(f"--config: {path}: line {key_node.start_mark.line + 1}: a key must be an "
+                                      "option name")
+                if key in seen:
+                    raise ConfigError(f"--config: {path}: line {key_node.start_mark.line + 1}: {key!r} is given "
+                                      "twice; keep one")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
+def _check_value(param: click.Parameter, key: str, value: Any, path: str) -> None:
+    """A YAML value an option can take: a scalar of the option's kind (or a list of scalars)."""
+    flag = isinstance(param, click.Option) and (param.is_flag or bool(param.secondary_opts))
+    where = f"--config: {path}: {key}"
+    if value is None:
+        raise ConfigError(f"{where}: null is not a value; give one, or remove the key to use the default")
+    if isinstance(value, dict):
+        raise ConfigError(f"{where}: a mapping is not a value of this option; give a single value")
+    if isinstance(value, (list, tuple)):
+        if not value or any(isinstance(v, (list, tuple, dict, bool)) or v is None for v in value):
+            raise ConfigError(f"{where}: a list of option values must hold plain names or numbers")
+        return
+    if flag and not isinstance(value, bool):
+        raise ConfigError(f"{where}: {value!r} is not true or false")
+    if not flag and isinstance(value, bool):
+        raise ConfigError(f"{where}: {str(value).lower()} is not a value of this option (it takes "
+                          f"{getattr(param.type, 'name', 'a value')}, not true or false)")
+    if isinstance(value, float) and value != value:
+        raise ConfigError(f"{where}: .nan is not a number")
+    if not isinstance(value, (str, int, float)):  # dates, binary: YAML types no option takes
+        raise ConfigError(f"{where}: {value!r} is not a value of this option; write it as a string")
 
 
 def to_default_map(command: click.Command, data: dict[str, Any], path: str) -> dict[str, Any]:
@@ -93,6 +166,7 @@ def to_default_map(command: click.Command, data: dict[str, Any], path: str) -> d
     out: dict[str, Any] = {}
     for key, value in data.items():
         param = by_key[str(key)]
+        _check_value(param, str(key), value, path)
         if isinstance(value, (list, tuple)):
             value = ",".join(str(v) for v in value)
         if isinstance(param, click.Option) and param.secondary_opts and isinstance(value, bool):

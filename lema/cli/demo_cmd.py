@@ -198,7 +198,8 @@ def demo(out: str, steps: int | None, size: str, seed: int, overwrite: bool) -> 
                    f"{rank} on {', '.join(model.lora_spec.targets)}; held-out loss every {settings.eval_every} steps")
         click.echo(f"step 0/{settings.steps}  eval_loss {before:.4f}")
         result = train_loop(model, trainer, data.items, pad, opts, base_dir, echo=click.echo,
-                            progress=TrainingProgress, collate_fn=data.collate_fn, eval_examples=data.eval_examples)
+                            progress=TrainingProgress, collate_fn=data.collate_fn, eval_examples=data.eval_examples,
+                            hold_signals=True)
         if result.interrupted:
             click.echo(f"interrupted at step {result.steps_done}: saved {result.checkpoint}")
             click.get_current_context().exit(143 if result.signal == "SIGTERM" else 130)

@@ -25,6 +25,7 @@ from typing import Iterator
 
 import click
 
+from lema.adapters.weights import file_lease
 from lema.errors import DoesNotFitError, LemaError, LemaWarning, NonFiniteLossError
 
 EXIT_DOES_NOT_FIT = 1
@@ -47,7 +48,7 @@ class LemaGroup(click.Group):
     def invoke(self, ctx: click.Context):  # noqa: D401 - click API
         with _quiet_unless_rank_zero() as quiet:
             try:
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), file_lease.guarding():
                     warnings.showwarning = _show_warning
                     return super().invoke(ctx)
             except click.exceptions.Exit:
@@ -146,7 +147,10 @@ def _describe_os_error(exc: Exception) -> str:
     if isinstance(exc, UnicodeDecodeError):
         return f"input is not valid UTF-8 ({exc.reason} at byte {exc.start})"
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        return f"{exc.filename or 'a file'}: {os.strerror(exc.errno)}; free some disk space or write elsewhere"
+        # shutil's copies name the source first and the destination (the file written) second
+        written = exc.filename2 or exc.filename
+        where = f"{written}: " if written else "writing an output: "
+        return f"{where}{os.strerror(exc.errno)}; free some disk space or write elsewhere"
     if isinstance(exc, OSError) and exc.errno and exc.filename:
         return f"{exc.filename}: {os.strerror(exc.errno)}"
     return str(exc)

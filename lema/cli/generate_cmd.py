@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from lema.errors import CheckpointError, ConfigError, ModelFormatError
+from lema.errors import CheckpointError, ConfigError, DataError, ModelFormatError
 
 
 @click.command("generate")
@@ -84,8 +84,13 @@ def generate(model_path: str, adapter: str | None, prompt: str, max_new_tokens: 
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         raise ConfigError("--prompt: the prompt encodes to no tokens; pass some text")
-    where = ({"gbi_path": model_path} if Path(model_path).expanduser().is_file()
-             else {"model_name_or_path": model_path})
+    from lema.app.training.run_inputs import resolve_model_arg
+
+    # A folder of .bin weights is converted once into the cache, as `lema train` does.
+    gbi_path, name_or_path = resolve_model_arg(model_path, echo=lambda line: click.echo(line, err=True))
+    where = {"gbi_path": gbi_path} if gbi_path is not None else {"model_name_or_path": name_or_path}
+    if gbi_path is not None and name_or_path is not None and not Path(model_path).expanduser().is_file():
+        where["model_name_or_path"] = name_or_path  # the folder's config.json, beside the converted file
     # The context length comes from the header and config alone (no weights read yet).
     context = bootstrap.open_model(LemaConfig(**where)).spec.max_positions
     max_new_tokens = _cap_to_context(ids.shape[1], max_new_tokens, context)
@@ -123,14 +128,21 @@ def _cap_to_context(prompt_tokens: int, max_new_tokens: int, context: int) -> in
 def chat_prompt_ids(tokenizer: Any, prompt: str, system: str | None, chat_template: str | None) -> tuple[Any, list[int]]:
     """The ids of a one-turn conversation rendered with the generation prompt (no extra BOS:
     the template writes its own), and the tokens that end the reply."""
-    from lema.data.chat import end_of_turn_ids, render_text, resolve_template
+    from lema.data.chat import TemplateRefused, end_of_turn_ids, render_text, resolve_template
 
     template = resolve_template(tokenizer, chat_template)
     if template is None:
         raise ConfigError("--chat: the tokenizer has no chat template; pass one with --chat-template FILE "
                           "(or --chat-template chatml)")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    text = render_text(tokenizer, messages, template, add_generation_prompt=True)
+    try:
+        text = render_text(tokenizer, messages, template, add_generation_prompt=True)
+    except TemplateRefused:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a template raises what its author wrote (or a syntax error)
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"--chat: the chat template cannot render the prompt ({detail}); fix the template or "
+                        "pass another with --chat-template") from None
     return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"], end_of_turn_ids(tokenizer,
                                                                                                          template)
 

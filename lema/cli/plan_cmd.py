@@ -58,6 +58,7 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
         default_environment_allows_network,
         resolve_model,
     )
+    from lema.domain.model.sequence_limit import check_seq
     from lema.domain.device_traits import DEVICE_KINDS
     from lema.domain.plan.planner import Budget, TrainingShape
     from lema.domain.plan.planner import plan as make_plan
@@ -90,6 +91,7 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
         spec = spec.quantized(QuantFormat.parse(quantize, double_quant=not no_double_quant))
     elif no_double_quant:
         raise ConfigError("--no-double-quant needs --quantize nf4 or fp4")
+    check_seq(seq, spec, lambda line: click.echo(line, err=True))
     if budget is None:
         from lema.adapters.devices.probe import local_gpu_memory
 

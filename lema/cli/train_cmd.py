@@ -61,6 +61,6 @@ def train(ctx: click.Context, **options: Any) -> None:
       lema train --model llama2_7b.safetensors --data chat.jsonl --out runs/a \\
                  --steps 1000 --batch 4 --seq 1024 --packing --eval-split 0.05 --eval-steps 100
     """
-    code = run_training(TrainOptions(**options), echo=click.echo, progress=TrainingProgress)
+    code = run_training(TrainOptions(**options), echo=click.echo, progress=TrainingProgress, hold_signals=True)
     if code:
         ctx.exit(code)

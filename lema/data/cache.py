@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,8 @@ def save(root: Path, key: str, store: TokenStore) -> bool:
     """
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+        tmp = root / f".{key}.{secrets.token_hex(6)}"
+        tmp.mkdir(0o777)  # the umask's mode, as every output of LEMA (mkdtemp would make it 0700)
     except OSError:
         return False
     try:

@@ -19,11 +19,93 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
+import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from lema.errors import DataError
+
+# A template is a page of Jinja; one rendering of one conversation takes microseconds and
+# is about as long as the conversation. The bounds leave room for any honest template and
+# stop a hostile one (nested range() loops, an exploding string) early.
+MAX_TEMPLATE_CHARS = 256 * 1024
+RENDER_SECONDS = 5.0
+MAX_RENDERED_CHARS = 8 * 1024 * 1024
+
+
+class TemplateRefused(DataError):
+    """The chat template itself is refused (the sandbox stopped it, or it ran past the time
+    or size bound): every conversation would fail the same way, so this stops the run."""
+
+
+class _RenderTimeout(BaseException):
+    """Raised into a rendering that ran past :data:`RENDER_SECONDS` (a BaseException, so the
+    template's own error handling cannot swallow it)."""
+
+
+@contextlib.contextmanager
+def _time_bound(seconds: float) -> Iterator[None]:
+    """Raise :class:`_RenderTimeout` into the block after ``seconds`` (SIGALRM: main thread,
+    POSIX, and no timer of someone else's running; otherwise unbounded)."""
+    if (threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer")
+            or signal.getitimer(signal.ITIMER_REAL)[0]):
+        yield
+        return
+
+    def expired(signum: int, frame: Any) -> None:
+        raise _RenderTimeout
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _sandbox_error() -> type[BaseException]:
+    try:
+        from jinja2.exceptions import SecurityError
+    except ImportError:  # pragma: no cover - transformers needs jinja2 for chat templates
+        return _RenderTimeout
+    return SecurityError
+
+
+def bounded(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)`` (a template rendering) within the time and size bounds.
+
+    Raises:
+        TemplateRefused: the sandbox refused what the template does, it rendered for more
+            than :data:`RENDER_SECONDS`, or wrote more than :data:`MAX_RENDERED_CHARS`.
+    """
+    try:
+        with _time_bound(RENDER_SECONDS):
+            out = call(*args, **kwargs)
+    except _RenderTimeout:
+        raise TemplateRefused(f"the chat template rendered one conversation for more than {RENDER_SECONDS:g} s "
+                              "(a loop that does not end?); fix the template or pass another with --chat-template"
+                              ) from None
+    except _sandbox_error() as exc:
+        raise TemplateRefused(f"the chat template does something the sandbox forbids ({_first_line(exc)}); "
+                              "LEMA renders templates in a sandbox: fix the template or pass another with "
+                              "--chat-template") from None
+    size = len(out) if isinstance(out, str) else len(out.get("input_ids", ())) if isinstance(out, Mapping) else 0
+    if size > MAX_RENDERED_CHARS:
+        raise TemplateRefused(f"the chat template wrote {size:,} characters for one conversation (the bound is "
+                              f"{MAX_RENDERED_CHARS:,}); fix the template or pass another with --chat-template")
+    return out
+
+
+def check_template_size(template: str, where: str) -> str:
+    """``template``, or DataError when it is larger than :data:`MAX_TEMPLATE_CHARS`."""
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise DataError(f"{where}: the chat template is {len(template):,} characters long, more than the "
+                        f"{MAX_TEMPLATE_CHARS:,} accepted; pass a template file with --chat-template")
+    return template
 
 GENERATION_MARK = re.compile(r"{%-?\s*generation\s*-?%}")
 # ChatML (Qwen, many fine-tunes), with generation marks: ``--chat-template chatml``.
@@ -46,13 +128,20 @@ def resolve_template(tokenizer: Any, override: str | None) -> str | None:
         template = getattr(tokenizer, "chat_template", None)
         if isinstance(template, dict):  # several named templates: the default one
             template = template.get("default")
-        return template or None
+        if not isinstance(template, str):
+            return None
+        return check_template_size(template, "the tokenizer's chat_template") or None
     if override in BUILTIN:
         return BUILTIN[override]
     path = Path(override).expanduser()
     if path.is_file():
         try:
-            text = path.read_text(encoding="utf-8")
+            with open(path, "rb") as f:
+                raw = f.read(4 * MAX_TEMPLATE_CHARS + 1)  # a tokenizer_config.json holds more than the template
+            if len(raw) > 4 * MAX_TEMPLATE_CHARS:
+                raise DataError(f"--chat-template: {path} is larger than {4 * MAX_TEMPLATE_CHARS // 1024} KiB; "
+                                "pass a Jinja template file")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise DataError(f"--chat-template: {path} is not UTF-8 text; pass a Jinja template file") from None
         if path.suffix == ".json":  # a tokenizer_config.json
@@ -64,9 +153,9 @@ def resolve_template(tokenizer: Any, override: str | None) -> str | None:
                 text = ""
             if not isinstance(text, str) or not text:
                 raise DataError(f"--chat-template: {path} has no \"chat_template\" string")
-        return text
+        return check_template_size(text, f"--chat-template {path}")
     if "{{" in override or "{%" in override:
-        return override
+        return check_template_size(override, "--chat-template")
     raise DataError(f"--chat-template: {override!r} is not a file, a built-in template ({', '.join(BUILTIN)}) "
                     "or Jinja template text")
 
@@ -78,9 +167,13 @@ def has_generation_marks(template: str) -> bool:
 
 def render_text(tokenizer: Any, messages: Sequence[dict[str, Any]], template: str,
                 add_generation_prompt: bool = False) -> str:
-    """The conversation as the template writes it (no tokenization)."""
-    return tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    """The conversation as the template writes it (no tokenization), within the bounds.
+
+    Raises:
+        TemplateRefused: see :func:`bounded`; anything else the template raises.
+    """
+    return bounded(tokenizer.apply_chat_template, list(messages), chat_template=template, tokenize=False,
+                   add_generation_prompt=add_generation_prompt)
 
 
 def assistant_spans(tokenizer: Any, messages: Sequence[dict[str, Any]], template: str) -> tuple[str, list[tuple[int, int]]]:
@@ -99,6 +192,8 @@ def assistant_spans(tokenizer: Any, messages: Sequence[dict[str, Any]], template
             continue
         try:
             before = render_text(tokenizer, messages[:i], template, add_generation_prompt=True)
+        except TemplateRefused:
+            raise
         except Exception:  # noqa: BLE001 - many templates refuse an empty conversation
             if i:
                 raise
@@ -139,8 +234,10 @@ def render_batch(tokenizer: Any, conversations: Sequence[Sequence[dict[str, Any]
     if has_generation_marks(template):
         for conv in conversations:
             try:
-                out = tokenizer.apply_chat_template(list(conv), chat_template=template, tokenize=True,
-                                                    return_dict=True, return_assistant_tokens_mask=True)
+                out = bounded(tokenizer.apply_chat_template, list(conv), chat_template=template, tokenize=True,
+                              return_dict=True, return_assistant_tokens_mask=True)
+            except TemplateRefused:
+                raise
             except Exception as exc:  # noqa: BLE001 - a template raises what its author wrote
                 results.append(f"the chat template cannot render this conversation ({_first_line(exc)})")
                 continue
@@ -152,9 +249,15 @@ def render_batch(tokenizer: Any, conversations: Sequence[Sequence[dict[str, Any]
     for conv in conversations:
         try:
             text, found = assistant_spans(tokenizer, conv, template)
-        except Exception as exc:  # noqa: BLE001 - a template raises what its author wrote
+        except TemplateRefused:
+            raise
+        except ValueError as exc:  # the prefix rendering rule failed: generation marks make it unnecessary
             results.append(f"the chat template cannot render this conversation ({_first_line(exc)}); give the "
                            "template {% generation %} marks, or pass another with --chat-template")
+            continue
+        except Exception as exc:  # noqa: BLE001 - a template raises what its author wrote
+            results.append(f"the chat template cannot render this conversation ({_first_line(exc)}); fix the "
+                           "conversation or the template, or pass another with --chat-template")
             continue
         where.append(len(results))
         results.append(("", []))  # filled below
@@ -180,6 +283,8 @@ def end_of_turn_ids(tokenizer: Any, template: str) -> list[int]:
     try:
         text = render_text(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
                            template)
+    except TemplateRefused:
+        raise
     except Exception:  # noqa: BLE001 - a template may refuse such a short conversation
         return []
     tail = text[text.rfind(marker) + len(marker):]

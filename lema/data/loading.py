@@ -11,8 +11,9 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import attrs
 
@@ -42,6 +43,30 @@ class DataOptions:
     chat_template: str | None = None
     cache_dir: Path | None = None
     max_line_bytes: int = MAX_LINE_BYTES
+    progress: Callable[[str], None] | None = attrs.field(default=None, eq=False)
+    progress_every: float = attrs.field(default=10.0, eq=False)
+
+
+class _Ticker:
+    """Counts what a pass over the data has done; says it every ``every`` seconds (a large
+    data set is checked, then tokenized, for minutes: the user sees it move)."""
+
+    def __init__(self, say: Callable[[str], None] | None, what: str, unit: str, every: float = 10.0) -> None:
+        self._say, self._what, self._unit, self._every = say, what, unit, every
+        self._began = self._last = time.monotonic()
+        self.count = 0
+
+    def wrap(self, items: Iterable[Any], size: Callable[[Any], int]) -> Iterator[Any]:
+        for item in items:
+            yield item
+            self.count += size(item)
+            if self._say is not None:
+                now = time.monotonic()
+                if now - self._last >= self._every:
+                    self._last = now
+                    done = (f"{self.count / 1e6:,.0f} million characters" if self._unit == "chars"
+                            else f"{self.count:,} {self._unit}")
+                    self._say(f"      {self._what}: {done} so far ({now - self._began:.0f} s)")
 
 
 @attrs.frozen
@@ -102,25 +127,28 @@ def load_data(spec: str | os.PathLike[str], tokenizer: Any, options: DataOptions
         hit = cache.load(Path(options.cache_dir), key)
         if hit is not None:
             return TrainingData(hit, str(hit.meta.get("format")), source.name, cached=True)
-    data = _read(source, tokenizer, seq, fmt, template)
+    data = _read(source, tokenizer, seq, fmt, template, options.progress, options.progress_every)
     if options.cache_dir is not None:
         cache.save(Path(options.cache_dir), key, data.store)
     return data
 
 
-def _read(source: Source, tokenizer: Any, seq: int, fmt: str | None, template: str | None) -> TrainingData:
+def _read(source: Source, tokenizer: Any, seq: int, fmt: str | None, template: str | None,
+          say: Callable[[str], None] | None = None, every: float = 10.0) -> TrainingData:
     if source.kind == "text":
         if fmt not in (None, formats.TEXT):
             raise DataError(f"{source.name}: plain text is one text stream; --format {fmt} needs records "
                             "(JSONL, JSON, Parquet, CSV)")
         assert source.chunks is not None
-        for _ in source.chunks():  # the checks (UTF-8, line lengths, emptiness) before any token
+        # the checks (UTF-8, line lengths, emptiness) before any token
+        for _ in _Ticker(say, f"checking {source.name}", "chars", every).wrap(source.chunks(), len):
             pass
-        store = encode_stream(source.chunks(), tokenizer, seq, {"format": "text", "seq": seq})
+        chunks = _Ticker(say, f"tokenizing {source.name}", "chars", every).wrap(source.chunks(), len)
+        store = encode_stream(chunks, tokenizer, seq, {"format": "text", "seq": seq})
         return TrainingData(store, "text", source.name)
     assert source.rows is not None
     problems = Problems(source.name)
-    rows = source.rows(problems)
+    rows = _Ticker(say, f"checking {source.name}", "records", every).wrap(source.rows(problems), lambda _: 1)
     first = next(rows, None)
     if first is None:
         problems.raise_if_any(formats.FIX)
@@ -136,7 +164,8 @@ def _read(source: Source, tokenizer: Any, seq: int, fmt: str | None, template: s
     for _ in _samples(itertools.chain([first], rows), fmt, problems, template is not None):
         pass  # every row checked before anything is tokenized
     problems.raise_if_any(formats.FIX)
-    samples = _samples(source.rows(problems), fmt, problems, template is not None)
+    ticker = _Ticker(say, f"tokenizing {source.name}", "records", every)
+    samples = _samples(ticker.wrap(source.rows(problems), lambda _: 1), fmt, problems, template is not None)
     store = encode_samples(samples, tokenizer, seq, problems, template, {"format": name, "seq": seq})
     problems.raise_if_any(formats.FIX)
     if len(store) == 0:

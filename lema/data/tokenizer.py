@@ -105,6 +105,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     p = Path(path).expanduser()
     if not p.exists():
         raise ConfigError(f"tokenizer: {p} does not exist; pass a folder holding tokenizer.json")
+    _check_sizes(p)
     try:
         if p.is_file():
             if p.name != "tokenizer.json" and p.suffix != ".json":
@@ -127,6 +128,28 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     if getattr(tok, "pad_token_id", None) is None and getattr(tok, "eos_token", None) is not None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+# The largest published tokenizer.json (Gemma 3's) is 33 MB: 128 MiB bounds what a hostile
+# folder can make the tokenizer libraries read into memory.
+MAX_TOKENIZER_FILE_BYTES = 128 * 1024 * 1024
+_TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                         "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def _check_sizes(path: Path) -> None:
+    """Refuse, without reading them, tokenizer files that are not regular files or are far
+    larger than any real one."""
+    files = [path] if path.is_file() else [path / name for name in _TOKENIZER_FILE_NAMES]
+    for f in files:
+        if not (f.exists() or f.is_symlink()):
+            continue
+        if not f.is_file():
+            raise ConfigError(f"tokenizer: {f} is not a regular file; pass a tokenizer folder of plain files")
+        size = f.stat().st_size
+        if size > MAX_TOKENIZER_FILE_BYTES:
+            raise ConfigError(f"tokenizer: {f} is {size:,} bytes, far larger than any tokenizer file (at most "
+                              f"{MAX_TOKENIZER_FILE_BYTES:,}); is this the right folder?")
 
 
 def sidecar_dir(model_file: str | os.PathLike[str]) -> Path:

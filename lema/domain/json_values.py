@@ -26,7 +26,11 @@ from typing import Any
 # Real configs, headers and data lines nest a handful of levels; 200 leaves room for any
 # honest document and stays far below the interpreter's recursion limit.
 MAX_DEPTH = 200
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# Escapes first (a backslash and the character after it), then strings: two plain
+# character-class runs. A repeated group such as ``"(?:[^"\\]|\\.)*"`` keeps one backtracking
+# frame per character: a 60 MB string in a header cost gigabytes and a minute.
+_ESCAPE = re.compile(r"\\.", re.DOTALL)
+_STRING = re.compile(r'"[^"]*"')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -86,7 +90,7 @@ def nesting_depth(text: str) -> int:
     Strings are removed and the brackets kept at C speed, so only the brackets are
     walked in Python (a header's few per tensor, never its names).
     """
-    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", _ESCAPE.sub("", text)))
     if len(brackets) <= 1:
         return len(brackets)
     depth = deepest = 0

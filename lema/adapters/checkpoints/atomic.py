@@ -18,6 +18,11 @@ A kill between steps 2 and 3 leaves no ``dir/name`` but a complete ``dir/.name.b
 readers such as :func:`lema.adapters.checkpoints.store.read_checkpoint`) renames it back. A
 kill at any other point leaves ``dir/name`` complete (old or new).
 
+Temporary files and directories are created as an ordinary ``open`` / ``mkdir`` would
+create them, so they get the process's umask (``tempfile.mkstemp`` / ``mkdtemp`` would
+make them 0600 / 0700): an adapter or model file is as readable to a colleague or a
+serving process as any other file the user writes (0644 / 0755 under umask 0022).
+
 Temporary files and directories carry the writer's pid (``.name.tmp-<pid>-<random>``), so
 what a killed writer left behind is recognisable: :func:`clean_stale_temps` removes those
 whose process is gone (every write to a path calls it for that path first, and ``lema
@@ -29,8 +34,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -94,6 +99,36 @@ def clean_stale_temps(folder: str | os.PathLike[str], name: str | None = None) -
     return removed
 
 
+def _temp_name(path: Path) -> Path:
+    return path.parent / f"{temp_prefix(path)}{secrets.token_hex(5)}"
+
+
+def make_temp_file(path: str | os.PathLike[str]) -> tuple[int, Path]:
+    """Create (``O_EXCL``) a temporary sibling of ``path``, mode 0666 less the umask; returns
+    its descriptor (open for writing) and path."""
+    path = Path(path)
+    for _ in range(100):
+        tmp = _temp_name(path)
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
+
+
+def make_temp_dir(path: str | os.PathLike[str]) -> Path:
+    """Create a temporary sibling folder of ``path``, mode 0777 less the umask."""
+    path = Path(path)
+    for _ in range(100):
+        tmp = _temp_name(path)
+        try:
+            tmp.mkdir(0o777)
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """fsync a directory so that renames inside it survive a power cut (no-op on Windows)."""
     if os.name == "nt":
@@ -117,7 +152,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """
     path = Path(path)
     clean_stale_temps(path.parent, path.name)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
+    fd, tmp = make_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -163,11 +198,31 @@ def recover_directory(path: str | os.PathLike[str]) -> bool:
     return False
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it; elsewhere set and
+    put back at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_tree(root: Path) -> None:
+    # Some writers create their files 0600 whatever the umask (safetensors' save_file does):
+    # every file of the new directory gets the mode an ordinary open() would have given it.
+    mode = 0o666 & ~current_umask()
     for folder, _dirs, files in os.walk(root):
         for name in files:
             fd = os.open(os.path.join(folder, name), os.O_RDONLY)
             try:
+                if os.fstat(fd).st_mode & 0o777 != mode:
+                    os.fchmod(fd, mode)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -189,7 +244,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(path)
     clean_stale_temps(path.parent, path.name)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), dir=path.parent))
+    tmp = make_temp_dir(path)
     try:
         yield tmp
         _fsync_tree(tmp)

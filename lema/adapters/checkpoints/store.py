@@ -42,6 +42,7 @@ from lema.adapters.checkpoints.checkpoint_fields import (
 from lema.adapters.json_files import read_json_object
 from lema.adapters.weights.hub import TOKENIZER_FILES
 from lema.domain.json_values import JsonValueError, parse_json
+from lema.domain.model.finite import first_non_finite
 from lema.errors import CheckpointError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -49,6 +50,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FORMAT = "lema-optimizer-v1"
+# Everything a checkpoint folder may hold: what write_checkpoint writes.
+CHECKPOINT_FILES = frozenset({ADAPTER_CONFIG, ADAPTER_WEIGHTS, OPTIMIZER, TRAINER_STATE, *TOKENIZER_FILES})
 
 
 @attrs.frozen
@@ -176,7 +179,15 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
         raise CheckpointError(f"{path / ADAPTER_CONFIG}: peft_type is {config.get('peft_type')!r}; "
                               "LEMA reads LoRA adapters only")
     tensors, _ = _read_tensors(path / ADAPTER_WEIGHTS)
+    _check_finite(tensors, path / ADAPTER_WEIGHTS)
     return config, tensors
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {bad} holds NaN or infinite values; the checkpoint is corrupt, "
+                              "use an earlier one")
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -192,6 +203,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     opt_tensors = opt_meta = state = None
     if (path / OPTIMIZER).is_file():
         opt_tensors, metadata = _read_tensors(path / OPTIMIZER)
+        _check_finite(opt_tensors, path / OPTIMIZER)
         try:
             opt_meta = parse_json(metadata.get("optimizer", "{}"))
         except JsonValueError as exc:

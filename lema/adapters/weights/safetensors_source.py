@@ -31,7 +31,9 @@ from typing import Literal
 
 import torch
 
+from lema.adapters.weights import file_lease
 from lema.adapters.weights.parallel_read import ParallelReader, pread_full
+from lema.domain.model.finite import check_unit_finite
 from lema.domain.model.spec import ModelSpec, TensorSpec, torch_dtype
 from lema.domain.schedule.slot_layout import unit_buffer_bytes, unit_layout, unit_views
 from lema.errors import ConfigError, ModelFormatError
@@ -102,6 +104,7 @@ class SafetensorsSource:
         self._fds: dict[str, int] = {}
         self._maps: dict[str, mmap.mmap] = {}
         self._closed = False
+        self._checked: set[int] = set()  # units whose weights were found finite
 
     # -- files, opened lazily and once ---------------------------------------------------
 
@@ -125,9 +128,20 @@ class SafetensorsSource:
                 if mm is None:
                     # ACCESS_COPY: a private mapping, writable for torch.frombuffer, and a
                     # stray write can never reach the model file.
+                    # A mapped file cut short under a command is named, not a SIGBUS (file_lease).
+                    file_lease.hold(fd, str(self.root / file))
+                    self._check_size(file, fd)
                     mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
                     self._maps[file] = mm
         return mm
+
+    def _check_size(self, file: str, fd: int) -> None:
+        """The file still holds every byte the header promised (checked once the lease is held)."""
+        need = max((t.end for u in self.spec.units for t in u.tensors if t.file == file), default=0)
+        size = os.fstat(fd).st_size
+        if size < need:
+            raise ModelFormatError(f"{self.root / file}: now {size} bytes, but its tensors end at byte {need}; the "
+                                   "file changed on disk; restore it")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -170,10 +184,18 @@ class SafetensorsSource:
             if buffer.dtype != torch.uint8 or buffer.numel() < need:
                 raise ConfigError(f"buffer: needs a uint8 tensor of at least {need} bytes for unit {index}")
             self.read_into(index, buffer)
-            return unit_views(buffer, self._layouts[index])
+            return self._finite(index, unit_views(buffer, self._layouts[index]))
         self._check_open()
         self._check_length(index)
-        return {t.key: self._mapped(t) for t, _ in self._layouts[index]}
+        return self._finite(index, {t.key: self._mapped(t) for t, _ in self._layouts[index]})
+
+    def _finite(self, index: int, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``views``, once the unit's weights are known to hold no NaN or inf: checked the first
+        time each unit is read (a float32 sum per chunk, on the reading thread), then trusted."""
+        if index not in self._checked:
+            check_unit_finite(self.spec, index, views)
+            self._checked.add(index)
+        return views
 
     def _check_length(self, index: int) -> None:
         """A file cut short since it was opened (replaced or truncated under a run) is refused
@@ -215,6 +237,7 @@ class SafetensorsSource:
         with self._lock:
             self._maps.clear()
             for fd in self._fds.values():
+                file_lease.release(fd)
                 os.close(fd)
             self._fds.clear()
 

@@ -9,10 +9,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -25,9 +27,10 @@ from lema.adapters.weights.safetensors_writer import code_of, open_safetensors_w
 from lema.app.outputs import check_output, folder_files
 from lema.app.tools.quantize import plan_quantized, write_quantized
 from lema.domain.families import registry as arch
+from lema.domain.model.finite import is_finite
 from lema.domain.nn.quant import QuantFormat
 from lema.domain.model.spec import ModelSpec, output_dtype
-from lema.errors import ConfigError, ModelFormatError
+from lema.errors import ConfigError, ModelFormatError, OutputError
 
 Progress = Callable[[int, int, str], None]
 
@@ -163,10 +166,13 @@ def prepare_monolithic_safetensors(
         config_text = json.dumps(layout.config)
     metadata = {"format": "pt", "config": config_text, "lema_version": __version__}
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open_safetensors_writer(out, entries if layout is None else layout.entries, metadata,
-                                 () if layout is None else layout.tail) as writer:
+    with writing_output(out), open_safetensors_writer(out, entries if layout is None else layout.entries, metadata,
+                                                      () if layout is None else layout.tail) as writer:
         for done, ((name, src), (_, want, _)) in enumerate(zip(plan, entries), start=1):
             tensor = loader.get(src)
+            if not is_finite(tensor):
+                raise ModelFormatError(f"{folder}: tensor {src} holds NaN or infinite values; the model is corrupt "
+                                       f"(nothing was written to {out}): re-download it")
             if layout is not None and name in layout.weights:
                 write_quantized(writer, layout, name, tensor, fmt, dev)  # type: ignore[arg-type]
             else:
@@ -176,8 +182,30 @@ def prepare_monolithic_safetensors(
             del tensor
             if progress is not None:
                 progress(done, len(plan), name)
-    write_tokenizer_beside(folder, out)
+        # The tokenizer folder is swapped in while the model file is still a complete
+        # temporary one, renamed last: a failure anywhere leaves neither new output.
+        write_tokenizer_beside(folder, out)
     return out
+
+
+@contextlib.contextmanager
+def writing_output(out: Path) -> Iterator[None]:
+    """Name the output (not an input, not "a file") when writing it fails: a full disk, a
+    file-size limit, a read-only folder.
+
+    Raises:
+        OutputError: an OSError while the block writes ``out`` (or the files beside it).
+    """
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)) and exc.errno is None:
+            raise
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        fix = ("free some disk space or write elsewhere" if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+               else "check the folder's permissions or write elsewhere")
+        raise OutputError(f"{out}: could not write it ({reason}); {fix}; nothing was written there and any "
+                          "previous file is intact") from None
 
 
 def check_tokenizer_beside(model_file: Path, source: str | os.PathLike[str] | None, overwrite: bool) -> None:

@@ -30,11 +30,12 @@ from lema.adapters.weights.hub import (
 )
 from lema.adapters.weights.safetensors_header import read_header
 from lema.adapters.weights.safetensors_writer import code_of, open_safetensors_writer
-from lema.app.tools.convert import plan_tensors
+from lema.app.tools.convert import plan_tensors, write_tokenizer_beside, writing_output
 from lema.app.outputs import check_output, folder_files
 from lema.app.tools.quantize import dequantized_base
 from lema.domain.families import registry as arch
 from lema.domain.json_values import JsonValueError, is_finite_number, parse_json
+from lema.domain.model.finite import is_finite
 from lema.domain.model.spec import ModelSpec, output_dtype, torch_dtype
 from lema.errors import CheckpointError, ConfigError, ModelFormatError
 
@@ -240,10 +241,13 @@ def merge_adapter(
                                       f"the base weight is {list(shape)}; is it for another model?")
     from lema import __version__
 
-    def write(path: Path, metadata: dict[str, str]) -> None:
+    def write(path: Path, metadata: dict[str, str], then: Callable[[], Any] | None = None) -> None:
         with open_safetensors_writer(path, entries, metadata) as writer:
             for done, ((name, src), (_, want, _)) in enumerate(zip(plan, entries), start=1):
                 tensor = loader.get(src)
+                if not is_finite(tensor):
+                    raise ModelFormatError(f"base weight {src} holds NaN or infinite values; the base model is "
+                                           "corrupt (nothing was written): re-download or re-convert it")
                 if name in deltas:
                     a, b, scaling = deltas[name]
                     delta = b.float() @ a.float()
@@ -258,17 +262,18 @@ def merge_adapter(
                 writer.write(name, tensor)
                 if progress is not None:
                     progress(done, len(plan), name)
+            if then is not None:  # before the file is renamed into place: see convert's writing_output
+                then()
 
     if not hf_folder:
         if out.is_dir():
             raise ConfigError(f"{out}: is a folder; pass a .safetensors file name or use --hf-folder")
         out.parent.mkdir(parents=True, exist_ok=True)
-        write(out, {"format": "pt", "config": config_text, "lema_version": __version__})
-        from lema.app.tools.convert import write_tokenizer_beside
-
-        write_tokenizer_beside(tokenizer_dir, out)
+        with writing_output(out):
+            write(out, {"format": "pt", "config": config_text, "lema_version": __version__},
+                  then=lambda: write_tokenizer_beside(tokenizer_dir, out))
         return out
-    with atomic_directory(out) as tmp:
+    with writing_output(out), atomic_directory(out) as tmp:
         write(tmp / "model.safetensors", {"format": "pt"})
         (tmp / "config.json").write_text(config_text, encoding="utf-8")
         if tokenizer_dir is not None:

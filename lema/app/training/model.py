@@ -82,7 +82,13 @@ class LemaModel:
         self.engine = Engine(self.spec, self.source, self.device, prefetch=config.prefetch_distance,
                              resident_units=self._plan.resident_units, plan=self._plan,
                              compute_dtype=self.compute_dtype, offload_inputs=self._plan.offload_activations)
-        self.embedding = self.source.read_unit(0)
+        try:
+            self.embedding = self.source.read_unit(0)  # a corrupt file is refused here: close what is open
+        except BaseException:
+            self.engine.close()
+            self.source.close()
+            self.device.close()
+            raise
         self.lora: LoraState | None = None
         self.last_report: StepReport | None = None
         self._trainer: "LemaTrainer | None" = None

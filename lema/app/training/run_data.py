@@ -32,7 +32,8 @@ class RunData:
 
 def prepare_data(data: str, tokenizer: Any, *, seq: int, format: str | None = None, chat_template: str | None = None,
                  packing: bool = False, eval_data: str | None = None, eval_split: float | None = None,
-                 seed: int = 0, cache: bool = True, max_line_bytes: int | None = None) -> RunData:
+                 seed: int = 0, cache: bool = True, max_line_bytes: int | None = None,
+                 progress: Callable[[str], None] | None = None) -> RunData:
     """Read, tokenize (or open from the cache) and arrange the run's data.
 
     Raises:
@@ -46,7 +47,7 @@ def prepare_data(data: str, tokenizer: Any, *, seq: int, format: str | None = No
     if eval_data is not None and eval_split is not None:
         raise ConfigError("pass --eval-data or --eval-split, not both")
     options = DataOptions(seq=seq, format=format, chat_template=chat_template,
-                          cache_dir=(cache_dir() / "data") if cache else None,
+                          cache_dir=(cache_dir() / "data") if cache else None, progress=progress,
                           **({} if max_line_bytes is None else {"max_line_bytes": max_line_bytes}))
     train = load_data(data, tokenizer, options)
     lines = [f"data: {data}: {train.describe()}"]

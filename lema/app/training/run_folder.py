@@ -12,6 +12,7 @@ checkpoint swap's recovery copy is renamed back, see
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +27,7 @@ METRICS = "metrics.jsonl"
 ARGS = "train_args.json"
 FINAL = "final"
 _NEEDED = ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json")
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 def checkpoint_step(path: Path) -> int:
@@ -39,6 +41,68 @@ def checkpoint_step(path: Path) -> int:
     except (OSError, ValueError, KeyError, TypeError):
         return -1
     return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else -1
+
+
+def written_by_lema(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint folder LEMA wrote and can read back: a real folder (no
+    symlink) holding only the files a checkpoint holds, its state readable, and, for
+    ``checkpoint-<step>``, saved at that step. Only such folders are ever replaced or pruned:
+    a user's ``checkpoint-1000/notes.txt`` or a file named ``checkpoint-1`` is not."""
+    from lema.adapters.checkpoints.store import CHECKPOINT_FILES
+
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        names = {entry.name for entry in path.iterdir()}
+    except OSError:
+        return False
+    if not names <= CHECKPOINT_FILES:
+        return False
+    step = checkpoint_step(path)
+    m = _CHECKPOINT_NAME.match(path.name)
+    return step >= 0 and (m is None or int(m[1]) == step)
+
+
+def keep_or_replace(path: Path, step: int, keep_existing: bool) -> bool:
+    """Whether a checkpoint save at ``step`` into ``path`` keeps what is there (True: do not
+    write); raises when it may neither keep nor replace it.
+
+    A save replaces only a checkpoint LEMA wrote, or an empty folder; a save after a failure
+    or a signal (``keep_existing``) replaces nothing, and keeps a checkpoint of this step.
+
+    Raises:
+        CheckpointError: ``path`` holds something the save may not replace.
+    """
+    if not (path.exists() or path.is_symlink()):
+        return False
+    ours = written_by_lema(path)
+    if ours and keep_existing and checkpoint_step(path) == step:
+        return True
+    empty = path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+    if (ours and keep_existing) or (not ours and not empty):
+        what = "a checkpoint of another step" if ours else "not a checkpoint LEMA wrote (or not one it can read back)"
+        raise CheckpointError(f"{path} exists and is {what}; LEMA does not replace it: move it out of {path.parent}"
+                              + (", then resume" if keep_existing else ""))
+    return False
+
+
+def named_step(path: Path) -> int | None:
+    """The step in a ``checkpoint-<step>`` name, or None for any other name."""
+    m = _CHECKPOINT_NAME.match(path.name)
+    return int(m[1]) if m else None
+
+
+def foreign_outputs(out: Path, first: int, last: int) -> list[Path]:
+    """What a run saving checkpoints at steps ``first..last`` (and ``final``) would replace
+    in ``out`` that LEMA did not write: files or folders named like its checkpoints."""
+    if not out.is_dir():
+        return []
+    found = []
+    for entry in sorted(out.iterdir()):
+        step = named_step(entry)
+        if (entry.name == FINAL or (step is not None and first <= step <= last)) and not written_by_lema(entry):
+            found.append(entry)
+    return found
 
 
 def recover_checkpoints(out: Path) -> list[Path]:
@@ -142,6 +206,9 @@ def open_run(out: Path, *, resume: bool, echo: Callable[[str], None] = print) ->
             # A checkpoint that cannot be read is an error, not a run "stopped before its first
             # checkpoint": restarting at step 0 would silently drop the steps it holds.
             why = why_unusable(out) if ckpt is None else ""
+            if ckpt is None and not why:  # checkpoint folders, none complete: not a run that never saved
+                left = [p.name for p in [out / FINAL, *sorted(out.glob("checkpoint-*"))] if p.is_dir()]
+                why = f": {', '.join(left[:3])} {'is' if len(left) == 1 else 'are'} not complete" if left else ""
             if ckpt is None and (why or not (out / ARGS).is_file()):
                 raise CheckpointError(f"--resume: no usable checkpoint in {out} (looked for final/ and "
                                       f"checkpoint-<step>/){why}; run without --resume to start fresh")

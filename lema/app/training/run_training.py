@@ -36,6 +36,7 @@ from lema.app.training.train_loop import (
 )
 from lema.config import LemaConfig, check_seed
 from lema.domain.json_values import parse_json
+from lema.domain.model.sequence_limit import check_seq
 from lema.domain.units import parse_size
 from lema.errors import ConfigError, LemaWarning
 
@@ -45,13 +46,15 @@ EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 Echo = Callable[[str], Any]
 
 
-def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None) -> int:
+def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None, hold_signals: bool = False) -> int:
     """Train the run ``o`` describes, as ``lema train`` does; returns its exit status.
 
     Args:
         o: the run's options.
         echo: where the run's lines go (``lema train`` prints them).
         progress: a progress display class for the loop (the CLI's bar), or None.
+        hold_signals: after a signal stopped the run, leave SIGINT/SIGTERM ignored until the
+            process exits (the CLI, which exits next: a second signal cannot kill it mid-exit).
 
     Returns:
         0 done (or nothing left to do), 1 a non-finite loss stopped the run (after saving
@@ -71,12 +74,18 @@ def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None) -
         raise ConfigError("pass --steps or --epochs, not both")
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise ConfigError(f"--lr: {o.lr!r} must be a positive number")
+    for flag, value in (("--weight-decay", o.weight_decay), ("--max-grad-norm", o.max_grad_norm),
+                        ("--alpha", o.alpha), ("--lora-dropout", o.lora_dropout), ("--eval-split", o.eval_split)):
+        if value is not None and not math.isfinite(value):  # click's FloatRange lets nan through
+            raise ConfigError(f"{flag}: {value!r} is not a finite number")
     if o.reset_optimizer and not o.resume:
         raise ConfigError("--reset-optimizer only applies with --resume")
     if o.eval_data is not None and o.eval_split is not None:
         raise ConfigError("pass --eval-data or --eval-split, not both")
     check_seed(o.seed, "--seed")
     o.max_line_bytes()  # checked before anything is opened
+    if o.vram is not None:
+        parse_size(o.vram, field="--vram")  # named as the user wrote it, not as LemaConfig's vram_budget
     bootstrap.sink_names(o.report_to)  # an unknown sink or a missing library: said before any work
     if o.optimizer == "adamw8bit":
         require_bitsandbytes()
@@ -88,7 +97,7 @@ def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None) -
     with open_ranked_run(out_dir, resume=o.resume, ranks=ranks, echo=echo) as checkpoint:
         if checkpoint is not None:
             _check_resume_args(out_dir, o.args(), echo)
-        code = _train(o, out_dir, checkpoint, ranks, echo, progress)
+        code = _train(o, out_dir, checkpoint, ranks, echo, progress, hold_signals)
     if code and ranks.distributed:  # stopped early: torchrun ends every rank once one exits non-zero,
         from lema.app.parallel.rank_agreement import farewell  # so wait until rank 0 has saved and unlocked
 
@@ -166,7 +175,8 @@ class TrainOptions:
 
 
 
-def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: Echo, progress: Any) -> int:
+def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: Echo, progress: Any,
+           hold_signals: bool) -> int:
     """The run itself, in a locked ``out_dir``; returns the exit status."""
     from lema.app import bootstrap
     from lema.app.training.model import LemaModel
@@ -174,10 +184,14 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
     from lema.data.examples import batches_per_epoch
 
     gbi_path, name_or_path = resolve_model_arg(o.model_path, echo=echo)
+    # The context comes from the header and config alone: a --seq beyond it is refused
+    # before the data is read.
+    check_seq(o.seq, bootstrap.open_model(LemaConfig(gbi_path=gbi_path, model_name_or_path=name_or_path)).spec,
+              lambda line: warnings.warn(line.removeprefix("warning: "), LemaWarning, stacklevel=2))
     tok, tok_dir = open_tokenizer(o.tokenizer, o.model_path)
     data = prepare_data(o.data, tok, seq=o.seq, format=o.format, chat_template=o.chat_template, packing=o.packing,
                         eval_data=o.eval_data, eval_split=o.eval_split, seed=o.seed, cache=o.data_cache,
-                        max_line_bytes=o.max_line_bytes())
+                        max_line_bytes=o.max_line_bytes(), progress=echo)
     per_epoch = batches_per_epoch(len(data.items), o.batch * ranks.world)
     total = o.steps if o.steps is not None else max(1, math.ceil((o.epochs or 1) * per_epoch / o.grad_accum))
     for line in data.lines:
@@ -229,7 +243,7 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
             if ranks.is_main else []
         result = train_loop(model, trainer, data.items, tok.pad_token_id, opts, tok_dir, echo=echo,
                             progress=progress if ranks.is_main else None, collate_fn=data.collate_fn,
-                            eval_examples=data.eval_examples, sinks=sinks)
+                            eval_examples=data.eval_examples, sinks=sinks, hold_signals=hold_signals)
     if result.interrupted:
         echo(f"interrupted at step {result.steps_done}: saved {result.checkpoint}; continue with the same "
                    "command plus --resume")

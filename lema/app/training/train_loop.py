@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -30,7 +28,8 @@ from typing import Any, Callable, Sequence
 import attrs
 
 from lema.adapters.checkpoints.atomic import atomic_write_text
-from lema.app.training.run_folder import FINAL, METRICS, checkpoint_step
+from lema.app.training.run_folder import FINAL, METRICS, checkpoint_step, foreign_outputs, named_step, written_by_lema
+from lema.app.training.stop_signals import StopFlag
 from lema.domain.json_values import parse_json
 from lema.errors import CheckpointError, ConfigError, NonFiniteLossError, missing_extra
 
@@ -105,39 +104,6 @@ def _trim_metrics(path: Path, keep_through: int) -> None:
     atomic_write_text(path, "".join(k + "\n" for k in kept))
 
 
-class _StopFlag:
-    """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the next optimizer step;
-    a second one raises KeyboardInterrupt at once (the loop still rolls back and saves).
-    Only installed in the main thread (where signals arrive)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, echo: Callable[[str], None]) -> None:
-        self.requested = False
-        self.signal: str | None = None
-        self._echo = echo
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.signal = signal.Signals(signum).name
-        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        self._echo(f"{self.signal}: stopping after this step and saving a checkpoint ({again} again to stop at once)")
-
-    def __exit__(self, *exc: Any) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        self._previous.clear()
-
-
 def make_optimizer(model: Any, opts: LoopOptions) -> tuple[Any, Any]:
     """The optimizer ``opts.optimizer`` names on the LoRA parameters, and its warmup/decay schedule.
 
@@ -189,10 +155,17 @@ def evaluate(trainer: Any, examples: Any, pad_id: int, opts: LoopOptions) -> dic
 
 
 def prune_checkpoints(out: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` ``checkpoint-<step>`` folders of ``out`` (never ``final``)."""
+    """Delete all but the newest ``keep`` ``checkpoint-<step>`` folders of ``out`` (never ``final``).
+
+    Only folders LEMA wrote and can read back as checkpoints count
+    (:func:`~lema.app.training.run_folder.written_by_lema`): anything else named ``checkpoint-*``
+    (a user's notes, a file, a symlink, a folder with files of its own) is neither deleted
+    nor counted.
+    """
     if keep <= 0:
         return []
-    found = sorted((checkpoint_step(p), p) for p in out.glob("checkpoint-*") if p.is_dir())
+    found = sorted((checkpoint_step(p), p) for p in out.iterdir()
+                   if named_step(p) is not None and written_by_lema(p))
     removed = [p for _, p in found[:-keep]]
     for p in removed:
         shutil.rmtree(p)
@@ -203,7 +176,7 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
                tokenizer_dir: Path | None, echo: Callable[[str], None] = print,
                progress: Callable[[int, int], Any] | None = None, *,
                collate_fn: Callable[..., Any] | None = None, eval_examples: Any = None,
-               sinks: Sequence[Any] = ()) -> LoopResult:
+               sinks: Sequence[Any] = (), hold_signals: bool = False) -> LoopResult:
     """Run optimizer steps ``trainer.global_step + 1 .. opts.steps``: progress, metrics,
     evaluation, periodic checkpoints, and a checkpoint on Ctrl-C (see the module docstring).
 
@@ -217,6 +190,11 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
         collate_fn: makes a batch of items (default: padded examples).
         eval_examples: held-out examples, evaluated every ``opts.eval_steps`` and at the end.
         sinks: :class:`~lema.ports.metrics.MetricsSink` objects that also get every record.
+        hold_signals: after a signal stopped the run, leave SIGINT/SIGTERM ignored (the CLI exits next).
+
+    Raises:
+        CheckpointError: before the first step, when ``opts.out`` holds something LEMA did not
+            write named like a checkpoint this run would save (``checkpoint-<step>``, ``final``).
     """
     from lema.app.parallel import distributed
     from lema.data.sharding import rank_batches
@@ -228,31 +206,69 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
         raise CheckpointError("the checkpoint was saved in the middle of a gradient accumulation; "
                               "resume from an earlier checkpoint")
     if ranks.is_main:
+        foreign = foreign_outputs(out, start, opts.steps)
+        if foreign:
+            shown = ", ".join(p.name for p in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise CheckpointError(f"{out} holds {shown}, named like a checkpoint this run would save but not one "
+                                  "LEMA wrote; LEMA does not replace it: move it out of the run folder")
         out.mkdir(parents=True, exist_ok=True)
         _trim_metrics(out / METRICS, start)
     stream = rank_batches(examples, opts.batch, pad_id, rank=ranks.rank, world=ranks.world, seq=opts.seq,
                           seed=opts.seed, epochs=None, skip=start * opts.grad_accum, collate_fn=collate_fn)
     log_every = opts.log_every or max(1, (opts.steps - start) // 10)
+    began = time.perf_counter()
+    bar_cm = progress(opts.steps, start) if progress is not None else _NoProgress()
+    metrics_cm = open(out / METRICS, "a", encoding="utf-8") if ranks.is_main else _NoMetrics()
+    # The handlers stay installed through the final save (see lema.app.training.stop_signals).
+    with StopFlag(echo, hold=hold_signals) as stop:
+        previous_hook = trainer.before_optimizer_step
+        trainer.before_optimizer_step = stop.commit
+        try:
+            saved, last_loss, interrupted, failure, stopping = _run_steps(
+                model, trainer, stream, opts, ranks, stop, bar_cm, metrics_cm, echo, log_every, sinks,
+                eval_examples, pad_id, tokenizer_dir)
+        finally:
+            trainer.before_optimizer_step = previous_hook
+        step = trainer.global_step
+        for sink in sinks:
+            sink.close()
+        if interrupted:
+            saved = trainer.save_checkpoint(out / f"checkpoint-{step}", tokenizer_dir=tokenizer_dir,
+                                            keep_existing=True)  # never over a checkpoint (issue 25)
+        else:
+            saved = trainer.save_checkpoint(out / FINAL, tokenizer_dir=tokenizer_dir)
+    if failure is not None:
+        raise NonFiniteLossError(f"{failure}; the last good step ({step}) is saved in {saved}",
+                                 step=failure.step, value=failure.value, checkpoint=saved) from None
+    return LoopResult(step, last_loss, saved, interrupted, time.perf_counter() - began,
+                      signal=(stop.signal or ("SIGTERM" if stopping else None)) if interrupted else None)
+
+
+def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: Any, stop: StopFlag, bar_cm: Any,
+               metrics_cm: Any, echo: Callable[[str], None], log_every: int, sinks: Sequence[Any],
+               eval_examples: Any, pad_id: int, tokenizer_dir: Path | None
+               ) -> tuple[Path | None, float | None, bool, NonFiniteLossError | None, bool]:
+    """The steps of :func:`train_loop`: the last periodic checkpoint, the last loss, whether the
+    run stopped early, the failure that stopped it, and whether the ranks agreed to stop."""
+    out = opts.out
     saved: Path | None = None
     last_loss: float | None = None
-    began = time.perf_counter()
     boundary_rng = trainer.rng_snapshot()
     interrupted = False
     failure: NonFiniteLossError | None = None
-    bar_cm = progress(opts.steps, start) if progress is not None else _NoProgress()
-    metrics_cm = open(out / METRICS, "a", encoding="utf-8") if ranks.is_main else _NoMetrics()
     stopping = False
-    with _StopFlag(echo) as stop, bar_cm as bar, metrics_cm as metrics:
+    with bar_cm as bar, metrics_cm as metrics:
         try:
             while trainer.global_step < opts.steps and not (stopping := _stop_agreed(stop, ranks)):
                 t0 = time.perf_counter()
                 lr = _current_lr(trainer)  # the scheduler moves it after the step: log the one used
                 losses, tokens = [], 0
                 for _ in range(opts.grad_accum):
-                    batch = next(stream)
-                    _, loss = trainer.train_step(batch["input_ids"], labels=batch["labels"],
-                                                 attention_mask=batch["attention_mask"],
-                                                 position_ids=batch.get("position_ids"))
+                    with stop.interruptible():  # a second signal may stop a micro-batch, not a step
+                        batch = next(stream)
+                        _, loss = trainer.train_step(batch["input_ids"], labels=batch["labels"],
+                                                     attention_mask=batch["attention_mask"],
+                                                     position_ids=batch.get("position_ids"))
                     losses.append(loss)
                     tokens += int(batch["tokens"])  # the whole batch's, over all ranks
                 seconds = time.perf_counter() - t0
@@ -296,21 +312,10 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
             trainer.discard_accumulation()
             trainer.restore_rng(boundary_rng)
         interrupted = (interrupted or stopping) and trainer.global_step < opts.steps
-    step = trainer.global_step
-    for sink in sinks:
-        sink.close()
-    if interrupted:
-        saved = trainer.save_checkpoint(out / f"checkpoint-{step}", tokenizer_dir=tokenizer_dir)
-    else:
-        saved = trainer.save_checkpoint(out / FINAL, tokenizer_dir=tokenizer_dir)
-    if failure is not None:
-        raise NonFiniteLossError(f"{failure}; the last good step ({step}) is saved in {saved}",
-                                 step=failure.step, value=failure.value, checkpoint=saved) from None
-    return LoopResult(step, last_loss, saved, interrupted, time.perf_counter() - began,
-                      signal=(stop.signal or ("SIGTERM" if stopping else None)) if interrupted else None)
+    return saved, last_loss, interrupted, failure, stopping
 
 
-def _stop_agreed(stop: _StopFlag, ranks: Any) -> bool:
+def _stop_agreed(stop: StopFlag, ranks: Any) -> bool:
     """Whether a signal asked this rank (or, under torchrun, any rank) to stop."""
     if not ranks.distributed:
         return stop.requested

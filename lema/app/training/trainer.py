@@ -6,7 +6,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
@@ -44,6 +44,7 @@ class LemaTrainer:
         self.global_step = 0  # optimizer steps taken
         self.micro_step = 0  # micro-batches since the last optimizer step
         self.last_report = None
+        self.before_optimizer_step: Callable[[], None] = lambda: None  # see lema.app.training.stop_signals
         self._dp: DataParallel | None = None
         _warn_base_dropouts(model)
 
@@ -148,6 +149,7 @@ class LemaTrainer:
         self.micro_step = 0
 
     def _optimizer_step(self) -> None:
+        self.before_optimizer_step()  # from here the step is applied whole (no second Ctrl-C)
         params = self.model.get_trainable_parameters()
         max_norm = self.model.config.max_grad_norm
         grads = [p.grad for p in params if p.grad is not None]
@@ -209,30 +211,32 @@ class LemaTrainer:
 
     # -- checkpoints ------------------------------------------------------------------
 
-    def save_checkpoint(self, path: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    def save_checkpoint(self, path: str | Path, tokenizer_dir: str | Path | None = None, *,
+                        keep_existing: bool = False) -> Path:
         """Write a peft-compatible adapter plus optimizer and trainer state, atomically.
 
         The directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (what
         ``peft.PeftModel.from_pretrained`` reads), ``optimizer.safetensors`` and
         ``trainer_state.json`` (step, accumulation position, RNG states, scheduler state and
         the LemaConfig). No pickle anywhere. A crash during the save leaves the previous
-        checkpoint at ``path`` intact.
-
-        Under a process group every rank calls it: rank 0 writes, the others wait for it.
+        checkpoint at ``path`` intact; it replaces only a checkpoint LEMA wrote (or an empty
+        folder), and with ``keep_existing`` (a save after a failure or a signal) none: one of
+        this step is kept as the saved state. Under a process group rank 0 writes.
 
         Raises:
-            OutputError: ``path`` is, or contains, a file or folder the model reads (the
-                save replaces ``path`` as a whole).
+            OutputError: ``path`` is, or contains, a file or folder the model reads.
+            CheckpointError: ``path`` holds something the save may not replace.
         """
         dp = self._data_parallel()
         if dp is not None:
-            return dp.save(path, lambda grads: self._write_checkpoint(path, tokenizer_dir, grads))
+            return dp.save(path, lambda grads: self._write_checkpoint(path, tokenizer_dir, grads, keep_existing))
         grads = {name: p.grad for name, p in self.model.require_lora().named_parameters() if p.grad is not None}
-        return self._write_checkpoint(path, tokenizer_dir, grads if self.micro_step else {})
+        return self._write_checkpoint(path, tokenizer_dir, grads if self.micro_step else {}, keep_existing)
 
     def _write_checkpoint(self, path: str | Path, tokenizer_dir: str | Path | None,
-                          grads: dict[str, torch.Tensor]) -> Path:
+                          grads: dict[str, torch.Tensor], keep_existing: bool = False) -> Path:
         from lema.app.outputs import check_output
+        from lema.app.training.run_folder import keep_or_replace
         from lema.adapters.checkpoints.store import (
             optimizer_to_tensors,
             rng_state,
@@ -242,6 +246,8 @@ class LemaTrainer:
         model = self.model
         check_output(path, option="checkpoint path", files=[*model.input_paths(), tokenizer_dir], overwrite=True,
                      replaces_folder=True)
+        if keep_or_replace(Path(path), self.global_step if not self.micro_step else -1, keep_existing):
+            return Path(path)  # this very state, saved before: a save after a failure keeps it
         named = model.require_lora().named_parameters()
         opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer, [name for name, _ in named])
         # Saved mid-accumulation, the gradients gathered so far are part of the state.

@@ -37,6 +37,7 @@ def test_the_corpus_has_over_100_bad_files_of_every_kind(corpus):
     assert all((root / f).exists() for f in files)
     for kind in ("header", "config", "index", "data", "checkpoint"):
         assert sum(1 for c in cases if c.kind == kind) >= 8, kind
+    assert sum(1 for c in cases if c.kind == "hostile") >= 60  # the second campaign (issue 25)
     commands = {argv[0] for c in cases for argv in c.commands}
     assert commands == {"plan", "convert", "train", "generate", "merge", "bench", "demo", "frobnicate"}
 
@@ -81,6 +82,6 @@ def test_every_command_refuses_each_bad_input_with_one_error_line(corpus, result
     failures = [f"{r['kind']}/{r['name']}: lema {' '.join(r['argv'][:3])} ...: {'; '.join(p)}"
                 for r in mine for p in [_problems(r)] if p]
     assert failures == [], "\n".join(failures)
-    # ru_maxrss is the process's high-water mark: below the bound after a command, below it during.
+    # VmHWM is the process's high-water mark: below the bound after a command, below it during.
     peak = max(r["maxrss_bytes"] for r in mine)
     assert peak < MAX_RSS, f"peak RSS {peak / 2**20:.0f} MiB"

@@ -22,11 +22,11 @@ the next one. So every numerical comparison in the suite follows this rule:
       to probabilistic rounding error analysis", 2019); the floor stands in where the
       reference happens to take the same order twice (a measured noise of 0).
 
-   ``MULTIPLE`` is 16: measured on three kernel/thread settings of this project's machines
-   (docs/testing.md has the table), LEMA's difference from the reference never exceeded
-   3x the noise so defined, so 16 leaves room for a CPU we have not seen while staying
-   orders of magnitude below what a real error gives (a wrong mask, a missing tile, a
-   dropped LoRA term: 1e-3 and more).
+   ``MULTIPLE`` is 16: measured over the whole suite on the default kernels, on
+   ``ATEN_CPU_CAPABILITY=avx2`` and on one thread (docs/testing.md has the table), LEMA's
+   difference from the reference never exceeded 2x the noise so defined, so 16 leaves a
+   factor of 8 for a CPU we have not seen while staying orders of magnitude below what a
+   real error gives (a wrong mask, a missing tile, a dropped LoRA term: 1e-3 and more).
 
 Errors are measured the same way everywhere: ``||got - want|| / ||want||`` over the
 compared entries (:func:`relative_error`). Set ``LEMA_TOLERANCE_LOG`` to

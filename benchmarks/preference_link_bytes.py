@@ -26,7 +26,7 @@ def main() -> None:
 
     from lema import LemaConfig, LemaModel
     from lema.app.runtime.preference_pass import reference_logps_two_pass
-    from lema.app.training.trainer import frozen_adapter
+    from lema.app.training.preference_step import frozen_adapter, use_preference
     from lema.data.preference import collate_pairs, load_preference
     from lema.domain.model import heads
     from lema.domain.objectives.preference import PreferenceObjective
@@ -47,7 +47,7 @@ def main() -> None:
             trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-4))
             out = {}
             for kind in ("sft", "dpo (same pass)", "sft", "dpo (same pass)"):
-                trainer.set_preference(PreferenceObjective("dpo") if kind != "sft" else None,
+                use_preference(trainer, PreferenceObjective("dpo") if kind != "sft" else None,
                                        frozen_adapter(model.require_lora()))
                 t = time.perf_counter()
                 trainer.train_step(ids, labels=labels, attention_mask=mask)

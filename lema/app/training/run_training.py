@@ -260,7 +260,9 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
             warnings.simplefilter("always", LemaWarning)  # every run says it (the CLI prints "warning: ...")
             trainer = model.get_trainer(optimizer, scheduler=scheduler, reset_optimizer=o.reset_optimizer)
         if objective is not None:
-            trainer.set_preference(objective, _reference(model, o) if objective.needs_reference else None)
+            from lema.app.training.preference_step import use_preference
+
+            use_preference(trainer, objective, _reference(model, o) if objective.needs_reference else None)
         if ranks.distributed:  # every rank is ready (or all stop with the first one's error) before any writes
             from lema.app.parallel.rank_agreement import settle
 
@@ -311,7 +313,7 @@ def _reference(model: Any, o: TrainOptions) -> Any:
     if o.adapter is None:
         return None
     from lema.adapters.checkpoints.store import read_adapter
-    from lema.app.training.trainer import frozen_adapter
+    from lema.app.training.preference_step import frozen_adapter
 
     config, tensors = read_adapter(o.adapter)
     _, state = model.adapter_state(o.adapter, config, tensors)

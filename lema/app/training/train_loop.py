@@ -263,17 +263,13 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
                 t0 = time.perf_counter()
                 lr = _current_lr(trainer)  # the scheduler moves it after the step: log the one used
                 losses, tokens = [], 0
-                objective_logs: dict[str, list[float]] = {}
                 for _ in range(opts.grad_accum):
                     with stop.interruptible():  # a second signal may stop a micro-batch, not a step
                         batch = next(stream)
-                        extra = {"desirable": batch["desirable"]} if "desirable" in batch else {}  # KTO
+                        inputs = {k: batch[k] for k in ("position_ids", "desirable") if k in batch}  # KTO: desirable
                         _, loss = trainer.train_step(batch["input_ids"], labels=batch["labels"],
-                                                     attention_mask=batch["attention_mask"],
-                                                     position_ids=batch.get("position_ids"), **extra)
+                                                     attention_mask=batch["attention_mask"], **inputs)
                     losses.append(loss)
-                    for name, value in getattr(trainer, "last_metrics", {}).items():  # preference methods
-                        objective_logs.setdefault(name, []).append(value)
                     tokens += int(batch["tokens"])  # the whole batch's, over all ranks
                 seconds = time.perf_counter() - t0
                 boundary_rng = trainer.rng_snapshot()
@@ -285,8 +281,7 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
                 record = {"step": step, "loss": last_loss, "lr": lr,
                           "tokens_per_s": tokens / seconds if seconds > 0 else None,
                           "device_peak_bytes": peak, "device_peak_counts_compute": counted, "tokens": tokens,
-                          "seconds": seconds}
-                record.update({k: sum(v) / len(v) for k, v in objective_logs.items() if k != "loss"})
+                          "seconds": seconds, **getattr(trainer, "step_metrics", {})}  # preference methods' values
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 _to_sinks(sinks, step, record, "train/")

@@ -46,10 +46,6 @@ class LemaTrainer:
         self.last_report = None
         self.before_optimizer_step: Callable[[], None] = lambda: None  # see lema.app.training.stop_signals
         self._dp: DataParallel | None = None
-        # A preference objective (set_preference): None trains next-token cross-entropy (SFT).
-        self.objective: Any = None
-        self.reference: Any = None  # the frozen starting adapter (None: the base model)
-        self.last_metrics: dict[str, float] = {}
         _warn_base_dropouts(model)
 
     @property
@@ -58,8 +54,7 @@ class LemaTrainer:
 
     def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                    attention_mask: torch.Tensor | None = None, *, return_logits: bool = False,
-                   position_ids: torch.Tensor | None = None, desirable: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor | None, float]:
+                   position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, float]:
         """One micro-batch: forward, backward, and (every ``gradient_accumulation_steps``)
         gradient clipping, ``optimizer.step()`` and ``zero_grad()``.
 
@@ -89,8 +84,6 @@ class LemaTrainer:
         gradients are summed over the ranks during the backward (see
         :mod:`lema.app.parallel.data_parallel` and docs/distributed.md).
         """
-        if self.objective is not None:
-            return None, self._preference_step(input_ids, labels, attention_mask, desirable)
         dp = self._data_parallel()
         if dp is not None:
             return dp.micro_step(input_ids, labels, attention_mask, return_logits, position_ids=position_ids)
@@ -102,58 +95,6 @@ class LemaTrainer:
             loss = loss_sum / max(n_tokens, 1)
             self.end_micro_step(loss)
         return logits, loss
-
-    # -- preference objectives (DPO, IPO, ORPO, SimPO, KTO) ----------------------------------
-
-    def set_preference(self, objective: Any, reference: Any = None) -> None:
-        """Train a preference objective from now on (None: back to SFT).
-
-        Args:
-            objective: a :class:`~lema.domain.objectives.preference.PreferenceObjective`.
-            reference: the reference model's adapter: a frozen copy of the adapter the run
-                started from (:func:`frozen_adapter`), or None for the base model itself (a
-                fresh adapter, as TRL does for a peft model without one).
-
-        Batches are then paired rows ``[chosen..., rejected...]`` (KTO: ``[completions...,
-        mismatched completions...]`` plus ``desirable``) with ``labels`` on the answer tokens
-        (:mod:`lema.data.preference`); :attr:`last_metrics` holds each step's TRL-named metrics.
-        """
-        self.objective = objective
-        self.reference = reference
-        self.last_metrics = {}
-
-    def _preference_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
-                         attention_mask: torch.Tensor | None, desirable: torch.Tensor | None) -> float:
-        from lema.app.runtime.preference_pass import PreferencePass
-
-        if self._data_parallel() is not None:
-            from lema.errors import ConfigError
-
-            raise ConfigError("preference objectives run on one process for now (no torchrun)")
-        if labels is None:
-            from lema.errors import ConfigError
-
-            raise ConfigError("a preference batch needs labels marking the answer tokens")
-        model = self.model
-        with model.device.measuring():
-            batch = self.prepare_batch(input_ids, None, attention_mask, None)
-            answer = model.targets_for(input_ids, labels, attention_mask) != heads.IGNORE_INDEX
-            full = batch.targets != heads.IGNORE_INDEX
-            step = PreferencePass(model.spec, model.require_lora(), batch.ctx, batch.x0, batch.targets,
-                                  loss_scale=1.0 / self.accumulation,
-                                  checkpointing=model.config.gradient_checkpointing,
-                                  tile_tokens=model.plan().tile_tokens, objective=self.objective,
-                                  answer_mask=answer, full_mask=full if self.objective.needs_full else None,
-                                  reference=self.reference, desirable=desirable)
-            batch.release()
-            decoders = frozenset(u.index for u in model.spec.decoder_units)
-            self.last_report = model.engine.run(step_with_cast(model, step), mode="train", backward_units=decoders,
-                                                inputs=step)
-            model.last_report = self.last_report
-            self.last_metrics = dict(step.metrics)
-            loss = float(step.loss_sum)
-            self.end_micro_step(loss)
-        return loss
 
     # -- the parts of a micro-step (data parallel runs them between collectives) ------------
 
@@ -431,14 +372,6 @@ class PreparedBatch:
     def release(self) -> None:
         """Drop the references (the training pass holds what it still needs)."""
         self.ctx = self.x0 = self.targets = None
-
-
-def frozen_adapter(lora: Any) -> Any:
-    """A frozen copy of a :class:`~lema.domain.model.lora.LoraState` (the reference model's adapter)."""
-    from lema.domain.model.lora import LoraState
-
-    return LoraState(lora.lora_spec, tuple({k: tuple(t.detach().clone() for t in pair) for k, pair in layer.items()}
-                                           for layer in lora.layers))
 
 
 def step_with_cast(model: TrainableModel, step: TrainingPass):

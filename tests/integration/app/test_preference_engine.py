@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from lema import LemaConfig, LemaModel
 from lema.app.runtime.preference_pass import PreferencePass, reference_logps_two_pass
-from lema.app.training.trainer import frozen_adapter, step_with_cast
+from lema.app.training.preference_step import frozen_adapter, use_preference
+from lema.app.training.trainer import step_with_cast
 from lema.data.preference import collate_pairs, load_preference
 from lema.domain.model import heads
 from lema.domain.objectives.preference import PreferenceObjective
@@ -129,7 +130,7 @@ def test_first_step_equals_the_formula_from_transformers_logprobs(base, method):
     with _model(base) as model:
         trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3))
         objective = PreferenceObjective(method, beta=beta)
-        trainer.set_preference(objective, frozen_adapter(model.require_lora()) if objective.needs_reference else None)
+        use_preference(trainer, objective, frozen_adapter(model.require_lora()) if objective.needs_reference else None)
         trainer.train_step(ids, labels=batch["labels"], attention_mask=batch["attention_mask"])
         got = trainer.last_metrics
     floor = forward_floor(model.spec, ids.shape[1], extra=1)

@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("trl")
 
 from lema import LemaConfig, LemaModel  # noqa: E402
-from lema.app.training.trainer import frozen_adapter  # noqa: E402
+from lema.app.training.preference_step import frozen_adapter, use_preference  # noqa: E402
 from lema.data.preference import collate_pairs, collate_unpaired, load_preference  # noqa: E402
 from lema.domain.objectives.preference import PreferenceObjective  # noqa: E402
 from tests.chat_models import ANSWER, WORDS, chat_llama_folder, chat_tokenizer  # noqa: E402
@@ -83,7 +83,7 @@ def _run_lema(folder: Path, objective: PreferenceObjective, rows: list[dict], tm
     model = _lema(folder)
     with model:
         trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=LR, weight_decay=0.0))
-        trainer.set_preference(objective, frozen_adapter(model.require_lora()) if objective.needs_reference else None)
+        use_preference(trainer, objective, frozen_adapter(model.require_lora()) if objective.needs_reference else None)
         logs = []
         for _ in range(STEPS):
             trainer.train_step(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"],

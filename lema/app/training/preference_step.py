@@ -28,6 +28,9 @@ from lema.errors import ConfigError
 def use_preference(trainer: Any, objective: Any, reference: Any = None) -> None:
     """Train ``objective`` (None: back to SFT) against ``reference`` (see the module docstring)."""
     trainer.objective, trainer.reference, trainer.last_metrics, trainer.step_metrics = objective, reference, {}, {}
+    # the frozen adapter lives on the device for the run (the plan's "reference_adapter")
+    trainer.model.device.track("reference_adapter", 0 if reference is None or objective is None else sum(
+        t.numel() * t.element_size() for layer in reference.layers for pair in layer.values() for t in pair))
     if objective is None:
         trainer.__dict__.pop("train_step", None)
     else:

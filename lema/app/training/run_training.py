@@ -229,6 +229,8 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
                    vram_budget=o.vram, prefetch_distance=o.prefetch, max_seq_len=o.seq,
                    # a preference step's rows: each pair (KTO: each row and its KL row) is two
                    batch_size=o.batch * (2 if objective is not None else 1),
+                   preference=None if objective is None else "pairs" if not objective.needs_reference
+                   else "reference" if o.adapter is None else "reference_adapter",
                    offload_activations="auto" if o.offload is None else o.offload,
                    gradient_accumulation_steps=o.grad_accum, dtype=o.dtype, max_grad_norm=o.max_grad_norm)
     if ckpt is not None:

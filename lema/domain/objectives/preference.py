@@ -295,21 +295,28 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk):
             hc, tc = h[start:start + chunk], targets[start:start + chunk]
             logits = project(hc, weight, matmul_dtype=matmul_dtype)
-            capped = logits if cap is None else torch.tanh(logits / cap) * cap
-            logp = torch.log_softmax(capped.float(), dim=-1)
+            capped = (logits if cap is None else torch.tanh(logits / cap) * cap).float()
+            del logits
+            logp = torch.log_softmax(capped, dim=-1)
             valid = tc != heads.IGNORE_INDEX
             rows = torch.arange(tc.shape[0], device=tc.device)
             picked = logp[rows, tc.clamp(min=0)]
             out[start:start + chunk] = torch.where(valid, picked, torch.zeros_like(picked))
-            if grad_h is not None:
-                g = -logp.exp_()
-                g[rows, tc.clamp(min=0)] += 1.0
-                g *= valid[:, None]
-                if cap is not None:
-                    g *= 1.0 - (capped.float() / cap) ** 2
-                grad_h[start:start + chunk] = backproject(g.to(h.dtype), weight, matmul_dtype=matmul_dtype)
-                del g
-            del logits, capped, logp
+            if grad_h is None:
+                del capped, logp  # before the next chunk's logits exist
+                continue
+            # through the soft-cap: 1 - (capped / c)^2, in place; then at most two (c, V) fp32
+            # tensors live at a time, as in lema.domain.model.heads' chunked loss
+            slope = None if cap is None else capped.div_(cap).square_().neg_().add_(1.0)
+            del capped
+            g = logp.exp_().neg_()  # -softmax, in place
+            g[rows, tc.clamp(min=0)] += 1.0
+            g *= valid[:, None]
+            if slope is not None:
+                g *= slope
+                del slope
+            grad_h[start:start + chunk] = backproject(g.to(h.dtype), weight, matmul_dtype=matmul_dtype)
+            del g, logp
         if grad_h is not None:
             ctx.save_for_backward(grad_h)
         ctx.need_h = need_h

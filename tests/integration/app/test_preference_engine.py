@@ -164,3 +164,36 @@ def test_cli_dpo_under_a_budget_smaller_than_the_weights_learns(tmp_path):
     assert first["rewards/accuracies"] == 0.0  # the policy starts as the reference: no margin yet
     assert last["rewards/accuracies"] == 1.0 and last["rewards/margins"] > first["rewards/margins"]
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+
+
+def _dpo_grads(folder: Path, batch, *, checkpointing: bool = True, tile: int = 0, prefetch: int = 1, **config):
+    """One DPO pass (same-pass reference) on the engine: its metrics and the LoRA gradients."""
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    with _model(folder, vram_budget="64M", prefetch_distance=prefetch, **config) as model:
+        trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3))
+        prepared = trainer.prepare_batch(ids, None, mask)
+        answer = model.targets_for(ids, labels, mask) != heads.IGNORE_INDEX
+        step = PreferencePass(model.spec, model.require_lora(), prepared.ctx, prepared.x0, prepared.targets,
+                              checkpointing=checkpointing, tile_tokens=tile, objective=PreferenceObjective("dpo"),
+                              answer_mask=answer, reference=frozen_adapter(model.require_lora()))
+        report = model.engine.run(step_with_cast(model, step), mode="train", inputs=step,
+                                  backward_units=frozenset(u.index for u in model.spec.decoder_units))
+        grads = [p.grad.detach().clone() for p in model.get_trainable_parameters()]
+        return step.metrics, grads, report, model.spec
+
+
+@pytest.mark.parametrize("path", ["no-checkpointing", "tiles", "offload"])
+def test_dpo_step_through_each_engine_path_equals_the_plain_path(base, path):
+    batch = _batch(base)
+    seq = batch["input_ids"].shape[1]
+    plain, plain_grads, _, spec = _dpo_grads(base, batch)
+    options = {"no-checkpointing": dict(checkpointing=False, gradient_checkpointing=False),
+               "tiles": dict(tile=max(1, seq // 4)),
+               "offload": dict(offload_activations=True, prefetch=0)}[path]  # 2 layers: 1 kept, 1 offloaded
+    metrics, grads, report, _ = _dpo_grads(base, batch, **options)
+    if path == "offload":
+        assert report.activation_bytes > 0  # the layer inputs went to host memory and back
+    floor = forward_floor(spec, seq, extra=2)  # + the loss and its backward
+    for name in ("loss", "logps/chosen", "logps/rejected"):  # rewards are 0 at the first step (policy = reference)
+        assert_close(torch.tensor([metrics[name]]), torch.tensor([plain[name]]), floor=floor, what=f"{path} {name}")
+    assert_close(grads, plain_grads, floor=floor, what=f"{path} LoRA gradients")

@@ -101,6 +101,9 @@ OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
                  help="Start from this peft adapter (a LEMA checkpoint or one peft wrote) with a fresh optimizer; "
                       "for dpo/ipo/kto it is also the frozen reference (default: a fresh adapter, the base as "
                       "reference)."),
+    click.option("--precompute-ref", is_flag=True, default=False,
+                 help="dpo/ipo/kto: compute the reference log-probs once per data set (a no-grad pass, cached beside "
+                      "the run) instead of the reference forward in every training pass."),
     click.option("--data-cache/--no-data-cache", default=True, show_default=True,
                  help="Keep the tokenized data in $LEMA_CACHE/data for the next run on the same data."),
 ]

@@ -46,6 +46,7 @@ class PairExample:
     prompt: tuple[int, ...]
     chosen: tuple[int, ...]
     rejected: tuple[int, ...]
+    reference: tuple[float, float] | None = None  # the cached reference log-probs (chosen, rejected)
 
     def __len__(self) -> int:
         return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
@@ -59,6 +60,7 @@ class UnpairedExample:
     completion: tuple[int, ...]
     kl_completion: tuple[int, ...]
     desirable: bool
+    reference: tuple[float, float] | None = None  # the cached reference log-probs (completion, KL row)
 
     def __len__(self) -> int:
         return 2 * len(self.prompt) + len(self.completion) + len(self.kl_completion)
@@ -236,7 +238,16 @@ def _rows(pairs: Iterable[tuple[Sequence[int], Sequence[int]]], pad_id: int, seq
 
 def collate_pairs(examples: Sequence[PairExample], pad_id: int, seq: int | None = None) -> dict[str, Any]:
     """``[prompt+chosen..., prompt+rejected...]`` rows (see the module docstring)."""
-    return _rows([(e.prompt, e.chosen) for e in examples] + [(e.prompt, e.rejected) for e in examples], pad_id, seq)
+    return _with_reference(examples, _rows([(e.prompt, e.chosen) for e in examples]
+                                           + [(e.prompt, e.rejected) for e in examples], pad_id, seq))
+
+
+def _with_reference(examples: Sequence[Any], out: dict[str, Any]) -> dict[str, Any]:
+    """Add ``reference``: the rows' cached reference log-probs, when every example has them."""
+    if examples and all(e.reference is not None for e in examples):
+        out["reference"] = torch.tensor([e.reference[0] for e in examples] + [e.reference[1] for e in examples],
+                                        dtype=torch.float32)
+    return out
 
 
 def collate_unpaired(examples: Sequence[UnpairedExample], pad_id: int, seq: int | None = None) -> dict[str, Any]:
@@ -244,4 +255,4 @@ def collate_unpaired(examples: Sequence[UnpairedExample], pad_id: int, seq: int 
     out = _rows([(e.prompt, e.completion) for e in examples] + [(e.prompt, e.kl_completion) for e in examples],
                 pad_id, seq)
     out["desirable"] = torch.tensor([e.desirable for e in examples], dtype=torch.bool)
-    return out
+    return _with_reference(examples, out)

@@ -39,16 +39,24 @@ def use_preference(trainer: Any, objective: Any, reference: Any = None) -> None:
 
 def _train_step(trainer: Any, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, *, return_logits: bool = False,
-                position_ids: torch.Tensor | None = None, desirable: torch.Tensor | None = None
-                ) -> tuple[None, float]:
-    """``train_step`` under a preference objective: ``(None, loss)`` (no logits, no packed rows)."""
+                position_ids: torch.Tensor | None = None, desirable: torch.Tensor | None = None,
+                reference: torch.Tensor | None = None) -> tuple[None, float]:
+    """``train_step`` under a preference objective: ``(None, loss)`` (no logits, no packed rows).
+
+    ``reference``: the rows' precomputed reference answer log-prob sums (the cached column,
+    :mod:`lema.app.training.reference_cache`); the pass then skips the reference forward.
+    """
     if return_logits or position_ids is not None:
         raise ConfigError("preference steps take neither return_logits nor position_ids (packed rows)")
-    return None, preference_step(trainer, input_ids, labels, attention_mask, desirable)
+    if reference is None and getattr(trainer, "precomputed_reference", False):
+        raise ConfigError("this run's reference log-probs are precomputed (--precompute-ref): every batch needs "
+                          "its 'reference' values")
+    return None, preference_step(trainer, input_ids, labels, attention_mask, desirable, reference)
 
 
 def preference_step(trainer: Any, input_ids: torch.Tensor, labels: torch.Tensor | None,
-                    attention_mask: torch.Tensor | None, desirable: torch.Tensor | None) -> float:
+                    attention_mask: torch.Tensor | None, desirable: torch.Tensor | None,
+                    reference: torch.Tensor | None = None) -> float:
     """Forward (policy and same-pass reference), backward, and the accumulation's optimizer step.
 
     Sets ``trainer.last_metrics`` (this micro-batch's TRL-named values) and, at an optimizer
@@ -71,11 +79,16 @@ def preference_step(trainer: Any, input_ids: torch.Tensor, labels: torch.Tensor 
         answer = model.targets_for(input_ids, labels, attention_mask) != heads.IGNORE_INDEX
         full = batch.targets != heads.IGNORE_INDEX
         objective = trainer.objective
+        precomputed = None
+        if reference is not None and objective.needs_reference:
+            from lema.domain.objectives.preference import RowLogps
+
+            precomputed = RowLogps(reference.to(answer.device, torch.float32), answer.sum(dim=1).float())
         step = PreferencePass(model.spec, model.require_lora(), batch.ctx, batch.x0, batch.targets,
                               loss_scale=1.0 / trainer.accumulation, checkpointing=model.config.gradient_checkpointing,
                               tile_tokens=model.plan().tile_tokens, objective=objective, answer_mask=answer,
                               full_mask=full if objective.needs_full else None, reference=trainer.reference,
-                              desirable=desirable)
+                              desirable=desirable, precomputed=precomputed)
         batch.release()
         decoders = frozenset(u.index for u in model.spec.decoder_units)
         trainer.last_report = model.engine.run(lambda phase, unit, w: step(phase, unit, model.cast_weights(w)),

@@ -86,6 +86,8 @@ def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None, h
     o.objective()  # a bad --method/--beta/... is said before anything is opened
     if o.method != "sft" and (o.packing or o.eval_data is not None or o.eval_split is not None):
         raise ConfigError(f"--method {o.method}: --packing, --eval-data and --eval-split apply to sft only")
+    if o.precompute_ref and o.method not in ("dpo", "ipo", "kto"):
+        raise ConfigError(f"--precompute-ref: --method {o.method} has no reference model (dpo, ipo and kto have)")
     if o.adapter is not None and not Path(o.adapter).expanduser().is_dir():
         raise ConfigError(f"--adapter: {o.adapter} is not a folder (a peft adapter or a LEMA checkpoint)")
     o.max_line_bytes()  # checked before anything is opened
@@ -164,6 +166,7 @@ class TrainOptions:
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     adapter: str | None = None
+    precompute_ref: bool = False
     nproc: int = 1  # torchrun's ranks (not an option: the launcher sets it)
 
     def objective(self) -> Any:
@@ -196,7 +199,8 @@ class TrainOptions:
                 "eval_data": self.eval_data, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
                 "max_grad_norm": self.max_grad_norm, "dtype": self.dtype,
                 **({} if self.method == "sft" else {"method": self.method, "objective": attrs.asdict(self.objective())}),
-                **({} if self.adapter is None else {"adapter": self.adapter})}
+                **({} if self.adapter is None else {"adapter": self.adapter}),
+                **({"precompute_ref": True} if self.precompute_ref else {})}
 
 
 
@@ -230,6 +234,7 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
                    # a preference step's rows: each pair (KTO: each row and its KL row) is two
                    batch_size=o.batch * (2 if objective is not None else 1),
                    preference=None if objective is None else "pairs" if not objective.needs_reference
+                   or o.precompute_ref  # the cached column: no reference forward in the passes
                    else "reference" if o.adapter is None else "reference_adapter",
                    offload_activations="auto" if o.offload is None else o.offload,
                    gradient_accumulation_steps=o.grad_accum, dtype=o.dtype, max_grad_norm=o.max_grad_norm)
@@ -261,10 +266,17 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
         with warnings.catch_warnings():
             warnings.simplefilter("always", LemaWarning)  # every run says it (the CLI prints "warning: ...")
             trainer = model.get_trainer(optimizer, scheduler=scheduler, reset_optimizer=o.reset_optimizer)
+        items = data.items
         if objective is not None:
             from lema.app.training.preference_step import use_preference
 
-            use_preference(trainer, objective, _reference(model, o) if objective.needs_reference else None)
+            reference = _reference(model, o) if objective.needs_reference else None
+            if o.precompute_ref:
+                items = _reference_column(model, data, tok.pad_token_id, reference, o, out_dir, gbi_path or name_or_path,
+                                          echo)
+                reference = None
+            use_preference(trainer, objective, reference)
+            trainer.precomputed_reference = o.precompute_ref
         if ranks.distributed:  # every rank is ready (or all stop with the first one's error) before any writes
             from lema.app.parallel.rank_agreement import settle
 
@@ -281,7 +293,7 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
             return 0
         sinks = bootstrap.make_sinks(o.report_to, out_dir, run_name=o.run_name, options=o.args()) \
             if ranks.is_main else []
-        result = train_loop(model, trainer, data.items, tok.pad_token_id, opts, tok_dir, echo=echo,
+        result = train_loop(model, trainer, items, tok.pad_token_id, opts, tok_dir, echo=echo,
                             progress=progress if ranks.is_main else None, collate_fn=data.collate_fn,
                             eval_examples=data.eval_examples, sinks=sinks, hold_signals=hold_signals)
     if result.interrupted:
@@ -308,6 +320,19 @@ def _preference_data(o: TrainOptions, tok: Any, ranks: Any) -> Any:
     line = f"data: {o.data}: {len(rows):,} {kind} ({tokens:,} tokens) for {o.method}"
     return RunData(items=rows, collate_fn=collate_unpaired if o.method == "kto" else collate_pairs,
                    eval_examples=None, store=None, lines=(line,))
+
+
+def _reference_column(model: Any, data: Any, pad_id: int, reference: Any, o: TrainOptions, out_dir: Path,
+                      gbi_path: Any, echo: Echo) -> list[Any]:
+    """The examples with their cached reference log-probs (:mod:`lema.app.training.reference_cache`)."""
+    from lema.app.training import reference_cache
+
+    weights = Path(gbi_path or o.model_path).expanduser()
+    stat = weights.stat()
+    key = reference_cache.cache_key(data.items, reference, f"{weights.resolve()}|{stat.st_size}|{stat.st_mtime_ns}",
+                                    o.seq, o.method)
+    return reference_cache.with_reference_column(model, data.items, data.collate_fn, pad_id, o.batch, reference,
+                                                 out_dir, key, echo)
 
 
 def _reference(model: Any, o: TrainOptions) -> Any:

@@ -266,7 +266,7 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
                 for _ in range(opts.grad_accum):
                     with stop.interruptible():  # a second signal may stop a micro-batch, not a step
                         batch = next(stream)
-                        inputs = {k: batch[k] for k in ("position_ids", "desirable") if k in batch}  # KTO: desirable
+                        inputs = {k: batch[k] for k in ("position_ids", "desirable", "reference") if k in batch}
                         _, loss = trainer.train_step(batch["input_ids"], labels=batch["labels"],
                                                      attention_mask=batch["attention_mask"], **inputs)
                     losses.append(loss)

@@ -97,3 +97,48 @@ def test_dpo_resume_gives_the_uninterrupted_adapter_bit_for_bit(tmp_path):
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     metrics = [json.loads(line) for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in metrics][-2:] == [3, 4] and "rewards/margins" in metrics[-1]
+
+
+def test_precomputed_reference_column_equals_the_same_pass_reference(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from lema.app.training.reference_cache import FILE
+
+    chat_llama_folder(tmp_path / "hf", hidden=32, layers=2)
+    rng = random.Random(1)
+    rows = [{"prompt": " ".join(rng.choice(WORDS) for _ in range(4)) + " ", "chosen": ANSWER,
+             "rejected": " ".join(rng.choice(WORDS) for _ in range(6))} for _ in range(6)]
+    data = tmp_path / "pref.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _train(tmp_path / "hf", data, tmp_path / "same", 3)
+    output = _train(tmp_path / "hf", data, tmp_path / "cached", 3, "--precompute-ref")
+    assert "computed once" in output
+    with safe_open(str(tmp_path / "cached" / FILE), framework="pt") as f:
+        assert len(f.metadata()["key"]) == 64 and tuple(f.get_tensor("logps").shape) == (6, 2)
+    same = load_file(tmp_path / "same" / "final" / "adapter_model.safetensors")
+    cached = load_file(tmp_path / "cached" / "final" / "adapter_model.safetensors")
+    from lema.domain.model.spec import ModelSpec
+
+    spec = ModelSpec.from_config(json.loads((tmp_path / "hf" / "config.json").read_text()), dtype="F32")
+    floor = forward_floor(spec, 40, extra=spec.n_layers + 2 + 3)  # + three AdamW steps
+    assert_close([cached[k] for k in sorted(same)], [same[k] for k in sorted(same)], floor=floor,
+                 what="adapter, cached vs same-pass reference")
+    m_same, m_cached = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                        for d in ("same", "cached"))
+    for a, b in zip(m_same, m_cached):
+        for name in ("logps/chosen", "logps/rejected", "loss"):
+            assert_close(torch.tensor([b[name]]), torch.tensor([a[name]]), floor=floor, what=name)
+    # --resume (same data, same reference) reads the column instead of computing it
+    output = _train(tmp_path / "hf", data, tmp_path / "cached", 4, "--precompute-ref", "--resume")
+    assert "read from" in output and "computed once" not in output
+
+
+def test_precompute_ref_without_a_reference_is_one_error(tmp_path):
+    from click.testing import CliRunner
+
+    from lema.cli import main
+
+    result = CliRunner().invoke(main, ["train", "--model", str(tmp_path), "--data", str(tmp_path / "d.jsonl"),
+                                       "--out", str(tmp_path / "o"), "--method", "simpo", "--precompute-ref"])
+    assert result.exit_code == 2 and "Error: --precompute-ref" in result.output and "Traceback" not in result.output

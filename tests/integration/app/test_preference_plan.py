@@ -27,7 +27,11 @@ CASES = {  # id: (hidden, intermediate, layers, vocab, pairs, seq, extra config)
     "layer-backward": (128, 344, 4, 256, 2, 64, {}),
     "big-vocab-head": (64, 172, 2, 8192, 1, 256, {}),
     "no-checkpointing": (128, 344, 4, 256, 2, 64, {"gradient_checkpointing": False}),
+    # a long row under a budget: the plan offloads the layer inputs and tiles the layers
+    # (measured once on 2 busy cores: sft 1.005, dpo 1.006; ~8 min there, hence slow)
+    "long-offload-tiles": (64, 172, 4, 256, 1, 2048, {"vram_budget": 13_000_000}),
 }
+SLOW = {"long-offload-tiles"}
 
 
 def _weights(tmp_path, h, ff, layers, vocab):
@@ -61,11 +65,13 @@ def _peak(path, method, rows, seq, vocab, extra):
     return model.plan(), peak
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c if c not in SLOW else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
 def test_dpo_step_peak_matches_plan_as_sft_does(tmp_path, case):
     h, ff, layers, vocab, pairs, seq, extra = CASES[case]
     path = _weights(tmp_path, h, ff, layers, vocab)
     results = {m: _peak(path, m, 2 * pairs, seq, vocab, extra) for m in ("sft", "dpo")}
+    if case in SLOW:
+        assert all(p.offload_activations and p.tile_tokens for p, _ in results.values())
     for method, (planned, peak) in results.items():
         print(f"{case} {method}: peak {peak} plan {planned.device_total} ratio {peak / planned.device_total:.3f}")
         assert abs(peak - planned.device_total) / planned.device_total <= TOLERANCE, (method, peak, planned)

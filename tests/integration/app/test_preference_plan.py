@@ -104,6 +104,7 @@ def test_does_not_fit_hints_speak_in_pairs():
     assert not plan(spec, attrs_evolve(pairs, batch=2 * n_pairs + 2), budget).fits
     assert any(f"--batch {n_pairs} pairs" in r for r in dpo.recommendations)
     assert "at batch 8 pairs" in " ".join(dpo.recommendations)
+    assert "batch 8 pairs (16 rows)" in dpo.explain() and f"would fit with --batch {n_pairs}" in dpo.explain()
 
 
 def attrs_evolve(shape, **changes):

@@ -65,13 +65,13 @@ def test_dpo_step_on_an_nf4_base_equals_the_dequantized_dense_model(quantized_mo
     assert_close(nf4_params, plain_params, floor=floor, what="adapter after the step")
 
 
-def _train(folder, data, out, steps, *extra):
+def _train(folder, data, out, steps, *extra, method="dpo"):
     from click.testing import CliRunner
 
     from lema.cli import main
 
     result = CliRunner().invoke(main, ["train", "--model", str(folder), "--data", str(data), "--out", str(out),
-                                       "--method", "dpo", "--steps", str(steps), "--batch", "2", "--seq", "40",
+                                       "--method", method, "--steps", str(steps), "--batch", "2", "--seq", "40",
                                        "--lr", "3e-3", "--rank", "4", "--save-steps", "2", "--device", "cpu",
                                        "--vram", "64M", "--prefetch", "0", *extra])
     assert result.exit_code == 0, result.output
@@ -99,7 +99,8 @@ def test_dpo_resume_gives_the_uninterrupted_adapter_bit_for_bit(tmp_path):
     assert [r["step"] for r in metrics][-2:] == [3, 4] and "rewards/margins" in metrics[-1]
 
 
-def test_precomputed_reference_column_equals_the_same_pass_reference(tmp_path):
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_precomputed_reference_column_equals_the_same_pass_reference(tmp_path, method):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -107,12 +108,17 @@ def test_precomputed_reference_column_equals_the_same_pass_reference(tmp_path):
 
     chat_llama_folder(tmp_path / "hf", hidden=32, layers=2)
     rng = random.Random(1)
-    rows = [{"prompt": " ".join(rng.choice(WORDS) for _ in range(4)) + " ", "chosen": ANSWER,
-             "rejected": " ".join(rng.choice(WORDS) for _ in range(6))} for _ in range(6)]
+    if method == "dpo":
+        rows = [{"prompt": " ".join(rng.choice(WORDS) for _ in range(4)) + " ", "chosen": ANSWER,
+                 "rejected": " ".join(rng.choice(WORDS) for _ in range(6))} for _ in range(6)]
+    else:  # KTO: the KL rows' reference values are cached too
+        rows = [{"prompt": " ".join(rng.choice(WORDS) for _ in range(4)) + " ",
+                 "completion": ANSWER if i % 2 else " ".join(rng.choice(WORDS) for _ in range(5)),
+                 "label": bool(i % 2)} for i in range(6)]
     data = tmp_path / "pref.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _train(tmp_path / "hf", data, tmp_path / "same", 3)
-    output = _train(tmp_path / "hf", data, tmp_path / "cached", 3, "--precompute-ref")
+    _train(tmp_path / "hf", data, tmp_path / "same", 3, method=method)
+    output = _train(tmp_path / "hf", data, tmp_path / "cached", 3, "--precompute-ref", method=method)
     assert "computed once" in output
     with safe_open(str(tmp_path / "cached" / FILE), framework="pt") as f:
         assert len(f.metadata()["key"]) == 64 and tuple(f.get_tensor("logps").shape) == (6, 2)
@@ -127,10 +133,10 @@ def test_precomputed_reference_column_equals_the_same_pass_reference(tmp_path):
     m_same, m_cached = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
                         for d in ("same", "cached"))
     for a, b in zip(m_same, m_cached):
-        for name in ("logps/chosen", "logps/rejected", "loss"):
+        for name in ("logps/chosen", "logps/rejected", "loss") if method == "dpo" else ("loss", "kl"):
             assert_close(torch.tensor([b[name]]), torch.tensor([a[name]]), floor=floor, what=name)
     # --resume (same data, same reference) reads the column instead of computing it
-    output = _train(tmp_path / "hf", data, tmp_path / "cached", 4, "--precompute-ref", "--resume")
+    output = _train(tmp_path / "hf", data, tmp_path / "cached", 4, "--precompute-ref", "--resume", method=method)
     assert "read from" in output and "computed once" not in output
 
 

@@ -127,7 +127,7 @@ def training_shape(config: LemaConfig, spec: ModelSpec, device: Device) -> Train
         gradient_checkpointing=config.gradient_checkpointing, device_kind=device.traits.kind,
         offload_activations=config.offload if config.gradient_checkpointing else False,
         wide_matmul=device.matmul_dtype(compute_dtype(config, spec)) is not None,
-        local_ranks=local_world_size(), weights_in_place=device.traits.in_place,
+        local_ranks=local_world_size(), weights_in_place=device.traits.in_place, preference=config.preference,
     )
 
 

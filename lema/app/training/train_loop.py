@@ -266,9 +266,9 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
                 for _ in range(opts.grad_accum):
                     with stop.interruptible():  # a second signal may stop a micro-batch, not a step
                         batch = next(stream)
+                        inputs = {k: batch[k] for k in ("position_ids", "desirable", "reference") if k in batch}
                         _, loss = trainer.train_step(batch["input_ids"], labels=batch["labels"],
-                                                     attention_mask=batch["attention_mask"],
-                                                     position_ids=batch.get("position_ids"))
+                                                     attention_mask=batch["attention_mask"], **inputs)
                     losses.append(loss)
                     tokens += int(batch["tokens"])  # the whole batch's, over all ranks
                 seconds = time.perf_counter() - t0
@@ -281,7 +281,7 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
                 record = {"step": step, "loss": last_loss, "lr": lr,
                           "tokens_per_s": tokens / seconds if seconds > 0 else None,
                           "device_peak_bytes": peak, "device_peak_counts_compute": counted, "tokens": tokens,
-                          "seconds": seconds}
+                          "seconds": seconds, **getattr(trainer, "step_metrics", {})}  # preference methods' values
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 _to_sinks(sinks, step, record, "train/")

@@ -12,8 +12,12 @@ Two ways to fill a caller's staging buffer:
   bimodal, so it is kept for comparison (``benchmarks/stream_bench.py``).
 
 Without a buffer, :meth:`SafetensorsSource.read_unit` returns zero-copy tensors backed by
-a private (copy-on-write) mapping of the file: nothing is read until touched, and the
-whole model is never loaded.
+a read-only shared mapping of the file: nothing is read until touched, the whole model is
+never loaded, and nothing is charged per model byte against the machine's commit limit (a
+private, writable mapping is, so a file larger than RAM could not even be mapped). The
+pages belong to the page cache, which the kernel drops and re-reads as it needs: a model
+larger than RAM streams from the drive. The tensors are handed to the compute, which never
+writes its weights; a stray write faults instead of reaching the file.
 
 Example:
     >>> src = SafetensorsSource(spec, "/models/tiny")          # doctest: +SKIP
@@ -29,6 +33,7 @@ import threading
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from lema.adapters.weights import file_lease
@@ -102,7 +107,7 @@ class SafetensorsSource:
                                    "re-download or re-convert the model")
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
-        self._maps: dict[str, mmap.mmap] = {}
+        self._maps: dict[str, _Mapping] = {}
         self._closed = False
         self._checked: set[int] = set()  # units whose weights were found finite
 
@@ -119,19 +124,17 @@ class SafetensorsSource:
                     self._fds[file] = fd
         return fd
 
-    def _map(self, file: str) -> mmap.mmap:
+    def _map(self, file: str) -> "_Mapping":
         mm = self._maps.get(file)
         if mm is None:
             fd = self._fd(file)
             with self._lock:
                 mm = self._maps.get(file)
                 if mm is None:
-                    # ACCESS_COPY: a private mapping, writable for torch.frombuffer, and a
-                    # stray write can never reach the model file.
                     # A mapped file cut short under a command is named, not a SIGBUS (file_lease).
                     file_lease.hold(fd, str(self.root / file))
                     self._check_size(file, fd)
-                    mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                    mm = _Mapping(fd)
                     self._maps[file] = mm
         return mm
 
@@ -154,9 +157,9 @@ class SafetensorsSource:
 
     def _copy_from_map(self, file: str, start: int, view: memoryview) -> None:
         mm = self._map(file)
-        if start + len(view) > len(mm):
+        if start + len(view) > mm.size:
             raise ModelFormatError(f"{self.root / file}: shorter than its header says; the file is truncated")
-        with memoryview(mm) as whole:
+        with memoryview(mm.mmap) as whole:
             view[:] = whole[start:start + len(view)]
 
     def read_into(self, index: int, buffer: torch.Tensor) -> None:
@@ -213,12 +216,11 @@ class SafetensorsSource:
 
     def _mapped(self, t: TensorSpec) -> torch.Tensor:
         mm = self._map(t.file)
-        if t.end > len(mm):
+        if t.end > mm.size:
             raise ModelFormatError(f"{self.root / t.file}: {t.name} runs past the end of the file; it is truncated")
         if t.nbytes == 0:
             return torch.empty(t.shape, dtype=torch_dtype(t.dtype))
-        raw = torch.frombuffer(mm, dtype=torch.uint8, count=t.nbytes, offset=t.start)
-        return raw.view(torch_dtype(t.dtype)).view(t.shape)
+        return mm.tensor(t.start, t.nbytes).view(torch_dtype(t.dtype)).view(t.shape)
 
     def read_tensor(self, t: TensorSpec) -> torch.Tensor:
         """A fresh, owned copy of one tensor (positional read; used to load into RAM)."""
@@ -246,3 +248,28 @@ class SafetensorsSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Mapping:
+    """A read-only, shared mapping of a whole file, and uint8 tensors over ranges of it.
+
+    ``mmap.ACCESS_READ`` maps the file ``PROT_READ``/``MAP_SHARED``: no commit charge, the
+    pages the page cache's. ``torch.frombuffer`` would warn on (and mark as writable) a
+    read-only buffer, so each tensor is made over a ctypes array at the range's address
+    instead; the array keeps the mapping alive, and the mapping is unmapped with the last
+    tensor over it. The weights handed out are read, never written (the compute casts or
+    copies them); a write would fault (SIGSEGV), never reach the file.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        self.size = len(self.mmap)
+        # numpy exports a read-only buffer's address without copying; ``pages`` holds the export.
+        self._pages = np.frombuffer(self.mmap, dtype=np.uint8)
+        self.address = int(self._pages.ctypes.data)
+
+    def tensor(self, start: int, nbytes: int) -> torch.Tensor:
+        """Bytes ``start .. start + nbytes`` of the file as a uint8 tensor (no copy)."""
+        array = (ctypes.c_ubyte * nbytes).from_address(self.address + start)
+        array._lema_mapping = self  # type: ignore[attr-defined]  # lives as long as the tensor
+        return torch.frombuffer(array, dtype=torch.uint8)

@@ -105,7 +105,10 @@ def train(model: str, steps: int, budget: str | None, adapters: str | None, seq:
                             vram_budget=budget, max_seq_len=seq, prefetch_distance=1)
         with LemaModel(config) as lema:
             lema.initialize_lora(seed=0)
-            trainer = lema.get_trainer(torch.optim.AdamW(lema.get_trainable_parameters(), lr=1e-2))
+            before = {k: v.detach().cpu().clone() for k, v in lema.require_lora().named_parameters()}
+            # SGD: the adapters move by the gradients themselves (AdamW would turn a gradient
+            # element as small as its rounding into a full learning-rate step either way).
+            trainer = lema.get_trainer(torch.optim.SGD(lema.get_trainable_parameters(), lr=1.0))
             ids = torch.arange(1, seq + 1).remainder(lema.spec.vocab_size).unsqueeze(0)
             for _ in range(steps):
                 start = time.perf_counter()
@@ -113,7 +116,8 @@ def train(model: str, steps: int, budget: str | None, adapters: str | None, seq:
                 times.append(time.perf_counter() - start)
                 losses.append(float(loss))
             if adapters:
-                torch.save({k: v.detach().cpu() for k, v in lema.require_lora().named_parameters()}, adapters)
+                torch.save({k: v.detach().cpu() - before[k] for k, v in lema.require_lora().named_parameters()},
+                           adapters)
     finally:
         stop.set()
         sampler.join()
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--budget", default=None, help="vram_budget (a CPU device with that capacity); none: in place")
     t.add_argument("--strategy", default="streaming")
     t.add_argument("--seq", type=int, default=16)
-    t.add_argument("--adapters", default=None, help="save the trained adapters here (torch.save of tensors)")
+    t.add_argument("--adapters", default=None, help="save what training changed in the adapters here (torch.save of tensors)")
     t.add_argument("--data-limit", type=int, default=None,
                    help="RLIMIT_DATA in bytes above the data size at start (private writable memory)")
     args = parser.parse_args(argv)

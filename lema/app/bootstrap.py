@@ -21,8 +21,9 @@ from lema.config import LemaConfig
 from lema.domain.model.spec import ModelSpec, dtype_code
 from lema.domain.plan.planner import Budget, MemoryPlan, TrainingShape, plan
 from lema.domain.plan.strategy import MemoryStrategy
-from lema.errors import ConfigError, LemaWarning, ModelFormatError, PinningRefused
+from lema.errors import ConfigError, HostMemoryError, LemaWarning, ModelFormatError, PinningRefused
 from lema.ports.device import Device
+from lema.ports.host_memory import HostMemory
 from lema.ports.metrics import MetricsSink
 from lema.ports.weights import WeightSource
 
@@ -129,6 +130,28 @@ def training_shape(config: LemaConfig, spec: ModelSpec, device: Device) -> Train
         wide_matmul=device.matmul_dtype(compute_dtype(config, spec)) is not None,
         local_ranks=local_world_size(), weights_in_place=device.traits.in_place,
     )
+
+
+def check_host_memory(config: LemaConfig, plan_: MemoryPlan, device: Device,
+                      host_memory: HostMemory | None = None) -> None:
+    """Refuse, before anything loads, a run needing more host RAM than is available.
+
+    The RAM available is ``host_memory``'s (default: :class:`~lema.adapters.host_memory.ProcMeminfo`,
+    the running system), or the config's ``ram_budget`` when smaller.
+
+    Raises:
+        HostMemoryError: one line naming the host RAM the run needs and the RAM there is.
+    """
+    from lema.adapters.host_memory import ProcMeminfo
+    from lema.domain.plan.host_fit import host_ram_needed, host_shortfall
+
+    memory = host_memory if host_memory is not None else ProcMeminfo()
+    available, where = memory.available_bytes(), memory.describe()
+    if config.ram_bytes is not None and config.ram_bytes < available:
+        available, where = config.ram_bytes, "ram_budget"
+    line = host_shortfall(plan_, device.traits.host_memory, available, where)
+    if line is not None:
+        raise HostMemoryError(line, host_ram_needed(plan_, device.traits.host_memory), available)
 
 
 def make_plan(config: LemaConfig, spec: ModelSpec, device: Device, mode: str = "train") -> MemoryPlan:

@@ -30,6 +30,7 @@ import ctypes
 import mmap
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
 
@@ -80,6 +81,13 @@ class SafetensorsSource:
         method: how :meth:`read_unit` fills a buffer: ``"pread"`` or ``"mmap"``.
         readers: threads that read one unit's pieces in parallel (``"pread"`` only; 1:
             the calling thread reads alone).
+        keep_bytes: for a model that does not fit the page cache: the bytes of the file's
+            pages left cached, the least recently read units' pages dropped
+            (``posix_fadvise(DONTNEED)``, and ``madvise`` on the mapping) once more are read,
+            so streaming the model does not evict the rest of the machine's cache; the file
+            is read as sequential (larger read-ahead) and a mapped unit's pages are asked for
+            (``WILLNEED``) before they are touched. None (default): the page cache is left to
+            the kernel.
 
     Attributes:
         bytes_copied: bytes read into callers' buffers so far.
@@ -90,7 +98,7 @@ class SafetensorsSource:
     """
 
     def __init__(self, spec: ModelSpec, root: str | os.PathLike[str], method: Method = "pread",
-                 readers: int = 1) -> None:
+                 readers: int = 1, keep_bytes: int | None = None) -> None:
         if method not in ("pread", "mmap"):
             raise ConfigError(f"method: {method!r} must be 'pread' or 'mmap'")
         root = Path(root)
@@ -110,6 +118,11 @@ class SafetensorsSource:
         self._maps: dict[str, _Mapping] = {}
         self._closed = False
         self._checked: set[int] = set()  # units whose weights were found finite
+        if keep_bytes is not None and (isinstance(keep_bytes, bool) or keep_bytes < 0):
+            raise ConfigError(f"keep_bytes: {keep_bytes!r} must be a non-negative number of bytes")
+        self.keep_bytes = keep_bytes
+        self._kept: OrderedDict[int, int] = OrderedDict()  # units whose pages are cached -> bytes
+        self.bytes_dropped = 0
 
     # -- files, opened lazily and once ---------------------------------------------------
 
@@ -121,6 +134,8 @@ class SafetensorsSource:
                 fd = self._fds.get(file)
                 if fd is None:
                     fd = os.open(self.root / file, os.O_RDONLY)
+                    if self.keep_bytes is not None and hasattr(os, "posix_fadvise"):
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                     self._fds[file] = fd
         return fd
 
@@ -173,6 +188,7 @@ class SafetensorsSource:
                                for file, start, offset, nbytes in self._runs[index]])
         with self._lock:
             self.bytes_copied += sum(n for _, _, _, n in self._runs[index])
+        self._read_done(index)
 
     def host_unit(self, index: int) -> None:
         """Units are read into staging buffers: there is no page-locked copy to upload from."""
@@ -190,7 +206,46 @@ class SafetensorsSource:
             return self._finite(index, unit_views(buffer, self._layouts[index]))
         self._check_open()
         self._check_length(index)
-        return self._finite(index, {t.key: self._mapped(t) for t, _ in self._layouts[index]})
+        if self.keep_bytes is not None and hasattr(os, "posix_fadvise"):
+            for file, start, _, nbytes in self._runs[index]:  # the drive starts on the whole unit now
+                os.posix_fadvise(self._fd(file), start, nbytes, os.POSIX_FADV_WILLNEED)
+        views = self._finite(index, {t.key: self._mapped(t) for t, _ in self._layouts[index]})
+        self._read_done(index)
+        return views
+
+    # -- the page cache of a model larger than it ----------------------------------------------
+
+    IN_FLIGHT = 4  # the most recently read units are never dropped: they are being computed on
+
+    def _read_done(self, index: int) -> None:
+        """Unit ``index`` was just read: drop the least recently read units' pages beyond
+        ``keep_bytes`` (never the last :attr:`IN_FLIGHT` units read)."""
+        if self.keep_bytes is None:
+            return
+        with self._lock:
+            self._kept.pop(index, None)
+            self._kept[index] = sum(n for _, _, _, n in self._runs[index])
+            drop = []
+            total = sum(self._kept.values())
+            while total > self.keep_bytes and len(self._kept) > self.IN_FLIGHT:
+                unit, nbytes = self._kept.popitem(last=False)
+                drop.append(unit)
+                total -= nbytes
+        for unit in drop:
+            self._drop(unit)
+
+    def _drop(self, index: int) -> None:
+        for file, start, _, nbytes in self._runs[index]:
+            mm = self._maps.get(file)
+            if mm is not None:  # pages mapped here are not dropped by fadvise: unmap them first
+                first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+                end = (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+                if end > first:
+                    mm.mmap.madvise(mmap.MADV_DONTNEED, first, end - first)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self._fd(file), start, nbytes, os.POSIX_FADV_DONTNEED)
+            with self._lock:
+                self.bytes_dropped += nbytes
 
     def _finite(self, index: int, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``views``, once the unit's weights are known to hold no NaN or inf: checked the first

@@ -84,7 +84,9 @@ class LemaModel:
         if not self._plan.fits:
             raise DoesNotFitError(self._plan.explain(), self._plan)
         bootstrap.check_host_memory(config, self._plan, self.device, host_memory)  # before anything loads
-        self.source = bootstrap.make_source(config.strategy, self._resolved, self.device)
+        # A model larger than the page cache streams from the drive: what that costs per step.
+        self.disk = bootstrap.plan_disk(config, self.spec, self._resolved, self._plan, self.device, host_memory)
+        self.source = bootstrap.make_source(config.strategy, self._resolved, self.device, self.disk)
         self.engine = Engine(self.spec, self.source, self.device, prefetch=config.prefetch_distance,
                              resident_units=self._plan.resident_units, plan=self._plan,
                              compute_dtype=self.compute_dtype, offload_inputs=self._plan.offload_activations)

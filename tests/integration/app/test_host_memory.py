@@ -95,3 +95,30 @@ def test_lema_train_refuses_resident_on_a_file_larger_than_this_machine_with_exi
     assert done.returncode == 2, done.stdout + done.stderr
     assert "RESIDENT needs" in done.stderr and "of host RAM" in done.stderr and "Traceback" not in done.stderr
     assert time.perf_counter() - start < 60  # interpreter and torch start-up included
+
+
+@pytest.mark.parametrize("budget, left", [(None, 60 << 20), ("64M", 100 << 20)])
+def test_a_model_larger_than_the_ram_left_streams_from_the_drive_keeping_a_share_cached(tmp_path, monkeypatch,
+                                                                                       budget, left):
+    """On a machine with less RAM left than the model: the plan says what the drive costs per
+    step, the source drops the file's pages beyond LEMA's share, and training works."""
+    import torch
+
+    from tests.streamed_steps import write_model
+
+    monkeypatch.setenv("LEMA_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "m.safetensors"
+    write_model(path, llama_config(6, 512, 1408, 2000, 4), "F32", dense=tuple(range(6)))
+    ram = FakeRam(left)  # the model is 61 MiB; under the budget the run itself needs 76 MiB
+    with LemaModel(LemaConfig(gbi_path=str(path), device="cpu", max_seq_len=16, lora_rank=2, vram_budget=budget),
+                   host_memory=ram) as model:
+        disk = model.disk
+        assert disk is not None and disk.keep is not None and disk.bytes_per_step > 0
+        assert model.source.keep_bytes == disk.keep
+        line = disk.line()
+        assert "does not fit the page cache" in line and "per step" in line
+        model.initialize_lora()
+        trainer = model.get_trainer(torch.optim.SGD(model.get_trainable_parameters(), lr=0.1))
+        losses = [trainer.train_step(torch.arange(1, 17).unsqueeze(0))[1] for _ in range(2)]
+        assert losses[1] < losses[0]
+        assert model.source.bytes_dropped > 0

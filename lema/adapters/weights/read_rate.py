@@ -9,7 +9,7 @@ no data to sample, or whose pages cannot be dropped (mapped by another process),
 
 :func:`read_rate` returns the cached rate of the drive holding the file when there is one
 (``$LEMA_CACHE``, default ``~/.cache/lema``, ``/calibration/disk-<machine>-<device>.json``,
-written atomically), else measures and caches it.
+written atomically), else measures it, and caches it when the file held a full sample.
 
 Example:
     >>> read_rate("/models/llama.safetensors")           # doctest: +SKIP
@@ -74,15 +74,16 @@ def sample_chunks(ranges: list[tuple[int, int]], sample: int = SAMPLE, chunk: in
     return [slots[int(i * step)] for i in range(want)]
 
 
-def measure_read_rate(path: str | os.PathLike[str], sample: int = SAMPLE, threads: int = 4) -> float | None:
+def measure_read_rate(path: str | os.PathLike[str], sample: int = SAMPLE, threads: int = 4,
+                      chunk: int = CHUNK) -> float | None:
     """Bytes/s read from the drive, or None when no sample could be read from it."""
     fd = os.open(path, os.O_RDONLY)
     reader = ParallelReader(threads)
     try:
-        chunks = sample_chunks(_data_ranges(fd, os.fstat(fd).st_size), sample)
+        chunks = sample_chunks(_data_ranges(fd, os.fstat(fd).st_size), sample, chunk)
         if not chunks:
             return None
-        buffer = torch.empty(CHUNK, dtype=torch.uint8)
+        buffer = torch.empty(chunk, dtype=torch.uint8)
         view = memoryview(buffer.numpy()).cast("B")
         for off, n in chunks:
             os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
@@ -110,17 +111,27 @@ def cached_read_rate(path: str | os.PathLike[str]) -> float | None:
         return None
 
 
-def read_rate(path: str | os.PathLike[str]) -> tuple[float, str] | None:
+def read_rate(path: str | os.PathLike[str], sample: int = SAMPLE, chunk: int = CHUNK) -> tuple[float, str] | None:
     """``(bytes/s, where it comes from)`` for the drive holding ``path``: cached, else measured
-    and cached; None when it cannot be measured (a sparse file, pages that do not drop)."""
+    (``sample`` bytes in chunks of ``chunk``) and cached; None when it cannot be measured (a
+    sparse file, pages that do not drop)."""
     cached = cached_read_rate(path)
     if cached is not None:
         return cached, f"cached: {cache_path(path)}"
-    rate = measure_read_rate(path)
+    rate = measure_read_rate(path, sample, chunk=chunk)
     if rate is None:
         return None
-    _store(path, rate)
+    if _sampled(path, sample, chunk) >= sample // 2:  # a file too small for a full sample gives a rate, not a calibration
+        _store(path, rate)
     return rate, "measured"
+
+
+def _sampled(path: str | os.PathLike[str], sample: int, chunk: int) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return sum(n for _, n in sample_chunks(_data_ranges(fd, os.fstat(fd).st_size), sample, chunk))
+    finally:
+        os.close(fd)
 
 
 def _store(path: str | os.PathLike[str], rate: float) -> None:

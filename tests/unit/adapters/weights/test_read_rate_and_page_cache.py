@@ -57,6 +57,8 @@ def test_read_rate_is_measured_on_the_file_then_cached_per_drive(tmp_path, model
     os.posix_fadvise(os.open(model, os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)
     rate, source = rr.read_rate(model)
     assert rate > 1e6 and source == "measured"
+    assert not rr.cache_path(model).exists()  # 42 MiB: too small a sample to stand for the drive
+    rate, source = rr.read_rate(model, sample=32 << 20, chunk=4 << 20)  # a sample this file holds
     assert rr.cache_path(model).is_file() and str(tmp_path / "cache") in str(rr.cache_path(model))
     assert rr.read_rate(model) == (rate, f"cached: {rr.cache_path(model)}")
     assert cached_fraction(model) < 0.5  # the sample's pages were dropped again

@@ -40,6 +40,7 @@ from lema.domain.plan.planner import MemoryPlan
 from lema.domain.schedule.layer_schedule import Phase
 from lema.errors import CheckpointError, ConfigError, DoesNotFitError
 from lema.ports.device import Device
+from lema.ports.host_memory import HostMemory
 
 if TYPE_CHECKING:
     from lema.app.training.trainer import LemaTrainer
@@ -60,12 +61,16 @@ class LemaModel:
         config: the run's :class:`~lema.config.LemaConfig`.
         device: a :class:`~lema.ports.device.Device` to use instead of the one the config
             names (tests pass a ``CpuDevice`` with a capacity).
+        host_memory: where the host RAM available is read (default: the running system's
+            ``/proc/meminfo``); a run needing more (RESIDENT on a model larger than RAM) is
+            refused with a :class:`~lema.errors.HostMemoryError` before anything loads.
 
     Raises:
-        ConfigError, ModelFormatError, DoesNotFitError.
+        ConfigError, ModelFormatError, DoesNotFitError, HostMemoryError.
     """
 
-    def __init__(self, config: LemaConfig, *, device: Device | None = None) -> None:
+    def __init__(self, config: LemaConfig, *, device: Device | None = None,
+                 host_memory: HostMemory | None = None) -> None:
         self.config = config
         self._resolved = bootstrap.open_model(config)
         self.spec = self._resolved.spec
@@ -78,7 +83,10 @@ class LemaModel:
         self._plan = bootstrap.make_plan(config, self.spec, self.device)
         if not self._plan.fits:
             raise DoesNotFitError(self._plan.explain(), self._plan)
-        self.source = bootstrap.make_source(config.strategy, self._resolved, self.device)
+        bootstrap.check_host_memory(config, self._plan, self.device, host_memory)  # before anything loads
+        # A model larger than the page cache streams from the drive: what that costs per step.
+        self.disk = bootstrap.plan_disk(config, self.spec, self._resolved, self._plan, self.device, host_memory)
+        self.source = bootstrap.make_source(config.strategy, self._resolved, self.device, self.disk)
         self.engine = Engine(self.spec, self.source, self.device, prefetch=config.prefetch_distance,
                              resident_units=self._plan.resident_units, plan=self._plan,
                              compute_dtype=self.compute_dtype, offload_inputs=self._plan.offload_activations)

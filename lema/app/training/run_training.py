@@ -256,6 +256,8 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
             model.initialize_lora()
     with model:
         echo(plan_summary(model))
+        if model.disk is not None and model.disk.keep is not None:
+            echo(model.disk.line())
         if data.store is not None:
             check_vocab(data.store, model.spec.vocab_size, o.data)
         opts = LoopOptions(out=out_dir, steps=total, batch=o.batch, seq=o.seq, lr=o.lr, seed=o.seed,

@@ -9,6 +9,9 @@ Example (the guide's workflow, with a tiny model)::
     trainer = model.get_trainer(optimizer)
     logits, loss = trainer.train_step(input_ids, labels=input_ids)
     trainer.save_checkpoint("checkpoints/run1")
+
+It is also a ``torch.nn.Module`` whose parameters are the adapters
+(:mod:`lema.app.training.torch_module`): ``model(input_ids, labels=labels).loss.backward()``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from lema.app.runtime.batches import as_batch
 from lema.app.runtime.engine import Engine
 from lema.app.runtime.step_report import StepReport
 from lema.app.training.seeds import dropout_seed, init_seed
+from lema.app.training.torch_module import AdapterModule
 from lema.config import LemaConfig
 from lema.domain.model import blocks, heads, tiling
 from lema.domain.model.context import make_context
@@ -49,7 +53,7 @@ if TYPE_CHECKING:
 _RANK_SALT = 0x9E3779B97F4A7C15
 
 
-class LemaModel:
+class LemaModel(AdapterModule):
     """A base model whose frozen weights stream through the device, plus LoRA adapters.
 
     Construction reads only the weights file's header, plans memory for the configured
@@ -66,6 +70,7 @@ class LemaModel:
     """
 
     def __init__(self, config: LemaConfig, *, device: Device | None = None) -> None:
+        super().__init__()
         self.config = config
         self._resolved = bootstrap.open_model(config)
         self.spec = self._resolved.spec
@@ -141,37 +146,45 @@ class LemaModel:
         return self._plan
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Float32 logits ``(batch, seq, vocab)`` of base + adapters; no gradients.
-
-        ``position_ids`` that restart at 0 mark packed examples (see :meth:`prepare_inputs`).
-        """
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits ``(batch, seq, vocab)`` of base + adapters; no gradients (what
+        ``model(input_ids).logits`` returns). ``position_ids`` that restart at 0 mark packed
+        examples (see :meth:`prepare_inputs`)."""
         def head(weights: Any, x: torch.Tensor) -> torch.Tensor:
             return heads.head_logits(self.spec, weights, x, self.matmul_dtype)
 
         return self._forward_pass(input_ids, attention_mask, head, position_ids)
 
-    __call__ = forward
+    @torch.no_grad()
+    def scores(self, input_ids: torch.Tensor, labels: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None, *, keep_logits: bool = False,
+               training: bool = False) -> tuple[float, int, torch.Tensor | None]:
+        """One forward pass: summed loss, scored tokens and (with ``keep_logits``) the logits;
+        ``training`` applies the LoRA dropout."""
+        targets = self.targets_for(input_ids, labels, attention_mask, position_ids)
+
+        def head(weights: Any, x: torch.Tensor) -> tuple[float, int, torch.Tensor | None]:
+            loss_sum, n = heads.head_loss(self.spec, weights, x, targets, matmul_dtype=self.matmul_dtype)
+            logits = heads.head_logits(self.spec, weights, x, self.matmul_dtype) if keep_logits else None
+            return float(loss_sum), n, logits
+
+        return self._forward_pass(input_ids, attention_mask, head, position_ids, training=training)
 
     @torch.no_grad()
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
              attention_mask: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None) -> tuple[float, int]:
         """Summed next-token loss and the number of scored tokens (labels default to inputs)."""
-        targets = self.targets_for(input_ids, labels, attention_mask, position_ids)
-
-        def head(weights: Any, x: torch.Tensor) -> tuple[float, int]:
-            loss_sum, n = heads.head_loss(self.spec, weights, x, targets, matmul_dtype=self.matmul_dtype)
-            return float(loss_sum), n
-
-        return self._forward_pass(input_ids, attention_mask, head, position_ids)
+        loss_sum, n, _ = self.scores(input_ids, labels, attention_mask, position_ids)
+        return loss_sum, n
 
     def _forward_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      head: Callable[[Any, torch.Tensor], Any], position_ids: torch.Tensor | None = None) -> Any:
+                      head: Callable[[Any, torch.Tensor], Any], position_ids: torch.Tensor | None = None,
+                      training: bool = False) -> Any:
         """One forward pass through the engine; ``head(weights, x_L)`` makes the result."""
         with self.device.measuring():
-            ctx, x = self.prepare_inputs(input_ids, attention_mask, training=False, position_ids=position_ids)
+            ctx, x = self.prepare_inputs(input_ids, attention_mask, training=training, position_ids=position_ids)
             state: dict[str, Any] = {"x": x}
             lora = self.lora
             tile = self._plan.tile_tokens
@@ -321,8 +334,12 @@ class LemaModel:
     # -- the surface the trainer and generation use ---------------------------------
 
     def set_lora(self, state: LoraState) -> None:
-        """Install ``state`` as the adapters, moved to the device and counted there."""
-        self.lora = state.to(self.device.torch_device)
+        """Install ``state`` as the adapters, moved to the device and counted there; they
+        become this module's parameters (the same tensors), under peft's names."""
+        moved = state.to(self.device.torch_device)
+        self.lora = LoraState(moved.lora_spec, tuple({k: (torch.nn.Parameter(a), torch.nn.Parameter(b))
+                                                      for k, (a, b) in layer.items()} for layer in moved.layers))
+        self.register_adapters(list(zip(self.lora.state_dict_peft(self.spec), self.lora.parameters())))
         nbytes = sum(t.numel() * t.element_size() for t in self.lora.parameters())
         self.device.track("lora_params", nbytes)
 

@@ -87,6 +87,10 @@ def train(model: str | os.PathLike[str], data: str | os.PathLike[str], out: str 
         if key in given:
             raise ConfigError(f"lema.train: {name!r} and {key!r} are the same option; pass one")
         given[key] = value
+    callbacks = list(callbacks)
+    if callbacks and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ConfigError("lema.train: callbacks run in one process; under torchrun each rank would call them "
+                          "and a stop on one rank would leave the others waiting: train without callbacks there")
     opts = TrainOptions(model_path=os.fspath(model), data=os.fspath(data), out=os.fspath(out), **given)
     events = RunEvents(callbacks, Path(out), opts.steps or 0)
     status = run_training(opts, echo=echo if echo is not None else (lambda line: None), events=events)

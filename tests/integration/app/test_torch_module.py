@@ -220,3 +220,22 @@ def test_generate_is_the_generation_tool(base):
     model = _model(base[1])
     prompt = _ids(5)[:1, :4]
     assert torch.equal(model.generate(prompt, max_new_tokens=3), generate(model, prompt, 3))
+
+
+def test_accelerate_with_gradient_accumulation_gives_the_adapter_of_train_step(base):
+    from accelerate import Accelerator
+
+    batches = _batches(4)
+    reference = _train_steps(base[1], batches, gradient_accumulation_steps=2)
+    model = _model(base[1])
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model, optimizer = accelerator.prepare(model, _adamw(model.parameters()))
+    for ids, labels, mask in batches:
+        with accelerator.accumulate(model):
+            accelerator.backward(model(ids, attention_mask=mask, labels=labels).loss)  # divided by 2 inside
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        assert relative_error(got.detach(), want.detach()) <= 1e-5

@@ -95,7 +95,9 @@ def test_backward_scales_by_the_incoming_gradient_and_accumulates(base):
     model = _model(base[1])
     model(ids, attention_mask=mask, labels=labels).loss.backward()
     once = [p.grad.clone() for p in model.parameters()]
-    out = model(ids, attention_mask=mask, labels=labels)
+    out = model(ids, attention_mask=mask, labels=labels, return_logits=True)
+    assert_close(out.logits, model.logits(ids, mask), floor=forward_floor(model.spec, 12))  # the pass's own logits
+    assert not out.logits.requires_grad
     (out.loss * 3.0).backward()  # adds 3x onto the .grad already there
     for g, g1 in zip((p.grad for p in model.parameters()), once):
         assert_close(g, 4.0 * g1, floor=forward_floor(model.spec, 12))

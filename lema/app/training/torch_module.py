@@ -224,8 +224,5 @@ class _Names(torch.nn.Module):
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
-    if a.type != b.type:
-        return False
-    if a.type == "cpu" or a.index is None or b.index is None:
-        return a.index is None or b.index is None or a.index == b.index
-    return a.index == b.index
+    """Same kind, and the same index where both name one (``cuda`` is the current ``cuda:N``)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)

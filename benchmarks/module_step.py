@@ -29,13 +29,20 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
+    if args.workdir is not None:
+        run(args, Path(args.workdir))
+        return
+    with tempfile.TemporaryDirectory(prefix="lema-module-") as work:  # removed afterwards
+        run(args, Path(work))
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
     import torch
 
     from lema import LemaConfig, LemaModel
     from lema.cli.demo_cmd import build_base_model, demo_assets
     from lema.data.tokenizer import load_tokenizer
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="lema-module-"))
     tok = load_tokenizer(demo_assets())
     weights = build_base_model(work / "base", tok, "tiny", seed=0)
     config = LemaConfig(gbi_path=str(weights), model_name_or_path=str(work / "base"), device=args.device,
@@ -66,6 +73,8 @@ def main() -> None:
             if step:
                 times[name].append(time.perf_counter() - t)
             peaks[name] = max(peaks.get(name, 0), models[name].last_report.device_peak_bytes)
+    for m in (stepper, module):
+        m.close()
     for name, values in times.items():
         print(f"{name:>24}: median {statistics.median(values) * 1e3:8.1f} ms   device peak {peaks[name]:,} bytes")
     a, b = (statistics.median(v) for v in times.values())

@@ -141,17 +141,35 @@ class AdapterModule(torch.nn.Module):
         raise ConfigError("LemaModel: moving or casting the model (.half(), .float(), .type(), ...) is not "
                           "supported; the device and dtype are chosen by LemaConfig when the model is built")
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Any = None) -> None:
-        """transformers' hook: LEMA checkpoints every layer already (unless built with
-        ``gradient_checkpointing=False``, which the memory plan was made for)."""
-        if not self.config.gradient_checkpointing:  # type: ignore[attr-defined]
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Any = None, every_n_layers: int = 1,
+                                        offload: bool = False) -> None:
+        """transformers' hook (Trainer's ``activation_checkpointing=True``): LEMA checkpoints
+        every layer already (whatever ``every_n_layers``: never fewer recomputes than the
+        plan's), and moves the checkpoints to host memory when its plan says so.
+
+        Raises:
+            ConfigError: the model was built without checkpointing, or ``offload`` is asked
+                of a plan that keeps the activations on the device (build with the setting).
+        """
+        config = self.config
+        if not config.gradient_checkpointing:
             raise ConfigError("this model was built with gradient_checkpointing=False and its memory plan keeps "
                               "every layer's graph; build it with LemaConfig(gradient_checkpointing=True)")
+        if offload and not self.plan().offload_activations:  # type: ignore[attr-defined]
+            raise ConfigError("activation offload is part of the memory plan, made when the model is built: "
+                              "build it with LemaConfig(offload_activations=True)")
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Any = None, every_n_layers: int = 1,
+                                      offload: bool = False) -> None:
+        """The older name of :meth:`activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)
 
     def gradient_checkpointing_disable(self) -> None:
-        if self.config.gradient_checkpointing:  # type: ignore[attr-defined]
+        if self.config.gradient_checkpointing:
             raise ConfigError("this model's memory plan recomputes every layer (gradient_checkpointing=True); "
                               "build it with LemaConfig(gradient_checkpointing=False) to keep the graphs")
+
+    activation_checkpointing_disable = gradient_checkpointing_disable
 
     @property
     def is_gradient_checkpointing(self) -> bool:

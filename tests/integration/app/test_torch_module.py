@@ -114,15 +114,21 @@ def test_transformers_trainer_trains_it_to_the_adapter_of_train_step(base, tmp_p
     ids, labels, mask = _batches(1)[0]
     reference = _train_steps(base[1], [(ids, labels, mask)] * STEPS)
     model = _model(base[1])
+    fields = TrainingArguments.__dataclass_fields__  # transformers 5 renamed the option
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=STEPS, per_device_train_batch_size=1,
                              learning_rate=1e-2, lr_scheduler_type="constant", optim="adamw_torch", weight_decay=0.0,
-                             max_grad_norm=1.0, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+                             max_grad_norm=1.0, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                             **{checkpointing: True})  # LEMA checkpoints every layer already: accepted
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    trainer = Trainer(model=model, args=args, train_dataset=[batch] * STEPS, data_collator=lambda rows: rows[0])
+    trainer = Trainer(model=model, args=args, train_dataset=[batch] * STEPS, eval_dataset=[batch],
+                      data_collator=lambda rows: rows[0])
     trainer.train()
     assert trainer.state.global_step == STEPS
     for got, want in zip(model.parameters(), reference.parameters()):
         assert relative_error(got.detach(), want.detach()) <= 1e-5
+    loss_sum, n = model.loss(ids, labels, mask)  # Trainer's evaluation: the no-grad forward's mean loss
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(loss_sum / n, rel=1e-6)
 
 
 def test_the_device_budget_and_the_streaming_hold(tmp_path):

@@ -147,14 +147,14 @@ class LemaModel(AdapterModule):
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+               position_ids: torch.Tensor | None = None, *, training: bool = False) -> torch.Tensor:
         """Float32 logits ``(batch, seq, vocab)`` of base + adapters; no gradients (what
         ``model(input_ids).logits`` returns). ``position_ids`` that restart at 0 mark packed
-        examples (see :meth:`prepare_inputs`)."""
+        examples (see :meth:`prepare_inputs`); ``training`` applies the LoRA dropout."""
         def head(weights: Any, x: torch.Tensor) -> torch.Tensor:
             return heads.head_logits(self.spec, weights, x, self.matmul_dtype)
 
-        return self._forward_pass(input_ids, attention_mask, head, position_ids)
+        return self._forward_pass(input_ids, attention_mask, head, position_ids, training=training)
 
     @torch.no_grad()
     def scores(self, input_ids: torch.Tensor, labels: torch.Tensor | None, attention_mask: torch.Tensor | None = None,

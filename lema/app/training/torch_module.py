@@ -97,7 +97,8 @@ class AdapterModule(torch.nn.Module):
         if labels is None:
             if not want_logits:
                 raise ConfigError("forward: nothing to compute; pass labels (for the loss) or return_logits=True")
-            return CausalLMOutputWithPast(logits=self.logits(input_ids, attention_mask, position_ids))
+            return CausalLMOutputWithPast(logits=self.logits(input_ids, attention_mask,  # type: ignore[attr-defined]
+                                                             position_ids, training=self.training))
         params = self.get_trainable_parameters() if self.lora is not None else []  # type: ignore[attr-defined]
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             from lema.app.training.streamed_loss import StreamedLoss, streamed_pass

@@ -180,8 +180,10 @@ def test_eval_mode_turns_the_lora_dropout_off(base):
     model.eval()
     first = model(ids, labels=ids).loss.detach()
     assert float(model(ids, labels=ids).loss.detach()) == float(first)
+    plain = model(ids).logits
     model.train()
     assert float(model(ids, labels=ids).loss.detach()) != float(first)
+    assert not torch.equal(model(ids).logits, plain)  # the logits too, as a torch module in train mode
 
 
 def test_state_dict_round_trips_and_save_pretrained_is_a_peft_adapter(base, tmp_path):

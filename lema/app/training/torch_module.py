@@ -67,6 +67,15 @@ class AdapterModule(torch.nn.Module):
                 node = child
             node.register_parameter(leaf, param)
 
+    def __repr__(self) -> str:
+        # nn.Module's repr would print every node of the adapter tree (thousands of lines).
+        spec, lora = getattr(self, "spec", None), getattr(self, "lora_spec", None)
+        if spec is None or lora is None:  # construction failed half-way
+            return f"{type(self).__name__}(not built)"
+        n = sum(p.numel() for p in self.parameters())
+        return (f"{type(self).__name__}({spec.model_type}, {spec.n_layers} layers, LoRA rank {lora.rank}, "
+                f"{n:,} trainable parameters, on {self.device.torch_device})")  # type: ignore[attr-defined]
+
     # -- forward -----------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -69,6 +69,8 @@ def test_the_parameters_are_the_adapters_under_peft_names(base):
     assert list(model.state_dict())[0] == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     assert not list(model.buffers())  # the base weights are not module state: they stream
     assert model.to("cpu") is model and model.to(torch.float32) is model and model.cpu() is model
+    n = sum(p.numel() for p in params)
+    assert repr(model) == f"LemaModel(llama, {model.spec.n_layers} layers, LoRA rank 4, {n:,} trainable parameters, on cpu)"
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

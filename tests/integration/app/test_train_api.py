@@ -101,3 +101,19 @@ def test_options_take_the_command_lines_names_and_unknown_ones_get_a_suggestion(
     with pytest.raises(ConfigError, match="same option"):
         lema.train(model, data, tmp_path / "b", steps=1, format="auto", data_format="auto", **RUN)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before anything was written
+
+
+def test_an_error_in_a_callback_stops_the_run_and_it_resumes_from_the_last_checkpoint(inputs, tmp_path):
+    model, data = inputs
+    out = tmp_path / "run"
+
+    class Fails(lema.Callback):
+        def on_log(self, run, metrics):
+            if run.step == 2:
+                raise RuntimeError("my callback failed")
+
+    with pytest.raises(RuntimeError, match="my callback failed"):
+        lema.train(model, data, out, steps=4, save_steps=1, callbacks=[Fails()], echo=None, **RUN)
+    assert (out / "checkpoint-1").is_dir() and not (out / "final").exists()
+    result = lema.train(model, data, out, steps=4, save_steps=1, resume=True, echo=None, **RUN)  # the lock is free
+    assert result.status == 0 and result.steps == 4 and result.checkpoint == out / "final"

@@ -251,3 +251,22 @@ def test_accelerate_with_gradient_accumulation_gives_the_adapter_of_train_step(b
             optimizer.zero_grad()
     for got, want in zip(model.parameters(), reference.parameters()):
         assert relative_error(got.detach(), want.detach()) <= 1e-5
+
+
+def test_transformers_trainer_checkpoints_resume_to_the_same_adapter(base, tmp_path):
+    import shutil
+
+    from transformers import Trainer, TrainingArguments
+
+    ids = _ids(0)
+    rows = [{"input_ids": ids, "labels": ids}] * 4
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=4, per_device_train_batch_size=1,
+                             learning_rate=1e-2, lr_scheduler_type="constant", optim="adamw_torch", save_strategy="steps",
+                             save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True)
+    straight = _model(base[1])
+    Trainer(model=straight, args=args, train_dataset=rows, data_collator=lambda r: r[0]).train()
+    shutil.rmtree(tmp_path / "hf" / "checkpoint-4")
+    resumed = _model(base[1])
+    Trainer(model=resumed, args=args, train_dataset=rows, data_collator=lambda r: r[0]).train(
+        resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-2"))  # Trainer's own files: model.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), straight.parameters()))

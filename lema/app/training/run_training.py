@@ -46,7 +46,8 @@ EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 Echo = Callable[[str], Any]
 
 
-def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None, hold_signals: bool = False) -> int:
+def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None, hold_signals: bool = False,
+                 events: Any = None) -> int:
     """Train the run ``o`` describes, as ``lema train`` does; returns its exit status.
 
     Args:
@@ -55,6 +56,7 @@ def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None, h
         progress: a progress display class for the loop (the CLI's bar), or None.
         hold_signals: after a signal stopped the run, leave SIGINT/SIGTERM ignored until the
             process exits (the CLI, which exits next: a second signal cannot kill it mid-exit).
+        events: a :class:`~lema.app.training.callbacks.RunEvents` for Python callbacks (:func:`lema.train`).
 
     Returns:
         0 done (or nothing left to do), 1 a non-finite loss stopped the run (after saving
@@ -104,7 +106,7 @@ def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None, h
     with open_ranked_run(out_dir, resume=o.resume, ranks=ranks, echo=echo) as checkpoint:
         if checkpoint is not None:
             _check_resume_args(out_dir, o.args(), echo)
-        code = _train(o, out_dir, checkpoint, ranks, echo, progress, hold_signals)
+        code = _train(o, out_dir, checkpoint, ranks, echo, progress, hold_signals, events)
     if code and ranks.distributed:  # stopped early: torchrun ends every rank once one exits non-zero,
         from lema.app.parallel.rank_agreement import farewell  # so wait until rank 0 has saved and unlocked
 
@@ -206,7 +208,7 @@ class TrainOptions:
 
 
 def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: Echo, progress: Any,
-           hold_signals: bool) -> int:
+           hold_signals: bool, events: Any = None) -> int:
     """The run itself, in a locked ``out_dir``; returns the exit status."""
     from lema.app import bootstrap
     from lema.app.training.model import LemaModel
@@ -297,7 +299,8 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
             if ranks.is_main else []
         result = train_loop(model, trainer, items, tok.pad_token_id, opts, tok_dir, echo=echo,
                             progress=progress if ranks.is_main else None, collate_fn=data.collate_fn,
-                            eval_examples=data.eval_examples, sinks=sinks, hold_signals=hold_signals)
+                            eval_examples=data.eval_examples, sinks=sinks, hold_signals=hold_signals,
+                            events=events)
     if result.interrupted:
         echo(f"interrupted at step {result.steps_done}: saved {result.checkpoint}; continue with the same "
                    "command plus --resume")

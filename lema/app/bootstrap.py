@@ -124,8 +124,9 @@ def training_shape(config: LemaConfig, spec: ModelSpec, device: Device) -> Train
         batch=config.batch_size, seq=config.max_seq_len, lora_rank=config.lora_rank,
         lora_targets=config.lora_target_modules, strategy=config.strategy,
         prefetch=config.prefetch_distance, dtype=None if config.dtype == "auto" else dtype_code(config.dtype),
-        gradient_checkpointing=config.gradient_checkpointing, device_kind=device.traits.kind,
-        offload_activations=config.offload if config.gradient_checkpointing else False,
+        gradient_checkpointing=config.checkpointing, device_kind=device.traits.kind,
+        offload_activations=config.offload if config.checkpointing else False,
+        kept_layers=None if config.gradient_checkpointing == "auto" and config.strategy is MemoryStrategy.AUTO else 0,
         wide_matmul=device.matmul_dtype(compute_dtype(config, spec)) is not None,
         local_ranks=local_world_size(), weights_in_place=device.traits.in_place,
     )

@@ -78,6 +78,11 @@ class TrainingShape:
             when the run does not fit whole). Training with checkpointing only.
         weights_in_place: the device computes on the weights where the host holds them (the
             CPU training without a budget): no weight slots, no staging, nothing uploaded.
+        kept_layers: with gradient checkpointing, how many decoder layers (the last ones)
+            keep their autograd graph from the forward instead of recomputing in the backward
+            (0: every layer recomputes, today's checkpointing); None: the planner decides by
+            predicted step time within the budget (:mod:`lema.domain.plan.choose`). Without
+            checkpointing every layer keeps its graph. Not with offload or tiles.
 
     Raises:
         ConfigError: naming every field whose value is out of range, at once.
@@ -102,6 +107,7 @@ class TrainingShape:
     offload_activations: bool | None = None
     tile_tokens: int | None = None
     weights_in_place: bool = False
+    kept_layers: int | None = 0
 
     def __attrs_post_init__(self) -> None:
         problems = []
@@ -137,6 +143,11 @@ class TrainingShape:
         elif self.tile_tokens and not (self.mode == "train" and self.gradient_checkpointing):
             problems.append("tile_tokens: sequence tiling recomputes each layer: it needs mode='train' "
                             "with gradient checkpointing")
+        if self.kept_layers is not None and (not is_int(self.kept_layers) or self.kept_layers < 0):
+            problems.append(f"kept_layers={self.kept_layers!r} must be an integer >= 0 or None (auto)")
+        elif self.kept_layers and (self.offload_activations or self.tile_tokens):
+            problems.append("kept_layers: layers that keep their activations are neither offloaded nor tiled; "
+                            "use offload_activations=False and tile_tokens=0 (or leave them to the planner)")
         if problems:
             raise ConfigError("training shape: " + "; ".join(problems))
 
@@ -165,6 +176,15 @@ class TrainingShape:
     def offloads(self) -> bool:
         """The checkpointed layer inputs go to host memory (False while undecided: None)."""
         return bool(self.offload_activations) and self.training and self.gradient_checkpointing
+
+    def kept(self, n_layers: int) -> int:
+        """Decoder layers (the last ones) that keep their graph: all without checkpointing,
+        ``kept_layers`` (at most ``n_layers``; 0 while undecided) with it, none in inference."""
+        if not self.training:
+            return 0
+        if not self.gradient_checkpointing:
+            return n_layers
+        return min(self.kept_layers or 0, n_layers)
 
     @property
     def tile(self) -> int:

@@ -1,0 +1,162 @@
+"""``lema plan --calibrate``: measure this machine's rates for the step-time model, and cache them.
+
+Measures, on a device (:class:`~lema.ports.device.Device`), in a few seconds:
+
+* the link, host -> device, from page-locked and from ordinary memory (``Device.measure_link``);
+* matmul throughput at the run's dtype and shapes: ``(T, in) @ (in, out)`` for each distinct
+  projection of a decoder layer and the head's chunk, ``T`` the run's tokens (at most 4096);
+  the products at the dtype the device really uses for them (``Device.matmul_dtype``);
+* fused causal attention (``scaled_dot_product_attention``) at the run's ``(b, H, s, d)``
+  (``s`` at most 4096), counted as ``2 b s^2 q`` FLOPs as the model counts it;
+* elementwise traffic: an add and a SiLU over a ``(T, ffn)`` tensor at the run's dtype.
+
+The result is a :class:`~lema.domain.plan.timing.MachineRates`, cached as JSON under
+``$LEMA_CACHE`` (default ``~/.cache/lema``) ``/calibration/<machine>-<device>.json``, one
+entry per run key (dtype and shapes), written atomically. ``lema plan`` without
+``--calibrate`` uses a cached entry of the same key when one exists, else the device
+kind's stated defaults (and says so).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lema.domain.model.spec import torch_dtype
+from lema.domain.plan.items import ModelFacts
+from lema.domain.plan.timing import MachineRates
+from lema.ports.device import Device
+
+__all__ = ["cache_path", "calibrate", "cached_rates", "run_key"]
+
+MAX_TOKENS = 4096
+MAX_SEQ = 4096
+
+
+def cache_path(device_name: str) -> Path:
+    """The cache file of this machine and device."""
+    root = Path(os.environ.get("LEMA_CACHE") or Path.home() / ".cache" / "lema").expanduser()
+    machine = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{platform.node()}-{platform.machine()}-{device_name}")[:120]
+    return root / "calibration" / f"{machine}.json"
+
+
+def run_key(f: ModelFacts, dtype: str, batch: int, seq: int) -> str:
+    """The shapes a calibration was measured at (another run needs its own)."""
+    return f"{dtype}:b{batch}:s{seq}:h{f.hidden}:q{f.q_dim}:kv{f.kv_dim}:ff{f.ffn}:v{f.vocab}:H{f.n_heads}"
+
+
+def cached_rates(device_name: str, key: str) -> MachineRates | None:
+    """The cached rates of ``key`` on this machine and device, or None."""
+    path = cache_path(device_name)
+    try:
+        if path.stat().st_size > 1 << 20:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        entry = data.get(key) if isinstance(data, dict) else None
+        return MachineRates.from_dict(entry) if isinstance(entry, dict) else None
+    except (OSError, ValueError, Exception):  # a damaged cache is a cache miss  # noqa: BLE001
+        return None
+
+
+def _store(device_name: str, key: str, rates: MachineRates) -> Path:
+    from lema.adapters.checkpoints.atomic import atomic_write_text
+
+    path = cache_path(device_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        data = data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        data = {}
+    data[key] = rates.to_dict()
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
+    return path
+
+
+def _timed(fn: Callable[[], Any], sync: Callable[[], None], budget_s: float = 0.5, least: int = 3) -> float:
+    """Median seconds of ``fn`` (one warm-up, then at least ``least`` runs or ``budget_s``)."""
+    fn()
+    sync()
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < least or (spent < budget_s and len(times) < 50):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+        spent += times[-1]
+    return statistics.median(times)
+
+
+def _matmul_rate(f: ModelFacts, tokens: int, dtype: torch.dtype, where: torch.device, sync: Callable[[], None],
+                 chunk: int) -> float:
+    h = f.hidden
+    shapes = {(tokens, h, f.q_dim), (tokens, h, f.kv_dim), (tokens, f.q_dim, h)}
+    if f.ffn:
+        shapes |= {(tokens, h, f.ffn), (tokens, f.ffn, h)}
+    shapes.add((min(chunk, tokens), h, f.vocab))
+    flops = seconds = 0.0
+    for t, i, o in sorted(shapes):
+        x = torch.randn(t, i, device=where).to(dtype)
+        w = torch.randn(o, i, device=where).to(dtype)
+        seconds += _timed(lambda: x @ w.t(), sync)
+        flops += 2.0 * t * i * o
+    return flops / seconds
+
+
+def _attention_rate(f: ModelFacts, batch: int, seq: int, dtype: torch.dtype, where: torch.device,
+                    sync: Callable[[], None]) -> float:
+    import torch.nn.functional as F
+
+    s = min(seq, MAX_SEQ)
+    d = f.head_dim or f.q_dim // max(f.n_heads, 1)
+    heads = max(f.n_heads, 1)
+    q = torch.randn(batch, heads, s, d, device=where).to(dtype)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    seconds = _timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), sync)
+    return 2.0 * batch * s * s * heads * d / seconds
+
+
+def _memory_rate(f: ModelFacts, tokens: int, dtype: torch.dtype, where: torch.device,
+                 sync: Callable[[], None]) -> float:
+    n = max(1, min(tokens * max(f.ffn, f.hidden), 64 << 20))
+    x = torch.randn(n, device=where).to(dtype)
+    y = torch.randn(n, device=where).to(dtype)
+    out = torch.empty_like(x)
+    nbytes = x.numel() * x.element_size()
+    add = _timed(lambda: torch.add(x, y, out=out), sync)
+    silu = _timed(lambda: torch.nn.functional.silu(x), sync)
+    return (3 * nbytes + 2 * nbytes) / (add + silu)
+
+
+def calibrate(device: Device, device_name: str, f: ModelFacts, dtype: str, batch: int, seq: int,
+              chunk: int = 1024, store: bool = True) -> tuple[MachineRates, Path | None]:
+    """Measure the rates (see the module docstring); cache them unless ``store`` is False.
+
+    Returns:
+        ``(rates, cache file or None)``.
+    """
+    where = device.torch_device
+    want = torch_dtype(dtype)
+    products = device.matmul_dtype(want) or want
+    sync = device.synchronize
+    tokens = min(batch * seq, MAX_TOKENS)
+    with torch.no_grad():
+        pinned, pageable = device.measure_link()  # type: ignore[attr-defined]
+        matmul = _matmul_rate(f, tokens, products, where, sync, chunk)
+        attention = _attention_rate(f, batch, min(seq, MAX_SEQ), want, where, sync)
+        memory = _memory_rate(f, tokens, want, where, sync)
+    rates = MachineRates(link_bytes_per_s=pinned, link_pageable_bytes_per_s=pageable, matmul_flops_per_s=matmul,
+                         attention_flops_per_s=attention, memory_bytes_per_s=memory,
+                         source=f"calibrated on {device_name} at {time.strftime('%Y-%m-%d %H:%M')}",
+                         calibrated=True)
+    path = _store(device_name, run_key(f, dtype, batch, seq), rates) if store else None
+    return rates, path

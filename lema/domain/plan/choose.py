@@ -44,6 +44,37 @@ def _resident(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget
     return auto_resident(summary, f, shape, budget) if shape.strategy is MemoryStrategy.AUTO else ()
 
 
+def head_first_resident(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Budget | None
+                        ) -> tuple[int, ...] | None:
+    """The head resident, then the most decoder layers (layer 0 upward) that fit; None when the
+    head alone does not. With the head out of the slots, every slot is sized for a decoder
+    layer (a 128k-vocabulary head is several layers' worth: ``(prefetch + 1)`` copies of it
+    held for nothing)."""
+    n, head = f.n_layers, f.n_layers + 1
+
+    def fits(k: int) -> bool:
+        return build(summary, f, shape, budget, tuple(range(1, k + 1)) + (head,)).fits
+
+    if budget is None:
+        return tuple(range(1, n + 1)) + (head,)
+    if not fits(0):
+        return None
+    alike = len(set(f.unit_buffer_bytes[1:n + 1])) <= 1
+    stable = max(0, n - shape.prefetch - 1) if alike else 0
+    low, high = 0, stable
+    while low < high:  # fits is monotonic while the slot count stays
+        mid = (low + high + 1) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid - 1
+    best = low
+    for k in range(stable + 1, n + 1):
+        if fits(k):
+            best = k
+    return tuple(range(1, best + 1)) + (head,)
+
+
 def choose(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Budget | None,
            rates: MachineRates | None = None) -> MemoryPlan:
     """The fastest plan (by predicted step) over the kept-layer counts that fit; see the module docstring.
@@ -62,9 +93,15 @@ def choose(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: B
         p = build(summary, f, option, budget, _resident(summary, f, option, budget))
         if k == 0:
             fallback = p
-        if not p.fits:
-            continue
-        options.append((predict_facts(p, f, rates).step_seconds, k, p))
+        timed = [(predict_facts(p, f, rates).step_seconds, k, p)] if p.fits else []
+        if shape.strategy is MemoryStrategy.AUTO:
+            with_head = head_first_resident(summary, f, option, budget)
+            if with_head is not None and with_head != p.resident_units:
+                q = build(summary, f, option, budget, with_head)
+                if q.fits:
+                    timed.append((predict_facts(q, f, rates).step_seconds, k, q))
+        if timed:
+            options.append(min(timed, key=lambda o: o[0]))
     if not options:
         assert fallback is not None
         return fallback
@@ -83,6 +120,13 @@ def choose(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: B
         choices.append(f"recomputes every layer in the backward: keeping activations of layers "
                        f"{n - nxt[1] + 1}-{n} would cost {nxt[0] - seconds:+.3g} s per step "
                        f"(fewer resident layers)")
+    if best.resident_units and (n + 1) in best.resident_units and n not in best.resident_units:
+        prefix = build(summary, f, best.shape, budget, _resident(summary, f, best.shape, budget))
+        if prefix.fits:
+            gain = seconds - predict_facts(prefix, f, rates).step_seconds
+            choices.append(f"keeps the head resident, so the {best.slot_count} slots are sized for a decoder layer "
+                           f"({best.slot_bytes / 2**20:,.0f} MiB, not {prefix.slot_bytes / 2**20:,.0f}): "
+                           f"{gain:+.3g} s per step")
     if best.resident_units:
         bare = build(summary, f, best.shape, budget, ())
         gain = seconds - predict_facts(bare, f, rates).step_seconds

@@ -137,7 +137,12 @@ def make_plan(config: LemaConfig, spec: ModelSpec, device: Device, mode: str = "
     shape = attrs.evolve(training_shape(config, spec, device), mode=mode)
     capacity = config.vram_bytes if config.vram_bytes is not None else device.capacity
     budget = None if capacity is None else Budget(device_bytes=capacity, host_bytes=config.ram_bytes)
-    return plan(spec, shape, budget)
+    rates = None
+    if shape.kept_layers is None:  # AUTO chooses by time: this machine's calibration when cached
+        from lema.adapters.devices.calibrate import rates_for
+
+        rates = rates_for(spec, shape)
+    return plan(spec, shape, budget, rates)
 
 
 def make_source(strategy: MemoryStrategy, resolved: ResolvedModel, device: Device | None = None) -> WeightSource:

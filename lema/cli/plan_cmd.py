@@ -132,26 +132,13 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
 def _rates(spec, shape, calibrate: bool):  # noqa: ANN001, ANN202
     """This machine's rates for the step time: measured now (``--calibrate``), cached, or None
     (the planner then uses the device kind's stated defaults)."""
-    import torch
-
-    from lema.adapters.devices.calibrate import cached_rates, calibrate as measure, run_key
+    from lema.adapters.devices.calibrate import calibrate as measure, device_name, rates_for
     from lema.domain.plan.assemble import facts_for
-    from lema.domain.model.spec import torch_dtype
 
-    f = facts_for(spec, shape)
-    dtype = shape.dtype or spec.dtype
-    traits = shape.device
-    if traits.host_memory:
-        import platform
-
-        name = f"cpu-{platform.processor() or platform.machine()}-{torch.get_num_threads()}threads"
-    elif torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-    else:
-        name = ""
-    key = run_key(f, dtype, shape.batch, shape.seq)
     if not calibrate:
-        return cached_rates(name, key) if name else None
+        return rates_for(spec, shape)
+    traits = shape.device
+    name = device_name(traits)
     if not name:
         raise ConfigError(f"--calibrate measures a local {traits.kind} device, but there is none here; "
                           "calibrate on the machine that will train, or plan with --device cpu")
@@ -164,8 +151,8 @@ def _rates(spec, shape, calibrate: bool):  # noqa: ANN001, ANN202
 
         device = CudaDevice()
     try:
-        torch_dtype(dtype)  # validated already; the products' dtype is the device's choice
-        rates, path = measure(device, name, f, dtype, shape.batch, shape.seq, chunk=shape.head_chunk_tokens)
+        rates, path = measure(device, name, facts_for(spec, shape), shape.dtype or spec.dtype, shape.batch,
+                              shape.seq, chunk=shape.head_chunk_tokens)
     finally:
         device.close()
     click.echo(f"calibrated: link {rates.link_bytes_per_s / 1e9:.2f} GB/s pinned, "

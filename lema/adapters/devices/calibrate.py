@@ -30,12 +30,14 @@ from typing import Any, Callable
 
 import torch
 
-from lema.domain.model.spec import torch_dtype
+from lema.domain.device_traits import DeviceTraits
+from lema.domain.model.spec import ModelSpec, torch_dtype
+from lema.domain.plan.inputs import TrainingShape
 from lema.domain.plan.items import ModelFacts
 from lema.domain.plan.timing import MachineRates
 from lema.ports.device import Device
 
-__all__ = ["cache_path", "calibrate", "cached_rates", "run_key"]
+__all__ = ["cache_path", "calibrate", "cached_rates", "device_name", "rates_for", "run_key"]
 
 MAX_TOKENS = 4096
 MAX_SEQ = 4096
@@ -46,6 +48,26 @@ def cache_path(device_name: str) -> Path:
     root = Path(os.environ.get("LEMA_CACHE") or Path.home() / ".cache" / "lema").expanduser()
     machine = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{platform.node()}-{platform.machine()}-{device_name}")[:120]
     return root / "calibration" / f"{machine}.json"
+
+
+def device_name(traits: DeviceTraits) -> str:
+    """The name a calibration is cached under for a device of these traits on this machine
+    ("" when there is no such device here: no local GPU)."""
+    if traits.host_memory:
+        return f"cpu-{platform.processor() or platform.machine()}-{torch.get_num_threads()}threads"
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return ""
+
+
+def rates_for(spec: ModelSpec, shape: TrainingShape) -> MachineRates | None:
+    """The cached calibration of this run on this machine, or None (the plan's defaults)."""
+    from lema.domain.plan.assemble import facts_for
+
+    name = device_name(shape.device)
+    if not name:
+        return None
+    return cached_rates(name, run_key(facts_for(spec, shape), shape.dtype or spec.dtype, shape.batch, shape.seq))
 
 
 def run_key(f: ModelFacts, dtype: str, batch: int, seq: int) -> str:

@@ -152,7 +152,7 @@ def _rates(spec, shape, calibrate: bool):  # noqa: ANN001, ANN202
         device = CudaDevice()
     try:
         rates, path = measure(device, name, facts_for(spec, shape), shape.dtype or spec.dtype, shape.batch,
-                              shape.seq, chunk=shape.head_chunk_tokens)
+                              shape.seq, chunk=shape.head_chunk_tokens, spec=spec, shape=shape)
     finally:
         device.close()
     click.echo(f"calibrated: link {rates.link_bytes_per_s / 1e9:.2f} GB/s pinned, "

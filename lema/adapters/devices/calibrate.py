@@ -8,7 +8,10 @@ Measures, on a device (:class:`~lema.ports.device.Device`), in a few seconds:
   the products at the dtype the device really uses for them (``Device.matmul_dtype``);
 * fused causal attention (``scaled_dot_product_attention``) at the run's ``(b, H, s, d)``
   (``s`` at most 4096), counted as ``2 b s^2 q`` FLOPs as the model counts it;
-* elementwise traffic: an add and a SiLU over a ``(T, ffn)`` tensor at the run's dtype.
+* elementwise traffic: one decoder layer of the model itself, on random weights at the run's
+  shapes, forward and forward + backward; what the matmul and attention rates do not explain
+  of its time is the elementwise traffic the model counts (an add and a SiLU over a
+  ``(T, ffn)`` tensor when the layer cannot be built here: a quantized one).
 
 The result is a :class:`~lema.domain.plan.timing.MachineRates`, cached as JSON under
 ``$LEMA_CACHE`` (default ``~/.cache/lema``) ``/calibration/<machine>-<device>.json``, one
@@ -159,8 +162,68 @@ def _memory_rate(f: ModelFacts, tokens: int, dtype: torch.dtype, where: torch.de
     return (3 * nbytes + 2 * nbytes) / (add + silu)
 
 
+def _layer_memory_rate(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, dtype: torch.dtype,
+                       device: Device, matmul: float, attention: float) -> float | None:
+    """The elementwise rate one real decoder layer of this model shows at the run's shapes.
+
+    Runs :func:`lema.domain.model.blocks.decoder_block` on random weights of the first decoder
+    layer's shapes: a forward without autograd (the checkpointed walk) and a forward with
+    autograd + backward (a kept layer's), on ``min(batch, ...)`` rows whose tokens are at most
+    :data:`MAX_TOKENS`. What the matmul and attention rates do not explain of that time is the
+    elementwise traffic the model counts (:func:`lema.domain.plan.timing.layer_work`): its rate
+    is that traffic over that time, so the layer's own norms, casts, rotary and LoRA copies are
+    measured, not guessed. None for a quantized layer (the dequantization path is not built here).
+    """
+    from lema.domain.model import blocks, context
+    from lema.domain.model.lora import LoraSpec, module_keys, module_shape, resolve_targets
+    from lema.domain.plan.timing import layer_work
+
+    unit = spec.units[1]
+    if unit.packed:
+        return None
+    where = device.torch_device
+    batch = max(1, min(shape.batch, MAX_TOKENS // max(shape.seq, 1)))
+    seq = min(shape.seq, MAX_TOKENS)
+    generator = torch.Generator().manual_seed(0)
+    weights = {t.key: (torch.randn(t.shape, generator=generator) * 0.02 + (1.0 if len(t.shape) == 1 else 0.0))
+               .to(dtype).to(where) for t in unit.tensors}
+    targets = resolve_targets(spec.family, shape.lora_targets)
+    adapters = {}
+    for key in module_keys(spec, targets):
+        n_in, n_out = module_shape(spec, key)
+        a = (torch.randn(shape.lora_rank, n_in, generator=generator) * 0.01).to(where).requires_grad_(True)
+        b = (torch.randn(n_out, shape.lora_rank, generator=generator) * 0.01).to(where).requires_grad_(True)
+        adapters[key] = (a, b)
+    ctx = context.make_context(spec, (batch, seq), device=where, dtype=dtype,
+                               lora=LoraSpec(rank=shape.lora_rank, targets=targets), training=True,
+                               matmul_dtype=device.matmul_dtype(dtype))
+    x = torch.randn(batch, seq, spec.hidden_size, generator=generator).to(dtype).to(where)
+    grad = torch.randn_like(x)
+    sync = device.synchronize
+
+    def forward() -> None:
+        with torch.no_grad():
+            blocks.decoder_block(spec, weights, adapters, x, ctx, 0)
+
+    def forward_backward() -> None:
+        x_in = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = blocks.decoder_block(spec, weights, adapters, x_in, ctx, 0)
+            torch.autograd.backward(out, grad)
+        for pair in adapters.values():
+            for t in pair:
+                t.grad = None
+
+    measured = _timed(forward, sync, budget_s=1.0) + _timed(forward_backward, sync, budget_s=1.5)
+    fwd, bwd = layer_work(f, batch, seq, shape.lora_rank, shape.attention_path)
+    explained = (2 * fwd.matmul + bwd.matmul) / matmul + (2 * fwd.attention + bwd.attention) / attention
+    traffic = 2 * fwd.memory + bwd.memory
+    return traffic / max(measured - explained, 0.05 * measured)
+
+
 def calibrate(device: Device, device_name: str, f: ModelFacts, dtype: str, batch: int, seq: int,
-              chunk: int = 1024, store: bool = True) -> tuple[MachineRates, Path | None]:
+              chunk: int = 1024, store: bool = True, spec: ModelSpec | None = None,
+              shape: TrainingShape | None = None) -> tuple[MachineRates, Path | None]:
     """Measure the rates (see the module docstring); cache them unless ``store`` is False.
 
     Returns:
@@ -176,6 +239,9 @@ def calibrate(device: Device, device_name: str, f: ModelFacts, dtype: str, batch
         matmul = _matmul_rate(f, tokens, products, where, sync, chunk)
         attention = _attention_rate(f, batch, min(seq, MAX_SEQ), want, where, sync)
         memory = _memory_rate(f, tokens, want, where, sync)
+    if spec is not None and shape is not None:
+        layer = _layer_memory_rate(spec, f, shape, want, device, matmul, attention)
+        memory = layer if layer is not None else memory
     rates = MachineRates(link_bytes_per_s=pinned, link_pageable_bytes_per_s=pageable, matmul_flops_per_s=matmul,
                          attention_flops_per_s=attention, memory_bytes_per_s=memory,
                          source=f"calibrated on {device_name} at {time.strftime('%Y-%m-%d %H:%M')}",

@@ -351,7 +351,7 @@ def measure_rates(settings: BenchSettings, mono: Path) -> Any:
     device = make_device(settings)
     try:
         rates, _ = calibrate(device, device_name(device.traits), facts_for(spec, shape), dtype, settings.batch,
-                             settings.seq, store=False)
+                             settings.seq, store=False, spec=spec, shape=shape)
     finally:
         device.close()
     return rates

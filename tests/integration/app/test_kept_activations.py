@@ -103,3 +103,14 @@ def test_a_training_pass_refuses_to_tile_kept_layers(llama_file):
     with pytest.raises(ConfigError, match="kept activations"):
         TrainingPass(None, None, None, torch.zeros(1, 8, 4), None, tile_tokens=4,  # type: ignore[arg-type]
                      kept_units=frozenset({1}))
+
+
+def test_the_training_loop_predicts_the_step_from_the_plan(llama_file):
+    from lema.app.training.train_loop import predicted_step_seconds, time_text
+
+    _, model, _ = _train(_config(llama_file, strategy="auto"), steps=1)
+    predicted = predicted_step_seconds(model)
+    assert predicted is not None and predicted > 0
+    assert predicted_step_seconds(model, 4) == 4 * predicted
+    assert time_text({"seconds": 1.5, "predicted_seconds": 1.25}) == "step 1.5 s (predicted 1.25 s)"
+    assert time_text({"seconds": 1.5}) == ""  # not warmed up yet

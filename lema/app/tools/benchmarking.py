@@ -279,6 +279,8 @@ def link_bandwidth(settings: BenchSettings) -> tuple[float, float]:
 
 def run(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure everything ``settings`` asks for and return one JSON-able result."""
+    from lema.app.tools.bench_rates import compare_adapters
+
     settings.workdir.mkdir(parents=True, exist_ok=True)
     if settings.model is None:
         log(f"building the {settings.preset} model in {settings.workdir} ...")
@@ -303,7 +305,9 @@ def run(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[str
     names = list(settings.strategies) + (["compute_alone"] if settings.compute_alone else [])
     rates = None
     if settings.predict:
-        rates = measure_rates(settings, mono)
+        from lema.app.tools.bench_rates import measure_rates
+
+        rates = measure_rates(settings, mono, make_device(settings))
         log(f"rates: {rates.source}: matmul {rates.matmul_flops_per_s / 1e9:.1f} GFLOP/s, attention "
             f"{rates.attention_flops_per_s / 1e9:.1f} GFLOP/s, memory {rates.memory_bytes_per_s / 1e9:.2f} GB/s, "
             f"link {rates.link_bytes_per_s / 1e9:.2f} GB/s")
@@ -321,12 +325,7 @@ def run(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[str
                 r["step_over_floor"] = r["step_s"] / r["floor_s"]
     ratios = {}
     first = by_name.get(f"lema_{settings.strategies[0]}")
-    reference_adapters = None if first is None else first.pop("adapters", None)
-    for r in runs:  # adapters after the same steps, against the first LEMA run's (max relative difference)
-        mine = r.pop("adapters", None)
-        if reference_adapters is not None and mine is not None:
-            r["adapters_max_rel_diff"] = max(
-                float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(mine, reference_adapters))
+    compare_adapters(runs, first)
     for other in runs:
         if first is not None and other is not first and other is not alone:
             ratios[f"{first['name']}/{other['name']}"] = first["step_s"] / other["step_s"]
@@ -334,27 +333,6 @@ def run(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[str
             "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": machine(settings.device),
             "link_bandwidth_Bps": pinned, "link_bandwidth_pageable_Bps": pageable, "runs": runs, "ratios": ratios,
             "reads": reads}
-
-
-def measure_rates(settings: BenchSettings, mono: Path) -> Any:
-    """This machine's rates at the bench's dtype and shapes, measured as ``lema plan --calibrate``
-    measures them (on the bench's own device: a simulated link is the link), not cached."""
-    from lema.adapters.devices.calibrate import calibrate, device_name
-    from lema.adapters.weights.model_files import resolve_model
-    from lema.domain.model.spec import dtype_code
-    from lema.domain.plan.assemble import facts_for
-    from lema.domain.plan.inputs import TrainingShape
-
-    spec = resolve_model(str(mono), allow_network=False).spec
-    dtype = dtype_code(settings.dtype)
-    shape = TrainingShape(batch=settings.batch, seq=settings.seq, lora_rank=settings.rank, dtype=dtype)
-    device = make_device(settings)
-    try:
-        rates, _ = calibrate(device, device_name(device.traits), facts_for(spec, shape), dtype, settings.batch,
-                             settings.seq, store=False, spec=spec, shape=shape)
-    finally:
-        device.close()
-    return rates
 
 
 def machine(device: str) -> str:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 import attrs
 
+from lema.app.training.step_time import peak_text, predicted_step_seconds, time_text, warm_prediction
 from lema.adapters.checkpoints.atomic import atomic_write_text
 from lema.app.training.run_folder import FINAL, METRICS, checkpoint_step, foreign_outputs, named_step, written_by_lema
 from lema.app.training.stop_signals import StopFlag
@@ -257,8 +258,7 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
     interrupted = False
     failure: NonFiniteLossError | None = None
     stopping = False
-    predicted = predicted_step_seconds(model, opts.grad_accum)
-    first = trainer.global_step
+    predicted, first = predicted_step_seconds(model, opts.grad_accum), trainer.global_step
     with bar_cm as bar, metrics_cm as metrics:
         try:
             while trainer.global_step < opts.steps and not (stopping := _stop_agreed(stop, ranks)):
@@ -283,9 +283,7 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
                 record = {"step": step, "loss": last_loss, "lr": lr,
                           "tokens_per_s": tokens / seconds if seconds > 0 else None,
                           "device_peak_bytes": peak, "device_peak_counts_compute": counted, "tokens": tokens,
-                          "seconds": seconds}
-                if predicted is not None and step > first + 1:  # warmed up: the first step pays one-off costs
-                    record["predicted_seconds"] = predicted
+                          "seconds": seconds, **warm_prediction(predicted, step, first)}
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 _to_sinks(sinks, step, record, "train/")
@@ -339,42 +337,12 @@ def _current_lr(trainer: Any) -> float:
     return float(trainer.optimizer.param_groups[0]["lr"])
 
 
-def predicted_step_seconds(model: Any, grad_accum: int = 1) -> float | None:
-    """The plan's predicted optimizer step (:mod:`lema.domain.plan.timing`, at this machine's
-    cached calibration or the device kind's defaults), or None for a model without a plan."""
-    plan = getattr(model, "plan", None)
-    spec = getattr(model, "spec", None)
-    if not callable(plan) or spec is None:
-        return None
-    from lema.adapters.devices.calibrate import rates_for
-    from lema.domain.plan.timing import predict
-
-    p = plan()
-    return predict(p, spec, rates_for(spec, p.shape)).step_seconds * grad_accum
-
-
-def time_text(record: dict[str, Any]) -> str:
-    """``step 1.21 s (predicted 1.15 s)`` once warmed up, else ``""``."""
-    predicted = record.get("predicted_seconds")
-    return f"step {record['seconds']:.3g} s (predicted {predicted:.3g} s)" if predicted and record.get("seconds") \
-        else ""
-
-
 def _log_line(record: dict[str, Any], total: int) -> str:
     tps = record.get("tokens_per_s")
     peak = record.get("device_peak_bytes")
-    timing = time_text(record)
     return (f"step {record['step']}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}"
             + (f"  {tps:,.0f} tok/s" if tps else "") + (f"  device {peak_text(record)}" if peak else "")
-            + (f"  {timing}" if timing else ""))
-
-
-def peak_text(record: dict[str, Any]) -> str:
-    """The device peak of a metrics record, saying when the compute's allocations are not in it."""
-    from lema.domain.units import format_size
-
-    held = "" if record.get("device_peak_counts_compute", True) else " held (compute not counted)"
-    return f"{format_size(record['device_peak_bytes'])}{held}"
+            + time_text(record, "  "))
 
 
 class _NoMetrics:

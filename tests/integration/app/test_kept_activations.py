@@ -106,7 +106,7 @@ def test_a_training_pass_refuses_to_tile_kept_layers(llama_file):
 
 
 def test_the_training_loop_predicts_the_step_from_the_plan(llama_file):
-    from lema.app.training.train_loop import predicted_step_seconds, time_text
+    from lema.app.training.step_time import predicted_step_seconds, time_text
 
     _, model, _ = _train(_config(llama_file, strategy="auto"), steps=1)
     predicted = predicted_step_seconds(model)

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -107,7 +106,8 @@ def _store(device_name: str, key: str, rates: MachineRates) -> Path:
 
 
 def _timed(fn: Callable[[], Any], sync: Callable[[], None], budget_s: float = 0.5, least: int = 3) -> float:
-    """Median seconds of ``fn`` (one warm-up, then at least ``least`` runs or ``budget_s``)."""
+    """Fastest seconds of ``fn`` (one warm-up, then at least ``least`` runs or ``budget_s``): other
+    work on the machine only ever slows a run, so the fastest is the device's own rate."""
     fn()
     sync()
     times: list[float] = []
@@ -118,7 +118,7 @@ def _timed(fn: Callable[[], Any], sync: Callable[[], None], budget_s: float = 0.
         sync()
         times.append(time.perf_counter() - start)
         spent += times[-1]
-    return statistics.median(times)
+    return min(times)
 
 
 def _matmul_rate(f: ModelFacts, tokens: int, dtype: torch.dtype, where: torch.device, sync: Callable[[], None],

@@ -40,6 +40,15 @@ def kept_candidates(n_layers: int) -> list[int]:
     return sorted(marks)
 
 
+def _layers(first: int, last: int) -> str:
+    """``layers 25-32`` or ``layer 32``."""
+    return f"layer {last}" if first == last else f"layers {first}-{last}"
+
+
+def _units(k: int) -> str:
+    return f"{k} unit" if k == 1 else f"{k} units"
+
+
 def _resident(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Budget | None) -> tuple[int, ...]:
     return auto_resident(summary, f, shape, budget) if shape.strategy is MemoryStrategy.AUTO else ()
 
@@ -110,15 +119,15 @@ def choose(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: B
     choices = []
     if k and base is not None:
         saved = seconds - base[0]
-        choices.append(f"keeps activations of layers {n - k + 1}-{n}: {saved:+.3g} s per step "
+        choices.append(f"keeps activations of {_layers(n - k + 1, n)}: {saved:+.3g} s per step "
                        f"(vs recomputing them in the backward)")
         if len(best.resident_units) != len(base[2].resident_units):
-            choices.append(f"keeps {len(best.resident_units)} units resident instead of "
+            choices.append(f"keeps {_units(len(best.resident_units))} resident instead of "
                            f"{len(base[2].resident_units)}: the memory goes to kept activations, which save more")
     elif k == 0 and len(options) > 1:
         nxt = min((o for o in options if o[1]), key=lambda o: o[0])
-        choices.append(f"recomputes every layer in the backward: keeping activations of layers "
-                       f"{n - nxt[1] + 1}-{n} would cost {nxt[0] - seconds:+.3g} s per step "
+        choices.append(f"recomputes every layer in the backward: keeping activations of "
+                       f"{_layers(n - nxt[1] + 1, n)} would cost {nxt[0] - seconds:+.3g} s per step "
                        f"(fewer resident layers)")
     if best.resident_units and (n + 1) in best.resident_units and n not in best.resident_units:
         prefix = build(summary, f, best.shape, budget, _resident(summary, f, best.shape, budget))

@@ -101,8 +101,9 @@ def _reset_peak(device: str) -> int:
     return 0
 
 
-def make_device(settings: BenchSettings) -> Any:
-    """The device a LEMA run of the bench uses (a fresh one per run)."""
+def make_device(settings: BenchSettings, budget: bool = True) -> Any:
+    """The device a LEMA run of the bench uses (a fresh one per run; ``budget=False``: without
+    ``settings.vram``, for compute alone)."""
     if settings.device.startswith("cuda"):
         from lema.adapters.devices.cuda import CudaDevice
 
@@ -117,7 +118,7 @@ def make_device(settings: BenchSettings) -> Any:
     # slot and handed over after the link's time, as a GPU's host reads and its copy engine moves.
     from lema.domain.units import parse_size
 
-    capacity = None if settings.vram is None else parse_size(settings.vram, field="--vram")
+    capacity = None if settings.vram is None or not budget else parse_size(settings.vram, field="--vram")
     return CpuDevice(capacity=capacity, link_bandwidth=settings.link_bandwidth, direct_reads=True,
                      in_place=settings.link_bandwidth is None and capacity is None, count_compute=settings.trace,
                      record_timeline=settings.trace)
@@ -139,7 +140,7 @@ class LemaRun:
                             lora_rank=settings.rank, batch_size=settings.batch, max_seq_len=settings.seq,
                             prefetch_distance=settings.prefetch,
                             vram_budget=None if self.alone else settings.vram)
-        self.model = model = LemaModel(config, device=make_device(settings))
+        self.model = model = LemaModel(config, device=make_device(settings, budget=not self.alone))
         model.initialize_lora()
         self.trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-4))
         self.ids = _batch(settings, model.spec.vocab_size)

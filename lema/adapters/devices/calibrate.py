@@ -11,7 +11,8 @@ Measures, on a device (:class:`~lema.ports.device.Device`), in a few seconds:
 * elementwise traffic: one decoder layer of the model itself, on random weights at the run's
   shapes, forward and forward + backward; what the matmul and attention rates do not explain
   of its time is the elementwise traffic the model counts (an add and a SiLU over a
-  ``(T, ffn)`` tensor when the layer cannot be built here: a quantized one).
+  ``(T, ffn)`` tensor when the layer cannot be built here: a quantized one), and the same for
+  the head's chunked fp32 loss + backward (its own rate: its traffic is of another kind).
 
 The result is a :class:`~lema.domain.plan.timing.MachineRates`, cached as JSON under
 ``$LEMA_CACHE`` (default ``~/.cache/lema``) ``/calibration/<machine>-<device>.json``, one
@@ -221,6 +222,38 @@ def _layer_memory_rate(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, dty
     return traffic / max(measured - explained, 0.05 * measured)
 
 
+def _head_memory_rate(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, dtype: torch.dtype,
+                      device: Device, matmul: float) -> float | None:
+    """The elementwise rate of the head's chunked fp32 loss + backward at the run's shape,
+    measured like :func:`_layer_memory_rate` on random weights of the head's shapes (None for
+    a packed head)."""
+    from lema.domain.model import heads
+    from lema.domain.plan.timing import head_work
+
+    unit = spec.units[-1]
+    if unit.packed:
+        return None
+    where = device.torch_device
+    batch = max(1, min(shape.batch, MAX_TOKENS // max(shape.seq, 1)))
+    seq = min(shape.seq, MAX_TOKENS)
+    generator = torch.Generator().manual_seed(1)
+    weights = {t.key: (torch.randn(t.shape, generator=generator) * 0.02 + (1.0 if len(t.shape) == 1 else 0.0))
+               .to(dtype).to(where) for t in unit.tensors}
+    x = torch.randn(batch, seq, spec.hidden_size, generator=generator).to(dtype).to(where)
+    targets = torch.randint(0, spec.vocab_size, (batch, seq), generator=generator).to(where)
+    products = device.matmul_dtype(dtype)
+
+    def loss_backward() -> None:
+        x_last = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss, _ = heads.head_loss(spec, weights, x_last, targets, shape.head_chunk_tokens, matmul_dtype=products)
+            loss.backward()
+
+    measured = _timed(loss_backward, device.synchronize, budget_s=1.0)
+    work = head_work(f, batch, seq, True)
+    return work.memory / max(measured - work.matmul / matmul, 0.05 * measured)
+
+
 def calibrate(device: Device, device_name: str, f: ModelFacts, dtype: str, batch: int, seq: int,
               chunk: int = 1024, store: bool = True, spec: ModelSpec | None = None,
               shape: TrainingShape | None = None) -> tuple[MachineRates, Path | None]:
@@ -239,11 +272,14 @@ def calibrate(device: Device, device_name: str, f: ModelFacts, dtype: str, batch
         matmul = _matmul_rate(f, tokens, products, where, sync, chunk)
         attention = _attention_rate(f, batch, min(seq, MAX_SEQ), want, where, sync)
         memory = _memory_rate(f, tokens, want, where, sync)
+    head = None
     if spec is not None and shape is not None:
         layer = _layer_memory_rate(spec, f, shape, want, device, matmul, attention)
         memory = layer if layer is not None else memory
+        head = _head_memory_rate(spec, f, shape, want, device, matmul)
     rates = MachineRates(link_bytes_per_s=pinned, link_pageable_bytes_per_s=pageable, matmul_flops_per_s=matmul,
                          attention_flops_per_s=attention, memory_bytes_per_s=memory,
+                         head_memory_bytes_per_s=head,
                          source=f"calibrated on {device_name} at {time.strftime('%Y-%m-%d %H:%M')}",
                          calibrated=True)
     path = _store(device_name, run_key(f, dtype, batch, seq), rates) if store else None

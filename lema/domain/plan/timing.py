@@ -76,6 +76,8 @@ class MachineRates:
         memory_bytes_per_s: elementwise traffic on the device (norms, activations, casts).
         disk_read_bytes_per_s: reads of the model's file (None: not measured; the link alone
             then bounds the streamed bytes).
+        head_memory_bytes_per_s: the elementwise rate of the head's fp32 loss and its gradient
+            (measured on the head itself by the calibration; None: ``memory_bytes_per_s``).
         source: where the numbers come from (``"calibrated ..."`` or ``"defaults for ..."``).
         calibrated: measured on this machine (False: the device kind's stated defaults).
     """
@@ -86,6 +88,7 @@ class MachineRates:
     attention_flops_per_s: float
     memory_bytes_per_s: float
     disk_read_bytes_per_s: float | None = None
+    head_memory_bytes_per_s: float | None = None
     source: str = ""
     calibrated: bool = False
 
@@ -169,10 +172,18 @@ def layer_work(f: pi.ModelFacts, batch: int, seq: int, rank: int, attention: str
 
 
 def head_work(f: pi.ModelFacts, batch: int, seq: int, training: bool) -> PhaseWork:
+    """The head's work: the logits (and their input gradient) and the fp32 loss's traffic."""
     t = batch * seq
     logits = 2.0 * t * f.hidden * f.vocab
     return PhaseWork(matmul=logits * (2 if training else 1),
                      memory=HEAD_ELEMENTWISE_PASSES * t * f.vocab * pi.FP32)
+
+
+def head_seconds(f: pi.ModelFacts, batch: int, seq: int, training: bool, rates: MachineRates) -> float:
+    """The head's time: its traffic at the head's own elementwise rate when it was measured."""
+    work = head_work(f, batch, seq, training)
+    memory = rates.head_memory_bytes_per_s or rates.memory_bytes_per_s
+    return work.matmul / rates.matmul_flops_per_s + work.memory / memory
 
 
 @attrs.frozen
@@ -236,7 +247,7 @@ def predict_facts(p: MemoryPlan, f: pi.ModelFacts, rates: MachineRates | None = 
     fwd, bwd = layer_work(f, b, seq, s.lora_rank, s.attention_path)
     fwd_s, bwd_s = fwd.seconds(rates), bwd.seconds(rates)
     kept = p.kept_units if s.gradient_checkpointing else frozenset(range(1, n + 1))
-    head_s = head_work(f, b, seq, s.training).seconds(rates)
+    head_s = head_seconds(f, b, seq, s.training, rates)
     optimizer_s = (pi.lora_parameters(f, s.lora_rank) * ADAM_BYTES_PER_PARAM / rates.memory_bytes_per_s
                    if s.training else 0.0)
     compute: dict[tuple[int, Phase], float] = {}

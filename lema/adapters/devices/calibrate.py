@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +45,7 @@ __all__ = ["cache_path", "calibrate", "cached_rates", "device_name", "rates_for"
 
 MAX_TOKENS = 4096
 MAX_SEQ = 4096
+MAX_PRODUCT_FLOPS = 2e10  # the largest product timed: under a second on a CPU, well above saturation
 
 
 def cache_path(device_name: str) -> Path:
@@ -106,20 +108,21 @@ def _store(device_name: str, key: str, rates: MachineRates) -> Path:
     return path
 
 
-def _timed(fn: Callable[[], Any], sync: Callable[[], None], budget_s: float = 0.5, least: int = 3) -> float:
-    """Fastest seconds of ``fn`` (one warm-up, then at least ``least`` runs or ``budget_s``): other
-    work on the machine only ever slows a run, so the fastest is the device's own rate."""
+def _timed(fn: Callable[[], Any], sync: Callable[[], None], budget_s: float = 0.5) -> float:
+    """Median seconds of ``fn``: one warm-up, then runs until ``budget_s`` is spent (at least
+    one, at most 50): the typical run, as ``lema bench`` reports the median step it is compared
+    with. A big model's layer takes one or two runs, so the calibration stays within seconds."""
     fn()
     sync()
     times: list[float] = []
     spent = 0.0
-    while len(times) < least or (spent < budget_s and len(times) < 50):
+    while not times or (spent < budget_s and len(times) < 50):
         start = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - start)
         spent += times[-1]
-    return min(times)
+    return statistics.median(times)
 
 
 def _matmul_rate(f: ModelFacts, tokens: int, dtype: torch.dtype, where: torch.device, sync: Callable[[], None],
@@ -131,6 +134,7 @@ def _matmul_rate(f: ModelFacts, tokens: int, dtype: torch.dtype, where: torch.de
     shapes.add((min(chunk, tokens), h, f.vocab))
     flops = seconds = 0.0
     for t, i, o in sorted(shapes):
+        t = max(64, min(t, int(MAX_PRODUCT_FLOPS // (2 * i * o))))  # a big product's rate is reached sooner
         x = torch.randn(t, i, device=where).to(dtype)
         w = torch.randn(o, i, device=where).to(dtype)
         seconds += _timed(lambda: x @ w.t(), sync)
@@ -215,7 +219,7 @@ def _layer_memory_rate(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, dty
             for t in pair:
                 t.grad = None
 
-    measured = _timed(forward, sync, budget_s=1.0) + _timed(forward_backward, sync, budget_s=1.5)
+    measured = _timed(forward, sync, budget_s=2.0) + _timed(forward_backward, sync, budget_s=3.0)
     fwd, bwd = layer_work(f, batch, seq, shape.lora_rank, shape.attention_path)
     explained = (2 * fwd.matmul + bwd.matmul) / matmul + (2 * fwd.attention + bwd.attention) / attention
     traffic = 2 * fwd.memory + bwd.memory
@@ -249,7 +253,7 @@ def _head_memory_rate(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, dtyp
             loss, _ = heads.head_loss(spec, weights, x_last, targets, shape.head_chunk_tokens, matmul_dtype=products)
             loss.backward()
 
-    measured = _timed(loss_backward, device.synchronize, budget_s=1.0)
+    measured = _timed(loss_backward, device.synchronize, budget_s=2.0)
     work = head_work(f, batch, seq, True)
     return work.memory / max(measured - work.matmul / matmul, 0.05 * measured)
 

@@ -7,8 +7,8 @@ at the rates measured as ``lema plan --calibrate`` measures them) beside the mea
 
 * ``in-place``: the CPU computing on the weights where the host holds them (STREAMING);
 * ``budget``: AUTO under a device budget (units through slots, what fits resident);
-* ``slow-link``: STREAMING behind a simulated link slower than compute (link-bound);
-* ``fast-link``: STREAMING behind a simulated link faster than compute.
+* ``slow-link``: STREAMING behind a simulated 0.1 GB/s link, slower than compute (link-bound);
+* ``fast-link``: STREAMING behind a simulated 20 GB/s link, faster than compute.
 
 Target: ``predicted / measured`` within 15% for every configuration (issue 27, CPU).
 
@@ -46,7 +46,7 @@ def configurations(quick: bool) -> list[tuple[str, dict]]:
         out += [
             (f"{preset} in-place", dict(preset=preset, strategies=("streaming",))),
             (f"{preset} budget {budget}", dict(preset=preset, strategies=("auto",), vram=budget)),
-            (f"{preset} slow link 0.2G/s", dict(preset=preset, strategies=("streaming",), link_bandwidth=0.2e9)),
+            (f"{preset} slow link 0.1G/s", dict(preset=preset, strategies=("streaming",), link_bandwidth=0.1e9)),
             (f"{preset} fast link 20G/s", dict(preset=preset, strategies=("streaming",), link_bandwidth=20e9)),
         ]
     return out

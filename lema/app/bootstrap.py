@@ -140,8 +140,13 @@ def make_plan(config: LemaConfig, spec: ModelSpec, device: Device, mode: str = "
     rates = None
     if shape.kept_layers is None:  # AUTO chooses by time: this machine's calibration when cached
         from lema.adapters.devices.calibrate import rates_for
+        from lema.domain.plan.timing import default_rates
 
         rates = rates_for(spec, shape)
+        link = device.link_bandwidth  # known: simulated on the CPU, measured on CUDA
+        if link:
+            rates = attrs.evolve(rates or default_rates(shape.device, shape.dtype or spec.dtype),
+                                 link_bytes_per_s=float(link), link_pageable_bytes_per_s=float(link))
     return plan(spec, shape, budget, rates)
 
 

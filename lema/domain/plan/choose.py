@@ -139,6 +139,7 @@ def choose(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: B
     if best.resident_units:
         bare = build(summary, f, best.shape, budget, ())
         gain = seconds - predict_facts(bare, f, rates).step_seconds
-        choices.append(f"keeps {len(best.resident_units)} of {n + 1} units resident: {gain:+.3g} s per step "
-                       f"(vs streaming them)")
+        if gain < -5e-4:  # a resident unit that saves nothing measurable is not worth a line
+            choices.append(f"keeps {len(best.resident_units)} of {n + 1} units resident: {gain:+.3g} s per step "
+                           f"(vs streaming them)")
     return attrs.evolve(best, choices=tuple(choices))

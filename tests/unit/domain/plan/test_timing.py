@@ -93,3 +93,21 @@ def test_bad_rates_are_refused():
         MachineRates(link_bytes_per_s=1.0, link_pageable_bytes_per_s=1.0, matmul_flops_per_s=0.0,
                      attention_flops_per_s=1.0, memory_bytes_per_s=1.0)
     assert MachineRates.from_dict(default_rates(DEVICE_KINDS["cpu"], "F32").to_dict()).memory_bytes_per_s > 0
+
+
+def test_prefetch_overlaps_the_link_with_compute_and_serial_fetches_add_them():
+    spec = ModelSpec.from_config(builtin_config("llama-2-7b"))
+    rates = attrs.evolve(default_rates(DEVICE_KINDS["cuda"], "F16"), link_bytes_per_s=24e9)
+    serial = plan(spec, TrainingShape(seq=2048, prefetch=0), None)
+    ahead = plan(spec, TrainingShape(seq=2048, prefetch=2), None)
+    t0, t2 = predict(serial, spec, rates), predict(ahead, spec, rates)
+    # prefetch 0: every fetch waits for the compute before it and the compute for its fetch
+    assert t0.step_seconds == pytest.approx(t0.compute_seconds + t0.link_seconds, rel=1e-6)
+    # prefetch 2: overlapped, never better than the busier of the two (here the forward is
+    # link-bound and the backward compute-bound, so the step lies between)
+    assert max(t2.compute_seconds, t2.link_seconds) <= t2.step_seconds < t0.step_seconds
+    # a link ten times faster hides behind the compute but for the first fetch
+    fast = attrs.evolve(rates, link_bytes_per_s=240e9)
+    t_fast = predict(ahead, spec, fast)
+    first = spec.units[1].nbytes / 240e9
+    assert t_fast.step_seconds == pytest.approx(t_fast.compute_seconds + first, rel=0.02)

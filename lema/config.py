@@ -69,7 +69,10 @@ class LemaConfig:
         lora_rank, lora_alpha, lora_dropout, lora_target_modules, use_rslora: the adapter.
             ``lora_target_modules=None`` uses the architecture's default (all attention and
             MLP projections for Llama-family models, ``c_attn`` for GPT-2).
-        gradient_checkpointing: keep only each layer's input and recompute in backward.
+        gradient_checkpointing: ``True`` keeps only each layer's input and recomputes the layer
+            in backward; ``False`` keeps every layer's activations; ``"auto"`` (default):
+            with ``strategy=AUTO`` the plan chooses which layers keep their activations by
+            predicted step time within the budget (``lema plan`` says which), otherwise ``True``.
         offload_activations: ``True`` keeps those inputs in host memory (pinned on CUDA)
             between each layer's forward and its backward, ``False`` on the device;
             ``"auto"`` (default) turns it on when the memory plan needs it to fit. With long
@@ -97,7 +100,7 @@ class LemaConfig:
     lora_dropout: float = 0.0
     lora_target_modules: tuple[str, ...] | None = attrs.field(default=None, converter=_targets)
     use_rslora: bool = False
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | str = "auto"
     offload_activations: bool | str = "auto"
     prefetch_distance: int = attrs.field(default=2, validator=_non_negative_int)
     vram_budget: str | int | None = attrs.field(default=None, validator=_check_size)
@@ -133,12 +136,13 @@ class LemaConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 problems.append(f"{name}: {value!r} must be a path (a string) or None")
-        for name in ("use_rslora", "gradient_checkpointing"):
-            if not isinstance(getattr(self, name), bool):
-                problems.append(f"{name}: {getattr(self, name)!r} must be True or False")
+        if not isinstance(self.use_rslora, bool):
+            problems.append(f"use_rslora: {self.use_rslora!r} must be True or False")
+        if not (isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "auto"):
+            problems.append(f"gradient_checkpointing: {self.gradient_checkpointing!r} must be True, False or 'auto'")
         if self.offload_activations not in (True, False, "auto") or not isinstance(self.offload_activations, (bool, str)):
             problems.append(f"offload_activations: {self.offload_activations!r} must be True, False or 'auto'")
-        elif self.offload_activations is True and not self.gradient_checkpointing:
+        elif self.offload_activations is True and self.gradient_checkpointing is False:
             problems.append("offload_activations=True moves the checkpointed layer inputs to host memory: it needs "
                             "gradient_checkpointing=True (or use offload_activations='auto')")
         if problems:
@@ -148,6 +152,11 @@ class LemaConfig:
     def alpha(self) -> float:
         """LoRA alpha; defaults to twice the rank when not given."""
         return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether layers recompute in backward unless the plan keeps their activations."""
+        return self.gradient_checkpointing is not False
 
     @property
     def offload(self) -> bool | None:

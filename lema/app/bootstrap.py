@@ -126,8 +126,9 @@ def training_shape(config: LemaConfig, spec: ModelSpec, device: Device) -> Train
         batch=config.batch_size, seq=config.max_seq_len, lora_rank=config.lora_rank,
         lora_targets=config.lora_target_modules, strategy=config.strategy,
         prefetch=config.prefetch_distance, dtype=None if config.dtype == "auto" else dtype_code(config.dtype),
-        gradient_checkpointing=config.gradient_checkpointing, device_kind=device.traits.kind,
-        offload_activations=config.offload if config.gradient_checkpointing else False,
+        gradient_checkpointing=config.checkpointing, device_kind=device.traits.kind,
+        offload_activations=config.offload if config.checkpointing else False,
+        kept_layers=None if config.gradient_checkpointing == "auto" and config.strategy is MemoryStrategy.AUTO else 0,
         wide_matmul=device.matmul_dtype(compute_dtype(config, spec)) is not None,
         local_ranks=local_world_size(), weights_in_place=device.traits.in_place, preference=config.preference,
     )
@@ -160,7 +161,17 @@ def make_plan(config: LemaConfig, spec: ModelSpec, device: Device, mode: str = "
     shape = attrs.evolve(training_shape(config, spec, device), mode=mode)
     capacity = config.vram_bytes if config.vram_bytes is not None else device.capacity
     budget = None if capacity is None else Budget(device_bytes=capacity, host_bytes=config.ram_bytes)
-    return plan(spec, shape, budget)
+    rates = None
+    if shape.kept_layers is None:  # AUTO chooses by time: this machine's calibration when cached
+        from lema.adapters.devices.calibrate import rates_for
+        from lema.domain.plan.timing import default_rates
+
+        rates = rates_for(spec, shape)
+        link = device.link_bandwidth  # known: simulated on the CPU, measured on CUDA
+        if link:
+            rates = attrs.evolve(rates or default_rates(shape.device, shape.dtype or spec.dtype),
+                                 link_bytes_per_s=float(link), link_pageable_bytes_per_s=float(link))
+    return plan(spec, shape, budget, rates)
 
 
 def make_source(strategy: MemoryStrategy, resolved: ResolvedModel, device: Device | None = None,

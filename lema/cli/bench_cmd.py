@@ -15,7 +15,7 @@ import click
 @click.command()
 @click.option("--model", "model", type=click.Path(path_type=Path), default=None,
               help="A Hugging Face model folder to benchmark (default: build a random one).")
-@click.option("--preset", type=click.Choice(["100m", "tiny"]), default="100m", show_default=True,
+@click.option("--preset", type=click.Choice(["100m", "30m", "tiny"]), default="100m", show_default=True,
               help="Size of the model built when --model is not given.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True)
@@ -41,13 +41,18 @@ import click
 @click.option("--trace", is_flag=True,
               help="Count every allocation and keep the event timeline in the timed steps (slower; the "
                    "timeline goes into the JSON result).")
+@click.option("--vram", metavar="SIZE", default=None,
+              help="A device budget for the LEMA runs (e.g. 64M): units go through slots under it and AUTO keeps "
+                   "resident what fits (the CPU device counts its memory as a GPU's).")
+@click.option("--no-predict", is_flag=True,
+              help="Skip the calibration and the predicted step time printed beside each measured one.")
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("lema-bench"), show_default=True,
               help="Where the built model and the JSON result go.")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None,
               help="Result file (default: WORKDIR/bench.json).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing result file.")
 def bench(model, preset, dtype, batch, seq, steps, warmup, rank, prefetch, device, strategies, no_reference,
-          link_bandwidth, reads, schedule, trace, workdir, json_out, overwrite) -> None:
+          link_bandwidth, reads, schedule, trace, vram, no_predict, workdir, json_out, overwrite) -> None:
     """Measure step time, device peak vs plan and bytes moved vs the link, in one run.
 
     WORKDIR keeps the models it builds (reused by the next run); the result file is
@@ -69,6 +74,10 @@ def bench(model, preset, dtype, batch, seq, steps, warmup, rank, prefetch, devic
     if link_bandwidth is not None and device != "cpu":
         raise ConfigError("--link-bandwidth: only the CPU device simulates a link; a GPU's is measured")
     rate = parse_size(link_bandwidth, field="--link-bandwidth") if link_bandwidth is not None else None
+    if vram is not None:
+        if device != "cpu":
+            raise ConfigError("--vram: the bench budgets the CPU device only; a GPU's budget is its memory")
+        parse_size(vram, field="--vram")
     read_bytes = 0 if reads.strip() in ("0", "0B") else parse_size(reads, field="--reads")
     if not names:
         raise ConfigError("--strategies: name at least one of streaming, resident, auto")
@@ -89,6 +98,7 @@ def bench(model, preset, dtype, batch, seq, steps, warmup, rank, prefetch, devic
         workdir=workdir, model=model, preset=preset, dtype=dtype, batch=batch, seq=seq, steps=steps,
         warmup=warmup, rank=rank, device=device, strategies=names, reference=reference, prefetch=prefetch,
         link_bandwidth=float(rate) if rate else None, trace=trace, read_bytes=read_bytes,
+        vram=vram, predict=not no_predict,
         schedule=("sequential" if device.startswith("cuda") else "round-robin") if schedule == "auto" else schedule)
     result = benchmarking.run(settings, log=lambda line: click.echo(line, err=True))
     for line in benchmarking.summary_lines(result):

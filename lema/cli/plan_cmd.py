@@ -46,12 +46,17 @@ DEFAULT_BANDWIDTH = "24G"  # bytes/s: PCIe 4.0 x16 host -> device from pinned me
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Data-parallel ranks on this machine (torchrun --nproc-per-node): device memory is per "
                    "rank (--batch per rank), host memory for all of them.")
+@click.option("--calibrate", is_flag=True,
+              help="Measure this machine's link, matmul, attention and memory rates at the run's dtype and shapes "
+                   "(a few seconds) for the predicted step time, and cache them (under $LEMA_CACHE, default "
+                   "~/.cache/lema). Without it the plan uses a cached calibration of the same run, else the device "
+                   "kind's stated defaults, and says which.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--list-models", is_flag=True, help="List the built-in model names and exit.")
 def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: int, rank: int,
          targets: str | None, strategy: str, prefetch: int, dtype: str | None, quantize: str | None,
          no_double_quant: bool, config_path: str | None, device_kind: str, mode: str, no_checkpointing: bool,
-         offload: bool | None, reserve: str | None, bandwidth: str, nproc: int, as_json: bool,
+         offload: bool | None, reserve: str | None, bandwidth: str, nproc: int, calibrate: bool, as_json: bool,
          list_models: bool) -> None:
     """Plan the device and host memory of a LoRA run, and say whether it fits."""
     from lema.adapters.weights.model_files import (
@@ -82,7 +87,10 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
                           reserve_bytes=None if reserve is None else _reserve(reserve), local_ranks=nproc,
                           # the CPU without a budget trains on the weights in place, as `lema train` runs it
                           weights_in_place=device_kind in DEVICE_KINDS and DEVICE_KINDS[device_kind].host_memory
-                          and vram is None)
+                          and vram is None,
+                          # as `lema train` plans AUTO (gradient_checkpointing="auto"): kept layers chosen by time
+                          kept_layers=None if strategy.lower() == "auto" and not no_checkpointing and mode == "train"
+                          else 0)
     resolved = resolve_model(model, config_path, allow_network=default_environment_allows_network())
     spec = resolved.spec
     if quantize is not None:
@@ -98,8 +106,12 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
         gpu = local_gpu_memory()
         if gpu is not None:
             budget, budget_source = Budget(gpu[0]), gpu[1]
-    result = make_plan(spec, shape, budget)
+    rates = _rates(spec, shape, calibrate)
+    result = make_plan(spec, shape, budget, rates)
     floor = result.link_time_floor(link)
+    from lema.domain.plan.timing import predict
+
+    timing = predict(result, spec, rates)
     if as_json:
         data = result.to_dict()
         data["source"] = {"ref": model, "kind": resolved.source_kind,
@@ -107,11 +119,47 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
                           "note": resolved.note}
         data["budget_source"] = budget_source or None
         data["link"] = {"bandwidth_bytes_per_s": link, "time_floor_s": floor}
+        data["time"] = timing.to_dict()
         click.echo(json.dumps(data, indent=2))
     else:
         _print_human(model, resolved, result, link, floor, budget_source)
+        click.echo(f"time: {timing.line()}")
+        click.echo(f"rates: {timing.rates.source}")
     if not result.fits:
         raise DoesNotFitError(result.verdict(), result)
+
+
+def _rates(spec, shape, calibrate: bool):  # noqa: ANN001, ANN202
+    """This machine's rates for the step time: measured now (``--calibrate``), cached, or None
+    (the planner then uses the device kind's stated defaults)."""
+    from lema.adapters.devices.calibrate import calibrate as measure, device_name, rates_for
+    from lema.domain.plan.assemble import facts_for
+
+    if not calibrate:
+        return rates_for(spec, shape)
+    traits = shape.device
+    name = device_name(traits)
+    if not name:
+        raise ConfigError(f"--calibrate measures a local {traits.kind} device, but there is none here; "
+                          "calibrate on the machine that will train, or plan with --device cpu")
+    if traits.host_memory:
+        from lema.adapters.devices.cpu import CpuDevice
+
+        device = CpuDevice()
+    else:
+        from lema.adapters.devices.cuda import CudaDevice
+
+        device = CudaDevice()
+    try:
+        rates, path = measure(device, name, facts_for(spec, shape), shape.dtype or spec.dtype, shape.batch,
+                              shape.seq, chunk=shape.head_chunk_tokens, spec=spec, shape=shape)
+    finally:
+        device.close()
+    click.echo(f"calibrated: link {rates.link_bytes_per_s / 1e9:.2f} GB/s pinned, "
+               f"{rates.link_pageable_bytes_per_s / 1e9:.2f} GB/s pageable; matmul "
+               f"{rates.matmul_flops_per_s / 1e12:.3g} TFLOP/s, attention {rates.attention_flops_per_s / 1e12:.3g} "
+               f"TFLOP/s, memory {rates.memory_bytes_per_s / 1e9:.3g} GB/s (cached in {path})", err=True)
+    return rates
 
 
 def _reserve(text: str) -> int:
@@ -158,6 +206,8 @@ def _print_human(ref: str, resolved, result, link: int, floor: float, budget_sou
     console.print(table)
     console.print(f"link: {link_line(result)}; at {format_size(link)}/s (assumed, one copy stream) at least "
                   f"{floor:.2f} s per step")
+    for choice in result.choices:
+        console.print(f"chose: {choice}")
     if result.budget is None:
         console.print("no --vram given and no GPU visible: " + result.verdict())
     elif result.fits:

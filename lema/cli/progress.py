@@ -42,11 +42,11 @@ class TrainingProgress:
             self._eval = f" | eval {record['eval_loss']:.4f}"
             return
         if self._bar is not None:
-            from lema.app.training.train_loop import peak_text
+            from lema.app.training.step_time import peak_text, time_text
 
             tps, peak = record.get("tokens_per_s"), record.get("device_peak_bytes")
             text = f"loss {record['loss']:.4f}" + self._eval + (f" | {tps:,.0f} tok/s" if tps else "") + (
-                f" | device {peak_text(record)}" if peak else "")
+                f" | device {peak_text(record)}" if peak else "") + time_text(record, " | ")
             self._bar.update(self._task, completed=step, description=text)
 
     def __exit__(self, *exc: Any) -> None:

@@ -46,6 +46,14 @@ class DeviceTraits:
         counts_compute: the device's peak counts every storage the compute allocates.
         simulated_link: the link is simulated (``Device.carry`` passes its time for bytes
             already in a slot).
+        default_link_bytes_per_s, default_link_pageable_bytes_per_s, default_half_flops_per_s,
+        default_fp32_flops_per_s, default_attention_efficiency, default_memory_bytes_per_s:
+            the stated rates a step time is predicted from when this machine was not
+            calibrated (``lema plan --calibrate``; :func:`lema.domain.plan.timing.default_rates`).
+            CUDA: a PCIe 4.0 x16 link (about 20 GB/s pinned, 8 GB/s pageable) and a 24 GiB
+            consumer card (RTX 4090 class: about 150 TFLOP/s dense bf16 in practice, 40 fp32,
+            900 GB/s of elementwise traffic). CPU: two cores with AVX-512 BF16 (about 300 GFLOP/s
+            bf16, 150 fp32, memcpy and elementwise 8 GB/s).
     """
 
     kind: str
@@ -58,10 +66,18 @@ class DeviceTraits:
     direct_reads: bool = False
     counts_compute: bool = True
     simulated_link: bool = False
+    default_link_bytes_per_s: float = 8e9
+    default_link_pageable_bytes_per_s: float = 8e9
+    default_half_flops_per_s: float = 300e9
+    default_fp32_flops_per_s: float = 150e9
+    default_attention_efficiency: float = 0.5
+    default_memory_bytes_per_s: float = 8e9
 
 
 CUDA = DeviceTraits(kind="cuda", pinned_host=True, runtime_reserve=DEFAULT_CUDA_RESERVE, foreach_optimizer=True,
-                    dequantizes_in_place=True)
+                    dequantizes_in_place=True, default_link_bytes_per_s=20e9, default_link_pageable_bytes_per_s=8e9,
+                    default_half_flops_per_s=150e12, default_fp32_flops_per_s=40e12,
+                    default_memory_bytes_per_s=900e9)
 CPU = DeviceTraits(kind="cpu", host_memory=True)
 
 DEVICE_KINDS: dict[str, DeviceTraits] = {t.kind: t for t in (CUDA, CPU)}

@@ -31,8 +31,16 @@ def test_a_seed_torch_cannot_take_is_named(seed):
 @BAD
 @given(st.sampled_from(["use_rslora", "gradient_checkpointing"]), st.text(max_size=3) | st.integers() | st.none())
 def test_a_flag_that_is_not_a_boolean_is_named(field, value):
-    with pytest.raises(ConfigError, match=rf"{field}: .* must be True or False"):
+    with pytest.raises(ConfigError, match=rf"{field}: .* must be True(,| or) False"):  # checkpointing: or 'auto'
         LemaConfig(model_name_or_path="m", **{field: value})
+
+
+def test_gradient_checkpointing_auto_is_the_default_and_named_values_stay():
+    assert LemaConfig(model_name_or_path="m").gradient_checkpointing == "auto"
+    assert LemaConfig(model_name_or_path="m").checkpointing is True
+    assert LemaConfig(model_name_or_path="m", gradient_checkpointing=False).checkpointing is False
+    with pytest.raises(ConfigError, match="needs gradient_checkpointing=True"):
+        LemaConfig(model_name_or_path="m", gradient_checkpointing=False, offload_activations=True)
 
 
 @BAD

@@ -17,8 +17,8 @@ and the recompute + backward run the layer over sequence tiles
 inputs to host memory and back through :meth:`TrainingPass.take_input` and
 :meth:`TrainingPass.give_input` (the pass is the engine's ``InputStore``).
 
-With ``gradient_checkpointing=False`` the forward keeps each layer's autograd graph and the
-backward skips the recompute. The graph would pin the layer's weight slot, so saved base
+With ``gradient_checkpointing=False`` (or for the units in ``kept_units``: the plan's kept
+activations) the forward keeps the layer's autograd graph and the backward skips the recompute. The graph would pin the layer's weight slot, so saved base
 weights are swapped for a reference and looked up again in the slot the engine refills
 for the backward step (``torch.autograd.graph.saved_tensors_hooks``).
 """
@@ -59,15 +59,20 @@ class TrainingPass:
             default next-token cross-entropy).
         tile_tokens: positions per sequence tile of each layer (0, or the sequence length or
             more: untiled); needs checkpointing.
+        kept_units: with checkpointing, the decoder units that keep their autograd graph from
+            the forward instead of recomputing (the plan's kept activations); not with tiles.
     """
 
     def __init__(self, spec: ModelSpec, lora: LoraState, ctx: BlockContext, x0: torch.Tensor,
                  targets: torch.Tensor, *, loss_scale: float = 1.0, checkpointing: bool = True,
                  chunk_tokens: int = heads.DEFAULT_CHUNK_TOKENS, keep_logits: bool = False,
-                 token_count: int | None = None, tile_tokens: int = 0, objective: Objective = NEXT_TOKEN) -> None:
+                 token_count: int | None = None, tile_tokens: int = 0, objective: Objective = NEXT_TOKEN,
+                 kept_units: frozenset[int] = frozenset()) -> None:
         tiled = 0 < tile_tokens < x0.shape[1]
-        if tiled and not checkpointing:
-            raise ConfigError("sequence tiling recomputes each layer: it needs gradient_checkpointing=True")
+        if tiled and (not checkpointing or kept_units):
+            raise ConfigError("sequence tiling recomputes each layer: it needs gradient_checkpointing=True "
+                              "and no kept activations")
+        self.kept_units = frozenset(kept_units)
         self.spec, self.lora, self.ctx, self.targets = spec, lora, ctx, targets
         self.token_count = token_count
         self.tile = tile_tokens if tiled else 0
@@ -94,18 +99,23 @@ class TrainingPass:
 
     def take_input(self, unit: int) -> torch.Tensor:
         """Hand ``unit``'s checkpointed input to the engine (activation offload)."""
-        if not self.checkpointing:
-            raise ConfigError("activation offload moves checkpointed inputs: it needs gradient_checkpointing=True")
+        if not self._recomputes(unit):
+            raise ConfigError("activation offload moves checkpointed inputs: it needs gradient_checkpointing=True "
+                              "and no kept activations")
         return self.saved.pop(unit)
 
     def give_input(self, unit: int, x: torch.Tensor) -> None:
         """Take ``unit``'s checkpointed input back from the engine, before its backward."""
         self.saved[unit] = x
 
+    def _recomputes(self, unit: int) -> bool:
+        """Whether ``unit``'s backward recomputes it from its saved input."""
+        return self.checkpointing and unit not in self.kept_units
+
     def _forward(self, unit: int, weights: Mapping[str, torch.Tensor]) -> None:
         layer = unit - 1
         x_in = self.x
-        if self.checkpointing:
+        if self._recomputes(unit):
             self.saved[unit] = x_in
             with torch.no_grad():
                 if self.tile:
@@ -151,7 +161,7 @@ class TrainingPass:
             self.grad = tiling.tiled_backward(self.spec, weights, self.lora.layer(layer), x_in, grad, self.ctx,
                                               layer, self.tile)
             return
-        if self.checkpointing:
+        if self._recomputes(unit):
             x_in = x_in.detach().requires_grad_(True)
             with torch.enable_grad():
                 out = blocks.decoder_block(self.spec, weights, self.lora.layer(layer), x_in, self.ctx, layer)

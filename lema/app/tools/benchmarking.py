@@ -28,6 +28,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "100m": {"model_type": "llama", "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 10,
              "num_attention_heads": 12, "num_key_value_heads": 12, "vocab_size": 16000,
              "max_position_embeddings": 2048, "tie_word_embeddings": False},
+    # a second size for the step-time model's checks (issue 27): ~30M parameters
+    "30m": {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 6,
+            "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 16000,
+            "max_position_embeddings": 2048, "tie_word_embeddings": False},
     "tiny": {"model_type": "llama", "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 4,
              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
              "max_position_embeddings": 512, "tie_word_embeddings": False},
@@ -56,6 +60,8 @@ class BenchSettings:
     trace: bool = False  # count every allocation and keep the event timeline in the timed steps
     compute_alone: bool = True  # also time the step with every weight resident (the compute floor)
     schedule: str = "round-robin"  # or "sequential" (one run at a time: what a GPU's memory allows)
+    vram: str | None = None  # a device budget for the LEMA runs ("64M"): slotted under it (AUTO: resident what fits)
+    predict: bool = True  # calibrate the rates (lema plan --calibrate's measurement) and predict each LEMA step
 
 
 def build_model(settings: BenchSettings) -> tuple[Path, Path]:
@@ -95,8 +101,9 @@ def _reset_peak(device: str) -> int:
     return 0
 
 
-def make_device(settings: BenchSettings) -> Any:
-    """The device a LEMA run of the bench uses (a fresh one per run)."""
+def make_device(settings: BenchSettings, budget: bool = True) -> Any:
+    """The device a LEMA run of the bench uses (a fresh one per run; ``budget=False``: without
+    ``settings.vram``, for compute alone)."""
     if settings.device.startswith("cuda"):
         from lema.adapters.devices.cuda import CudaDevice
 
@@ -109,8 +116,11 @@ def make_device(settings: BenchSettings) -> Any:
     # No simulated link: the CPU trains as LemaModel runs it without a budget, on the weights
     # where the host holds them (nothing crosses a link). With one, each unit is read into its
     # slot and handed over after the link's time, as a GPU's host reads and its copy engine moves.
-    return CpuDevice(link_bandwidth=settings.link_bandwidth, direct_reads=True,
-                     in_place=settings.link_bandwidth is None, count_compute=settings.trace,
+    from lema.domain.units import parse_size
+
+    capacity = None if settings.vram is None or not budget else parse_size(settings.vram, field="--vram")
+    return CpuDevice(capacity=capacity, link_bandwidth=settings.link_bandwidth, direct_reads=True,
+                     in_place=settings.link_bandwidth is None and capacity is None, count_compute=settings.trace,
                      record_timeline=settings.trace)
 
 
@@ -118,17 +128,19 @@ class LemaRun:
     """One LEMA strategy, built once, stepped on demand ("compute_alone": AUTO with no budget,
     so every layer stays on the device and nothing crosses the link)."""
 
-    def __init__(self, settings: BenchSettings, mono: Path, strategy: str) -> None:
+    def __init__(self, settings: BenchSettings, mono: Path, strategy: str, rates: Any = None) -> None:
         from lema import LemaConfig, LemaModel
 
         self.settings = settings
+        self.rates = rates
         self.base = _reset_peak(settings.device)
         self.alone = strategy == "compute_alone"
         self.name = "lema_compute_alone" if self.alone else f"lema_{strategy}"
         config = LemaConfig(gbi_path=str(mono), device=settings.device, strategy="auto" if self.alone else strategy,
                             lora_rank=settings.rank, batch_size=settings.batch, max_seq_len=settings.seq,
-                            prefetch_distance=settings.prefetch)
-        self.model = model = LemaModel(config, device=make_device(settings))
+                            prefetch_distance=settings.prefetch,
+                            vram_budget=None if self.alone else settings.vram)
+        self.model = model = LemaModel(config, device=make_device(settings, budget=not self.alone))
         model.initialize_lora()
         self.trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-4))
         self.ids = _batch(settings, model.spec.vocab_size)
@@ -159,8 +171,16 @@ class LemaRun:
             "wait_s": statistics.median(r.wait_seconds for r in measured),
             "compute_s": statistics.median(r.compute_seconds for r in measured),
             "device_peak_bytes": peak, "plan_device_total_bytes": model.plan().device_total,
-            "resident_units": len(model.plan().resident_units),
+            "resident_units": len(model.plan().resident_units), "kept_layers": model.plan().kept_layers,
+            "adapters": [p.detach().float().clone() for p in model.get_trainable_parameters()],
         }
+        if self.rates is not None:
+            from lema.domain.plan.timing import predict
+
+            predicted = predict(model.plan(), model.spec, self.rates)
+            result["predicted_s"] = predicted.step_seconds
+            result["predicted_over_measured"] = predicted.step_seconds / result["step_s"]
+            result["predicted_bound"] = f"{predicted.bound} ({predicted.share:.0%})"
         if settings.trace:
             result["timeline"] = [list(map(str, e)) for e in measured[-1].timeline]
         model.close()
@@ -260,6 +280,8 @@ def link_bandwidth(settings: BenchSettings) -> tuple[float, float]:
 
 def run(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure everything ``settings`` asks for and return one JSON-able result."""
+    from lema.app.tools.bench_rates import compare_adapters
+
     settings.workdir.mkdir(parents=True, exist_ok=True)
     if settings.model is None:
         log(f"building the {settings.preset} model in {settings.workdir} ...")
@@ -282,7 +304,15 @@ def run(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[str
     pinned, pageable = link_bandwidth(settings)
     log(f"link: {pinned / 1e9:.2f} GB/s pinned, {pageable / 1e9:.2f} GB/s pageable")
     names = list(settings.strategies) + (["compute_alone"] if settings.compute_alone else [])
-    makers: list[Callable[[], Any]] = [functools.partial(LemaRun, settings, mono, s) for s in names]
+    rates = None
+    if settings.predict:
+        from lema.app.tools.bench_rates import measure_rates
+
+        rates = measure_rates(settings, mono, make_device(settings))
+        log(f"rates: {rates.source}: matmul {rates.matmul_flops_per_s / 1e9:.1f} GFLOP/s, attention "
+            f"{rates.attention_flops_per_s / 1e9:.1f} GFLOP/s, memory {rates.memory_bytes_per_s / 1e9:.2f} GB/s, "
+            f"link {rates.link_bytes_per_s / 1e9:.2f} GB/s")
+    makers: list[Callable[[], Any]] = [functools.partial(LemaRun, settings, mono, s, rates) for s in names]
     if settings.reference:
         makers += [functools.partial(ReferenceRun, settings, folder, ckpt) for ckpt in (True, False)]
     runs = measure_runs(settings, makers, log)
@@ -296,6 +326,7 @@ def run(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[str
                 r["step_over_floor"] = r["step_s"] / r["floor_s"]
     ratios = {}
     first = by_name.get(f"lema_{settings.strategies[0]}")
+    compare_adapters(runs, first)
     for other in runs:
         if first is not None and other is not first and other is not alone:
             ratios[f"{first['name']}/{other['name']}"] = first["step_s"] / other["step_s"]
@@ -329,13 +360,14 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     lines = [f"machine: {result.get('machine', '?')}; torch {result['torch']}, {result['threads']} threads",
              f"link: {result['link_bandwidth_Bps'] / 1e9:.2f} GB/s pinned, "
              f"{result.get('link_bandwidth_pageable_Bps', float('nan')) / 1e9:.2f} GB/s pageable",
-             f"{'run':<22}{'step s':>9}{'uploaded/step':>15}{'link floor s':>14}{'step/floor':>12}"
-             f"{'peak':>12}{'plan':>12}"]
+             f"{'run':<22}{'step s':>9}{'predicted s':>12}{'pred/meas':>10}{'uploaded/step':>15}"
+             f"{'link floor s':>14}{'step/floor':>12}{'peak':>12}{'plan':>12}"]
     for r in result["runs"]:
         up = r.get("bytes_uploaded_per_step")
         ratio = r.get("step_over_floor")
         lines.append(
             f"{r['name']:<22}{r['step_s']:>9.3f}"
+            f"{r.get('predicted_s', float('nan')):>12.3f}{r.get('predicted_over_measured', float('nan')):>10.3f}"
             f"{format_size(int(up)) if up is not None else '-':>15}"
             f"{r['link_floor_s'] if 'link_floor_s' in r else float('nan'):>14.3f}"
             f"{ratio if ratio is not None else float('nan'):>12.3f}"
@@ -343,6 +375,14 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"{format_size(int(r['plan_device_total_bytes'])) if r.get('plan_device_total_bytes') else '-':>12}"
         )
     lines.append("step/floor = step / max(link floor, compute alone); compute alone = every weight on the device")
+    lines.append("predicted = lema/domain/plan/timing.py at this machine's measured rates (as `lema plan --calibrate`)")
+    for r in result["runs"]:
+        if "kept_layers" in r or "adapters_max_rel_diff" in r:
+            lines.append(f"{r['name']}: kept activations {r.get('kept_layers', '-')} layers, "
+                         f"{r.get('resident_units', '-')} units resident"
+                         + (f", bound {r['predicted_bound']}" if "predicted_bound" in r else "")
+                         + (f", adapters vs the first run: max relative difference {r['adapters_max_rel_diff']:.3g}"
+                            if "adapters_max_rel_diff" in r else ""))
     for name, value in result["ratios"].items():
         lines.append(f"ratio {name}: {value:.3f}")
     reads = result.get("reads")

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import attrs
 
+from lema.app.training.step_time import peak_text, predicted_step_seconds, time_text, warm_prediction
 from lema.adapters.checkpoints.atomic import atomic_write_text
 from lema.app.training.run_folder import FINAL, METRICS, foreign_outputs, prune_checkpoints
 from lema.app.training.callbacks import RunEvents
@@ -245,6 +246,7 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
     interrupted = False
     failure: NonFiniteLossError | None = None
     stopping = False
+    predicted, first = predicted_step_seconds(model, opts.grad_accum), trainer.global_step
     with bar_cm as bar, metrics_cm as metrics:
         try:
             while (trainer.global_step < opts.steps and not (stopping := _stop_agreed(stop, ranks))
@@ -270,7 +272,8 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
                 record = {"step": step, "loss": last_loss, "lr": lr,
                           "tokens_per_s": tokens / seconds if seconds > 0 else None,
                           "device_peak_bytes": peak, "device_peak_counts_compute": counted, "tokens": tokens,
-                          "seconds": seconds, **getattr(trainer, "step_metrics", {})}  # preference methods' values
+                          "seconds": seconds, **warm_prediction(predicted, step, first),
+                          **getattr(trainer, "step_metrics", {})}  # preference methods' values
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 _to_sinks(sinks, step, record, "train/")
@@ -331,15 +334,8 @@ def _log_line(record: dict[str, Any], total: int) -> str:
     tps = record.get("tokens_per_s")
     peak = record.get("device_peak_bytes")
     return (f"step {record['step']}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}"
-            + (f"  {tps:,.0f} tok/s" if tps else "") + (f"  device {peak_text(record)}" if peak else ""))
-
-
-def peak_text(record: dict[str, Any]) -> str:
-    """The device peak of a metrics record, saying when the compute's allocations are not in it."""
-    from lema.domain.units import format_size
-
-    held = "" if record.get("device_peak_counts_compute", True) else " held (compute not counted)"
-    return f"{format_size(record['device_peak_bytes'])}{held}"
+            + (f"  {tps:,.0f} tok/s" if tps else "") + (f"  device {peak_text(record)}" if peak else "")
+            + time_text(record, "  "))
 
 
 class _NoMetrics:

@@ -119,9 +119,9 @@ class LemaTrainer:
         """
         model = self.model
         step = TrainingPass(model.spec, model.require_lora(), batch.ctx, batch.x0, batch.targets,
-                            loss_scale=1.0 / self.accumulation, checkpointing=model.config.gradient_checkpointing,
+                            loss_scale=1.0 / self.accumulation, checkpointing=model.config.checkpointing,
                             keep_logits=keep_logits, token_count=token_count,
-                            tile_tokens=model.plan().tile_tokens)
+                            tile_tokens=model.plan().tile_tokens, kept_units=model.plan().kept_units)
         batch.release()  # the pass owns the tensors now, so they are freed as it moves on
         decoders = frozenset(u.index for u in model.spec.decoder_units)
         self.last_report = model.engine.run(step_with_cast(model, step), mode="train", backward_units=decoders,

@@ -178,8 +178,10 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
                                               MemoryItem("optimizer_temporaries", opt_temp,
                                                          "foreach: one copy" if shape.device.foreach_optimizer
                                                          else "two copies of the largest tensor")])
-    if shape.gradient_checkpointing:
-        k = kept_inputs(n, shape.prefetch) if shape.offloads else n
+    held = shape.kept(n)  # the last `held` layers keep their graph (no recompute)
+    if held < n:
+        c = n - held  # the layers that recompute
+        k = kept_inputs(n, shape.prefetch) if shape.offloads else c
         where = f"{k} of {n} layers on the device" if k < n else f"{n} layers"
         # At backward position p (unit L - p) the device holds min(k, L - p) inputs and the
         # gradients of p + 1 layers: the larger end is p = L - k or p = L - 1.
@@ -201,19 +203,36 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
         else:
             layer = pi.layer_forward(f, b, s, attention)
             recompute = pi.layer_recompute(f, b, s, shape.lora_rank, attention)
-        dequantize = [pi.summed("dequantize", kept + [MemoryItem("gradient", x, "incoming: T h a"), dequant])] \
-            if temp else []
+        held_items: list[MemoryItem] = []
+        held_phases: list[MemoryItem] = []
+        if held:
+            m = pi.layer_model(f, b, s, shape.lora_rank, attention)
+            per_layer = x + sum(i.bytes for i in m.saved)
+            stored = MemoryItem("stored_activations", held * per_layer,
+                                f"the last {held} layers x {format_size(per_layer)} (input + saved), no recompute")
+            held_items = [stored]
+            held_phases = [
+                pi.summed("kept_forward", [inputs, stored, MemoryItem("temporaries", m.forward_extra,
+                                                                      "the last kept layer's forward")]),
+                pi.summed("kept_backward", [inputs, stored, MemoryItem("lora_grads", held * g, f"{held} layers, fp32"),
+                                            MemoryItem("temporaries", m.backward_extra, "output, gradients")]
+                          + layer_wide),
+            ]
+        dequantize = [pi.summed("dequantize", kept + held_items + [MemoryItem("gradient", x, "incoming: T h a"),
+                                                                   dequant])] if temp else []
         return [
             pi.summed("forward", [forward_inputs, layer] + layer_wide),
-            pi.summed("head", [inputs, MemoryItem("hidden_state", x, "x_L: T h a"),
-                               pi.head_train(f, b, s, shape.head_chunk_tokens)] + head_wide),
+            pi.summed("head", [inputs] + held_items + [MemoryItem("hidden_state", x, "x_L: T h a"),
+                                                       pi.head_train(f, b, s, shape.head_chunk_tokens)] + head_wide),
+            *held_phases,
             pi.summed("layer_backward", kept + [recompute] + layer_wide),
             optimizer,
         ] + dequantize
     m = pi.layer_model(f, b, s, shape.lora_rank, attention)
     per_layer = x + sum(i.bytes for i in m.saved)
     stored = MemoryItem("stored_activations", n * per_layer,
-                        f"{n} layers x {format_size(per_layer)} (input + saved), no checkpointing")
+                        f"{n} layers x {format_size(per_layer)} (input + saved), "
+                        + ("no checkpointing" if not shape.gradient_checkpointing else "no recompute"))
     dequantize = [pi.summed("dequantize", [stored, MemoryItem("gradient", x, "incoming: T h a"), dequant])] \
         if temp else []
     return [
@@ -303,6 +322,8 @@ def activation_options(shape: TrainingShape, f: ModelFacts | None = None) -> lis
     offloaded (offload costs link time; tiling recomputes the projections)."""
     if not (shape.training and shape.gradient_checkpointing):
         return [attrs.evolve(shape, offload_activations=bool(shape.offload_activations), tile_tokens=0)]
+    if shape.kept_layers:  # kept layers are neither offloaded nor tiled
+        return [attrs.evolve(shape, offload_activations=False, tile_tokens=0)]
     offloads = [False, True] if shape.offload_activations is None else [shape.offload_activations]
     auto = [0, *tile_candidates(shape.seq)] if f is None or tiles_planned(f) else [0]
     tiles = auto if shape.tile_tokens is None else [shape.tile_tokens]

@@ -81,6 +81,11 @@ class TrainingShape:
         preference: None (SFT) or a preference step's kind (:data:`lema.domain.plan.preference.KINDS`:
             ``"pairs"``, ``"reference"``, ``"reference_adapter"``); ``batch`` then counts rows,
             two per pair, and the hints speak in pairs.
+        kept_layers: with gradient checkpointing, how many decoder layers (the last ones)
+            keep their autograd graph from the forward instead of recomputing in the backward
+            (0: every layer recomputes, today's checkpointing); None: the planner decides by
+            predicted step time within the budget (:mod:`lema.domain.plan.choose`). Without
+            checkpointing every layer keeps its graph. Not with offload or tiles.
 
     Raises:
         ConfigError: naming every field whose value is out of range, at once.
@@ -106,6 +111,7 @@ class TrainingShape:
     tile_tokens: int | None = None
     weights_in_place: bool = False
     preference: str | None = None
+    kept_layers: int | None = 0
 
     def __attrs_post_init__(self) -> None:
         problems = []
@@ -146,6 +152,11 @@ class TrainingShape:
                             "'reference_adapter'")
         elif self.preference is not None and is_int(self.batch) and self.batch % 2:
             problems.append(f"batch={self.batch!r} counts the rows of pairs: it must be even with a preference")
+        if self.kept_layers is not None and (not is_int(self.kept_layers) or self.kept_layers < 0):
+            problems.append(f"kept_layers={self.kept_layers!r} must be an integer >= 0 or None (auto)")
+        elif self.kept_layers and (self.offload_activations or self.tile_tokens):
+            problems.append("kept_layers: layers that keep their activations are neither offloaded nor tiled; "
+                            "use offload_activations=False and tile_tokens=0 (or leave them to the planner)")
         if problems:
             raise ConfigError("training shape: " + "; ".join(problems))
 
@@ -174,6 +185,15 @@ class TrainingShape:
     def offloads(self) -> bool:
         """The checkpointed layer inputs go to host memory (False while undecided: None)."""
         return bool(self.offload_activations) and self.training and self.gradient_checkpointing
+
+    def kept(self, n_layers: int) -> int:
+        """Decoder layers (the last ones) that keep their graph: all without checkpointing,
+        ``kept_layers`` (at most ``n_layers``; 0 while undecided) with it, none in inference."""
+        if not self.training:
+            return 0
+        if not self.gradient_checkpointing:
+            return n_layers
+        return min(self.kept_layers or 0, n_layers)
 
     @property
     def tile(self) -> int:

@@ -53,6 +53,7 @@ class MemoryPlan:
     recommendations: tuple[str, ...] = ()
     fixes: tuple[str, ...] = ()  # CLI options that each make it fit, e.g. "--seq 256"
     activation_bytes_per_step: int = 0  # offloaded layer inputs: device -> host, and as many back
+    choices: tuple[str, ...] = ()  # one line per choice the planner made by predicted time
 
     @property
     def offload_activations(self) -> bool:
@@ -63,6 +64,20 @@ class MemoryPlan:
     def tile_tokens(self) -> int:
         """Positions per sequence tile of each layer (0: layers run whole)."""
         return self.shape.tile
+
+    @property
+    def kept_layers(self) -> int:
+        """Decoder layers that keep their activations from the forward (no recompute)."""
+        return self.shape.kept(self.model.n_layers)
+
+    @property
+    def kept_units(self) -> frozenset[int]:
+        """The units of :attr:`kept_layers` with checkpointing on (the last layers; empty
+        without checkpointing, where every layer keeps its graph anyway)."""
+        if not self.shape.gradient_checkpointing:
+            return frozenset()
+        n = self.model.n_layers
+        return frozenset(range(n - self.kept_layers + 1, n + 1))
 
     @property
     def link_bytes_per_step(self) -> int:
@@ -128,7 +143,7 @@ class MemoryPlan:
                       "device_kind": s.device_kind, "attention": s.attention_path,
                       "head_chunk_tokens": s.head_chunk_tokens, "reserve_bytes": s.reserve, "mode": s.mode,
                       "local_ranks": s.local_ranks, "offload_activations": self.offload_activations,
-                      "tile_tokens": self.tile_tokens},
+                      "tile_tokens": self.tile_tokens, "kept_layers": self.kept_layers},
             "device": {"total_bytes": self.device_total, "items": [i.to_dict() for i in self.device_items]},
             "host": {"total_bytes": self.host_total, "items": [i.to_dict() for i in self.host_items]},
             "budget_bytes": None if self.budget is None else self.budget.device_bytes,
@@ -141,6 +156,7 @@ class MemoryPlan:
             "activation_bytes_per_step": self.activation_bytes_per_step,
             "link_bytes_per_step": self.link_bytes_per_step,
             "recommendations": list(self.recommendations), "fixes": list(self.fixes),
+            "choices": list(self.choices),
         }
 
 
@@ -182,6 +198,7 @@ def explain(p: MemoryPlan) -> str:
     lines.append(f"host ({format_size(p.host_total)}):")
     lines += [f"  {i.name}: {format_size(i.bytes)}" + (f" ({i.note})" if i.note else "") for i in p.host_items]
     lines.append("link: " + link_line(p))
+    lines += [f"chose: {c}" for c in p.choices]
     lines.append(verdict(p))
     lines += [f"  - {r}" for r in p.recommendations]
     return "\n".join(lines)
@@ -194,6 +211,9 @@ def run_extras(p: MemoryPlan) -> str:
         out += ", activation offload"
     if p.tile_tokens:
         out += f", {p.tile_tokens}-position tiles"
+    if p.shape.gradient_checkpointing and p.kept_layers:
+        n = p.model.n_layers
+        out += f", activations kept for layers {n - p.kept_layers + 1}-{n}"
     return out
 
 

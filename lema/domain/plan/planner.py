@@ -37,23 +37,28 @@ import attrs
 
 from lema.domain.model.spec import ModelSpec
 from lema.domain.plan import items as pi
-from lema.domain.plan.assemble import _summary, auto_resident, build, facts_for, resolve_activations
+from lema.domain.plan.assemble import _summary, auto_resident, facts_for, resolve_activations
+from lema.domain.plan.choose import choose
 from lema.domain.plan.inputs import Budget, TrainingShape
 from lema.domain.plan.items import MemoryItem, ModelFacts
 from lema.domain.plan.memory_plan import MemoryPlan, ModelSummary
 from lema.domain.plan.recommend import recommendations
 from lema.domain.plan.strategy import MemoryStrategy
+from lema.domain.plan.timing import MachineRates
 
 __all__ = ["Budget", "MemoryItem", "MemoryPlan", "ModelSummary", "TrainingShape", "max_resident_layers", "plan"]
 
 
-def plan(spec: ModelSpec, shape: TrainingShape | None = None, budget: Budget | None = None) -> MemoryPlan:
+def plan(spec: ModelSpec, shape: TrainingShape | None = None, budget: Budget | None = None,
+         rates: MachineRates | None = None) -> MemoryPlan:
     """Plan a LoRA run of ``spec`` with ``shape`` against ``budget``.
 
     Args:
         spec: the model.
         shape: the run (default: :class:`TrainingShape` defaults).
         budget: the memory available; None = unlimited (the plan fits, no recommendations).
+        rates: the machine's rates the choices by time use (``kept_layers=None``); None: the
+            device kind's stated defaults (:func:`lema.domain.plan.timing.default_rates`).
 
     Returns:
         The itemised :class:`MemoryPlan` with a verdict and recommendations.
@@ -64,7 +69,7 @@ def plan(spec: ModelSpec, shape: TrainingShape | None = None, budget: Budget | N
     shape = TrainingShape() if shape is None else shape
     f = facts_for(spec, shape)
     summary = _summary(spec, shape, f)
-    result = _plan_with(summary, f, shape, budget)
+    result = _plan_with(summary, f, shape, budget, rates)
     if budget is None:
         return result
     def facts_at(code: str) -> ModelFacts:
@@ -74,13 +79,9 @@ def plan(spec: ModelSpec, shape: TrainingShape | None = None, budget: Budget | N
     return attrs.evolve(result, recommendations=recs, fixes=fixes)
 
 
-def _plan_with(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Budget | None) -> MemoryPlan:
-    shape = resolve_activations(summary, f, shape, budget)
-    if shape.strategy is MemoryStrategy.AUTO:
-        resident = auto_resident(summary, f, shape, budget)
-    else:
-        resident = ()
-    return build(summary, f, shape, budget, resident)
+def _plan_with(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Budget | None,
+               rates: MachineRates | None = None) -> MemoryPlan:
+    return choose(summary, f, resolve_activations(summary, f, shape, budget), budget, rates)
 
 
 def max_resident_layers(spec: ModelSpec, shape: TrainingShape | None = None, budget: Budget | None = None) -> int:

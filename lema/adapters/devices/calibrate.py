@@ -1,0 +1,290 @@
+"""``lema plan --calibrate``: measure this machine's rates for the step-time model, and cache them.
+
+Measures, on a device (:class:`~lema.ports.device.Device`), in a few seconds:
+
+* the link, host -> device, from page-locked and from ordinary memory (``Device.measure_link``);
+* matmul throughput at the run's dtype and shapes: ``(T, in) @ (in, out)`` for each distinct
+  projection of a decoder layer and the head's chunk, ``T`` the run's tokens (at most 4096);
+  the products at the dtype the device really uses for them (``Device.matmul_dtype``);
+* fused causal attention (``scaled_dot_product_attention``) at the run's ``(b, H, s, d)``
+  (``s`` at most 4096), counted as ``2 b s^2 q`` FLOPs as the model counts it;
+* elementwise traffic: one decoder layer of the model itself, on random weights at the run's
+  shapes, forward and forward + backward; what the matmul and attention rates do not explain
+  of its time is the elementwise traffic the model counts (an add and a SiLU over a
+  ``(T, ffn)`` tensor when the layer cannot be built here: a quantized one), and the same for
+  the head's chunked fp32 loss + backward (its own rate: its traffic is of another kind).
+
+The result is a :class:`~lema.domain.plan.timing.MachineRates`, cached as JSON under
+``$LEMA_CACHE`` (default ``~/.cache/lema``) ``/calibration/<machine>-<device>.json``, one
+entry per run key (dtype and shapes), written atomically. ``lema plan`` without
+``--calibrate`` uses a cached entry of the same key when one exists, else the device
+kind's stated defaults (and says so).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lema.domain.device_traits import DeviceTraits
+from lema.domain.model.spec import ModelSpec, torch_dtype
+from lema.domain.plan.inputs import TrainingShape
+from lema.domain.plan.items import ModelFacts
+from lema.domain.plan.timing import MachineRates
+from lema.ports.device import Device
+
+__all__ = ["cache_path", "calibrate", "cached_rates", "device_name", "rates_for", "run_key"]
+
+MAX_TOKENS = 4096
+MAX_SEQ = 4096
+MAX_PRODUCT_FLOPS = 2e10  # the largest product timed: under a second on a CPU, well above saturation
+
+
+def cache_path(device_name: str) -> Path:
+    """The cache file of this machine and device."""
+    root = Path(os.environ.get("LEMA_CACHE") or Path.home() / ".cache" / "lema").expanduser()
+    machine = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{platform.node()}-{platform.machine()}-{device_name}")[:120]
+    return root / "calibration" / f"{machine}.json"
+
+
+def device_name(traits: DeviceTraits) -> str:
+    """The name a calibration is cached under for a device of these traits on this machine
+    ("" when there is no such device here: no local GPU)."""
+    if traits.host_memory:
+        return f"cpu-{platform.processor() or platform.machine()}-{torch.get_num_threads()}threads"
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return ""
+
+
+def rates_for(spec: ModelSpec, shape: TrainingShape) -> MachineRates | None:
+    """The cached calibration of this run on this machine, or None (the plan's defaults)."""
+    from lema.domain.plan.assemble import facts_for
+
+    name = device_name(shape.device)
+    if not name:
+        return None
+    return cached_rates(name, run_key(facts_for(spec, shape), shape.dtype or spec.dtype, shape.batch, shape.seq))
+
+
+def run_key(f: ModelFacts, dtype: str, batch: int, seq: int) -> str:
+    """The shapes a calibration was measured at (another run needs its own)."""
+    return f"{dtype}:b{batch}:s{seq}:h{f.hidden}:q{f.q_dim}:kv{f.kv_dim}:ff{f.ffn}:v{f.vocab}:H{f.n_heads}"
+
+
+def cached_rates(device_name: str, key: str) -> MachineRates | None:
+    """The cached rates of ``key`` on this machine and device, or None."""
+    path = cache_path(device_name)
+    try:
+        if path.stat().st_size > 1 << 20:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        entry = data.get(key) if isinstance(data, dict) else None
+        return MachineRates.from_dict(entry) if isinstance(entry, dict) else None
+    except (OSError, ValueError, Exception):  # a damaged cache is a cache miss  # noqa: BLE001
+        return None
+
+
+def _store(device_name: str, key: str, rates: MachineRates) -> Path:
+    from lema.adapters.checkpoints.atomic import atomic_write_text
+
+    path = cache_path(device_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        data = data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        data = {}
+    data[key] = rates.to_dict()
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
+    return path
+
+
+def _timed(fn: Callable[[], Any], sync: Callable[[], None], budget_s: float = 0.5) -> float:
+    """Median seconds of ``fn``: one warm-up, then runs until ``budget_s`` is spent (at least
+    one, at most 50): the typical run, as ``lema bench`` reports the median step it is compared
+    with. A big model's layer takes one or two runs, so the calibration stays within seconds."""
+    fn()
+    sync()
+    times: list[float] = []
+    spent = 0.0
+    while not times or (spent < budget_s and len(times) < 50):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+        spent += times[-1]
+    return statistics.median(times)
+
+
+def _matmul_rate(f: ModelFacts, tokens: int, dtype: torch.dtype, where: torch.device, sync: Callable[[], None],
+                 chunk: int) -> float:
+    h = f.hidden
+    shapes = {(tokens, h, f.q_dim), (tokens, h, f.kv_dim), (tokens, f.q_dim, h)}
+    if f.ffn:
+        shapes |= {(tokens, h, f.ffn), (tokens, f.ffn, h)}
+    shapes.add((min(chunk, tokens), h, f.vocab))
+    flops = seconds = 0.0
+    for t, i, o in sorted(shapes):
+        t = max(64, min(t, int(MAX_PRODUCT_FLOPS // (2 * i * o))))  # a big product's rate is reached sooner
+        x = torch.randn(t, i, device=where).to(dtype)
+        w = torch.randn(o, i, device=where).to(dtype)
+        seconds += _timed(lambda: x @ w.t(), sync)
+        flops += 2.0 * t * i * o
+    return flops / seconds
+
+
+def _attention_rate(f: ModelFacts, batch: int, seq: int, dtype: torch.dtype, where: torch.device,
+                    sync: Callable[[], None]) -> float:
+    import torch.nn.functional as F
+
+    s = min(seq, MAX_SEQ)
+    d = f.head_dim or f.q_dim // max(f.n_heads, 1)
+    heads = max(f.n_heads, 1)
+    q = torch.randn(batch, heads, s, d, device=where).to(dtype)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    seconds = _timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), sync)
+    return 2.0 * batch * s * s * heads * d / seconds
+
+
+def _memory_rate(f: ModelFacts, tokens: int, dtype: torch.dtype, where: torch.device,
+                 sync: Callable[[], None]) -> float:
+    n = max(1, min(tokens * max(f.ffn, f.hidden), 64 << 20))
+    x = torch.randn(n, device=where).to(dtype)
+    y = torch.randn(n, device=where).to(dtype)
+    out = torch.empty_like(x)
+    nbytes = x.numel() * x.element_size()
+    add = _timed(lambda: torch.add(x, y, out=out), sync)
+    silu = _timed(lambda: torch.nn.functional.silu(x), sync)
+    return (3 * nbytes + 2 * nbytes) / (add + silu)
+
+
+def _layer_memory_rate(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, dtype: torch.dtype,
+                       device: Device, matmul: float, attention: float) -> float | None:
+    """The elementwise rate one real decoder layer of this model shows at the run's shapes.
+
+    Runs :func:`lema.domain.model.blocks.decoder_block` on random weights of the first decoder
+    layer's shapes: a forward without autograd (the checkpointed walk) and a forward with
+    autograd + backward (a kept layer's), on ``min(batch, ...)`` rows whose tokens are at most
+    :data:`MAX_TOKENS`. What the matmul and attention rates do not explain of that time is the
+    elementwise traffic the model counts (:func:`lema.domain.plan.timing.layer_work`): its rate
+    is that traffic over that time, so the layer's own norms, casts, rotary and LoRA copies are
+    measured, not guessed. None for a quantized layer (the dequantization path is not built here).
+    """
+    from lema.domain.model import blocks, context
+    from lema.domain.model.lora import LoraSpec, module_keys, module_shape, resolve_targets
+    from lema.domain.plan.timing import layer_work
+
+    unit = spec.units[1]
+    if unit.packed:
+        return None
+    where = device.torch_device
+    batch = max(1, min(shape.batch, MAX_TOKENS // max(shape.seq, 1)))
+    seq = min(shape.seq, MAX_TOKENS)
+    generator = torch.Generator().manual_seed(0)
+    weights = {t.key: (torch.randn(t.shape, generator=generator) * 0.02 + (1.0 if len(t.shape) == 1 else 0.0))
+               .to(dtype).to(where) for t in unit.tensors}
+    targets = resolve_targets(spec.family, shape.lora_targets)
+    adapters = {}
+    for key in module_keys(spec, targets):
+        n_in, n_out = module_shape(spec, key)
+        a = (torch.randn(shape.lora_rank, n_in, generator=generator) * 0.01).to(where).requires_grad_(True)
+        b = (torch.randn(n_out, shape.lora_rank, generator=generator) * 0.01).to(where).requires_grad_(True)
+        adapters[key] = (a, b)
+    ctx = context.make_context(spec, (batch, seq), device=where, dtype=dtype,
+                               lora=LoraSpec(rank=shape.lora_rank, targets=targets), training=True,
+                               matmul_dtype=device.matmul_dtype(dtype))
+    x = torch.randn(batch, seq, spec.hidden_size, generator=generator).to(dtype).to(where)
+    grad = torch.randn_like(x)
+    sync = device.synchronize
+
+    def forward() -> None:
+        with torch.no_grad():
+            blocks.decoder_block(spec, weights, adapters, x, ctx, 0)
+
+    def forward_backward() -> None:
+        x_in = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = blocks.decoder_block(spec, weights, adapters, x_in, ctx, 0)
+            torch.autograd.backward(out, grad)
+        for pair in adapters.values():
+            for t in pair:
+                t.grad = None
+
+    measured = _timed(forward, sync, budget_s=2.0) + _timed(forward_backward, sync, budget_s=3.0)
+    fwd, bwd = layer_work(f, batch, seq, shape.lora_rank, shape.attention_path)
+    explained = (2 * fwd.matmul + bwd.matmul) / matmul + (2 * fwd.attention + bwd.attention) / attention
+    traffic = 2 * fwd.memory + bwd.memory
+    return traffic / max(measured - explained, 0.05 * measured)
+
+
+def _head_memory_rate(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, dtype: torch.dtype,
+                      device: Device, matmul: float) -> float | None:
+    """The elementwise rate of the head's chunked fp32 loss + backward at the run's shape,
+    measured like :func:`_layer_memory_rate` on random weights of the head's shapes (None for
+    a packed head)."""
+    from lema.domain.model import heads
+    from lema.domain.plan.timing import head_work
+
+    unit = spec.units[-1]
+    if unit.packed:
+        return None
+    where = device.torch_device
+    batch = max(1, min(shape.batch, MAX_TOKENS // max(shape.seq, 1)))
+    seq = min(shape.seq, MAX_TOKENS)
+    generator = torch.Generator().manual_seed(1)
+    weights = {t.key: (torch.randn(t.shape, generator=generator) * 0.02 + (1.0 if len(t.shape) == 1 else 0.0))
+               .to(dtype).to(where) for t in unit.tensors}
+    x = torch.randn(batch, seq, spec.hidden_size, generator=generator).to(dtype).to(where)
+    targets = torch.randint(0, spec.vocab_size, (batch, seq), generator=generator).to(where)
+    products = device.matmul_dtype(dtype)
+
+    def loss_backward() -> None:
+        x_last = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss, _ = heads.head_loss(spec, weights, x_last, targets, shape.head_chunk_tokens, matmul_dtype=products)
+            loss.backward()
+
+    measured = _timed(loss_backward, device.synchronize, budget_s=2.0)
+    work = head_work(f, batch, seq, True)
+    return work.memory / max(measured - work.matmul / matmul, 0.05 * measured)
+
+
+def calibrate(device: Device, device_name: str, f: ModelFacts, dtype: str, batch: int, seq: int,
+              chunk: int = 1024, store: bool = True, spec: ModelSpec | None = None,
+              shape: TrainingShape | None = None) -> tuple[MachineRates, Path | None]:
+    """Measure the rates (see the module docstring); cache them unless ``store`` is False.
+
+    Returns:
+        ``(rates, cache file or None)``.
+    """
+    where = device.torch_device
+    want = torch_dtype(dtype)
+    products = device.matmul_dtype(want) or want
+    sync = device.synchronize
+    tokens = min(batch * seq, MAX_TOKENS)
+    with torch.no_grad():
+        pinned, pageable = device.measure_link()  # type: ignore[attr-defined]
+        matmul = _matmul_rate(f, tokens, products, where, sync, chunk)
+        attention = _attention_rate(f, batch, min(seq, MAX_SEQ), want, where, sync)
+        memory = _memory_rate(f, tokens, want, where, sync)
+    head = None
+    if spec is not None and shape is not None:
+        layer = _layer_memory_rate(spec, f, shape, want, device, matmul, attention)
+        memory = layer if layer is not None else memory
+        head = _head_memory_rate(spec, f, shape, want, device, matmul)
+    rates = MachineRates(link_bytes_per_s=pinned, link_pageable_bytes_per_s=pageable, matmul_flops_per_s=matmul,
+                         attention_flops_per_s=attention, memory_bytes_per_s=memory,
+                         head_memory_bytes_per_s=head,
+                         source=f"calibrated on {device_name} at {time.strftime('%Y-%m-%d %H:%M')}",
+                         calibrated=True)
+    path = _store(device_name, run_key(f, dtype, batch, seq), rates) if store else None
+    return rates, path

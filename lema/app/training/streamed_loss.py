@@ -83,8 +83,8 @@ def streamed_pass(model: TrainableModel, input_ids: torch.Tensor, labels: torch.
             ctx, x0 = model.prepare_inputs(input_ids, attention_mask, training=training, position_ids=position_ids)
             targets = model.targets_for(input_ids, labels, attention_mask, position_ids)
             step = TrainingPass(model.spec, model.require_lora(), ctx, x0, targets, loss_scale=1.0,
-                                checkpointing=model.config.gradient_checkpointing, keep_logits=keep_logits,
-                                tile_tokens=model.plan().tile_tokens)
+                                checkpointing=model.config.checkpointing, keep_logits=keep_logits,
+                                tile_tokens=model.plan().tile_tokens, kept_units=model.plan().kept_units)
             del ctx, x0, targets  # the pass owns them now, so they are freed as it moves on
             decoders = frozenset(u.index for u in model.spec.decoder_units)
             model.last_report = model.engine.run(step_with_cast(model, step), mode="train", backward_units=decoders,

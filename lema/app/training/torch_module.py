@@ -162,7 +162,7 @@ class AdapterModule(torch.nn.Module):
                 of a plan that keeps the activations on the device (build with the setting).
         """
         config = self.config
-        if not config.gradient_checkpointing:
+        if not config.checkpointing:
             raise ConfigError("this model was built with gradient_checkpointing=False and its memory plan keeps "
                               "every layer's graph; build it with LemaConfig(gradient_checkpointing=True)")
         if offload and not self.plan().offload_activations:  # type: ignore[attr-defined]

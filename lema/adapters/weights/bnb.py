@@ -29,6 +29,8 @@ from lema.domain.model.spec import ModelSpec
 from lema.errors import ConfigError, ModelFormatError
 
 EXTRA = "pip install 'lema[quant]'"
+# the dtypes a 4-bit quant state's JSON may name (the dense weight's, before quantization)
+STORED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,6 +59,11 @@ class QuantState:
     blocksize: int = quant.BLOCKSIZE
     nested_blocksize: int = quant.NESTED_BLOCKSIZE
     nested_offset: float = 0.0
+    stored_dtype: str = "float32"  # the dtype the weight was quantized from (4-bit): dequantized into it first
+
+    @property
+    def torch_stored_dtype(self) -> torch.dtype:
+        return STORED_DTYPES[self.stored_dtype]
 
 
 def parse_quant_state(raw: bytes, name: str, weight: PackedWeight) -> QuantState:
@@ -69,6 +76,7 @@ def parse_quant_state(raw: bytes, name: str, weight: PackedWeight) -> QuantState
     fmt = weight.format
     try:
         state = json.loads(raw.decode("utf-8"))
+        stored = str(state.get("dtype", "float32")) if isinstance(state, dict) else "float32"
         if not isinstance(state, dict):
             raise ValueError("not an object")
         shape = tuple(int(s) for s in state["shape"])
@@ -85,9 +93,11 @@ def parse_quant_state(raw: bytes, name: str, weight: PackedWeight) -> QuantState
         problems.append(f"blocksize {blocksize}, LEMA reads {quant.BLOCKSIZE} (transformers' default)")
     if fmt.double_quant and nested[0] != quant.NESTED_BLOCKSIZE:
         problems.append(f"nested_blocksize {nested[0]}, expected {quant.NESTED_BLOCKSIZE}")
+    if stored not in STORED_DTYPES:
+        problems.append(f"dtype {stored!r}, bitsandbytes quantizes from {', '.join(sorted(STORED_DTYPES))}")
     if problems:
         raise ModelFormatError(f"{name}: {'; '.join(problems)}")
-    return QuantState(fmt, weight.shape, blocksize, nested[0] or quant.NESTED_BLOCKSIZE, nested[1])
+    return QuantState(fmt, weight.shape, blocksize, nested[0] or quant.NESTED_BLOCKSIZE, nested[1], stored)
 
 
 def read_quant_states(spec: ModelSpec, source: Any) -> dict[tuple[int, str], QuantState]:
@@ -123,11 +133,19 @@ def read_quant_states(spec: ModelSpec, source: Any) -> dict[tuple[int, str], Qua
 
 
 def dequantize(weight: PackedWeight, tensors: Mapping[str, torch.Tensor], state: QuantState,
-               dtype: torch.dtype, out: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
+               dtype: torch.dtype, out: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+               *, through_stored: bool = False) -> torch.Tensor:
     """The dense ``[out, in]`` weight in ``dtype``, computed where ``tensors`` live.
 
-    4-bit: ``bitsandbytes.functional.dequantize_4bit`` (written into ``out`` where
-    bitsandbytes has an in-place kernel: CUDA; elsewhere into a new tensor copied there).
+    4-bit: ``bitsandbytes.functional.dequantize_4bit``. bitsandbytes rounds a weight two ways
+    (``bitsandbytes.autograd._functions.MatMul4Bit``): its forward product dequantizes
+    straight into the activations' dtype (``gemm_4bit``), its backward product dequantizes
+    into the dtype the weight was quantized from (the quant state's, ``state.stored_dtype``)
+    and casts (``dequantize_4bit(B, state).to(grad.dtype)``). ``through_stored`` picks the
+    second; both are bit-equal to bitsandbytes' (they differ only when the stored dtype is
+    not ``dtype``: bf16 weights computed in fp32, fp16 ones in bf16). Written into ``out``
+    where bitsandbytes has an in-place kernel (CUDA) and no cast follows; elsewhere into a
+    new tensor copied there.
     int8: ``CB * (SCB / 127)`` row by row, in place in ``out``, as bitsandbytes' own
     dequantizing matmul does.
 
@@ -139,6 +157,7 @@ def dequantize(weight: PackedWeight, tensors: Mapping[str, torch.Tensor], state:
         out: a ``[out, in]`` tensor of ``dtype`` to write into (None: a new tensor).
         offset: double quant's offset as a float32 scalar tensor where ``tensors`` live
             (made once by the caller; None: made here).
+        through_stored: 4-bit: dequantize into the stored dtype, then cast (the backward's weight).
     """
     data = tensors[weight.key]
     if weight.format.bits == 8:
@@ -154,16 +173,23 @@ def dequantize(weight: PackedWeight, tensors: Mapping[str, torch.Tensor], state:
                                            code=tensors[key + ".nested_quant_map"], dtype=torch.float32)
         if offset is None:
             offset = torch.tensor(state.nested_offset, dtype=torch.float32, device=data.device)
+    into = state.torch_stored_dtype if through_stored else dtype
     qs = bnb_functional.QuantState(absmax=tensors[key + ".absmax"], shape=torch.Size(weight.shape),
                                    code=tensors[key + ".quant_map"], blocksize=state.blocksize,
-                                   quant_type=weight.format.method, dtype=dtype, offset=offset, state2=nested)
+                                   quant_type=weight.format.method, dtype=into, offset=offset, state2=nested)
     packed = data if data.dtype == torch.uint8 else data.view(torch.uint8)
-    if out is not None and out.device.type == "cuda":
+    if out is not None and out.device.type == "cuda" and into == dtype:
         return bnb_functional.dequantize_4bit(packed, qs, out=out)
     result = bnb_functional.dequantize_4bit(packed, qs)
     if out is None:
-        return result
+        return result.to(dtype)
     return out.copy_(result)
+
+
+def rounds_twice(state: QuantState, dtype: torch.dtype) -> bool:
+    """Whether bitsandbytes' forward and backward products see different roundings of this
+    weight computed in ``dtype`` (:func:`dequantize`): a 4-bit weight quantized from another dtype."""
+    return state.format.bits == 4 and state.torch_stored_dtype != dtype
 
 
 def quantize(weight: torch.Tensor, key: str, fmt: QuantFormat,

@@ -31,7 +31,7 @@ Adapters = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 Projector = Callable[[torch.Tensor, str], torch.Tensor]
 
 
-class SplitWeights(dict):  # type: ignore[type-arg]
+class SplitWeights(dict[str, torch.Tensor]):
     """A unit's weights by key, some of whose backward products use another rounding.
 
     ``backward_weights[key]()`` makes the weight the backward of ``key``'s product

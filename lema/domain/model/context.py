@@ -150,14 +150,13 @@ def make_decode_context(spec: ModelSpec, batch: int, past_len: int, new_len: int
         if tuple(attention_mask.shape) != (batch, total):
             raise ConfigError(f"attention_mask has shape {list(attention_mask.shape)}, expected [{batch}, {total}] "
                               "(cached + new tokens)")
-        pad = attention_mask.to(device).bool()
+        # read where the caller keeps it (the host, for generate), once: never a device tensor
+        pad = None if bool(attention_mask.detach().bool().all()) else attention_mask.to(device).bool()
     if position_ids is None:
         position_ids = decode_position_ids(attention_mask, past_len, new_len, device)
     if position_ids.dim() != 2 or position_ids.shape[-1] != new_len or position_ids.shape[0] not in (1, batch):
         raise ConfigError(f"position_ids has shape {list(position_ids.shape)}, expected [{batch}, {new_len}]")
     position_ids = position_ids.to(device).expand(batch, new_len)
-    if pad is not None and bool(pad.all()):
-        pad = None
     window = layout.sliding_window
     masks = {FULL: attention_masks(pad, new_len, None, device, past_len)}
     if SLIDING in layout.layer_types:

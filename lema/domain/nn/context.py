@@ -243,9 +243,10 @@ def attention_masks(pad: torch.Tensor | None, seq: int, window: int | None, devi
     if pad is None:
         return allowed, None
     allowed = allowed & pad[:, None, None, start:]
+    # Rows with no visible key attend to themselves and are zeroed. Always built (a multiplier
+    # of ones where no row is dead changes no value): asking whether any row is dead would
+    # make the host wait for the device.
     dead = ~allowed.any(dim=-1, keepdim=True)
-    if not bool(dead.any()):
-        return allowed, None
     allowed = allowed | (dead & (q == k))
     return allowed, (~dead).to(torch.float32)
 

@@ -73,7 +73,7 @@ class LemaModel:
         self.lora_spec = LoraSpec(rank=config.lora_rank, alpha=config.alpha, dropout=config.lora_dropout,
                                   targets=targets, use_rslora=config.use_rslora)
         self.device = device if device is not None else bootstrap.make_device(config)
-        self.compute_dtype = bootstrap.compute_dtype(config, self.spec)
+        self.compute_dtype = bootstrap.compute_dtype(config, self.spec, self.device.traits, warn=True)
         self.matmul_dtype = self.device.matmul_dtype(self.compute_dtype)
         self._plan = bootstrap.make_plan(config, self.spec, self.device)
         if not self._plan.fits:

@@ -95,8 +95,9 @@ class UnitDequantizer:
             self._holds = None  # a failure below leaves the buffer holding nothing known
             start = time.perf_counter()
             for p, _ in layout:
-                bnb.dequantize(p, weights, self.states[(unit, p.key)], self.dtype, out=dense[p.key],
-                               offset=self._offsets.get((unit, p.key)))
+                state = self.states[(unit, p.key)]
+                bnb.dequantize(p, weights, state, self.dtype, out=dense[p.key], offset=self._offsets.get((unit, p.key)),
+                               through_stored=bnb.forward_through_stored(state, self.dtype))
             self.seconds += time.perf_counter() - start
             self._holds = tag
             self.dequantized += 1
@@ -115,7 +116,9 @@ class UnitDequantizer:
         """Makes ``p`` dequantized as bitsandbytes' backward does, from the unit's stored
         tensors as last handed in (its backward runs before its slot is released)."""
         state, offset = self.states[(unit, p.key)], self._offsets.get((unit, p.key))
-        return lambda: bnb.dequantize(p, self._current[unit], state, self.dtype, offset=offset, through_stored=True)
+        through = not bnb.forward_through_stored(state, self.dtype)  # the other rounding than the forward's
+        return lambda: bnb.dequantize(p, self._current[unit], state, self.dtype, offset=offset,
+                                      through_stored=through)
 
     def close(self) -> None:
         """Give the scratch buffer back to the device."""

@@ -137,13 +137,12 @@ def dequantize(weight: PackedWeight, tensors: Mapping[str, torch.Tensor], state:
                *, through_stored: bool = False) -> torch.Tensor:
     """The dense ``[out, in]`` weight in ``dtype``, computed where ``tensors`` live.
 
-    4-bit: ``bitsandbytes.functional.dequantize_4bit``. bitsandbytes rounds a weight two ways
-    (``bitsandbytes.autograd._functions.MatMul4Bit``): its forward product dequantizes
-    straight into the activations' dtype (``gemm_4bit``), its backward product dequantizes
-    into the dtype the weight was quantized from (the quant state's, ``state.stored_dtype``)
-    and casts (``dequantize_4bit(B, state).to(grad.dtype)``). ``through_stored`` picks the
-    second; both are bit-equal to bitsandbytes' (they differ only when the stored dtype is
-    not ``dtype``: bf16 weights computed in fp32, fp16 ones in bf16). Written into ``out``
+    4-bit: ``bitsandbytes.functional.dequantize_4bit``, straight into ``dtype`` or, with
+    ``through_stored``, into the dtype the weight was quantized from (the quant state's,
+    ``state.stored_dtype``) and then cast, as ``dequantize_4bit(B, state).to(dtype)``; the
+    two differ only when the stored dtype is not ``dtype`` (bf16 weights computed in fp32,
+    fp16 ones in bf16). bitsandbytes' own product uses one or the other in its forward and
+    in its backward depending on its version (:func:`roundings`). Written into ``out``
     where bitsandbytes has an in-place kernel (CUDA) and no cast follows; elsewhere into a
     new tensor copied there.
     int8: ``CB * (SCB / 127)`` row by row, in place in ``out``, as bitsandbytes' own
@@ -186,10 +185,52 @@ def dequantize(weight: PackedWeight, tensors: Mapping[str, torch.Tensor], state:
     return out.copy_(result)
 
 
+@functools.lru_cache(maxsize=None)
+def roundings(stored: torch.dtype, compute: torch.dtype, method: str = "nf4") -> tuple[bool, bool]:
+    """``(forward, backward)``: whether the installed bitsandbytes' 4-bit product
+    (``bitsandbytes.matmul_4bit``, what ``Linear4bit`` computes with) dequantizes a weight
+    quantized from ``stored`` through ``stored`` (True) or straight into ``compute`` (False),
+    in its forward and in its backward.
+
+    Versions differ (0.50 dequantizes the forward into the activations' dtype and the
+    backward through the quant state's; earlier ones both through the quant state's), so
+    it is measured, once per dtype pair, on the CPU: the product of an identity matrix is
+    the dequantized weight itself, exactly, in both directions.
+    """
+    if stored in (compute, torch.float32):  # bitsandbytes' kernels dequantize in fp32: one rounding either way
+        return False, False
+    bnb_functional = functional()
+    import bitsandbytes
+
+    w = (torch.randn(128, 256, generator=torch.Generator().manual_seed(0)) * 0.05).to(stored)
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=quant.BLOCKSIZE, quant_type=method,
+                                                 quant_storage=torch.uint8)
+    through = bnb_functional.dequantize_4bit(packed, state).to(compute)
+    state.dtype = compute
+    direct = bnb_functional.dequantize_4bit(packed, state)
+    state.dtype = stored
+    if torch.equal(through, direct):  # the probe cannot tell them apart: bitsandbytes 0.50's choice
+        return False, True
+    eye = torch.eye(w.shape[1], dtype=compute, requires_grad=True)
+    with torch.enable_grad():
+        out = bitsandbytes.matmul_4bit(eye, packed.t(), quant_state=state)
+        out.backward(torch.eye(w.shape[1], w.shape[0], dtype=compute))  # rows 0..127 of the gradient: W
+    assert eye.grad is not None
+    return bool(torch.equal(out.detach().t(), through)), bool(torch.equal(eye.grad[:w.shape[0]], through))
+
+
 def rounds_twice(state: QuantState, dtype: torch.dtype) -> bool:
     """Whether bitsandbytes' forward and backward products see different roundings of this
-    weight computed in ``dtype`` (:func:`dequantize`): a 4-bit weight quantized from another dtype."""
-    return state.format.bits == 4 and state.torch_stored_dtype != dtype
+    weight computed in ``dtype`` (:func:`roundings`; int8: never)."""
+    if state.format.bits != 4:
+        return False
+    forward, backward = roundings(state.torch_stored_dtype, dtype, state.format.method)
+    return forward != backward
+
+
+def forward_through_stored(state: QuantState, dtype: torch.dtype) -> bool:
+    """Whether bitsandbytes' forward product dequantizes this weight through its stored dtype."""
+    return state.format.bits == 4 and roundings(state.torch_stored_dtype, dtype, state.format.method)[0]
 
 
 def quantize(weight: torch.Tensor, key: str, fmt: QuantFormat,

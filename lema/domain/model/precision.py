@@ -9,8 +9,8 @@ capability 8.0+), and keeps float16 with a warning elsewhere; ``dtype="float16"`
 explicitly is kept, with the same warning. Other files compute in their own dtype.
 
 Example:
-    >>> compute_dtype_code("F16", "auto", bf16=True)
-    ('BF16', 'the model file is float16: training computes in bfloat16 (float16 without loss scaling lets small gradients underflow); set dtype="float16" to keep float16')
+    >>> compute_dtype_code("F16", "auto", bf16=True)[0]
+    'BF16'
     >>> compute_dtype_code("BF16", "auto", bf16=False)
     ('BF16', None)
 """

@@ -37,8 +37,9 @@ from lema.domain.nn.layout import FULL, SLIDING, AttentionLayout
 from lema.domain.nn.rope import rope_tables
 from lema.errors import ConfigError
 
-__all__ = ["FULL", "SLIDING", "AttentionMask", "BlockContext", "BlockSparse", "dense_padding", "packed_spans", "training_mask", "attention_kinds", "attention_masks", "decode_position_ids",
-           "layout_ropes", "segment_ids", "sliding_keys_kept"]
+__all__ = ["FULL", "SLIDING", "AttentionMask", "BlockContext", "BlockSparse", "attention_kinds", "attention_masks",
+           "decode_position_ids", "dense_padding", "layout_ropes", "packed_spans", "segment_ids", "sliding_keys_kept",
+           "training_mask"]
 
 
 

@@ -24,9 +24,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
-from lema.domain.nn.rope import apply_rope
-
 from lema.domain.nn.context import BlockSparse
+from lema.domain.nn.rope import apply_rope
 
 if TYPE_CHECKING:
     from lema.domain.nn.context import BlockContext

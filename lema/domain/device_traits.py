@@ -44,10 +44,10 @@ class DeviceTraits:
         direct_reads: the source reads weights straight into the device's slots (its memory
             is host memory): no staging copy.
         counts_compute: the device's peak counts every storage the compute allocates.
-        bf16: computes bfloat16 natively (CPUs; CUDA from compute capability 8.0): a float16
-            model file trains in bfloat16 there (:mod:`lema.domain.model.precision`).
         simulated_link: the link is simulated (``Device.carry`` passes its time for bytes
             already in a slot).
+        bf16: computes bfloat16 natively (CPUs; CUDA from compute capability 8.0): a float16
+            model file trains in bfloat16 there (:mod:`lema.domain.model.precision`).
     """
 
     kind: str

@@ -45,6 +45,8 @@ _LAZY = {
     "LemaConfig": "lema.config", "MemoryStrategy": "lema.config",
     "LemaModel": "lema.app.training.model", "LemaTrainer": "lema.app.training.trainer",
     "TrainOptions": "lema.app.training.run_training", "run_training": "lema.app.training.run_training",
+    "train": "lema.app.training.train_api", "TrainResult": "lema.app.training.train_api",
+    "Callback": "lema.app.training.callbacks", "Run": "lema.app.training.callbacks",
 }
 
 
@@ -57,7 +59,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lema' has no attribute {name!r}")
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DataError", "DeviceOutOfMemory", "DoesNotFitError",
+    "Callback", "CheckpointError", "ConfigError", "DataError", "DeviceOutOfMemory", "DoesNotFitError",
     "LemaConfig", "LemaError", "LemaModel", "LemaTrainer", "MemoryStrategy", "ModelFormatError",
-    "RankFailedError", "TrainOptions", "__version__", "run_training",
+    "RankFailedError", "Run", "TrainOptions", "TrainResult", "__version__", "run_training", "train",
 ]

@@ -81,6 +81,10 @@ class LemaConfig:
         max_grad_norm: clip the LoRA gradients' global norm (None or 0 to disable).
         gradient_accumulation_steps: micro-batches per optimizer step.
         seed: seeds the adapter initialisation and dropout.
+        preference: what the memory plan adds for a preference step (``lema train --method``):
+            None (SFT), ``"pairs"`` (ORPO, SimPO), ``"reference"`` (DPO, IPO, KTO against the
+            base model) or ``"reference_adapter"`` (against a frozen starting adapter); then
+            ``batch_size`` counts rows, two per pair (:mod:`lema.domain.plan.preference`).
     """
 
     model_name_or_path: str | None = None
@@ -103,6 +107,7 @@ class LemaConfig:
     max_grad_norm: float | None = 1.0
     gradient_accumulation_steps: int = attrs.field(default=1, validator=_positive_int)
     seed: int = 0
+    preference: str | None = None
 
     def __attrs_post_init__(self) -> None:
         problems = []

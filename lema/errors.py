@@ -33,6 +33,19 @@ class DoesNotFitError(LemaError, MemoryError):
         self.plan = plan
 
 
+class HostMemoryError(LemaError, MemoryError):
+    """The run needs more host RAM than the machine has left (checked before anything loads).
+
+    Attributes:
+        needed, available: bytes.
+    """
+
+    def __init__(self, message: str, needed: int = 0, available: int = 0) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.available = available
+
+
 class DeviceOutOfMemory(LemaError, MemoryError):
     """A device was asked to hold more bytes than its capacity."""
 

@@ -21,9 +21,11 @@ from lema.config import LemaConfig
 from lema.domain.device_traits import DeviceTraits
 from lema.domain.model.spec import ModelSpec, dtype_code
 from lema.domain.plan.planner import Budget, MemoryPlan, TrainingShape, plan
+from lema.domain.plan.disk_time import DiskTime
 from lema.domain.plan.strategy import MemoryStrategy
-from lema.errors import ConfigError, LemaWarning, ModelFormatError, PinningRefused
+from lema.errors import ConfigError, HostMemoryError, LemaWarning, ModelFormatError, PinningRefused
 from lema.ports.device import Device
+from lema.ports.host_memory import HostMemory
 from lema.ports.metrics import MetricsSink
 from lema.ports.weights import WeightSource
 
@@ -140,7 +142,7 @@ def training_shape(config: LemaConfig, spec: ModelSpec, device: Device) -> Train
         gradient_checkpointing=config.gradient_checkpointing, device_kind=device.traits.kind,
         offload_activations=config.offload if config.gradient_checkpointing else False,
         wide_matmul=device.matmul_dtype(compute_dtype(config, spec, device.traits)) is not None,
-        local_ranks=local_world_size(), weights_in_place=device.traits.in_place,
+        local_ranks=local_world_size(), weights_in_place=device.traits.in_place, preference=config.preference,
     )
 
 
@@ -148,6 +150,28 @@ def _planned_dtype(config: LemaConfig, spec: ModelSpec, device: Device) -> str |
     """The plan's compute dtype: None for the file's own (``dtype="auto"`` computing in it)."""
     code = dtype_code(compute_dtype(config, spec, device.traits))
     return None if config.dtype == "auto" and code == dtype_code(spec.dtype) else code
+
+
+def check_host_memory(config: LemaConfig, plan_: MemoryPlan, device: Device,
+                      host_memory: HostMemory | None = None) -> None:
+    """Refuse, before anything loads, a run needing more host RAM than is available.
+
+    The RAM available is ``host_memory``'s (default: :class:`~lema.adapters.host_memory.ProcMeminfo`,
+    the running system), or the config's ``ram_budget`` when smaller.
+
+    Raises:
+        HostMemoryError: one line naming the host RAM the run needs and the RAM there is.
+    """
+    from lema.adapters.host_memory import ProcMeminfo
+    from lema.domain.plan.host_fit import host_ram_needed, host_shortfall
+
+    memory = host_memory if host_memory is not None else ProcMeminfo()
+    available, where = memory.available_bytes(), memory.describe()
+    if config.ram_bytes is not None and config.ram_bytes < available:
+        available, where = config.ram_bytes, "ram_budget"
+    line = host_shortfall(plan_, device.traits.host_memory, available, where)
+    if line is not None:
+        raise HostMemoryError(line, host_ram_needed(plan_, device.traits.host_memory), available)
 
 
 def make_plan(config: LemaConfig, spec: ModelSpec, device: Device, mode: str = "train") -> MemoryPlan:
@@ -158,7 +182,8 @@ def make_plan(config: LemaConfig, spec: ModelSpec, device: Device, mode: str = "
     return plan(spec, shape, budget)
 
 
-def make_source(strategy: MemoryStrategy, resolved: ResolvedModel, device: Device | None = None) -> WeightSource:
+def make_source(strategy: MemoryStrategy, resolved: ResolvedModel, device: Device | None = None,
+                disk: "DiskTime | None" = None) -> WeightSource:
     """RESIDENT loads every layer into RAM once; STREAMING and AUTO read the file per pass.
 
     RESIDENT on a device that uploads from page-locked memory (CUDA) loads the weights
@@ -188,7 +213,52 @@ def make_source(strategy: MemoryStrategy, resolved: ResolvedModel, device: Devic
                 warnings.warn(LemaWarning(f"RESIDENT weights stay in pageable RAM and go through staging "
                                           f"buffers: {exc}"), stacklevel=2)
         return ResidentSource.from_safetensors(resolved.spec, resolved.root, allocate=ram_buffer)
+    if disk is not None and disk.keep is not None:
+        # From the drive: several reads in flight keep it busy (the threads wait on the
+        # drive, not on the cores), and the file's pages beyond LEMA's share are dropped.
+        return SafetensorsSource(resolved.spec, resolved.root, readers=READERS, keep_bytes=disk.keep)
     return SafetensorsSource(resolved.spec, resolved.root, readers=READERS if pool else 1)
+
+
+def plan_disk(config: LemaConfig, spec: ModelSpec, resolved: ResolvedModel, plan_: MemoryPlan, device: Device,
+              host_memory: HostMemory | None = None, measure: bool = True) -> "DiskTime | None":
+    """What the drive costs each step of a streamed run (None: RESIDENT, or no local file).
+
+    When the streamed units do not fit the RAM left beside the run, the drive's read rate
+    is taken from the cache or measured on the model's own file
+    (:mod:`lema.adapters.weights.read_rate`; ``measure=False``: cache only) and the steady
+    state's reads simulated (:mod:`lema.domain.plan.disk_time`).
+    """
+    from lema.adapters.host_memory import ProcMeminfo
+    from lema.adapters.weights.read_rate import cache_path, cached_read_rate, read_rate
+    from lema.adapters.weights.safetensors_source import SafetensorsSource
+    from lema.domain.plan import disk_time as dt
+    from lema.domain.plan.host_fit import host_ram_needed
+    from lema.domain.schedule.slot_layout import unit_buffer_bytes
+
+    if config.strategy is MemoryStrategy.RESIDENT or resolved.weights_path is None or resolved.root is None:
+        return None
+    memory = host_memory if host_memory is not None else ProcMeminfo()
+    available = memory.available_bytes()
+    unit_bytes = {u.index: unit_buffer_bytes(u) for u in spec.units}
+    in_place = device.traits.in_place
+    # In place, "resident" units are the file's pages too: every unit is read from the file.
+    streamed = tuple(u.index for u in spec.units[1:]) if in_place else tuple(plan_.streamed_units)
+    file_bytes = sum(unit_bytes[u] for u in streamed)
+    run_bytes = host_ram_needed(plan_, device.traits.host_memory)
+    if not dt.streams_from_disk(file_bytes, available, run_bytes):
+        return dt.DiskTime(0, 0.0, None, "not needed")
+    kept_at_turn = 0 if in_place else max(0, plan_.slot_count - (1 if spec.n_layers + 1 in streamed else 0))
+    reads = dt.step_reads(streamed, spec.n_layers, plan_.shape.training, kept_at_turn)
+    probe = str(resolved.weights_path if resolved.weights_path.is_file() else resolved.root / spec.files[0])
+    if measure:
+        rate = read_rate(probe)
+    else:
+        cached = cached_read_rate(probe)
+        rate = None if cached is None else (cached, f"cached: {cache_path(probe)}")
+    speed, source = rate if rate is not None else (0.0, "not measured")
+    return dt.disk_time(reads, unit_bytes, file_bytes, available, run_bytes, speed, source,
+                        in_flight=SafetensorsSource.IN_FLIGHT)
 
 
 REPORT_TO = ("none", "tensorboard", "wandb")

@@ -83,6 +83,27 @@ OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option("--max-line-size", default="1M", show_default=True, metavar="SIZE",
                  help="Longest line of a text or JSON data file accepted (bytes of text); longer lines are refused "
                       "before tokenizing."),
+    click.option("--method", type=click.Choice(["sft", "dpo", "ipo", "orpo", "simpo", "kto"]), default="sft",
+                 show_default=True,
+                 help="The objective: sft (next-token), or preference tuning on prompt/chosen/rejected rows "
+                      "(kto: prompt/completion/label), as TRL computes it."),
+    click.option("--beta", type=float, default=None,
+                 help="Preference methods: beta (default 0.1, TRL's; DPO/IPO/KTO: closeness to the reference)."),
+    click.option("--label-smoothing", type=float, default=0.0, show_default=True,
+                 help="dpo/simpo: probability that a preference is flipped (conservative DPO), in [0, 0.5)."),
+    click.option("--simpo-gamma", type=float, default=0.5, show_default=True, help="simpo: the target reward margin."),
+    click.option("--cpo-alpha", type=float, default=0.0, show_default=True,
+                 help="simpo: weight of an NLL term on the chosen answers (0: pure SimPO)."),
+    click.option("--desirable-weight", type=float, default=1.0, show_default=True, help="kto: weight of desirable rows."),
+    click.option("--undesirable-weight", type=float, default=1.0, show_default=True,
+                 help="kto: weight of undesirable rows."),
+    click.option("--adapter", metavar="DIR",
+                 help="Start from this peft adapter (a LEMA checkpoint or one peft wrote) with a fresh optimizer; "
+                      "for dpo/ipo/kto it is also the frozen reference (default: a fresh adapter, the base as "
+                      "reference)."),
+    click.option("--precompute-ref", is_flag=True, default=False,
+                 help="dpo/ipo/kto: compute the reference log-probs once per data set (a no-grad pass, cached beside "
+                      "the run) instead of the reference forward in every training pass."),
     click.option("--data-cache/--no-data-cache", default=True, show_default=True,
                  help="Keep the tokenized data in $LEMA_CACHE/data for the next run on the same data."),
 ]

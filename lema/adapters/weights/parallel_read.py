@@ -41,11 +41,19 @@ Request = tuple[int, int, memoryview, str]  # (fd, file offset, destination, the
 
 
 def cut(requests: Sequence[Request], piece: int = READ_PIECE) -> list[Request]:
-    """Cut ``(fd, start, view, name)`` requests into pieces of at most ``piece`` bytes (in order)."""
+    """Cut ``(fd, start, view, name)`` requests into pieces of at most ``piece`` bytes (in order).
+
+    The cuts fall on file offsets that are multiples of ``piece``: every piece but a
+    request's first and last is one aligned ``piece``-sized request to the drive (whole
+    pages and whole blocks, which a drive serves at its full rate)."""
     out = []
     for fd, start, view, name in requests:
-        for done in range(0, len(view), piece):
-            out.append((fd, start + done, view[done:done + piece], name))
+        done = 0
+        while done < len(view):
+            at = start + done
+            n = min(len(view) - done, piece - at % piece)
+            out.append((fd, at, view[done:done + n], name))
+            done += n
     return out
 
 

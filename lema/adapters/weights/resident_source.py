@@ -149,8 +149,9 @@ class ResidentSource:
 
         The pages live in the OS page cache, which every process mapping the same file
         shares: several ranks on one machine hold the weights once, not once each
-        (``benchmarks/dp_host_memory.py`` measures it). The mapping is copy-on-write, so a
-        stray write lands in a private copy of its page, never in the file. Under memory
+        (``benchmarks/dp_host_memory.py`` measures it). The mapping is read-only and shared
+        (no commit charge per model byte); the weights are never written, and a stray write
+        faults instead of reaching the file. Under memory
         pressure the kernel may drop pages and read them again from the file (slower, still
         correct).
         """

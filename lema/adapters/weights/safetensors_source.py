@@ -12,8 +12,12 @@ Two ways to fill a caller's staging buffer:
   bimodal, so it is kept for comparison (``benchmarks/stream_bench.py``).
 
 Without a buffer, :meth:`SafetensorsSource.read_unit` returns zero-copy tensors backed by
-a private (copy-on-write) mapping of the file: nothing is read until touched, and the
-whole model is never loaded.
+a read-only shared mapping of the file: nothing is read until touched, the whole model is
+never loaded, and nothing is charged per model byte against the machine's commit limit (a
+private, writable mapping is, so a file larger than RAM could not even be mapped). The
+pages belong to the page cache, which the kernel drops and re-reads as it needs: a model
+larger than RAM streams from the drive. The tensors are handed to the compute, which never
+writes its weights; a stray write faults instead of reaching the file.
 
 Example:
     >>> src = SafetensorsSource(spec, "/models/tiny")          # doctest: +SKIP
@@ -26,9 +30,11 @@ import ctypes
 import mmap
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from lema.adapters.weights import file_lease
@@ -75,6 +81,13 @@ class SafetensorsSource:
         method: how :meth:`read_unit` fills a buffer: ``"pread"`` or ``"mmap"``.
         readers: threads that read one unit's pieces in parallel (``"pread"`` only; 1:
             the calling thread reads alone).
+        keep_bytes: for a model that does not fit the page cache: the bytes of the file's
+            pages left cached, the least recently read units' pages dropped
+            (``posix_fadvise(DONTNEED)``, and ``madvise`` on the mapping) once more are read,
+            so streaming the model does not evict the rest of the machine's cache; the file
+            is read as sequential (larger read-ahead) and a mapped unit's pages are asked for
+            (``WILLNEED``) before they are touched. None (default): the page cache is left to
+            the kernel.
 
     Attributes:
         bytes_copied: bytes read into callers' buffers so far.
@@ -85,7 +98,7 @@ class SafetensorsSource:
     """
 
     def __init__(self, spec: ModelSpec, root: str | os.PathLike[str], method: Method = "pread",
-                 readers: int = 1) -> None:
+                 readers: int = 1, keep_bytes: int | None = None) -> None:
         if method not in ("pread", "mmap"):
             raise ConfigError(f"method: {method!r} must be 'pread' or 'mmap'")
         root = Path(root)
@@ -102,9 +115,14 @@ class SafetensorsSource:
                                    "re-download or re-convert the model")
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
-        self._maps: dict[str, mmap.mmap] = {}
+        self._maps: dict[str, _Mapping] = {}
         self._closed = False
         self._checked: set[int] = set()  # units whose weights were found finite
+        if keep_bytes is not None and (isinstance(keep_bytes, bool) or keep_bytes < 0):
+            raise ConfigError(f"keep_bytes: {keep_bytes!r} must be a non-negative number of bytes")
+        self.keep_bytes = keep_bytes
+        self._kept: OrderedDict[int, int] = OrderedDict()  # units whose pages are cached -> bytes
+        self.bytes_dropped = 0
 
     # -- files, opened lazily and once ---------------------------------------------------
 
@@ -116,22 +134,22 @@ class SafetensorsSource:
                 fd = self._fds.get(file)
                 if fd is None:
                     fd = os.open(self.root / file, os.O_RDONLY)
+                    if self.keep_bytes is not None and hasattr(os, "posix_fadvise"):
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                     self._fds[file] = fd
         return fd
 
-    def _map(self, file: str) -> mmap.mmap:
+    def _map(self, file: str) -> "_Mapping":
         mm = self._maps.get(file)
         if mm is None:
             fd = self._fd(file)
             with self._lock:
                 mm = self._maps.get(file)
                 if mm is None:
-                    # ACCESS_COPY: a private mapping, writable for torch.frombuffer, and a
-                    # stray write can never reach the model file.
                     # A mapped file cut short under a command is named, not a SIGBUS (file_lease).
                     file_lease.hold(fd, str(self.root / file))
                     self._check_size(file, fd)
-                    mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                    mm = _Mapping(fd)
                     self._maps[file] = mm
         return mm
 
@@ -154,9 +172,9 @@ class SafetensorsSource:
 
     def _copy_from_map(self, file: str, start: int, view: memoryview) -> None:
         mm = self._map(file)
-        if start + len(view) > len(mm):
+        if start + len(view) > mm.size:
             raise ModelFormatError(f"{self.root / file}: shorter than its header says; the file is truncated")
-        with memoryview(mm) as whole:
+        with memoryview(mm.mmap) as whole:
             view[:] = whole[start:start + len(view)]
 
     def read_into(self, index: int, buffer: torch.Tensor) -> None:
@@ -170,6 +188,7 @@ class SafetensorsSource:
                                for file, start, offset, nbytes in self._runs[index]])
         with self._lock:
             self.bytes_copied += sum(n for _, _, _, n in self._runs[index])
+        self._read_done(index)
 
     def host_unit(self, index: int) -> None:
         """Units are read into staging buffers: there is no page-locked copy to upload from."""
@@ -187,7 +206,46 @@ class SafetensorsSource:
             return self._finite(index, unit_views(buffer, self._layouts[index]))
         self._check_open()
         self._check_length(index)
-        return self._finite(index, {t.key: self._mapped(t) for t, _ in self._layouts[index]})
+        if self.keep_bytes is not None and hasattr(os, "posix_fadvise"):
+            for file, start, _, nbytes in self._runs[index]:  # the drive starts on the whole unit now
+                os.posix_fadvise(self._fd(file), start, nbytes, os.POSIX_FADV_WILLNEED)
+        views = self._finite(index, {t.key: self._mapped(t) for t, _ in self._layouts[index]})
+        self._read_done(index)
+        return views
+
+    # -- the page cache of a model larger than it ----------------------------------------------
+
+    IN_FLIGHT = 4  # the most recently read units are never dropped: they are being computed on
+
+    def _read_done(self, index: int) -> None:
+        """Unit ``index`` was just read: drop the least recently read units' pages beyond
+        ``keep_bytes`` (never the last :attr:`IN_FLIGHT` units read)."""
+        if self.keep_bytes is None:
+            return
+        with self._lock:
+            self._kept.pop(index, None)
+            self._kept[index] = sum(n for _, _, _, n in self._runs[index])
+            drop = []
+            total = sum(self._kept.values())
+            while total > self.keep_bytes and len(self._kept) > self.IN_FLIGHT:
+                unit, nbytes = self._kept.popitem(last=False)
+                drop.append(unit)
+                total -= nbytes
+        for unit in drop:
+            self._drop(unit)
+
+    def _drop(self, index: int) -> None:
+        for file, start, _, nbytes in self._runs[index]:
+            mm = self._maps.get(file)
+            if mm is not None:  # pages mapped here are not dropped by fadvise: unmap them first
+                first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+                end = (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+                if end > first:
+                    mm.mmap.madvise(mmap.MADV_DONTNEED, first, end - first)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self._fd(file), start, nbytes, os.POSIX_FADV_DONTNEED)
+            with self._lock:
+                self.bytes_dropped += nbytes
 
     def _finite(self, index: int, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``views``, once the unit's weights are known to hold no NaN or inf: checked the first
@@ -213,12 +271,11 @@ class SafetensorsSource:
 
     def _mapped(self, t: TensorSpec) -> torch.Tensor:
         mm = self._map(t.file)
-        if t.end > len(mm):
+        if t.end > mm.size:
             raise ModelFormatError(f"{self.root / t.file}: {t.name} runs past the end of the file; it is truncated")
         if t.nbytes == 0:
             return torch.empty(t.shape, dtype=torch_dtype(t.dtype))
-        raw = torch.frombuffer(mm, dtype=torch.uint8, count=t.nbytes, offset=t.start)
-        return raw.view(torch_dtype(t.dtype)).view(t.shape)
+        return mm.tensor(t.start, t.nbytes).view(torch_dtype(t.dtype)).view(t.shape)
 
     def read_tensor(self, t: TensorSpec) -> torch.Tensor:
         """A fresh, owned copy of one tensor (positional read; used to load into RAM)."""
@@ -246,3 +303,28 @@ class SafetensorsSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Mapping:
+    """A read-only, shared mapping of a whole file, and uint8 tensors over ranges of it.
+
+    ``mmap.ACCESS_READ`` maps the file ``PROT_READ``/``MAP_SHARED``: no commit charge, the
+    pages the page cache's. ``torch.frombuffer`` would warn on (and mark as writable) a
+    read-only buffer, so each tensor is made over a ctypes array at the range's address
+    instead; the array keeps the mapping alive, and the mapping is unmapped with the last
+    tensor over it. The weights handed out are read, never written (the compute casts or
+    copies them); a write would fault (SIGSEGV), never reach the file.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        self.size = len(self.mmap)
+        # numpy exports a read-only buffer's address without copying; ``pages`` holds the export.
+        self._pages = np.frombuffer(self.mmap, dtype=np.uint8)
+        self.address = int(self._pages.ctypes.data)
+
+    def tensor(self, start: int, nbytes: int) -> torch.Tensor:
+        """Bytes ``start .. start + nbytes`` of the file as a uint8 tensor (no copy)."""
+        array = (ctypes.c_ubyte * nbytes).from_address(self.address + start)
+        array._lema_mapping = self  # type: ignore[attr-defined]  # lives as long as the tensor
+        return torch.frombuffer(array, dtype=torch.uint8)

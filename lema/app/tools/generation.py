@@ -41,7 +41,7 @@ from lema.domain.units import format_size
 from lema.errors import ConfigError, DeviceOutOfMemory
 
 if TYPE_CHECKING:
-    from lema.app.training.model import LemaModel
+    from lema.app.training.trainable import StreamedModel as LemaModel  # the surface it reads
     from lema.domain.model.spec import ModelSpec
 
 

@@ -9,6 +9,9 @@ Example (the guide's workflow, with a tiny model)::
     trainer = model.get_trainer(optimizer)
     logits, loss = trainer.train_step(input_ids, labels=input_ids)
     trainer.save_checkpoint("checkpoints/run1")
+
+It is also a ``torch.nn.Module`` whose parameters are the adapters
+(:mod:`lema.app.training.torch_module`): ``model(input_ids, labels=labels).loss.backward()``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from lema.app.runtime.batches import as_batch
 from lema.app.runtime.engine import Engine
 from lema.app.runtime.step_report import StepReport
 from lema.app.training.seeds import dropout_seed, init_seed
+from lema.app.training.torch_module import AdapterModule
 from lema.config import LemaConfig
 from lema.domain.model import blocks, heads, tiling
 from lema.domain.model.context import make_context
@@ -40,16 +44,16 @@ from lema.domain.plan.planner import MemoryPlan
 from lema.domain.schedule.layer_schedule import Phase
 from lema.errors import CheckpointError, ConfigError, DoesNotFitError
 from lema.ports.device import Device
+from lema.ports.host_memory import HostMemory
 
 if TYPE_CHECKING:
     from lema.app.training.trainer import LemaTrainer
 
-# Mixed into the LoRA dropout seed under data parallel, so that ranks drop out their rows
-# with different masks.
+# Mixed into the LoRA dropout seed under data parallel: ranks drop out rows with different masks.
 _RANK_SALT = 0x9E3779B97F4A7C15
 
 
-class LemaModel:
+class LemaModel(AdapterModule):
     """A base model whose frozen weights stream through the device, plus LoRA adapters.
 
     Construction reads only the weights file's header, plans memory for the configured
@@ -60,12 +64,16 @@ class LemaModel:
         config: the run's :class:`~lema.config.LemaConfig`.
         device: a :class:`~lema.ports.device.Device` to use instead of the one the config
             names (tests pass a ``CpuDevice`` with a capacity).
+        host_memory: where the host RAM available is read (default ``/proc/meminfo``); a run needing
+            more (RESIDENT on a model larger than RAM) raises HostMemoryError before anything loads.
 
     Raises:
-        ConfigError, ModelFormatError, DoesNotFitError.
+        ConfigError, ModelFormatError, DoesNotFitError, HostMemoryError.
     """
 
-    def __init__(self, config: LemaConfig, *, device: Device | None = None) -> None:
+    def __init__(self, config: LemaConfig, *, device: Device | None = None,
+                 host_memory: HostMemory | None = None) -> None:
+        super().__init__()
         self.config = config
         self._resolved = bootstrap.open_model(config)
         self.spec = self._resolved.spec
@@ -78,16 +86,17 @@ class LemaModel:
         self._plan = bootstrap.make_plan(config, self.spec, self.device)
         if not self._plan.fits:
             raise DoesNotFitError(self._plan.explain(), self._plan)
-        self.source = bootstrap.make_source(config.strategy, self._resolved, self.device)
+        bootstrap.check_host_memory(config, self._plan, self.device, host_memory)  # before anything loads
+        self.disk = bootstrap.plan_disk(config, self.spec, self._resolved, self._plan, self.device, host_memory)
+        self.source = bootstrap.make_source(config.strategy, self._resolved, self.device, self.disk)
         self.engine = Engine(self.spec, self.source, self.device, prefetch=config.prefetch_distance,
                              resident_units=self._plan.resident_units, plan=self._plan,
                              compute_dtype=self.compute_dtype, offload_inputs=self._plan.offload_activations)
         try:
             self.embedding = self.source.read_unit(0)  # a corrupt file is refused here: close what is open
         except BaseException:
-            self.engine.close()
-            self.source.close()
-            self.device.close()
+            for part in (self.engine, self.source, self.device):
+                part.close()
             raise
         self.lora: LoraState | None = None
         self.last_report: StepReport | None = None
@@ -141,37 +150,44 @@ class LemaModel:
         return self._plan
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Float32 logits ``(batch, seq, vocab)`` of base + adapters; no gradients.
-
-        ``position_ids`` that restart at 0 mark packed examples (see :meth:`prepare_inputs`).
-        """
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None, *, training: bool = False) -> torch.Tensor:
+        """Float32 logits ``(batch, seq, vocab)`` of base + adapters; no gradients (what
+        ``model(input_ids).logits`` returns). ``position_ids`` that restart at 0 mark packed
+        examples (see :meth:`prepare_inputs`); ``training`` applies the LoRA dropout."""
         def head(weights: Any, x: torch.Tensor) -> torch.Tensor:
             return heads.head_logits(self.spec, weights, x, self.matmul_dtype)
 
-        return self._forward_pass(input_ids, attention_mask, head, position_ids)
+        return self._forward_pass(input_ids, attention_mask, head, position_ids, training=training)
 
-    __call__ = forward
+    @torch.no_grad()
+    def scores(self, input_ids: torch.Tensor, labels: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None, *, keep_logits: bool = False,
+               training: bool = False) -> tuple[float, int, torch.Tensor | None]:
+        """One forward pass: summed loss, scored tokens and (with ``keep_logits``) the logits;
+        ``training`` applies the LoRA dropout."""
+        targets = self.targets_for(input_ids, labels, attention_mask, position_ids)
+
+        def head(weights: Any, x: torch.Tensor) -> tuple[float, int, torch.Tensor | None]:
+            loss_sum, n = heads.head_loss(self.spec, weights, x, targets, matmul_dtype=self.matmul_dtype)
+            logits = heads.head_logits(self.spec, weights, x, self.matmul_dtype) if keep_logits else None
+            return float(loss_sum), n, logits
+
+        return self._forward_pass(input_ids, attention_mask, head, position_ids, training=training)
 
     @torch.no_grad()
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-             attention_mask: torch.Tensor | None = None,
-             position_ids: torch.Tensor | None = None) -> tuple[float, int]:
+             attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> tuple[float, int]:
         """Summed next-token loss and the number of scored tokens (labels default to inputs)."""
-        targets = self.targets_for(input_ids, labels, attention_mask, position_ids)
-
-        def head(weights: Any, x: torch.Tensor) -> tuple[float, int]:
-            loss_sum, n = heads.head_loss(self.spec, weights, x, targets, matmul_dtype=self.matmul_dtype)
-            return float(loss_sum), n
-
-        return self._forward_pass(input_ids, attention_mask, head, position_ids)
+        loss_sum, n, _ = self.scores(input_ids, labels, attention_mask, position_ids)
+        return loss_sum, n
 
     def _forward_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      head: Callable[[Any, torch.Tensor], Any], position_ids: torch.Tensor | None = None) -> Any:
+                      head: Callable[[Any, torch.Tensor], Any], position_ids: torch.Tensor | None = None,
+                      training: bool = False) -> Any:
         """One forward pass through the engine; ``head(weights, x_L)`` makes the result."""
         with self.device.measuring():
-            ctx, x = self.prepare_inputs(input_ids, attention_mask, training=False, position_ids=position_ids)
+            ctx, x = self.prepare_inputs(input_ids, attention_mask, training=training, position_ids=position_ids)
             state: dict[str, Any] = {"x": x}
             lora = self.lora
             tile = self._plan.tile_tokens
@@ -281,10 +297,8 @@ class LemaModel:
         spec, state = model.adapter_state(checkpoint_dir, ckpt.adapter_config, ckpt.adapter_tensors)
         model.lora_spec = spec
         model.set_lora(state)
-        model._pending_trainer_state = {"trainer_state": ckpt.trainer_state,
-                                        "optimizer_tensors": ckpt.optimizer_tensors,
-                                        "optimizer_meta": ckpt.optimizer_meta,
-                                        "path": str(checkpoint_dir)}
+        model._pending_trainer_state = {"trainer_state": ckpt.trainer_state, "optimizer_tensors": ckpt.optimizer_tensors,
+                                        "optimizer_meta": ckpt.optimizer_meta, "path": str(checkpoint_dir)}
         return model
 
     def input_paths(self) -> list[Path]:
@@ -321,8 +335,12 @@ class LemaModel:
     # -- the surface the trainer and generation use ---------------------------------
 
     def set_lora(self, state: LoraState) -> None:
-        """Install ``state`` as the adapters, moved to the device and counted there."""
-        self.lora = state.to(self.device.torch_device)
+        """Install ``state`` as the adapters, moved to the device and counted there; they
+        become this module's parameters (the same tensors), under peft's names."""
+        moved = state.to(self.device.torch_device)
+        self.lora = LoraState(moved.lora_spec, tuple({k: (torch.nn.Parameter(a), torch.nn.Parameter(b))
+                                                      for k, (a, b) in layer.items()} for layer in moved.layers))
+        self.register_adapters(list(zip(self.lora.state_dict_peft(self.spec), self.lora.parameters())))
         nbytes = sum(t.numel() * t.element_size() for t in self.lora.parameters())
         self.device.track("lora_params", nbytes)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -230,3 +231,21 @@ def open_run(out: Path, *, resume: bool, echo: Callable[[str], None] = print) ->
     except BaseException:
         run.close()
         raise
+
+
+def prune_checkpoints(out: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` ``checkpoint-<step>`` folders of ``out`` (never ``final``).
+
+    Only folders LEMA wrote and can read back as checkpoints count
+    (:func:`~lema.app.training.run_folder.written_by_lema`): anything else named ``checkpoint-*``
+    (a user's notes, a file, a symlink, a folder with files of its own) is neither deleted
+    nor counted.
+    """
+    if keep <= 0:
+        return []
+    found = sorted((checkpoint_step(p), p) for p in out.iterdir()
+                   if named_step(p) is not None and written_by_lema(p))
+    removed = [p for _, p in found[:-keep]]
+    for p in removed:
+        shutil.rmtree(p)
+    return removed

@@ -46,7 +46,8 @@ EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 Echo = Callable[[str], Any]
 
 
-def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None, hold_signals: bool = False) -> int:
+def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None, hold_signals: bool = False,
+                 events: Any = None) -> int:
     """Train the run ``o`` describes, as ``lema train`` does; returns its exit status.
 
     Args:
@@ -55,6 +56,7 @@ def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None, h
         progress: a progress display class for the loop (the CLI's bar), or None.
         hold_signals: after a signal stopped the run, leave SIGINT/SIGTERM ignored until the
             process exits (the CLI, which exits next: a second signal cannot kill it mid-exit).
+        events: a :class:`~lema.app.training.callbacks.RunEvents` for Python callbacks (:func:`lema.train`).
 
     Returns:
         0 done (or nothing left to do), 1 a non-finite loss stopped the run (after saving
@@ -83,6 +85,13 @@ def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None, h
     if o.eval_data is not None and o.eval_split is not None:
         raise ConfigError("pass --eval-data or --eval-split, not both")
     check_seed(o.seed, "--seed")
+    o.objective()  # a bad --method/--beta/... is said before anything is opened
+    if o.method != "sft" and (o.packing or o.eval_data is not None or o.eval_split is not None):
+        raise ConfigError(f"--method {o.method}: --packing, --eval-data and --eval-split apply to sft only")
+    if o.precompute_ref and o.method not in ("dpo", "ipo", "kto"):
+        raise ConfigError(f"--precompute-ref: --method {o.method} has no reference model (dpo, ipo and kto have)")
+    if o.adapter is not None and not Path(o.adapter).expanduser().is_dir():
+        raise ConfigError(f"--adapter: {o.adapter} is not a folder (a peft adapter or a LEMA checkpoint)")
     o.max_line_bytes()  # checked before anything is opened
     if o.vram is not None:
         parse_size(o.vram, field="--vram")  # named as the user wrote it, not as LemaConfig's vram_budget
@@ -97,7 +106,7 @@ def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None, h
     with open_ranked_run(out_dir, resume=o.resume, ranks=ranks, echo=echo) as checkpoint:
         if checkpoint is not None:
             _check_resume_args(out_dir, o.args(), echo)
-        code = _train(o, out_dir, checkpoint, ranks, echo, progress, hold_signals)
+        code = _train(o, out_dir, checkpoint, ranks, echo, progress, hold_signals, events)
     if code and ranks.distributed:  # stopped early: torchrun ends every rank once one exits non-zero,
         from lema.app.parallel.rank_agreement import farewell  # so wait until rank 0 has saved and unlocked
 
@@ -151,7 +160,27 @@ class TrainOptions:
     lr_schedule: str = "constant"
     max_line_size: str = "1M"
     data_cache: bool = True
+    method: str = "sft"
+    beta: float | None = None
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 0.0
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    adapter: str | None = None
+    precompute_ref: bool = False
     nproc: int = 1  # torchrun's ranks (not an option: the launcher sets it)
+
+    def objective(self) -> Any:
+        """The preference objective of ``--method`` (None for sft; ConfigError on bad values)."""
+        if self.method == "sft":
+            return None
+        from lema.domain.objectives.preference import PreferenceObjective
+
+        return PreferenceObjective(self.method, beta=0.1 if self.beta is None else self.beta,
+                                   label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma,
+                                   cpo_alpha=self.cpo_alpha, desirable_weight=self.desirable_weight,
+                                   undesirable_weight=self.undesirable_weight)
 
     @property
     def format(self) -> str | None:
@@ -170,13 +199,16 @@ class TrainOptions:
                 "global_batch": self.batch * self.nproc, "nproc": self.nproc, "format": self.format,
                 "chat_template": self.chat_template, "packing": self.packing, "eval_split": self.eval_split,
                 "eval_data": self.eval_data, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
-                "max_grad_norm": self.max_grad_norm, "dtype": self.dtype}
+                "max_grad_norm": self.max_grad_norm, "dtype": self.dtype,
+                **({} if self.method == "sft" else {"method": self.method, "objective": attrs.asdict(self.objective())}),
+                **({} if self.adapter is None else {"adapter": self.adapter}),
+                **({"precompute_ref": True} if self.precompute_ref else {})}
 
 
 
 
 def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: Echo, progress: Any,
-           hold_signals: bool) -> int:
+           hold_signals: bool, events: Any = None) -> int:
     """The run itself, in a locked ``out_dir``; returns the exit status."""
     from lema.app import bootstrap
     from lema.app.training.model import LemaModel
@@ -189,7 +221,8 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
     check_seq(o.seq, bootstrap.open_model(LemaConfig(gbi_path=gbi_path, model_name_or_path=name_or_path)).spec,
               lambda line: warnings.warn(line.removeprefix("warning: "), LemaWarning, stacklevel=2))
     tok, tok_dir = open_tokenizer(o.tokenizer, o.model_path)
-    data = prepare_data(o.data, tok, seq=o.seq, format=o.format, chat_template=o.chat_template, packing=o.packing,
+    objective = o.objective()
+    data = _preference_data(o, tok, ranks) if objective is not None else prepare_data(o.data, tok, seq=o.seq, format=o.format, chat_template=o.chat_template, packing=o.packing,
                         eval_data=o.eval_data, eval_split=o.eval_split, seed=o.seed, cache=o.data_cache,
                         max_line_bytes=o.max_line_bytes(), progress=echo)
     per_epoch = batches_per_epoch(len(data.items), o.batch * ranks.world)
@@ -199,7 +232,12 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
     echo(f"      {per_epoch} batches per epoch; {total} optimizer steps")
 
     runtime = dict(gbi_path=gbi_path, model_name_or_path=name_or_path, strategy=o.strategy, device=o.device,
-                   vram_budget=o.vram, prefetch_distance=o.prefetch, batch_size=o.batch, max_seq_len=o.seq,
+                   vram_budget=o.vram, prefetch_distance=o.prefetch, max_seq_len=o.seq,
+                   # a preference step's rows: each pair (KTO: each row and its KL row) is two
+                   batch_size=o.batch * (2 if objective is not None else 1),
+                   preference=None if objective is None else "pairs" if not objective.needs_reference
+                   or o.precompute_ref  # the cached column: no reference forward in the passes
+                   else "reference" if o.adapter is None else "reference_adapter",
                    offload_activations="auto" if o.offload is None else o.offload,
                    gradient_accumulation_steps=o.grad_accum, dtype=o.dtype, max_grad_norm=o.max_grad_norm)
     if ckpt is not None:
@@ -213,10 +251,17 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
         config = LemaConfig(lora_rank=o.rank, lora_alpha=o.alpha, lora_dropout=o.lora_dropout, seed=o.seed,
                             lora_target_modules=targets, **runtime)
         model = LemaModel(config)
-        model.initialize_lora()
+        if o.adapter is not None:
+            model.load_adapter(o.adapter)  # its rank, alpha and targets; a fresh optimizer
+            echo(f"starting from the adapter in {o.adapter}")
+        else:
+            model.initialize_lora()
     with model:
         echo(plan_summary(model))
-        check_vocab(data.store, model.spec.vocab_size, o.data)
+        if model.disk is not None and model.disk.keep is not None:
+            echo(model.disk.line())
+        if data.store is not None:
+            check_vocab(data.store, model.spec.vocab_size, o.data)
         opts = LoopOptions(out=out_dir, steps=total, batch=o.batch, seq=o.seq, lr=o.lr, seed=o.seed,
                            grad_accum=o.grad_accum, save_steps=o.save_steps, warmup=o.warmup,
                            lr_schedule=o.lr_schedule, optimizer=o.optimizer, weight_decay=o.weight_decay,
@@ -225,6 +270,17 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
         with warnings.catch_warnings():
             warnings.simplefilter("always", LemaWarning)  # every run says it (the CLI prints "warning: ...")
             trainer = model.get_trainer(optimizer, scheduler=scheduler, reset_optimizer=o.reset_optimizer)
+        items = data.items
+        if objective is not None:
+            from lema.app.training.preference_step import use_preference
+
+            reference = _reference(model, o) if objective.needs_reference else None
+            if o.precompute_ref:
+                items = _reference_column(model, data, tok.pad_token_id, reference, o, out_dir, gbi_path or name_or_path,
+                                          echo)
+                reference = None
+            use_preference(trainer, objective, reference)
+            trainer.precomputed_reference = o.precompute_ref
         if ranks.distributed:  # every rank is ready (or all stop with the first one's error) before any writes
             from lema.app.parallel.rank_agreement import settle
 
@@ -241,9 +297,10 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
             return 0
         sinks = bootstrap.make_sinks(o.report_to, out_dir, run_name=o.run_name, options=o.args()) \
             if ranks.is_main else []
-        result = train_loop(model, trainer, data.items, tok.pad_token_id, opts, tok_dir, echo=echo,
+        result = train_loop(model, trainer, items, tok.pad_token_id, opts, tok_dir, echo=echo,
                             progress=progress if ranks.is_main else None, collate_fn=data.collate_fn,
-                            eval_examples=data.eval_examples, sinks=sinks, hold_signals=hold_signals)
+                            eval_examples=data.eval_examples, sinks=sinks, hold_signals=hold_signals,
+                            events=events)
     if result.interrupted:
         echo(f"interrupted at step {result.steps_done}: saved {result.checkpoint}; continue with the same "
                    "command plus --resume")
@@ -252,6 +309,47 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
                f"{result.last_loss if result.last_loss is None else format(result.last_loss, '.4f')}; "
                f"adapter in {result.checkpoint}")
     return 0
+
+
+def _preference_data(o: TrainOptions, tok: Any, ranks: Any) -> Any:
+    """The run's preference rows (:mod:`lema.data.preference`), as the loop takes them."""
+    from lema.app.training.run_data import RunData
+    from lema.data.preference import collate_pairs, collate_unpaired, load_preference
+
+    if ranks.distributed:
+        raise ConfigError(f"--method {o.method} runs on one process for now (no torchrun)")
+    rows = load_preference(o.data, tok, method=o.method, seq=o.seq, batch=o.batch, chat_template=o.chat_template,
+                           max_line_bytes=o.max_line_bytes())
+    kind = "unpaired rows" if o.method == "kto" else "pairs"
+    tokens = sum(len(r) for r in rows)
+    line = f"data: {o.data}: {len(rows):,} {kind} ({tokens:,} tokens) for {o.method}"
+    return RunData(items=rows, collate_fn=collate_unpaired if o.method == "kto" else collate_pairs,
+                   eval_examples=None, store=None, lines=(line,))
+
+
+def _reference_column(model: Any, data: Any, pad_id: int, reference: Any, o: TrainOptions, out_dir: Path,
+                      gbi_path: Any, echo: Echo) -> list[Any]:
+    """The examples with their cached reference log-probs (:mod:`lema.app.training.reference_cache`)."""
+    from lema.app.training import reference_cache
+
+    weights = Path(gbi_path or o.model_path).expanduser()
+    stat = weights.stat()
+    key = reference_cache.cache_key(data.items, reference, f"{weights.resolve()}|{stat.st_size}|{stat.st_mtime_ns}",
+                                    o.seq, o.method)
+    return reference_cache.with_reference_column(model, data.items, data.collate_fn, pad_id, o.batch, reference,
+                                                 out_dir, key, echo)
+
+
+def _reference(model: Any, o: TrainOptions) -> Any:
+    """The reference model's adapter: a frozen copy of ``--adapter`` (also on --resume), or None (the base)."""
+    if o.adapter is None:
+        return None
+    from lema.adapters.checkpoints.store import read_adapter
+    from lema.app.training.preference_step import frozen_adapter
+
+    config, tensors = read_adapter(o.adapter)
+    _, state = model.adapter_state(o.adapter, config, tensors)
+    return frozen_adapter(state.to(model.device.torch_device))
 
 
 def _check_resume_args(out: Path, args: dict[str, Any], echo: Echo) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,7 +27,8 @@ from typing import Any, Callable, Sequence
 import attrs
 
 from lema.adapters.checkpoints.atomic import atomic_write_text
-from lema.app.training.run_folder import FINAL, METRICS, checkpoint_step, foreign_outputs, named_step, written_by_lema
+from lema.app.training.run_folder import FINAL, METRICS, foreign_outputs, prune_checkpoints
+from lema.app.training.callbacks import RunEvents
 from lema.app.training.stop_signals import StopFlag
 from lema.domain.json_values import parse_json
 from lema.errors import CheckpointError, ConfigError, NonFiniteLossError, missing_extra
@@ -154,29 +154,12 @@ def evaluate(trainer: Any, examples: Any, pad_id: int, opts: LoopOptions) -> dic
     return trainer.evaluate(batches(examples, opts.batch, pad_id, seq=opts.seq, shuffle=False))
 
 
-def prune_checkpoints(out: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` ``checkpoint-<step>`` folders of ``out`` (never ``final``).
-
-    Only folders LEMA wrote and can read back as checkpoints count
-    (:func:`~lema.app.training.run_folder.written_by_lema`): anything else named ``checkpoint-*``
-    (a user's notes, a file, a symlink, a folder with files of its own) is neither deleted
-    nor counted.
-    """
-    if keep <= 0:
-        return []
-    found = sorted((checkpoint_step(p), p) for p in out.iterdir()
-                   if named_step(p) is not None and written_by_lema(p))
-    removed = [p for _, p in found[:-keep]]
-    for p in removed:
-        shutil.rmtree(p)
-    return removed
-
-
 def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopOptions,
                tokenizer_dir: Path | None, echo: Callable[[str], None] = print,
                progress: Callable[[int, int], Any] | None = None, *,
                collate_fn: Callable[..., Any] | None = None, eval_examples: Any = None,
-               sinks: Sequence[Any] = (), hold_signals: bool = False) -> LoopResult:
+               sinks: Sequence[Any] = (), hold_signals: bool = False,
+               events: RunEvents | None = None) -> LoopResult:
     """Run optimizer steps ``trainer.global_step + 1 .. opts.steps``: progress, metrics,
     evaluation, periodic checkpoints, and a checkpoint on Ctrl-C (see the module docstring).
 
@@ -191,6 +174,8 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
         eval_examples: held-out examples, evaluated every ``opts.eval_steps`` and at the end.
         sinks: :class:`~lema.ports.metrics.MetricsSink` objects that also get every record.
         hold_signals: after a signal stopped the run, leave SIGINT/SIGTERM ignored (the CLI exits next).
+        events: a :class:`~lema.app.training.callbacks.RunEvents` (Python callbacks: log, evaluate,
+            save, and a stop that ends the run early as a finished one).
 
     Raises:
         CheckpointError: before the first step, when ``opts.out`` holds something LEMA did not
@@ -202,6 +187,8 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
     ranks = distributed.current()
     out = opts.out
     start = trainer.global_step
+    events = RunEvents((), out, opts.steps) if events is None else events
+    events.start(opts.steps, start)
     if trainer.micro_step:
         raise CheckpointError("the checkpoint was saved in the middle of a gradient accumulation; "
                               "resume from an earlier checkpoint")
@@ -226,7 +213,7 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
         try:
             saved, last_loss, interrupted, failure, stopping = _run_steps(
                 model, trainer, stream, opts, ranks, stop, bar_cm, metrics_cm, echo, log_every, sinks,
-                eval_examples, pad_id, tokenizer_dir)
+                eval_examples, pad_id, tokenizer_dir, events)
         finally:
             trainer.before_optimizer_step = previous_hook
         step = trainer.global_step
@@ -237,6 +224,7 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
                                             keep_existing=True)  # never over a checkpoint (issue 25)
         else:
             saved = trainer.save_checkpoint(out / FINAL, tokenizer_dir=tokenizer_dir)
+        events.saved(saved)
     if failure is not None:
         raise NonFiniteLossError(f"{failure}; the last good step ({step}) is saved in {saved}",
                                  step=failure.step, value=failure.value, checkpoint=saved) from None
@@ -246,7 +234,7 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
 
 def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: Any, stop: StopFlag, bar_cm: Any,
                metrics_cm: Any, echo: Callable[[str], None], log_every: int, sinks: Sequence[Any],
-               eval_examples: Any, pad_id: int, tokenizer_dir: Path | None
+               eval_examples: Any, pad_id: int, tokenizer_dir: Path | None, events: RunEvents
                ) -> tuple[Path | None, float | None, bool, NonFiniteLossError | None, bool]:
     """The steps of :func:`train_loop`: the last periodic checkpoint, the last loss, whether the
     run stopped early, the failure that stopped it, and whether the ranks agreed to stop."""
@@ -259,16 +247,17 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
     stopping = False
     with bar_cm as bar, metrics_cm as metrics:
         try:
-            while trainer.global_step < opts.steps and not (stopping := _stop_agreed(stop, ranks)):
+            while (trainer.global_step < opts.steps and not (stopping := _stop_agreed(stop, ranks))
+                   and not events.stop_requested):
                 t0 = time.perf_counter()
                 lr = _current_lr(trainer)  # the scheduler moves it after the step: log the one used
                 losses, tokens = [], 0
                 for _ in range(opts.grad_accum):
                     with stop.interruptible():  # a second signal may stop a micro-batch, not a step
                         batch = next(stream)
+                        inputs = {k: batch[k] for k in ("position_ids", "desirable", "reference") if k in batch}
                         _, loss = trainer.train_step(batch["input_ids"], labels=batch["labels"],
-                                                     attention_mask=batch["attention_mask"],
-                                                     position_ids=batch.get("position_ids"))
+                                                     attention_mask=batch["attention_mask"], **inputs)
                     losses.append(loss)
                     tokens += int(batch["tokens"])  # the whole batch's, over all ranks
                 seconds = time.perf_counter() - t0
@@ -281,10 +270,11 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
                 record = {"step": step, "loss": last_loss, "lr": lr,
                           "tokens_per_s": tokens / seconds if seconds > 0 else None,
                           "device_peak_bytes": peak, "device_peak_counts_compute": counted, "tokens": tokens,
-                          "seconds": seconds}
+                          "seconds": seconds, **getattr(trainer, "step_metrics", {})}  # preference methods' values
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 _to_sinks(sinks, step, record, "train/")
+                events.log(record)
                 bar.update(step, record)
                 if not bar.live and (step % log_every == 0 or step == opts.steps):
                     echo(_log_line(record, opts.steps))
@@ -294,11 +284,13 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
                     _to_sinks(sinks, step, {"loss": scores["loss"], "perplexity": scores["perplexity"]}, "eval/")
+                    events.evaluate(row)
                     bar.update(step, row)
                     echo(f"step {step}/{opts.steps}  eval_loss {scores['loss']:.4f}  "
                          f"perplexity {scores['perplexity']:.2f}")
                 if opts.save_steps and step % opts.save_steps == 0 and step < opts.steps:
                     saved = trainer.save_checkpoint(out / f"checkpoint-{step}", tokenizer_dir=tokenizer_dir)
+                    events.saved(saved)
                     if ranks.is_main:
                         prune_checkpoints(out, opts.save_total_limit)
         except (KeyboardInterrupt, NonFiniteLossError) as exc:

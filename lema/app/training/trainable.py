@@ -57,3 +57,12 @@ class TrainableModel(Protocol):
 
     def adapter_state(self, path: str | Path, config: dict[str, Any],
                       tensors: dict[str, torch.Tensor]) -> tuple[LoraSpec, LoraState]: ...
+
+
+class StreamedModel(TrainableModel, Protocol):
+    """What generation reads of a model besides the trainer's surface (LemaModel has it)."""
+
+    lora: LoraState | None
+    embedding: Any
+    compute_dtype: torch.dtype
+    matmul_dtype: torch.dtype | None

@@ -10,7 +10,7 @@ import attrs
 
 from lema.domain.model.spec import ModelSpec
 from lema.domain.plan import items as pi
-from lema.domain.plan import stages
+from lema.domain.plan import preference, stages
 from lema.domain.plan.inputs import Budget, TrainingShape
 from lema.domain.plan.items import MemoryItem, ModelFacts
 from lema.domain.plan.memory_plan import MemoryPlan, ModelSummary
@@ -120,7 +120,7 @@ def persistent_items(summary: ModelSummary, f: ModelFacts, shape: TrainingShape)
     if shape.dtype is not None and shape.dtype != summary.file_dtype:
         items.append(MemoryItem("weight_cast", max(f.castable_bytes[1:] or f.unit_bytes[1:]),
                                 f"the computing unit's dense tensors cast from {summary.file_dtype} to {shape.dtype}"))
-    return items
+    return items + preference.persistent(f, shape.lora_rank, shape.preference)
 
 
 def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
@@ -230,7 +230,9 @@ def activation_peak(f: ModelFacts, shape: TrainingShape) -> MemoryItem:
     """The largest transient phase: the head, a layer's backward, the forward and the
     optimizer step run one after another, so the device holds only the largest of them on
     top of the persistent items (its ``parts`` are every phase)."""
-    return pi.peak_of("activation_peak", activation_phases(f, shape), "the largest phase")
+    phases = preference.phases(f, shape.batch, shape.seq, shape.head_chunk_tokens, shape.preference,
+                               activation_phases(f, shape))
+    return pi.peak_of("activation_peak", phases, "the largest phase")
 
 
 def _resident_prefix(n_layers: int, k: int) -> tuple[int, ...]:

@@ -78,6 +78,9 @@ class TrainingShape:
             when the run does not fit whole). Training with checkpointing only.
         weights_in_place: the device computes on the weights where the host holds them (the
             CPU training without a budget): no weight slots, no staging, nothing uploaded.
+        preference: None (SFT) or a preference step's kind (:data:`lema.domain.plan.preference.KINDS`:
+            ``"pairs"``, ``"reference"``, ``"reference_adapter"``); ``batch`` then counts rows,
+            two per pair, and the hints speak in pairs.
 
     Raises:
         ConfigError: naming every field whose value is out of range, at once.
@@ -102,6 +105,7 @@ class TrainingShape:
     offload_activations: bool | None = None
     tile_tokens: int | None = None
     weights_in_place: bool = False
+    preference: str | None = None
 
     def __attrs_post_init__(self) -> None:
         problems = []
@@ -137,6 +141,11 @@ class TrainingShape:
         elif self.tile_tokens and not (self.mode == "train" and self.gradient_checkpointing):
             problems.append("tile_tokens: sequence tiling recomputes each layer: it needs mode='train' "
                             "with gradient checkpointing")
+        if self.preference not in (None, "pairs", "reference", "reference_adapter"):
+            problems.append(f"preference={self.preference!r} must be None, 'pairs', 'reference' or "
+                            "'reference_adapter'")
+        elif self.preference is not None and is_int(self.batch) and self.batch % 2:
+            problems.append(f"batch={self.batch!r} counts the rows of pairs: it must be even with a preference")
         if problems:
             raise ConfigError("training shape: " + "; ".join(problems))
 

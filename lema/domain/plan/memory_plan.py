@@ -167,12 +167,13 @@ def verdict(p: MemoryPlan) -> str:
 def explain(p: MemoryPlan) -> str:
     """A multi-line explanation: model, run, items, link, verdict and recommendations."""
     m, s = p.model, p.shape
+    batch = str(s.batch) if s.preference is None else f"{s.batch // 2} pairs ({s.batch} rows)"
     lines = [
         f"model: {m.model_type} ({m.family}), {m.n_layers} layers, hidden {m.hidden_size}, "
         f"{m.parameters:,} parameters, {format_size(m.weight_bytes)} of "
         f"{m.quantization + ' (computing in ' + m.dtype + ')' if m.quantization else m.dtype} weights, "
         f"largest layer {format_size(m.largest_layer_bytes)}",
-        f"run: {s.mode}, batch {s.batch}, seq {s.seq}, LoRA rank {s.lora_rank} on {', '.join(m.lora_targets)}, "
+        f"run: {s.mode}, batch {batch}, seq {s.seq}, LoRA rank {s.lora_rank} on {', '.join(m.lora_targets)}, "
         f"strategy {s.strategy.value}, prefetch {s.prefetch}, checkpointing "
         f"{'on' if s.gradient_checkpointing else 'off'}, {s.attention_path} attention" + run_extras(p),
         f"device ({format_size(p.device_total)}):",

@@ -16,6 +16,7 @@ from lema.domain.plan import items as pi
 from lema.domain.plan.assemble import activation_options, auto_resident, build
 from lema.domain.plan.inputs import TrainingShape
 from lema.domain.plan.memory_plan import MemoryPlan, ModelSummary
+from lema.domain.plan.preference import rows_per_example
 from lema.domain.plan.strategy import MemoryStrategy
 from lema.domain.units import format_size
 
@@ -69,24 +70,31 @@ def recommendations(summary: ModelSummary, f: pi.ModelFacts, p: MemoryPlan,
         words = [*notes, *(["with " + " and ".join(taken)] if taken else [])]
         return f" ({'; '.join(words)})" if words else ""
 
-    batch = _largest(lambda b: fits(batch=b), 1, MAX_BATCH)
+    # --batch counts examples: a preference step's are pairs of rows (lema.domain.plan.preference)
+    rows = rows_per_example(s.preference)
+    unit = " pairs" if rows > 1 else ""
+    batch = _largest(lambda b: fits(batch=b * rows), 1, MAX_BATCH)
     seq = _largest(lambda q: fits(seq=q), 1, max(summary.max_positions, s.seq))
     if p.fits:
         if batch is not None:
-            recs.append(f"largest batch that fits at seq {s.seq}: --batch {batch}{needing(batch=batch)}")
+            recs.append(f"largest batch that fits at seq {s.seq}: --batch {batch}{unit}"
+                        f"{needing(batch=batch * rows)}")
         if seq is not None:
             capped = ("the model's context length",) if seq == summary.max_positions else ()
-            recs.append(f"largest sequence that fits at batch {s.batch}: --seq {seq}{needing(*capped, seq=seq)}")
+            recs.append(f"largest sequence that fits at batch {s.batch // rows}{unit}: --seq {seq}"
+                        f"{needing(*capped, seq=seq)}")
         _activations(summary, f, p, s, recs)
         _residency(summary, f, p, recs)
         return tuple(recs), ()
     if not p.device_fits or not p.host_fits:
-        if batch is not None and batch < s.batch:
+        if batch is not None and batch * rows < s.batch:
             fixes.append(f"--batch {batch}")
-            recs.append(f"largest batch that fits at seq {s.seq}: --batch {batch}{needing(batch=batch)}")
+            recs.append(f"largest batch that fits at seq {s.seq}: --batch {batch}{unit}"
+                        f"{needing(batch=batch * rows)}")
         if seq is not None and seq < s.seq:
             fixes.append(f"--seq {seq}")
-            recs.append(f"largest sequence that fits at batch {s.batch}: --seq {seq}{needing(seq=seq)}")
+            recs.append(f"largest sequence that fits at batch {s.batch // rows}{unit}: --seq {seq}"
+                        f"{needing(seq=seq)}")
         prefetch = _largest(lambda d: fits(prefetch=d), 0, s.prefetch - 1) if s.prefetch > 0 else None
         if prefetch is not None:
             fixes.append(f"--prefetch {prefetch}")
@@ -106,8 +114,8 @@ def recommendations(summary: ModelSummary, f: pi.ModelFacts, p: MemoryPlan,
                 fixes.append("--dtype bfloat16")
                 recs.append("--dtype bfloat16 fits (weights cast to 16-bit on load, half the bytes)")
     if not fixes:
-        floor = build(summary, f, attrs.evolve(p.shape, batch=1, seq=1, prefetch=0), None, ())
-        recs.append(f"nothing at this budget fits: even batch 1, seq 1, prefetch 0 needs "
+        floor = build(summary, f, attrs.evolve(p.shape, batch=rows, seq=1, prefetch=0), None, ())
+        recs.append(f"nothing at this budget fits: even batch 1{unit.rstrip('s')}, seq 1, prefetch 0 needs "
                     f"{format_size(floor.device_total)} on the device (largest streamed unit "
                     f"{format_size(floor.slot_bytes)}); use a larger device or a smaller model")
     return tuple(recs), tuple(fixes)

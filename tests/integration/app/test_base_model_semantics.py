@@ -25,7 +25,7 @@ def test_a_bf16_gpt2_file_run_as_float32_matches_transformers_in_float32(tmp_pat
     with torch.no_grad():
         expected = hf(input_ids=ids).logits
     with LemaModel(LemaConfig(gbi_path=str(path), device="cpu", dtype="float32", lora_rank=2)) as model:
-        ours = model.forward(ids)
+        ours = model.logits(ids)
         assert_close(ours, expected, noise=logits_noise(hf, ids), floor=forward_floor(model.spec, ids.shape[1]))
 
 

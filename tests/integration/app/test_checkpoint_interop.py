@@ -60,7 +60,7 @@ def test_peft_loads_a_lema_checkpoint_and_gives_the_same_logits(base, tmp_path):
     ids = _ids(99)
     with torch.no_grad():
         expected = peft_model(input_ids=ids).logits
-    ours = model.forward(ids)
+    ours = model.logits(ids)
     assert_close(ours, expected, noise=logits_noise(peft_model, ids), floor=forward_floor(model.spec, ids.shape[1]))
     with torch.no_grad(), peft_model.disable_adapter():
         plain = peft_model(input_ids=ids).logits
@@ -88,7 +88,7 @@ def test_lema_loads_a_peft_trained_adapter_and_gives_the_same_logits(base, tmp_p
         expected = peft_model(input_ids=ids).logits
     model = LemaModel(LemaConfig(gbi_path=str(folder / "model.safetensors"), device="cpu"))
     model.load_adapter(tmp_path / "peft-adapter")
-    assert_close(model.forward(ids), expected, noise=logits_noise(peft_model, ids),
+    assert_close(model.logits(ids), expected, noise=logits_noise(peft_model, ids),
                  floor=forward_floor(model.spec, ids.shape[1]))
 
 

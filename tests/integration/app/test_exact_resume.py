@@ -154,11 +154,11 @@ def test_return_logits_are_the_ones_the_loss_came_from_before_the_step(llama_fil
     trainer = model.get_trainer(_optimizer(model))
     trainer.train_step(_ids(0))  # B is no longer zero: the adapters take part
     ids = _ids(1)
-    before = model.forward(ids)
+    before = model.logits(ids)
     logits, loss = trainer.train_step(ids, return_logits=True)
     assert trainer.global_step == 2
     assert torch.equal(logits, before)
-    assert not torch.equal(model.forward(ids), before)  # the step did change the model
+    assert not torch.equal(model.logits(ids), before)  # the step did change the model
     expected = torch.nn.functional.cross_entropy(before[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
     assert_close(torch.tensor(loss), expected, floor=LOSS_FLOOR)
 
@@ -242,7 +242,7 @@ def test_open_and_close_a_thousand_models_keeps_the_fd_count_flat(tmp_path):
     for i in range(1000):
         if i % 2:
             with LemaModel(config) as model:
-                model.forward(_ids(0)[:, :4] % 32) if i % 100 == 1 else None
+                model.logits(_ids(0)[:, :4] % 32) if i % 100 == 1 else None
         else:
             model = LemaModel(config)
             model.close()

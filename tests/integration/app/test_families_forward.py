@@ -37,5 +37,5 @@ def test_logits_equal_transformers_streaming_and_resident(root, name):
         with LemaModel(LemaConfig(gbi_path=str(path), device="cpu", strategy=strategy)) as model:
             assert model.spec.family == name
             for (ids, mask), want, real, noise in zip(cases, expected, reals, noises):
-                got = model.forward(ids, attention_mask=mask)
+                got = model.logits(ids, attention_mask=mask)
                 assert_close(got[real], want[real], noise=noise, floor=floor, what=(name, strategy, mask is not None))

@@ -81,7 +81,7 @@ def test_adamw_steps_equal_peft_and_the_checkpoint_and_merge_give_the_same_model
 
     ids, mask = batch(99, padded=True)
     real = mask.bool()
-    logits = model.forward(ids, attention_mask=mask)
+    logits = model.logits(ids, attention_mask=mask)
     trainer.save_checkpoint(tmp_path / "ckpt")
     loaded = peft.PeftModel.from_pretrained(_hf(folder, name), str(tmp_path / "ckpt")).eval()
     floor = forward_floor(model.spec, ids.shape[1])

@@ -59,7 +59,7 @@ def _prompts(batch: int = 2, seq: int = 6, seed: int = 0) -> torch.Tensor:
 def _slow_greedy(model: LemaModel, ids: torch.Tensor, new: int) -> torch.Tensor:
     """The clearly correct reference: re-run the whole prefix through ``model.forward`` per token."""
     for _ in range(new):
-        ids = torch.cat((ids, model.forward(ids)[:, -1].argmax(-1, keepdim=True)), dim=1)
+        ids = torch.cat((ids, model.logits(ids)[:, -1].argmax(-1, keepdim=True)), dim=1)
     return ids
 
 

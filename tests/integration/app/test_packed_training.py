@@ -46,7 +46,7 @@ def test_packed_forward_gives_transformers_logits_of_each_example(reference):
     model.lora = None  # the base alone, as transformers has it
     batch = collate_packed([PackedRow(store, (0, 1, 2))], pad_id=0)
     assert batch["position_ids"][0].tolist() == [*range(6), *range(9), *range(5)]
-    logits = model.forward(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    logits = model.logits(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
     start = 0
     with torch.no_grad():
         for i, n in enumerate(LENGTHS):

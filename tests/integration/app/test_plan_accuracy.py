@@ -144,7 +144,7 @@ def test_inference_peak_matches_plan(tmp_path, dtype):
     planned = bootstrap.make_plan(model.config, model.spec, model.device, mode="inference").device_total
     ids = torch.randint(0, model.spec.vocab_size, (2, 128))
     model.device.reset_peak()
-    logits = model.forward(ids)
+    logits = model.logits(ids)
     peak = model.device.peak_bytes()
     assert logits.shape == (2, 128, 512)
     print(f"peak {peak} plan {planned} ratio {peak / planned:.3f}")

@@ -65,7 +65,7 @@ def test_logits_match_transformers_on_the_same_quantized_folder(quantized_model,
         expected = reference(input_ids=ids).logits
     with _lema(folder) as model:
         assert model.spec.quantization is not None
-        ours = model.forward(ids)
+        ours = model.logits(ids)
     assert_close(ours, expected, noise=logits_noise(reference, ids), floor=forward_floor(reference.config, 12))
 
 
@@ -81,7 +81,7 @@ def test_every_family_reads_a_folder_transformers_quantized(tmp_path, name):
         expected = reference(input_ids=ids).logits
     with _lema(folder, max_seq_len=ids.shape[1]) as model:
         assert any(u.packed for u in model.spec.units)
-        assert_close(model.forward(ids), expected, noise=logits_noise(reference, ids),
+        assert_close(model.logits(ids), expected, noise=logits_noise(reference, ids),
                      floor=forward_floor(reference.config, ids.shape[1]))
 
 
@@ -113,7 +113,7 @@ def test_two_sgd_steps_match_peft_qlora_and_the_adapter_loads_on_the_quantized_b
     loaded = peft.PeftModel.from_pretrained(hf_quantized(folder), str(tmp_path / "ckpt")).train()
     ids = _ids(9)
     with torch.no_grad():
-        assert_close(model.forward(ids), loaded(input_ids=ids).logits, noise=logits_noise(loaded, ids),
+        assert_close(model.logits(ids), loaded(input_ids=ids).logits, noise=logits_noise(loaded, ids),
                      floor=forward_floor(model.spec, 12))
     model.close()
 

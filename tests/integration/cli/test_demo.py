@@ -70,7 +70,7 @@ def test_demo_checkpoint_loads_in_lema_and_in_peft_with_the_same_logits(demo_run
     tok = AutoTokenizer.from_pretrained(out / "final")  # the checkpoint carries the tokenizer
     ids = torch.tensor([tok("When do you open on Sunday?")["input_ids"]])
     lema_model = LemaModel.from_pretrained(out / "final")
-    ours = lema_model.forward(ids)
+    ours = lema_model.logits(ids)
     base = LlamaForCausalLM.from_pretrained(out / "base", dtype=torch.float32, attn_implementation="sdpa").eval()
     reference = PeftModel.from_pretrained(base, out / "final").eval()
     with torch.no_grad():

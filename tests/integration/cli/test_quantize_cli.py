@@ -95,11 +95,11 @@ def test_convert_quantize_writes_what_transformers_writes_and_transformers_loads
     with LemaModel(LemaConfig(gbi_path=str(out), device="cpu")) as model:
         assert model.spec.quantization is not None
         reference = hf_quantized(tiny["nf4"])
-        assert_close(model.forward(ids), expected, noise=logits_noise(reference, ids),
+        assert_close(model.logits(ids), expected, noise=logits_noise(reference, ids),
                      floor=forward_floor(reference.config, ids.shape[1]))
     with LemaModel(LemaConfig(gbi_path=str(copied), device="cpu")) as model:
         assert model.spec.quantization is not None and model.spec.dtype == "BF16"
-        assert model.forward(ids).shape == expected.shape
+        assert model.logits(ids).shape == expected.shape
     with safe_open(copied, "pt") as f:  # packed tensors keep their dtypes; norms follow --dtype
         assert f.get_slice("model.layers.0.mlp.up_proj.weight.absmax").get_dtype() == "U8"
         assert f.get_slice("model.layers.0.mlp.up_proj.weight.nested_absmax").get_dtype() == "F32"

@@ -46,6 +46,14 @@ def test_cut_covers_each_request_exactly_once_in_order(sizes, piece):
         assert sum(len(p[2]) for p in mine) == n
 
 
+@given(start=st.integers(0, 10_000), n=st.integers(1, 20_000), piece=st.sampled_from([512, 4096]))
+def test_pieces_after_the_first_start_on_aligned_file_offsets(start, n, piece):
+    pieces = cut([(3, start, memoryview(bytearray(n)), "f")], piece)
+    assert pieces[0][1] == start and sum(len(p[2]) for p in pieces) == n
+    assert all(p[1] % piece == 0 for p in pieces[1:])
+    assert all(len(p[2]) == piece for p in pieces[1:-1])
+
+
 def test_a_short_file_names_the_file_and_the_byte(data_file):
     path, _ = data_file
     fd = os.open(path, os.O_RDONLY)

@@ -1,0 +1,61 @@
+"""The drive's share of a step: reads in order, the page cache LEMA keeps, seconds per step."""
+
+from __future__ import annotations
+
+import pytest
+
+from lema.domain.plan.disk_time import (
+    DiskTime,
+    cache_share,
+    disk_bytes_per_step,
+    disk_time,
+    step_reads,
+    streams_from_disk,
+)
+
+GIB = 1 << 30
+
+
+def test_a_training_step_reads_forward_then_the_decoders_back_less_those_still_in_slots():
+    assert step_reads((1, 2, 3, 4, 5), n_layers=4, training=True) == (1, 2, 3, 4, 5, 4, 3, 2, 1)
+    assert step_reads((1, 2, 3, 4, 5), n_layers=4, training=True, kept_at_turn=2) == (1, 2, 3, 4, 5, 2, 1)
+    assert step_reads((5, 3, 4), n_layers=4, training=False) == (3, 4, 5)
+
+
+def test_steady_state_disk_bytes_follow_the_cache_lemma_keeps():
+    reads = step_reads((1, 2, 3, 4, 5), n_layers=4, training=True)
+    sizes = {u: 10 for u in range(1, 6)}
+    assert disk_bytes_per_step(reads, sizes, keep=None) == 0  # it all fits: only the first step reads
+    assert disk_bytes_per_step(reads, sizes, keep=0) == 90  # nothing kept: every read from the drive
+    assert disk_bytes_per_step(reads, sizes, keep=50) == 0  # the whole model kept
+    # 2 units kept: backward starts on the one unit forward read last that it reads again, forward on
+    # the 2 backward read last: 3 of 9 reads hit
+    assert disk_bytes_per_step(reads, sizes, keep=20) == 60
+    # the last 3 units read are never dropped, whatever the keep
+    assert disk_bytes_per_step(reads, sizes, keep=0, in_flight=3) == 40
+
+
+def test_the_model_streams_from_disk_when_it_does_not_fit_beside_the_run():
+    assert not streams_from_disk(10 * GIB, available=20 * GIB, run_host_bytes=2 * GIB)
+    assert streams_from_disk(30 * GIB, available=20 * GIB, run_host_bytes=2 * GIB)
+    assert cache_share(20 * GIB, 2 * GIB) == 9 * GIB
+    assert cache_share(GIB, 2 * GIB) == 0
+
+
+def test_disk_time_says_bytes_rate_seconds_and_whether_the_drive_sets_the_step():
+    sizes = {u: GIB for u in range(1, 32)}
+    reads = step_reads(tuple(sizes), n_layers=30, training=True)
+    t = disk_time(reads, sizes, file_bytes=31 * GIB, available=20 * GIB, run_host_bytes=2 * GIB,
+                  read_rate=2 * GIB, rate_source="measured")
+    assert t.keep == 9 * GIB and t.bytes_per_step == (61 - 2 * 9) * GIB + GIB  # the head's unit is read once
+    assert t.seconds == pytest.approx(t.bytes_per_step / (2 * GIB))
+    assert t.disk_bound(compute_seconds=1.0) and not t.disk_bound(compute_seconds=100.0)
+    assert t.disk_bound(None) is None
+    line = t.line(compute_seconds=1.0)
+    assert "does not fit the page cache" in line and "2.0 GiB/s (measured)" in line and "disk-bound" in line
+    fits = disk_time(reads, sizes, file_bytes=31 * GIB, available=64 * GIB, run_host_bytes=2 * GIB, read_rate=1e9)
+    assert fits.keep is None and fits.bytes_per_step == 0 and fits.seconds == 0
+    assert "fits the page cache" in fits.line()
+    unmeasured = DiskTime(GIB, 0.0, 0, "not measured")
+    assert unmeasured.seconds == 0.0 and unmeasured.disk_bound(1.0) is None
+    assert "read rate not measured" in unmeasured.line()

@@ -352,12 +352,9 @@ class LemaModel(AdapterModule):
 
     def cast_weights(self, weights: Any) -> Any:
         """One unit's weights in the compute dtype (the same dict when nothing needs a cast)."""
-        if all(not t.is_floating_point() or t.dtype == self.compute_dtype for t in weights.values()):
-            return weights
-        from lema.domain.nn.linear import SplitWeights
+        from lema.domain.nn.linear import cast_weights
 
-        cast = {k: (t.to(self.compute_dtype) if t.is_floating_point() else t) for k, t in weights.items()}
-        return SplitWeights(cast, weights.backward_weights) if isinstance(weights, SplitWeights) else cast
+        return cast_weights(weights, self.compute_dtype)
 
     def prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                        training: bool, position_ids: torch.Tensor | None = None) -> tuple[BlockContext, torch.Tensor]:

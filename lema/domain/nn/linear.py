@@ -45,6 +45,15 @@ class SplitWeights(dict[str, torch.Tensor]):
         self.backward_weights = dict(backward_weights)
 
 
+def cast_weights(weights: Weights, dtype: torch.dtype) -> Weights:
+    """A unit's weights with every floating tensor in ``dtype`` (the same mapping when nothing
+    needs a cast; a :class:`SplitWeights` stays one, its backward weights kept)."""
+    if all(not t.is_floating_point() or t.dtype == dtype for t in weights.values()):
+        return weights
+    cast = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in weights.items()}
+    return SplitWeights(cast, weights.backward_weights) if isinstance(weights, SplitWeights) else cast
+
+
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
 

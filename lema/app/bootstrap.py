@@ -18,6 +18,7 @@ from lema.adapters.devices.host_cpus import fit_torch_threads
 from lema.adapters.weights.model_files import ResolvedModel, resolve_model
 from lema.app.parallel.distributed import default_cuda_index, local_world_size
 from lema.config import LemaConfig
+from lema.domain.device_traits import DeviceTraits
 from lema.domain.model.spec import ModelSpec, dtype_code
 from lema.domain.plan.planner import Budget, MemoryPlan, TrainingShape, plan
 from lema.domain.plan.disk_time import DiskTime
@@ -113,11 +114,23 @@ def _cuda_device(config: LemaConfig, index: str) -> Device:
 _DEVICES: dict[str, Callable[[LemaConfig, str], Device]] = {"cpu": _cpu_device, "cuda": _cuda_device}
 
 
-def compute_dtype(config: LemaConfig, spec: ModelSpec) -> torch.dtype:
-    """The dtype the base weights compute in: the file's unless the config says otherwise."""
+def compute_dtype(config: LemaConfig, spec: ModelSpec, traits: DeviceTraits | None = None, *,
+                  warn: bool = False) -> torch.dtype:
+    """The dtype the base weights compute in: the file's unless the config says otherwise, and
+    bfloat16 for a float16 file on a device with native bf16 (:mod:`lema.domain.model.precision`).
+
+    Args:
+        traits: the device's (None: the CPU's).
+        warn: emit the choice's warning (a float16 run) as a :class:`LemaWarning`.
+    """
+    from lema.domain.device_traits import CPU
+    from lema.domain.model.precision import compute_dtype_code
     from lema.domain.model.spec import torch_dtype
 
-    return torch_dtype(spec.dtype if config.dtype == "auto" else dtype_code(config.dtype))
+    code, warning = compute_dtype_code(spec.dtype, config.dtype, bf16=(traits or CPU).bf16)
+    if warn and warning is not None:
+        warnings.warn(LemaWarning(warning), stacklevel=3)
+    return torch_dtype(code)
 
 
 def training_shape(config: LemaConfig, spec: ModelSpec, device: Device) -> TrainingShape:
@@ -125,13 +138,19 @@ def training_shape(config: LemaConfig, spec: ModelSpec, device: Device) -> Train
     return TrainingShape(
         batch=config.batch_size, seq=config.max_seq_len, lora_rank=config.lora_rank,
         lora_targets=config.lora_target_modules, strategy=config.strategy,
-        prefetch=config.prefetch_distance, dtype=None if config.dtype == "auto" else dtype_code(config.dtype),
+        prefetch=config.prefetch_distance, dtype=_planned_dtype(config, spec, device),
         gradient_checkpointing=config.checkpointing, device_kind=device.traits.kind,
         offload_activations=config.offload if config.checkpointing else False,
         kept_layers=None if config.gradient_checkpointing == "auto" and config.strategy is MemoryStrategy.AUTO else 0,
-        wide_matmul=device.matmul_dtype(compute_dtype(config, spec)) is not None,
+        wide_matmul=device.matmul_dtype(compute_dtype(config, spec, device.traits)) is not None,
         local_ranks=local_world_size(), weights_in_place=device.traits.in_place, preference=config.preference,
     )
+
+
+def _planned_dtype(config: LemaConfig, spec: ModelSpec, device: Device) -> str | None:
+    """The plan's compute dtype: None for the file's own (``dtype="auto"`` computing in it)."""
+    code = dtype_code(compute_dtype(config, spec, device.traits))
+    return None if config.dtype == "auto" and code == dtype_code(spec.dtype) else code
 
 
 def check_host_memory(config: LemaConfig, plan_: MemoryPlan, device: Device,

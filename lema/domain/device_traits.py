@@ -54,6 +54,8 @@ class DeviceTraits:
             consumer card (RTX 4090 class: about 150 TFLOP/s dense bf16 in practice, 40 fp32,
             900 GB/s of elementwise traffic). CPU: two cores with AVX-512 BF16 (about 300 GFLOP/s
             bf16, 150 fp32, memcpy and elementwise 8 GB/s).
+        bf16: computes bfloat16 natively (CPUs; CUDA from compute capability 8.0): a float16
+            model file trains in bfloat16 there (:mod:`lema.domain.model.precision`).
     """
 
     kind: str
@@ -72,6 +74,7 @@ class DeviceTraits:
     default_fp32_flops_per_s: float = 150e9
     default_attention_efficiency: float = 0.5
     default_memory_bytes_per_s: float = 8e9
+    bf16: bool = True
 
 
 CUDA = DeviceTraits(kind="cuda", pinned_host=True, runtime_reserve=DEFAULT_CUDA_RESERVE, foreach_optimizer=True,

@@ -18,12 +18,14 @@ raises :class:`~lema.errors.ConfigError`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import resource
 import statistics
 import threading
 import time
 from typing import Iterator
 
+import attrs
 import torch
 
 from lema.domain.device_traits import CUDA, DeviceTraits
@@ -80,8 +82,9 @@ class CudaDevice:
 
     @property
     def traits(self) -> DeviceTraits:
-        """A GPU: pinned staging on a copy stream, a runtime reserve, foreach optimizer steps."""
-        return CUDA
+        """A GPU: pinned staging on a copy stream, a runtime reserve, foreach optimizer steps;
+        native bf16 from compute capability 8.0."""
+        return _traits(self.torch_device.index or 0)
 
     # -- memory ------------------------------------------------------------------------------
 
@@ -241,3 +244,8 @@ class CudaDevice:
 
     def close(self) -> None:
         self.synchronize()
+
+
+@functools.lru_cache(maxsize=None)
+def _traits(index: int) -> DeviceTraits:
+    return attrs.evolve(CUDA, bf16=torch.cuda.get_device_capability(index)[0] >= 8)

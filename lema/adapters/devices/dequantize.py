@@ -2,7 +2,9 @@
 
 The packed bytes cross the link as they are stored (a quarter of 16-bit weights for NF4);
 right before a unit computes, :class:`UnitDequantizer` turns them into dense weights of the
-compute dtype with bitsandbytes' kernels, written into one scratch buffer allocated (and
+compute dtype with bitsandbytes' kernels (a weight quantized from another dtype also gets,
+for its backward product, the rounding bitsandbytes' backward uses: see
+:func:`lema.adapters.weights.bnb.dequantize`), written into one scratch buffer allocated (and
 counted) on the device once. Computes run one at a time, so one buffer the size of the
 largest dequantized unit serves every slot and every resident unit; a unit computed twice
 in a row from the same fetch (the last layer at the forward -> backward turn) is not
@@ -17,12 +19,13 @@ Example:
 from __future__ import annotations
 
 import time
-from typing import Hashable, Mapping, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 import torch
 
 from lema.adapters.weights import bnb
 from lema.domain.nn import quant
+from lema.domain.nn.linear import SplitWeights
 from lema.domain.model.spec import ModelSpec
 from lema.ports.device import Device
 
@@ -57,6 +60,10 @@ class UnitDequantizer:
         dev = device.torch_device
         self._offsets = {k: torch.tensor(s.nested_offset, dtype=torch.float32, device=dev)
                          for k, s in states.items() if s.format.double_quant}
+        # weights whose backward product bitsandbytes rounds otherwise (bnb.rounds_twice)
+        self._twice = {u: tuple(p for p, _ in layout if bnb.rounds_twice(states[(u, p.key)], dtype))
+                       for u, layout in self._layouts.items()}
+        self._current: dict[int, Mapping[str, torch.Tensor]] = {}
         self._views: dict[int, dict[str, torch.Tensor]] = {}
         self._holds: Hashable = None
         self.dequantized = 0  # units dequantized so far (tests, benchmarks)
@@ -88,15 +95,30 @@ class UnitDequantizer:
             self._holds = None  # a failure below leaves the buffer holding nothing known
             start = time.perf_counter()
             for p, _ in layout:
-                bnb.dequantize(p, weights, self.states[(unit, p.key)], self.dtype, out=dense[p.key],
-                               offset=self._offsets.get((unit, p.key)))
+                state = self.states[(unit, p.key)]
+                bnb.dequantize(p, weights, state, self.dtype, out=dense[p.key], offset=self._offsets.get((unit, p.key)),
+                               through_stored=bnb.forward_through_stored(state, self.dtype))
             self.seconds += time.perf_counter() - start
             self._holds = tag
             self.dequantized += 1
         stored = self._stored[unit]
         out = {k: v for k, v in weights.items() if k not in stored}
         out.update(dense)
-        return out
+        twice = self._twice[unit]
+        if not twice:
+            return out
+        # The stored tensors of the unit's latest compute: a graph kept from the forward
+        # (no checkpointing) runs its backward after the engine handed the unit again.
+        self._current[unit] = weights
+        return SplitWeights(out, {p.key: self._backward_weight(unit, p) for p in twice})
+
+    def _backward_weight(self, unit: int, p: quant.PackedWeight) -> Callable[[], torch.Tensor]:
+        """Makes ``p`` dequantized as bitsandbytes' backward does, from the unit's stored
+        tensors as last handed in (its backward runs before its slot is released)."""
+        state, offset = self.states[(unit, p.key)], self._offsets.get((unit, p.key))
+        through = not bnb.forward_through_stored(state, self.dtype)  # the other rounding than the forward's
+        return lambda: bnb.dequantize(p, self._current[unit], state, self.dtype, offset=offset,
+                                      through_stored=through)
 
     def close(self) -> None:
         """Give the scratch buffer back to the device."""
@@ -104,4 +126,5 @@ class UnitDequantizer:
             self.device.free(self._scratch)
             self._scratch = None
             self._views.clear()
+            self._current.clear()
             self._holds = None

@@ -29,6 +29,8 @@ from lema.domain.model.spec import ModelSpec
 from lema.errors import ConfigError, ModelFormatError
 
 EXTRA = "pip install 'lema[quant]'"
+# the dtypes a 4-bit quant state's JSON may name (the dense weight's, before quantization)
+STORED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,6 +59,11 @@ class QuantState:
     blocksize: int = quant.BLOCKSIZE
     nested_blocksize: int = quant.NESTED_BLOCKSIZE
     nested_offset: float = 0.0
+    stored_dtype: str = "float32"  # the dtype the weight was quantized from (4-bit): dequantized into it first
+
+    @property
+    def torch_stored_dtype(self) -> torch.dtype:
+        return STORED_DTYPES[self.stored_dtype]
 
 
 def parse_quant_state(raw: bytes, name: str, weight: PackedWeight) -> QuantState:
@@ -69,6 +76,7 @@ def parse_quant_state(raw: bytes, name: str, weight: PackedWeight) -> QuantState
     fmt = weight.format
     try:
         state = json.loads(raw.decode("utf-8"))
+        stored = str(state.get("dtype", "float32")) if isinstance(state, dict) else "float32"
         if not isinstance(state, dict):
             raise ValueError("not an object")
         shape = tuple(int(s) for s in state["shape"])
@@ -85,9 +93,11 @@ def parse_quant_state(raw: bytes, name: str, weight: PackedWeight) -> QuantState
         problems.append(f"blocksize {blocksize}, LEMA reads {quant.BLOCKSIZE} (transformers' default)")
     if fmt.double_quant and nested[0] != quant.NESTED_BLOCKSIZE:
         problems.append(f"nested_blocksize {nested[0]}, expected {quant.NESTED_BLOCKSIZE}")
+    if stored not in STORED_DTYPES:
+        problems.append(f"dtype {stored!r}, bitsandbytes quantizes from {', '.join(sorted(STORED_DTYPES))}")
     if problems:
         raise ModelFormatError(f"{name}: {'; '.join(problems)}")
-    return QuantState(fmt, weight.shape, blocksize, nested[0] or quant.NESTED_BLOCKSIZE, nested[1])
+    return QuantState(fmt, weight.shape, blocksize, nested[0] or quant.NESTED_BLOCKSIZE, nested[1], stored)
 
 
 def read_quant_states(spec: ModelSpec, source: Any) -> dict[tuple[int, str], QuantState]:
@@ -123,11 +133,18 @@ def read_quant_states(spec: ModelSpec, source: Any) -> dict[tuple[int, str], Qua
 
 
 def dequantize(weight: PackedWeight, tensors: Mapping[str, torch.Tensor], state: QuantState,
-               dtype: torch.dtype, out: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
+               dtype: torch.dtype, out: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+               *, through_stored: bool = False) -> torch.Tensor:
     """The dense ``[out, in]`` weight in ``dtype``, computed where ``tensors`` live.
 
-    4-bit: ``bitsandbytes.functional.dequantize_4bit`` (written into ``out`` where
-    bitsandbytes has an in-place kernel: CUDA; elsewhere into a new tensor copied there).
+    4-bit: ``bitsandbytes.functional.dequantize_4bit``, straight into ``dtype`` or, with
+    ``through_stored``, into the dtype the weight was quantized from (the quant state's,
+    ``state.stored_dtype``) and then cast, as ``dequantize_4bit(B, state).to(dtype)``; the
+    two differ only when the stored dtype is not ``dtype`` (bf16 weights computed in fp32,
+    fp16 ones in bf16). bitsandbytes' own product uses one or the other in its forward and
+    in its backward depending on its version (:func:`roundings`). Written into ``out``
+    where bitsandbytes has an in-place kernel (CUDA) and no cast follows; elsewhere into a
+    new tensor copied there.
     int8: ``CB * (SCB / 127)`` row by row, in place in ``out``, as bitsandbytes' own
     dequantizing matmul does.
 
@@ -139,6 +156,7 @@ def dequantize(weight: PackedWeight, tensors: Mapping[str, torch.Tensor], state:
         out: a ``[out, in]`` tensor of ``dtype`` to write into (None: a new tensor).
         offset: double quant's offset as a float32 scalar tensor where ``tensors`` live
             (made once by the caller; None: made here).
+        through_stored: 4-bit: dequantize into the stored dtype, then cast (the backward's weight).
     """
     data = tensors[weight.key]
     if weight.format.bits == 8:
@@ -154,16 +172,65 @@ def dequantize(weight: PackedWeight, tensors: Mapping[str, torch.Tensor], state:
                                            code=tensors[key + ".nested_quant_map"], dtype=torch.float32)
         if offset is None:
             offset = torch.tensor(state.nested_offset, dtype=torch.float32, device=data.device)
+    into = state.torch_stored_dtype if through_stored else dtype
     qs = bnb_functional.QuantState(absmax=tensors[key + ".absmax"], shape=torch.Size(weight.shape),
                                    code=tensors[key + ".quant_map"], blocksize=state.blocksize,
-                                   quant_type=weight.format.method, dtype=dtype, offset=offset, state2=nested)
+                                   quant_type=weight.format.method, dtype=into, offset=offset, state2=nested)
     packed = data if data.dtype == torch.uint8 else data.view(torch.uint8)
-    if out is not None and out.device.type == "cuda":
+    if out is not None and out.device.type == "cuda" and into == dtype:
         return bnb_functional.dequantize_4bit(packed, qs, out=out)
     result = bnb_functional.dequantize_4bit(packed, qs)
     if out is None:
-        return result
+        return result.to(dtype)
     return out.copy_(result)
+
+
+@functools.lru_cache(maxsize=None)
+def roundings(stored: torch.dtype, compute: torch.dtype, method: str = "nf4") -> tuple[bool, bool]:
+    """``(forward, backward)``: whether the installed bitsandbytes' 4-bit product
+    (``bitsandbytes.matmul_4bit``, what ``Linear4bit`` computes with) dequantizes a weight
+    quantized from ``stored`` through ``stored`` (True) or straight into ``compute`` (False),
+    in its forward and in its backward.
+
+    Versions differ (0.50 dequantizes the forward into the activations' dtype and the
+    backward through the quant state's; earlier ones both through the quant state's), so
+    it is measured, once per dtype pair, on the CPU: the product of an identity matrix is
+    the dequantized weight itself, exactly, in both directions.
+    """
+    if stored in (compute, torch.float32):  # bitsandbytes' kernels dequantize in fp32: one rounding either way
+        return False, False
+    bnb_functional = functional()
+    import bitsandbytes
+
+    w = (torch.randn(128, 256, generator=torch.Generator().manual_seed(0)) * 0.05).to(stored)
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=quant.BLOCKSIZE, quant_type=method,
+                                                 quant_storage=torch.uint8)
+    through = bnb_functional.dequantize_4bit(packed, state).to(compute)
+    state.dtype = compute
+    direct = bnb_functional.dequantize_4bit(packed, state)
+    state.dtype = stored
+    if torch.equal(through, direct):  # the probe cannot tell them apart: bitsandbytes 0.50's choice
+        return False, True
+    eye = torch.eye(w.shape[1], dtype=compute, requires_grad=True)
+    with torch.enable_grad():
+        out = bitsandbytes.matmul_4bit(eye, packed.t(), quant_state=state)
+        out.backward(torch.eye(w.shape[1], w.shape[0], dtype=compute))  # rows 0..127 of the gradient: W
+    assert eye.grad is not None
+    return bool(torch.equal(out.detach().t(), through)), bool(torch.equal(eye.grad[:w.shape[0]], through))
+
+
+def rounds_twice(state: QuantState, dtype: torch.dtype) -> bool:
+    """Whether bitsandbytes' forward and backward products see different roundings of this
+    weight computed in ``dtype`` (:func:`roundings`; int8: never)."""
+    if state.format.bits != 4:
+        return False
+    forward, backward = roundings(state.torch_stored_dtype, dtype, state.format.method)
+    return forward != backward
+
+
+def forward_through_stored(state: QuantState, dtype: torch.dtype) -> bool:
+    """Whether bitsandbytes' forward product dequantizes this weight through its stored dtype."""
+    return state.format.bits == 4 and roundings(state.torch_stored_dtype, dtype, state.format.method)[0]
 
 
 def quantize(weight: torch.Tensor, key: str, fmt: QuantFormat,

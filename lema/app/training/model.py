@@ -81,7 +81,7 @@ class LemaModel(AdapterModule):
         self.lora_spec = LoraSpec(rank=config.lora_rank, alpha=config.alpha, dropout=config.lora_dropout,
                                   targets=targets, use_rslora=config.use_rslora)
         self.device = device if device is not None else bootstrap.make_device(config)
-        self.compute_dtype = bootstrap.compute_dtype(config, self.spec)
+        self.compute_dtype = bootstrap.compute_dtype(config, self.spec, self.device.traits, warn=True)
         self.matmul_dtype = self.device.matmul_dtype(self.compute_dtype)
         self._plan = bootstrap.make_plan(config, self.spec, self.device)
         if not self._plan.fits:
@@ -352,9 +352,9 @@ class LemaModel(AdapterModule):
 
     def cast_weights(self, weights: Any) -> Any:
         """One unit's weights in the compute dtype (the same dict when nothing needs a cast)."""
-        if all(not t.is_floating_point() or t.dtype == self.compute_dtype for t in weights.values()):
-            return weights
-        return {k: (t.to(self.compute_dtype) if t.is_floating_point() else t) for k, t in weights.items()}
+        from lema.domain.nn.linear import cast_weights
+
+        return cast_weights(weights, self.compute_dtype)
 
     def prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                        training: bool, position_ids: torch.Tensor | None = None) -> tuple[BlockContext, torch.Tensor]:

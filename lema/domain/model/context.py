@@ -26,8 +26,11 @@ from lema.domain.nn.context import (
     attention_kinds,
     attention_masks,
     decode_position_ids,
+    dense_padding,
     layout_ropes,
+    packed_spans,
     sliding_keys_kept,
+    training_mask,
 )
 from lema.domain.nn.layout import AttentionLayout
 from lema.errors import ConfigError
@@ -73,18 +76,14 @@ def make_context(spec: ModelSpec, input_shape: tuple[int, int], attention_mask: 
     if position_ids.shape[-1] != seq or position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch):
         raise ConfigError(f"position_ids has shape {list(position_ids.shape)}, expected [{batch}, {seq}]")
     position_ids = position_ids.to(device).expand(batch, seq)
-    pad = None
-    if attention_mask is not None:
-        if tuple(attention_mask.shape) != (batch, seq):
-            raise ConfigError(f"attention_mask has shape {list(attention_mask.shape)}, expected [{batch}, {seq}]")
-        pad = attention_mask.to(device).bool()
-        if bool(pad.all()):
-            pad = None
-    if segments is not None:
-        if tuple(segments.shape) != (batch, seq):
-            raise ConfigError(f"segments has shape {list(segments.shape)}, expected [{batch}, {seq}]")
-        segments = segments.to(device)
-    masks = {kind: attention_masks(pad, seq, layout.sliding_window if kind == SLIDING else None, device, segments=segments)
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, seq):
+        raise ConfigError(f"attention_mask has shape {list(attention_mask.shape)}, expected [{batch}, {seq}]")
+    if segments is not None and tuple(segments.shape) != (batch, seq):
+        raise ConfigError(f"segments has shape {list(segments.shape)}, expected [{batch}, {seq}]")
+    pad = dense_padding(attention_mask, device)  # masks and segments are read on the host, once
+    spans = packed_spans(segments, attention_mask if pad is None else None)
+    masks = {kind: training_mask(pad, spans, batch, seq, layout.sliding_window if kind == SLIDING else None, device,
+                                 segments=segments)
              for kind in attention_kinds(layout)}
     p = lora.dropout if (lora is not None and training) else 0.0
     if dropout_seed is None:
@@ -151,14 +150,13 @@ def make_decode_context(spec: ModelSpec, batch: int, past_len: int, new_len: int
         if tuple(attention_mask.shape) != (batch, total):
             raise ConfigError(f"attention_mask has shape {list(attention_mask.shape)}, expected [{batch}, {total}] "
                               "(cached + new tokens)")
-        pad = attention_mask.to(device).bool()
+        # read where the caller keeps it (the host, for generate), once: never a device tensor
+        pad = None if bool(attention_mask.detach().bool().all()) else attention_mask.to(device).bool()
     if position_ids is None:
         position_ids = decode_position_ids(attention_mask, past_len, new_len, device)
     if position_ids.dim() != 2 or position_ids.shape[-1] != new_len or position_ids.shape[0] not in (1, batch):
         raise ConfigError(f"position_ids has shape {list(position_ids.shape)}, expected [{batch}, {new_len}]")
     position_ids = position_ids.to(device).expand(batch, new_len)
-    if pad is not None and bool(pad.all()):
-        pad = None
     window = layout.sliding_window
     masks = {FULL: attention_masks(pad, new_len, None, device, past_len)}
     if SLIDING in layout.layer_types:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
+from lema.domain.nn.context import BlockSparse
 from lema.domain.nn.rope import apply_rope
 
 if TYPE_CHECKING:
@@ -57,6 +58,48 @@ def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return torch.matmul(probs, v)
 
 
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal SDPA of equally long q and k (grouped-query heads shared, no mask built)."""
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    if q.shape[2] == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, **gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
+
+
+def _banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float) -> torch.Tensor:
+    """Causal attention of one example (q, k, v over the same positions), within ``window``:
+    whole when it fits the window, else band by band, each ``window`` queries against the
+    keys they can see, with a ``(window, 2 window)`` mask at most."""
+    n = q.shape[2]
+    if window is None or n <= window:
+        return _sdpa_causal(q, k, v, scale)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    parts = []
+    for start in range(0, n, window):
+        end = min(start + window, n)
+        first = max(0, start - window + 1)
+        rows = torch.arange(start, end, device=q.device)[:, None]
+        cols = torch.arange(first, end, device=q.device)[None, :]
+        band = (cols <= rows) & (cols > rows - window)
+        parts.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, first:end], v[:, :, first:end],
+                                                    attn_mask=band, scale=scale))
+    return torch.cat(parts, dim=2)
+
+
+def _block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparse, scale: float) -> torch.Tensor:
+    """Attention under a :class:`BlockSparse` description: per packed example, per window band."""
+    if mask.spans is None:
+        return _banded(q, k, v, mask.window, scale)
+    rows = []
+    for row in range(q.shape[0]):
+        qr, kr, vr = q[row:row + 1], k[row:row + 1], v[row:row + 1]
+        rows.append(torch.cat([_banded(qr[:, :, a:b], kr[:, :, a:b], vr[:, :, a:b], mask.window, scale)
+                               for a, b in mask.row_spans(row)], dim=2))
+    return torch.cat(rows, dim=0)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "BlockContext", kind: str, scale: float,
            softcap: float | None = None) -> torch.Tensor:
     """Attention over ``(batch, heads, seq, head_dim)`` tensors; returns ``(batch, seq, heads * head_dim)``.
@@ -66,6 +109,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "BlockContext
     """
     mask, keep = ctx.attention(kind)
     groups = q.shape[1] // k.shape[1]
+    if isinstance(mask, BlockSparse):
+        if softcap is None and mask.seq == q.shape[2] == k.shape[2]:
+            return _block_sparse(q, k, v, mask, scale).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+        mask = mask.dense(q.device)  # the eager path (soft-capped scores) takes the mask whole
     if softcap is not None:
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

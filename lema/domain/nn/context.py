@@ -16,6 +16,14 @@ Packed rows (several examples in one sequence) carry ``segments``: the mask is t
 block-diagonal causal, each token attending only to earlier tokens of its own example,
 and the positions restart at 0 for each example (:func:`segment_ids` finds the examples
 from such positions), so every example computes exactly what it computes alone.
+
+No ``(seq, seq)`` mask is built for a training batch that is right-padded, packed or longer
+than a sliding window (:func:`training_mask`): right padding runs plain causal attention
+(padded positions come after every real token of their row, so no real token sees them,
+and they carry no loss: only their own outputs differ), and packed rows and sliding
+windows are a :class:`BlockSparse` description that attention runs segment by segment and
+window band by window band (:func:`lema.domain.nn.attention.attend`), with masks of at most
+``(window, 2 window)``. Left padding (and decoding after a cache) keeps the dense mask.
 """
 
 from __future__ import annotations
@@ -29,11 +37,109 @@ from lema.domain.nn.layout import FULL, SLIDING, AttentionLayout
 from lema.domain.nn.rope import rope_tables
 from lema.errors import ConfigError
 
-__all__ = ["FULL", "SLIDING", "AttentionMask", "BlockContext", "attention_kinds", "attention_masks", "decode_position_ids",
-           "layout_ropes", "segment_ids", "sliding_keys_kept"]
+__all__ = ["FULL", "SLIDING", "AttentionMask", "BlockContext", "BlockSparse", "attention_kinds", "attention_masks",
+           "decode_position_ids", "dense_padding", "layout_ropes", "packed_spans", "segment_ids", "sliding_keys_kept",
+           "training_mask"]
 
-# A mask and the multiplier (1 keep / 0 zero) of its fully masked query rows, both optional.
-AttentionMask = tuple["torch.Tensor | None", "torch.Tensor | None"]
+
+
+@attrs.frozen(eq=False)
+class BlockSparse:
+    """Causal attention by blocks, with no ``(seq, seq)`` mask: per packed example, per window band.
+
+    Attributes:
+        batch, seq: the batch's shape (no cached keys: a training or prefill batch).
+        spans: for each row, the ``(start, end)`` of each packed example (causal inside,
+            nothing across); None: each row is one example.
+        window: a sliding window (keys kept per query, the query included), or None.
+    """
+
+    batch: int
+    seq: int
+    spans: tuple[tuple[tuple[int, int], ...], ...] | None = None
+    window: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """The shape of the dense mask it stands for."""
+        return (self.batch, 1, self.seq, self.seq)
+
+    def row_spans(self, row: int) -> tuple[tuple[int, int], ...]:
+        return ((0, self.seq),) if self.spans is None else self.spans[row]
+
+    def dense(self, device: torch.device | str) -> torch.Tensor:
+        """The boolean ``(batch, 1, seq, seq)`` mask it stands for (True attends): for the eager
+        path (soft-capped scores) and for tests."""
+        q = torch.arange(self.seq, device=device)[:, None]
+        k = torch.arange(self.seq, device=device)[None, :]
+        allowed = k <= q
+        if self.window is not None:
+            allowed = allowed & (k > q - self.window)
+        out = allowed[None, None].expand(self.batch, 1, self.seq, self.seq)
+        if self.spans is None:
+            return out
+        same = torch.zeros(self.batch, self.seq, self.seq, dtype=torch.bool, device=device)
+        for row in range(self.batch):
+            for start, end in self.spans[row]:
+                same[row, start:end, start:end] = True
+        return out & same[:, None]
+
+
+# A mask and the multiplier (1 keep / 0 zero) of its fully masked query rows, both optional;
+# the mask may be a BlockSparse description instead of a tensor.
+AttentionMask = tuple["torch.Tensor | BlockSparse | None", "torch.Tensor | None"]
+
+
+def packed_spans(segments: torch.Tensor | None, attention_mask: torch.Tensor | None = None
+                 ) -> tuple[tuple[tuple[int, int], ...], ...] | None:
+    """Each row's ``(start, end)`` runs of equal segment ids (read on the host once), or None
+    when no row holds more than one example. With a right-padding ``attention_mask`` the
+    padding after a row's last token is one run (whatever its segment ids: it carries no loss
+    and no token attends to it)."""
+    if segments is None:
+        return None
+    seg = segments.detach().cpu()
+    batch, seq = seg.shape
+    breaks = (seg[:, 1:] != seg[:, :-1]).nonzero().tolist()
+    if not breaks:
+        return None
+    ends = [seq] * batch
+    if attention_mask is not None:
+        ends = [min(seq, max(1, int(n))) for n in attention_mask.detach().cpu().long().sum(-1).tolist()]
+    cuts: list[list[int]] = [[0] for _ in range(batch)]
+    for row, col in breaks:
+        if col + 1 < ends[row]:
+            cuts[row].append(col + 1)
+    for row in range(batch):
+        if ends[row] < seq:
+            cuts[row].append(ends[row])
+    return tuple(tuple(zip(c, c[1:] + [seq])) for c in cuts)
+
+
+def dense_padding(attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """The ``(batch, seq)`` padding a batch with no cached keys needs a dense mask for: None when
+    there is no padding or only right padding (see the module docstring), else the mask as
+    booleans on ``device``. One device -> host read when ``attention_mask`` lives on a device."""
+    if attention_mask is None:
+        return None
+    real = attention_mask.detach().bool()
+    all_real, right_padded = torch.stack([real.all(), (real[:, 1:] <= real[:, :-1]).all()]).tolist()
+    return None if all_real or right_padded else real.to(device)
+
+
+def training_mask(pad: torch.Tensor | None, spans: tuple[tuple[tuple[int, int], ...], ...] | None, batch: int,
+                  seq: int, window: int | None, device: torch.device,
+                  segments: torch.Tensor | None = None) -> AttentionMask:
+    """The mask of one attention kind for a batch with no cached keys (training, a forward, a
+    prefill): dense only for ``pad`` (:func:`dense_padding`), else None (causal) or a
+    :class:`BlockSparse` (packed ``spans`` from :func:`packed_spans`, a ``window`` shorter
+    than ``seq``)."""
+    if pad is not None:
+        return attention_masks(pad, seq, window, device, segments=None if segments is None else segments.to(device))
+    windowed = window if window is not None and seq > window else None
+    if spans is None and windowed is None:
+        return None, None
+    return BlockSparse(batch, seq, spans, windowed), None
 
 
 @attrs.frozen(eq=False)
@@ -138,9 +244,10 @@ def attention_masks(pad: torch.Tensor | None, seq: int, window: int | None, devi
     if pad is None:
         return allowed, None
     allowed = allowed & pad[:, None, None, start:]
+    # Rows with no visible key attend to themselves and are zeroed. Always built (a multiplier
+    # of ones where no row is dead changes no value): asking whether any row is dead would
+    # make the host wait for the device.
     dead = ~allowed.any(dim=-1, keepdim=True)
-    if not bool(dead.any()):
-        return allowed, None
     allowed = allowed | (dead & (q == k))
     return allowed, (~dead).to(torch.float32)
 

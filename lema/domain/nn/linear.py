@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from lema.domain.nn.matmul import frozen_linear
+from lema.domain.nn.matmul import frozen_linear, split_linear
 
 if TYPE_CHECKING:
     from lema.domain.nn.context import BlockContext
@@ -29,6 +29,29 @@ if TYPE_CHECKING:
 Weights = Mapping[str, torch.Tensor]
 Adapters = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 Projector = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+class SplitWeights(dict[str, torch.Tensor]):
+    """A unit's weights by key, some of whose backward products use another rounding.
+
+    ``backward_weights[key]()`` makes the weight the backward of ``key``'s product
+    multiplies by (see :func:`lema.domain.nn.matmul.split_linear`); keys absent from it
+    use the forward's. Made by the dequantizer of a quantized base; read by :func:`projector`.
+    """
+
+    def __init__(self, weights: Mapping[str, torch.Tensor],
+                 backward_weights: Mapping[str, Callable[[], torch.Tensor]]) -> None:
+        super().__init__(weights)
+        self.backward_weights = dict(backward_weights)
+
+
+def cast_weights(weights: Weights, dtype: torch.dtype) -> Weights:
+    """A unit's weights with every floating tensor in ``dtype`` (the same mapping when nothing
+    needs a cast; a :class:`SplitWeights` stays one, its backward weights kept)."""
+    if all(not t.is_floating_point() or t.dtype == dtype for t in weights.values()):
+        return weights
+    cast = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in weights.items()}
+    return SplitWeights(cast, weights.backward_weights) if isinstance(weights, SplitWeights) else cast
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -60,7 +83,8 @@ def _power_of_two(x: float) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, adapter: tuple | None,
-           ctx: "BlockContext", *, conv1d: bool = False, site: int = 0) -> torch.Tensor:
+           ctx: "BlockContext", *, conv1d: bool = False, site: int = 0,
+           backward_weight: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """A frozen linear map plus an optional LoRA update.
 
     Args:
@@ -71,11 +95,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ada
         ctx: the batch context (scaling, dropout, the products' dtype).
         conv1d: the weight has GPT-2's Conv1D ``[in, out]`` layout.
         site: a number unique to this module in the model, seeding its dropout mask.
+        backward_weight: makes the weight the backward multiplies by, when it is another
+            rounding than ``weight`` (:class:`SplitWeights`); None: ``weight``.
 
     Returns:
         ``(..., out)`` activations in ``x``'s dtype.
     """
-    if ctx.matmul_dtype is not None and ctx.matmul_dtype != x.dtype:
+    if backward_weight is not None and torch.is_grad_enabled() and x.requires_grad:
+        wide = ctx.matmul_dtype if ctx.matmul_dtype is not None and ctx.matmul_dtype != x.dtype else None
+        out = split_linear(x, weight.to(x.dtype), _cast(bias, x.dtype), backward_weight, conv1d=conv1d,
+                           matmul_dtype=wide)
+    elif ctx.matmul_dtype is not None and ctx.matmul_dtype != x.dtype:
         out = frozen_linear(x, weight.to(x.dtype), _cast(bias, x.dtype), conv1d=conv1d,
                             matmul_dtype=ctx.matmul_dtype)
     else:
@@ -99,9 +129,10 @@ def projector(weights: Weights, lora: Adapters | None, ctx: "BlockContext", laye
     """
     lora = lora or {}
     sites = {key: layer * 16 + j for j, key in enumerate(module_keys)}
+    backward = weights.backward_weights if isinstance(weights, SplitWeights) else {}
 
     def proj(h: torch.Tensor, key: str) -> torch.Tensor:
         return linear(h, weights[key + ".weight"], weights.get(key + ".bias"), lora.get(key), ctx,
-                      conv1d=conv1d, site=sites.get(key, 0))
+                      conv1d=conv1d, site=sites.get(key, 0), backward_weight=backward.get(key + ".weight"))
 
     return proj

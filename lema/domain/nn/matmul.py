@@ -15,7 +15,7 @@ so no wide copy outlives the product.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -79,3 +79,42 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if matmul_dtype is None or matmul_dtype == x.dtype:
         raise ValueError("frozen_linear is for a matmul_dtype wider than the activations'")
     return _FrozenLinear.apply(x, weight, bias, conv1d, matmul_dtype)
+
+
+class _SplitLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                backward_weight: Callable[[], torch.Tensor], conv1d: bool,
+                matmul_dtype: torch.dtype | None) -> torch.Tensor:
+        ctx.backward_weight, ctx.conv1d, ctx.matmul_dtype = backward_weight, conv1d, matmul_dtype
+        return project(x, weight, bias, conv1d=conv1d, matmul_dtype=matmul_dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        weight = ctx.backward_weight().to(grad.dtype)
+        grad_x = backproject(grad, weight, conv1d=ctx.conv1d, matmul_dtype=ctx.matmul_dtype)
+        del weight
+        return grad_x, None, None, None, None, None
+
+
+def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 backward_weight: Callable[[], torch.Tensor], *, conv1d: bool = False,
+                 matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A frozen linear map whose backward multiplies by another rounding of the weight.
+
+    bitsandbytes computes a 4-bit layer's forward with the weight dequantized into the
+    activations' dtype and its backward with the weight dequantized into the dtype it was
+    quantized from, then cast (:func:`lema.adapters.weights.bnb.dequantize`); where the two
+    differ, this reproduces both. ``backward_weight()`` makes the backward's weight when the
+    backward runs (one weight alive at a time, freed after its product); nothing but the
+    callable is saved for backward.
+
+    Args:
+        x: ``(..., in)`` activations.
+        weight: the forward's weight, ``[out, in]`` (``[in, out]`` with ``conv1d``).
+        bias: ``[out]`` or None (frozen).
+        backward_weight: makes the backward's weight, same shape.
+        conv1d: GPT-2's Conv1D layout.
+        matmul_dtype: dtype the products are computed in (None: ``x``'s).
+    """
+    return _SplitLinear.apply(x, weight, bias, backward_weight, conv1d, matmul_dtype)

@@ -5,7 +5,8 @@ dtype), softmaxes the scores in fp32 over all experts, keeps the top-k, optional
 renormalises them to sum to one, and mixes the chosen experts' outputs with those
 weights. The experts' weights stay per-expert tensors (what ``save_pretrained`` writes:
 ``experts.{e}.w1/w3/w2`` for Mixtral, ``experts.{e}.gate_proj/up_proj/down_proj`` for
-Qwen3-MoE); each expert runs on the tokens routed to it only. The top-k sum follows
+Qwen3-MoE); each expert runs on the tokens routed to it only, found with one sort and one
+device -> host read of the experts' token counts per layer (not one wait per expert). The top-k sum follows
 transformers' default ``grouped_mm`` experts path: the per-(token, k) outputs are weighted
 and summed over k, then cast once.
 
@@ -62,10 +63,18 @@ def routed_experts(x: torch.Tensor, router: torch.Tensor, expert: ExpertWeights,
     if weights_in_hidden_dtype:
         weights = weights.to(x.dtype)
     pairs = flat.new_zeros(flat.shape[0], top_k, hidden)
-    for e in range(n_experts):
-        tokens, slot = torch.where(chosen == e)
-        if tokens.numel() == 0:
+    # One stable sort groups the (token, k) pairs by expert, in the order torch.where(chosen == e)
+    # lists them; the experts' pair counts are the layer's one device -> host read.
+    choices = chosen.reshape(-1)
+    order = torch.argsort(choices, stable=True)
+    counts = torch.bincount(choices, minlength=n_experts).tolist()
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
             continue
+        picked = order[start:start + count]
+        start += count
+        tokens, slot = picked // top_k, picked % top_k
         gate, up, down = expert(e)
         h = flat[tokens]
         y = linear(act(linear(h, gate, None, None, ctx)) * linear(h, up, None, None, ctx), down, None, None, ctx)

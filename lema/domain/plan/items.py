@@ -165,9 +165,13 @@ def dequant_temporaries(spec: ModelSpec, act_bytes: int) -> tuple[int, int]:
 
     4-bit: double quant's fp32 block scales ``4 b`` (``b = ceil(n / 64)``); on a CPU also the
     dense weight ``n a``, which bitsandbytes returns as a new tensor copied into the scratch
-    (CUDA writes the scratch in place). int8: the row scales ``4 out``.
+    (CUDA writes the scratch in place). A 4-bit weight computed in another dtype than it was
+    quantized from (the file's, ``spec.dtype``) also gets a backward weight, made in the
+    backward: ``n s`` in the stored dtype and ``n a`` cast (:func:`lema.domain.nn.matmul.split_linear`).
+    int8: the row scales ``4 out``.
     """
     cpu = cuda = 0
+    stored_bytes = itemsize(spec.dtype)  # the dense tensors' dtype: the one 4-bit weights were quantized from
     for u in spec.units:
         for p in u.packed:
             if p.format.bits == 8:
@@ -176,6 +180,9 @@ def dequant_temporaries(spec: ModelSpec, act_bytes: int) -> tuple[int, int]:
                 continue
             absmax = p.blocks * FP32 if p.format.double_quant else 0
             cpu, cuda = max(cpu, p.numel * act_bytes + absmax), max(cuda, absmax)
+            if stored_bytes != act_bytes:  # the backward's weight: dequantized into the stored dtype, then cast
+                twice = p.numel * (stored_bytes + act_bytes) + absmax
+                cpu, cuda = max(cpu, twice), max(cuda, twice)
     return cpu, cuda
 
 

@@ -71,3 +71,37 @@ def test_a_corrupt_quant_state_is_named():
     with pytest.raises(ModelFormatError, match=r"shape \[64, 32\], the config implies \[32, 64\]"):
         bnb.parse_quant_state(b'{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [64, 32]}',
                               "m.weight.quant_state.bitsandbytes__nf4", weight)
+
+
+@pytest.mark.parametrize("fmt", FORMATS[:4], ids=lambda f: f.label)
+@pytest.mark.parametrize("stored,compute", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+                                            (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_the_two_roundings_are_bitsandbytes_forward_and_backward_ones(fmt, stored, compute):
+    """bitsandbytes' 4-bit product (``MatMul4Bit``) dequantizes into the activations' dtype in its
+    forward (``gemm_4bit``) and into the quant state's dtype, then casts, in its backward
+    (``dequantize_4bit(B, state).to(grad.dtype)``): LEMA's two roundings are those, to the bit."""
+    shape = (48, 128)
+    w = (torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 0.05).to(stored)
+    tensors = bnb.quantize(w, "m.weight", fmt)
+    weight = packed_weight("m.weight", shape, fmt)
+    blob = weight.stored[-1]
+    state = bnb.parse_quant_state(tensors[blob].numpy().tobytes(), blob, weight)
+    assert state.torch_stored_dtype == stored
+    assert bnb.rounds_twice(state, compute) == (stored != compute)
+    qs = BF.QuantState.from_dict({k.removeprefix("m.weight."): v.clone() for k, v in tensors.items()
+                                  if k != "m.weight"}, device=torch.device("cpu"))
+    assert qs.dtype == stored
+    backward = BF.dequantize_4bit(tensors["m.weight"], qs).to(compute)
+    assert torch.equal(bnb.dequantize(weight, tensors, state, compute, through_stored=True), backward)
+    out = torch.empty(shape, dtype=compute)
+    assert bnb.dequantize(weight, tensors, state, compute, out=out, through_stored=True) is out
+    assert torch.equal(out, backward)
+
+    eye = torch.eye(shape[1], dtype=compute)  # I @ W.T: every sum has one non-zero term, exact
+    nested = dict(absmax_8bit=qs.absmax, absmax_code=qs.state2.code, absmax_offset=qs.offset) if qs.nested else {}
+    forward = torch.ops.bitsandbytes.gemm_4bit.default(eye, tensors["m.weight"], list(shape),
+                                                       qs.state2.absmax if qs.nested else qs.absmax, 64,
+                                                       fmt.method, **nested).t()
+    assert torch.equal(bnb.dequantize(weight, tensors, state, compute), forward)
+    if compute == torch.float32 and stored != compute:  # the two differ: this test tells them apart
+        assert not torch.equal(forward, backward)

@@ -9,7 +9,7 @@ import torch
 
 from lema.domain.model.blocks import decoder_block, embed
 from lema.domain.model.context import make_context
-from lema.domain.nn.context import segment_ids
+from lema.domain.nn.context import BlockSparse, segment_ids
 from lema.domain.model.heads import head_logits
 from tests.tiny_models import KINDS, build_hf_model, spec_of, unit_weights
 from tests.tolerance import assert_close, forward_floor, logits_noise
@@ -30,7 +30,8 @@ def test_the_mask_is_block_diagonal_and_causal():
     mask, keep = ctx.attention("full_attention")
     expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]],
                             dtype=torch.bool)
-    assert torch.equal(mask[0, 0], expected) and keep is None
+    assert isinstance(mask, BlockSparse) and mask.spans == (((0, 3), (3, 5)),) and keep is None  # no (seq, seq) mask
+    assert torch.equal(mask.dense("cpu")[0, 0], expected)
 
 
 def _lema_logits(spec, units, ids, positions, mask=None):

@@ -173,3 +173,25 @@ def test_spans_cover_the_sequence_once():
     assert spans(3, 8) == [(0, 3)]
     with pytest.raises(ConfigError, match="tile"):
         spans(3, 0)
+
+
+def test_split_weights_backward_roundings_survive_tiles():
+    """A quantized base's weights whose backward multiplies by another rounding
+    (lema.domain.nn.linear.SplitWeights): tiled and untiled layers use it alike."""
+    from lema.domain.nn.linear import SplitWeights
+
+    spec = spec_of(build_hf_model("llama", seed=4))
+    plain = _random_weights(spec, 0, gemma=False)
+    linears = [k for k, t in plain.items() if t.dim() == 2]
+    weights = SplitWeights(plain, {k: (lambda k=k: plain[k].to(torch.bfloat16).to(torch.float32)) for k in linears})
+    ctx = make_context(spec, (2, SEQ), training=True)
+    x = torch.randn(2, SEQ, spec.hidden_size, generator=torch.Generator().manual_seed(5))
+    grad_out = torch.randn(2, SEQ, spec.hidden_size, generator=torch.Generator().manual_seed(6))
+    grads = {}
+    for name, w in (("split", weights), ("plain", plain)):
+        x_ref = x.clone().requires_grad_(True)
+        torch.autograd.backward(decoder_block(spec, w, None, x_ref, ctx, 0), grad_out)
+        grads[name] = x_ref.grad
+    assert not torch.equal(grads["split"], grads["plain"])  # the backward's rounding is used
+    tiled = tiled_backward(spec, weights, None, x, grad_out.clone(), ctx, 0, 5)
+    _close(tiled, grads["split"], spec)

@@ -61,6 +61,8 @@ def train(ctx: click.Context, **options: Any) -> None:
       lema train --model llama2_7b.safetensors --data chat.jsonl --out runs/a \\
                  --steps 1000 --batch 4 --seq 1024 --packing --eval-split 0.05 --eval-steps 100
     """
+    data = tuple(options.pop("data"))  # --data given once or more
+    options.update(data=data[0], more_data=data[1:])
     code = run_training(TrainOptions(**options), echo=click.echo, progress=TrainingProgress, hold_signals=True)
     if code:
         ctx.exit(code)

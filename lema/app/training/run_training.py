@@ -80,6 +80,10 @@ def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None, h
             raise ConfigError(f"{flag}: {value!r} is not a finite number")
     if o.reset_optimizer and not o.resume:
         raise ConfigError("--reset-optimizer only applies with --resume")
+    if o.overwrite and o.resume:
+        raise ConfigError("pass --resume (continue the run in --out) or --overwrite (replace it), not both")
+    if o.warmup_ratio is not None and o.warmup:
+        raise ConfigError("pass --warmup (steps) or --warmup-ratio (a fraction of the steps), not both")
     if o.eval_data is not None and o.eval_split is not None:
         raise ConfigError("pass --eval-data or --eval-split, not both")
     check_seed(o.seed, "--seed")
@@ -92,9 +96,9 @@ def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None, h
     out_dir = Path(o.out)
     model_arg = Path(o.model_path).expanduser()
     check_output(out_dir, option="--out", overwrite=None, folders=[model_arg if model_arg.is_dir() else None],
-                 files=[model_arg if model_arg.is_file() else None, Path(o.data),
-                        None if o.eval_data is None else Path(o.eval_data)])
-    with open_ranked_run(out_dir, resume=o.resume, ranks=ranks, echo=echo) as checkpoint:
+                 files=[model_arg if model_arg.is_file() else None, *map(Path, o.all_data),
+                        None if o.eval_data is None else Path(o.eval_data)], replaces_folder=o.overwrite)
+    with open_ranked_run(out_dir, resume=o.resume, ranks=ranks, echo=echo, overwrite=o.overwrite) as checkpoint:
         if checkpoint is not None:
             _check_resume_args(out_dir, o.args(), echo)
         code = _train(o, out_dir, checkpoint, ranks, echo, progress, hold_signals)
@@ -152,6 +156,36 @@ class TrainOptions:
     max_line_size: str = "1M"
     data_cache: bool = True
     nproc: int = 1  # torchrun's ranks (not an option: the launcher sets it)
+    # -- the field's names and data mappings (issue 28)
+    overwrite: bool = False
+    warmup_ratio: float | None = None
+    logging_steps: int = 1
+    more_data: tuple[str, ...] = ()  # the second and later --data
+    data_weights: str | None = None
+    messages_field: str | None = None
+    role_key: str | None = None
+    content_key: str | None = None
+    role_names: str | None = None
+    roles_to_train: str = "assistant"
+    train_on_inputs: bool = False
+    text_field: str | None = None
+    prompt_field: str | None = None
+    completion_field: str | None = None
+
+    def data_mapping(self) -> dict[str, Any]:
+        """The data mapping options as :class:`~lema.data.loading.DataOptions` fields."""
+        from lema.data.field_map import FieldMap, parse_roles, parse_roles_to_train
+
+        fields = FieldMap(messages=self.messages_field, role=self.role_key, content=self.content_key,
+                          roles=parse_roles(self.role_names), text=self.text_field, prompt=self.prompt_field,
+                          completion=self.completion_field)
+        return {"fields": fields, "train_on_inputs": self.train_on_inputs,
+                "roles_to_train": parse_roles_to_train(self.roles_to_train)}
+
+    @property
+    def all_data(self) -> tuple[str, ...]:
+        """Every ``--data``, in order."""
+        return (self.data, *self.more_data)
 
     @property
     def format(self) -> str | None:
@@ -170,7 +204,10 @@ class TrainOptions:
                 "global_batch": self.batch * self.nproc, "nproc": self.nproc, "format": self.format,
                 "chat_template": self.chat_template, "packing": self.packing, "eval_split": self.eval_split,
                 "eval_data": self.eval_data, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
-                "max_grad_norm": self.max_grad_norm, "dtype": self.dtype}
+                "max_grad_norm": self.max_grad_norm, "dtype": self.dtype,
+                **({"more_data": list(self.more_data), "data_weights": self.data_weights} if self.more_data else {}),
+                **({"mapping": {k: str(v) for k, v in self.data_mapping().items()}}
+                   if self.data_mapping() != TrainOptions(model_path="", data="", out="").data_mapping() else {})}
 
 
 
@@ -189,9 +226,10 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
     check_seq(o.seq, bootstrap.open_model(LemaConfig(gbi_path=gbi_path, model_name_or_path=name_or_path)).spec,
               lambda line: warnings.warn(line.removeprefix("warning: "), LemaWarning, stacklevel=2))
     tok, tok_dir = open_tokenizer(o.tokenizer, o.model_path)
-    data = prepare_data(o.data, tok, seq=o.seq, format=o.format, chat_template=o.chat_template, packing=o.packing,
-                        eval_data=o.eval_data, eval_split=o.eval_split, seed=o.seed, cache=o.data_cache,
-                        max_line_bytes=o.max_line_bytes(), progress=echo)
+    data = prepare_data(o.all_data, tok, seq=o.seq, format=o.format, chat_template=o.chat_template,
+                        packing=o.packing, eval_data=o.eval_data, eval_split=o.eval_split, seed=o.seed,
+                        cache=o.data_cache, max_line_bytes=o.max_line_bytes(), progress=echo,
+                        weights=o.data_weights, mapping=o.data_mapping())
     per_epoch = batches_per_epoch(len(data.items), o.batch * ranks.world)
     total = o.steps if o.steps is not None else max(1, math.ceil((o.epochs or 1) * per_epoch / o.grad_accum))
     for line in data.lines:
@@ -218,7 +256,8 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
         echo(plan_summary(model))
         check_vocab(data.store, model.spec.vocab_size, o.data)
         opts = LoopOptions(out=out_dir, steps=total, batch=o.batch, seq=o.seq, lr=o.lr, seed=o.seed,
-                           grad_accum=o.grad_accum, save_steps=o.save_steps, warmup=o.warmup,
+                           grad_accum=o.grad_accum, save_steps=o.save_steps,
+                           warmup=o.warmup if o.warmup_ratio is None else math.ceil(o.warmup_ratio * total),
                            lr_schedule=o.lr_schedule, optimizer=o.optimizer, weight_decay=o.weight_decay,
                            eval_steps=o.eval_steps, save_total_limit=o.save_total_limit)
         optimizer, scheduler = make_optimizer(model, opts)

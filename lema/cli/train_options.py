@@ -154,9 +154,9 @@ OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
                  type=AliasChoice(["constant", "cosine", "linear"], SCHEDULES), default="constant",
                  show_default=True, help="The LR after warmup (constant_with_warmup is constant here: --warmup "
                                          "applies to every schedule)."),
-    click.option("--logging-steps", type=click.IntRange(min=1), default=1, show_default=True,
-                 help="Write a metrics.jsonl line (and log a line) every N optimizer steps; the loss and grad "
-                      "norm are the mean over those steps."),
+    click.option("--logging-steps", type=click.IntRange(min=1), default=None,
+                 help="Write a metrics.jsonl record and log a line every N optimizer steps (the loss: the mean "
+                      "over those steps). Default: a record every step, about ten log lines per run."),
     click.option("--max-line-size", default="1M", show_default=True, metavar="SIZE",
                  help="Longest line of a text or JSON data file accepted (bytes of text); longer lines are refused "
                       "before tokenizing."),

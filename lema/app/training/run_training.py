@@ -29,6 +29,7 @@ from lema.app.training.run_inputs import open_tokenizer, resolve_model_arg, save
 from lema.app.training.train_loop import (
     DATA_ARGS,
     LoopOptions,
+    lr_lambda,
     make_optimizer,
     plan_summary,
     require_bitsandbytes,
@@ -159,7 +160,7 @@ class TrainOptions:
     # -- the field's names and data mappings (issue 28)
     overwrite: bool = False
     warmup_ratio: float | None = None
-    logging_steps: int = 1
+    logging_steps: int | None = None
     more_data: tuple[str, ...] = ()  # the second and later --data
     data_weights: str | None = None
     messages_field: str | None = None
@@ -259,7 +260,8 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
                            grad_accum=o.grad_accum, save_steps=o.save_steps,
                            warmup=o.warmup if o.warmup_ratio is None else math.ceil(o.warmup_ratio * total),
                            lr_schedule=o.lr_schedule, optimizer=o.optimizer, weight_decay=o.weight_decay,
-                           eval_steps=o.eval_steps, save_total_limit=o.save_total_limit)
+                           eval_steps=o.eval_steps, save_total_limit=o.save_total_limit,
+                           logging_steps=o.logging_steps or 1)
         optimizer, scheduler = make_optimizer(model, opts)
         with warnings.catch_warnings():
             warnings.simplefilter("always", LemaWarning)  # every run says it (the CLI prints "warning: ...")
@@ -271,6 +273,7 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
         if ckpt is not None:
             echo(f"resuming from {ckpt} at step {trainer.global_step}"
                        + (" with a fresh optimizer (--reset-optimizer)" if o.reset_optimizer else ""))
+            _follow_new_schedule(optimizer, scheduler, trainer.global_step, opts, echo)
         elif ranks.is_main:
             atomic_write_text(out_dir / ARGS, json.dumps(o.args(), indent=2))
         if o.chat_template is not None and ranks.is_main:  # checkpoints carry the template the run trained with
@@ -291,6 +294,29 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
                f"{result.last_loss if result.last_loss is None else format(result.last_loss, '.4f')}; "
                f"adapter in {result.checkpoint}")
     return 0
+
+
+def _follow_new_schedule(optimizer: Any, scheduler: Any, step: int, opts: LoopOptions, echo: Echo) -> None:
+    """On ``--resume`` with another length, the LR of the next step from the new schedule, said.
+
+    The checkpoint holds the LR its own schedule reached (0 at the end of a finished cosine or
+    linear run): the next step would train at it before the schedule moved on. The run
+    continues on the schedule of this run's ``--steps`` instead, and the line says so.
+    """
+    if scheduler is None or step >= opts.steps:
+        return
+    factor = lr_lambda(opts.lr_schedule, opts.warmup, opts.steps)(step)
+    before = [float(g["lr"]) for g in optimizer.param_groups]
+    after = [float(base) * factor for base in scheduler.base_lrs]
+    if all(math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0) for a, b in zip(before, after)):
+        return
+    for group, lr in zip(optimizer.param_groups, after):
+        group["lr"] = lr
+    scheduler._last_lr = list(after)  # noqa: SLF001 - what get_last_lr() reports
+    ended = " (the end of its finished schedule: the next steps would not have trained)" if before[0] == 0 else ""
+    echo(f"warning: --resume with --steps {opts.steps}: the checkpoint's {opts.lr_schedule} schedule left the LR at "
+         f"{before[0]:.3g}{ended}; the run continues on a {opts.lr_schedule} schedule over {opts.steps} steps, at "
+         f"{after[0]:.3g} for step {step + 1} (to keep the old curve, resume with the old --steps)")
 
 
 def _check_resume_args(out: Path, args: dict[str, Any], echo: Echo) -> None:

@@ -53,6 +53,7 @@ class LoopOptions:
     warmup: int = 0
     lr_schedule: str = "constant"
     log_every: int = 0  # 0: about ten lines per run when not on a terminal
+    logging_steps: int = 1  # a metrics.jsonl record every N optimizer steps (the window's mean loss)
     resume_hint: str = ""
     optimizer: str = "adamw"
     weight_decay: float = 0.0
@@ -197,6 +198,7 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
             write named like a checkpoint this run would save (``checkpoint-<step>``, ``final``).
     """
     from lema.app.parallel import distributed
+    from lema.data.examples import batches_per_epoch
     from lema.data.sharding import rank_batches
 
     ranks = distributed.current()
@@ -216,6 +218,8 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
     stream = rank_batches(examples, opts.batch, pad_id, rank=ranks.rank, world=ranks.world, seq=opts.seq,
                           seed=opts.seed, epochs=None, skip=start * opts.grad_accum, collate_fn=collate_fn)
     log_every = opts.log_every or max(1, (opts.steps - start) // 10)
+    if opts.logging_steps > 1:  # --logging-steps N: a log line with each record
+        log_every = opts.logging_steps
     began = time.perf_counter()
     bar_cm = progress(opts.steps, start) if progress is not None else _NoProgress()
     metrics_cm = open(out / METRICS, "a", encoding="utf-8") if ranks.is_main else _NoMetrics()
@@ -226,7 +230,7 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
         try:
             saved, last_loss, interrupted, failure, stopping = _run_steps(
                 model, trainer, stream, opts, ranks, stop, bar_cm, metrics_cm, echo, log_every, sinks,
-                eval_examples, pad_id, tokenizer_dir)
+                eval_examples, pad_id, tokenizer_dir, per_epoch=batches_per_epoch(len(examples), opts.batch * ranks.world))
         finally:
             trainer.before_optimizer_step = previous_hook
         step = trainer.global_step
@@ -246,7 +250,7 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
 
 def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: Any, stop: StopFlag, bar_cm: Any,
                metrics_cm: Any, echo: Callable[[str], None], log_every: int, sinks: Sequence[Any],
-               eval_examples: Any, pad_id: int, tokenizer_dir: Path | None
+               eval_examples: Any, pad_id: int, tokenizer_dir: Path | None, *, per_epoch: int = 0
                ) -> tuple[Path | None, float | None, bool, NonFiniteLossError | None, bool]:
     """The steps of :func:`train_loop`: the last periodic checkpoint, the last loss, whether the
     run stopped early, the failure that stopped it, and whether the ranks agreed to stop."""
@@ -254,6 +258,8 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
     saved: Path | None = None
     last_loss: float | None = None
     boundary_rng = trainer.rng_snapshot()
+    window = _Window()
+    start, began = trainer.global_step, time.perf_counter()
     interrupted = False
     failure: NonFiniteLossError | None = None
     stopping = False
@@ -278,16 +284,23 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
                 report = getattr(model, "last_report", None)
                 peak = getattr(report, "device_peak_bytes", None)
                 counted = bool(getattr(report, "peak_counts_compute", True))
+                window.add(last_loss, tokens, seconds)
+                elapsed = time.perf_counter() - began
                 record = {"step": step, "loss": last_loss, "lr": lr,
+                          "grad_norm": getattr(trainer, "last_grad_norm", None),
+                          "epoch": None if not per_epoch else round(step * opts.grad_accum / per_epoch, 4),
                           "tokens_per_s": tokens / seconds if seconds > 0 else None,
                           "device_peak_bytes": peak, "device_peak_counts_compute": counted, "tokens": tokens,
-                          "seconds": seconds}
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                _to_sinks(sinks, step, record, "train/")
+                          "seconds": seconds,
+                          "eta_s": elapsed / (step - start) * (opts.steps - step) if step > start else None}
+                if step % opts.logging_steps == 0 or step == opts.steps:
+                    record.update(window.take())  # the mean loss (and the tokens/s) of the steps since the last record
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    _to_sinks(sinks, step, record, "train/")
+                    if not bar.live and (step % log_every == 0 or step == opts.steps):
+                        echo(_log_line(record, opts.steps, elapsed))
                 bar.update(step, record)
-                if not bar.live and (step % log_every == 0 or step == opts.steps):
-                    echo(_log_line(record, opts.steps))
                 if eval_examples is not None and (step == opts.steps or (opts.eval_steps and step % opts.eval_steps == 0)):
                     scores = evaluate(trainer, eval_examples, pad_id, opts)
                     row = {"step": step, "eval_loss": scores["loss"], "eval_perplexity": scores["perplexity"]}
@@ -335,11 +348,46 @@ def _current_lr(trainer: Any) -> float:
     return float(trainer.optimizer.param_groups[0]["lr"])
 
 
-def _log_line(record: dict[str, Any], total: int) -> str:
+class _Window:
+    """The steps since the last metrics record (``--logging-steps``)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def add(self, loss: float, tokens: int, seconds: float) -> None:
+        self.losses.append(loss)
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def take(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"loss": sum(self.losses) / len(self.losses), "tokens": self.tokens,
+                               "seconds": self.seconds,
+                               "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else None}
+        if len(self.losses) > 1:
+            out["logged_steps"] = len(self.losses)
+        self.__init__()  # type: ignore[misc]
+        return out
+
+
+def clock(seconds: float) -> str:
+    """``1:02:03`` or ``2:03``."""
+    s = int(round(seconds))
+    h, rest = divmod(s, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _log_line(record: dict[str, Any], total: int, elapsed: float | None = None) -> str:
     tps = record.get("tokens_per_s")
     peak = record.get("device_peak_bytes")
+    eta = record.get("eta_s")
+    norm = record.get("grad_norm")
     return (f"step {record['step']}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}"
-            + (f"  {tps:,.0f} tok/s" if tps else "") + (f"  device {peak_text(record)}" if peak else ""))
+            + (f"  grad_norm {norm:.3g}" if norm is not None else "")
+            + (f"  {tps:,.0f} tok/s" if tps else "") + (f"  device {peak_text(record)}" if peak else "")
+            + (f"  elapsed {clock(elapsed)}" if elapsed is not None else "")
+            + (f"  ETA {clock(eta)}" if eta is not None and record['step'] < total else ""))
 
 
 def peak_text(record: dict[str, Any]) -> str:

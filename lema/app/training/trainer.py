@@ -163,6 +163,7 @@ class LemaTrainer:
             raise NonFiniteLossError(f"step {self.global_step + 1}: the gradient norm is {norm} (not finite); the "
                                      "optimizer was not stepped with it. Lower the learning rate, check the data, or "
                                      "resume from the last good checkpoint", step=self.global_step + 1, value=norm)
+        self.last_grad_norm = norm  # before clipping, as transformers logs it
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:

@@ -25,7 +25,7 @@ import attrs
 from lema.adapters.checkpoints.atomic import atomic_write_text
 from lema.app.outputs import check_output
 from lema.app.training.run_folder import ARGS
-from lema.app.training.run_inputs import open_tokenizer, resolve_model_arg, save_tokenizer_with_template
+from lema.app.training.run_inputs import check_model_path, open_tokenizer, resolve_model_arg, save_tokenizer_with_template
 from lema.app.training.train_loop import (
     DATA_ARGS,
     LoopOptions,
@@ -64,6 +64,7 @@ def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None, h
     Raises:
         LemaError: bad options or input, a plan that does not fit, a locked ``out``.
     """
+    check_model_path(o.model_path)  # a typo is said at once, not after the torch import
     # Imported here: they import torch, and `lema --help` (which imports this module) must stay light.
     from lema.app import bootstrap
     from lema.app.parallel import distributed

@@ -221,7 +221,8 @@ def open_run(out: Path, *, resume: bool, echo: Callable[[str], None] = print, ov
         if overwrite and not resume:
             removed = _clear(out)
             if removed:
-                echo(f"--overwrite: removed {removed} entr{'y' if removed == 1 else 'ies'} an earlier run left in {out}")
+                echo(f"--overwrite: removed {removed} entr{'y' if removed == 1 else 'ies'} an earlier run left in "
+                     f"{out}")
         ckpt = latest_checkpoint(out, echo)
         if resume:
             # A checkpoint that cannot be read is an error, not a run "stopped before its first

@@ -25,7 +25,12 @@ import attrs
 from lema.adapters.checkpoints.atomic import atomic_write_text
 from lema.app.outputs import check_output
 from lema.app.training.run_folder import ARGS
-from lema.app.training.run_inputs import check_model_path, open_tokenizer, resolve_model_arg, save_tokenizer_with_template
+from lema.app.training.run_inputs import (
+    check_model_path,
+    open_tokenizer,
+    resolve_model_arg,
+    save_tokenizer_with_template,
+)
 from lema.app.training.train_loop import (
     DATA_ARGS,
     LoopOptions,

@@ -230,7 +230,8 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
         try:
             saved, last_loss, interrupted, failure, stopping = _run_steps(
                 model, trainer, stream, opts, ranks, stop, bar_cm, metrics_cm, echo, log_every, sinks,
-                eval_examples, pad_id, tokenizer_dir, per_epoch=batches_per_epoch(len(examples), opts.batch * ranks.world))
+                eval_examples, pad_id, tokenizer_dir,
+                per_epoch=batches_per_epoch(len(examples), opts.batch * ranks.world))
         finally:
             trainer.before_optimizer_step = previous_hook
         step = trainer.global_step

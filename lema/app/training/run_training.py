@@ -260,7 +260,7 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
         model = LemaModel(config)
         model.initialize_lora()
     with model:
-        echo(plan_summary(model))
+        echo(plan_summary(model, asked=o.device))
         check_vocab(data.store, model.spec.vocab_size, o.data)
         opts = LoopOptions(out=out_dir, steps=total, batch=o.batch, seq=o.seq, lr=o.lr, seed=o.seed,
                            grad_accum=o.grad_accum, save_steps=o.save_steps,

@@ -430,13 +430,18 @@ class _NoProgress:
         pass
 
 
-def plan_summary(model: Any) -> str:
-    """A compact plan: strategy, shape, device total against the budget, the verdict."""
+def plan_summary(model: Any, asked: str | None = None) -> str:
+    """A compact plan: strategy, device (how ``--device auto`` chose it, when ``asked`` is
+    ``"auto"``), shape, device total against the budget, the verdict."""
     from lema.domain.units import format_size
 
     p = model.plan()
     s = p.shape
-    head = (f"plan: {s.strategy.value} on {model.device.torch_device}, batch {s.batch} x seq {s.seq}, "
+    where = str(model.device.torch_device)
+    if asked == "auto":
+        where += " (--device auto: " + ("a GPU is available)" if where.startswith("cuda") else
+                                        "no GPU available; --device cuda needs one)")
+    head = (f"plan: {s.strategy.value} on {where}, batch {s.batch} x seq {s.seq}, "
             f"LoRA rank {s.lora_rank} ({p.model.lora_parameters:,} trainable parameters), "
             f"{p.model.n_layers} layers, {len(p.resident_units)} units resident"
             + (", activation offload" if p.offload_activations else "")

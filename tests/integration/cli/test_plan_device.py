@@ -68,3 +68,15 @@ def test_device_auto_is_the_default_of_every_command_with_a_device():
         line = next(line for line in out.output.splitlines() if "--device" in line)
         rest = out.output.split("--device", 1)[1].split("\n  -", 1)[0]
         assert "[default: auto]" in " ".join(rest.split()), (command, line)
+
+
+def test_train_says_which_device_auto_chose(tmp_path):
+    from tests.demo_models import tiny_llama_folder, write_data
+
+    model = tiny_llama_folder(tmp_path / "m")
+    data = write_data(tmp_path / "d")
+    result = CliRunner(env={"CUDA_VISIBLE_DEVICES": ""}).invoke(
+        main, ["train", "--model", str(model), "--data", str(data["pc"]), "--out", str(tmp_path / "o"), "--steps", "1",
+               "--batch", "2", "--seq", "48", "--rank", "4"])
+    assert result.exit_code == 0, result.output
+    assert "plan: streaming on cpu (--device auto: no GPU available" in result.output

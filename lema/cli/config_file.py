@@ -1,5 +1,10 @@
 """``--config run.yaml``: a command's options as YAML keys; flags on the command line win.
 
+Files in the field's shapes are read too (TRL / transformers ``TrainingArguments`` and
+axolotl YAML, detected from their keys or named with ``--config-format``): their keys are
+mapped to the command's options, or refused with the reason, by
+:mod:`lema.cli.field_names`; an unknown key is refused with the closest names.
+
 Every option of the command is a key, spelled as the flag without ``--`` (``grad-accum``
 or ``grad_accum``); lists become comma-separated values (``targets: [q_proj, v_proj]``);
 flags take ``true``/``false``. Relative paths are relative to the working directory, as

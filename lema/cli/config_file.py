@@ -75,8 +75,11 @@ def _update(ctx: click.Context) -> None:
     fmt = ctx.meta.get("lema.config_format", "lema")
     if fmt == "auto":
         fmt = detect(data)
-    ctx.default_map = {**(ctx.default_map or {}), **to_default_map(ctx.command, translate(data, fmt, path), path,
-                                                                   fmt=fmt)}
+    notes: list[str] = []
+    mapped = translate(data, fmt, path, notes)
+    ctx.default_map = {**(ctx.default_map or {}), **to_default_map(ctx.command, mapped, path, fmt=fmt)}
+    for note in notes:  # keys accepted without effect: said, not silently dropped
+        click.echo(f"note: {note}", err=True)
 
 
 def read_yaml(path: str) -> dict[str, Any]:

@@ -45,9 +45,6 @@ REFUSED: dict[str, str] = {
     "use_liger_kernel": _KERNEL, "liger_kernel": _KERNEL,
     "unsloth_lora_mlp": _KERNEL,
     "gradient_checkpointing_kwargs": "LEMA checkpoints every layer's input itself; there is nothing to configure",
-    "dataset_prepared_path": "LEMA caches the tokenized data itself in $LEMA_CACHE/data (--no-data-cache to skip)",
-    "special_tokens": "LEMA does not add tokens to the vocabulary (it would need a trained embedding); use the "
-                      "tokenizer's own",
     "tokens": "LEMA does not add tokens to the vocabulary (it would need a trained embedding)",
     "early_stopping_patience": "LEMA has no early stopping; watch eval_loss in metrics.jsonl and stop the run "
                                "(Ctrl-C saves a checkpoint)",
@@ -58,24 +55,24 @@ REFUSED: dict[str, str] = {
     "peft_use_rslora": "LEMA trains plain LoRA adapters (alpha / rank scaling)",
     "lora_modules_to_save": "LEMA trains only the LoRA adapters; the base weights stay frozen",
     "modules_to_save": "LEMA trains only the LoRA adapters; the base weights stay frozen",
-    "evals_per_epoch": "give --eval-steps (optimizer steps between evaluations)",
-    "saves_per_epoch": "give --save-steps (optimizer steps between checkpoints)",
     "wandb_entity": "set WANDB_ENTITY in the environment; --report-to wandb logs to it",
     "wandb_watch": "LEMA logs the run's metrics to wandb, not the model's gradients",
     "wandb_log_model": "LEMA does not upload checkpoints to wandb",
     "trust_remote_code": "LEMA never runs a model's own code",
+    "eval_max_new_tokens": "LEMA's evaluation is the held-out loss; sample with lema generate",
+    "eval_table_size": "LEMA's evaluation is the held-out loss; sample with lema generate",
+    "eval_causal_lm_metrics": "LEMA's evaluation is the held-out loss and perplexity",
     "model_revision": "LEMA reads a local model (convert it with lema convert)",
-    "tokenizer_type": "LEMA loads the tokenizer with AutoTokenizer",
     "label_smoothing_factor": "LEMA's loss is the plain next-token cross-entropy",
     "neftune_noise_alpha": "LEMA does not add noise to the embeddings",
     "eval_accumulation_steps": "LEMA evaluates the loss batch by batch already",
     "dataloader_num_workers": "LEMA tokenizes the data once before training; batches come from memory",
     "per_device_eval_batch_size": "LEMA evaluates with --batch",
-    "eval_sample_packing": "LEMA evaluates unpacked examples",
 }
 
 
 Rule = Callable[[Any, str], dict[str, Any]]
+NOTE = "__note__"  # a rule's output key for a line said to the user instead of an option
 
 
 def _same(name: str) -> Rule:
@@ -117,6 +114,28 @@ def _agree(expected: Any, reason: str) -> Rule:
             return {}
         raise ConfigError(f"{where}: {value!r} is not supported: {reason}")
     return rule
+
+
+def _note(text: str) -> Rule:
+    """A key LEMA reads but does not need: accepted, with a note saying what LEMA does instead."""
+    return lambda value, where: {NOTE: f"{where}: {text}"}
+
+
+def _class_name(suffix: str, reason: str) -> Rule:
+    def rule(value: Any, where: str) -> dict[str, Any]:
+        if isinstance(value, str) and value.endswith((suffix, suffix + "Fast")) and value.isidentifier():
+            return {}
+        raise ConfigError(f"{where}: {value!r} is not supported: {reason} (a class name ending in {suffix})")
+    return rule
+
+
+def _special_tokens(value: Any, where: str) -> dict[str, Any]:
+    """``special_tokens: {pad_token: ...}`` changes nothing LEMA computes (padding carries no loss and
+    is masked); any other token would change the vocabulary or what ends a sequence."""
+    if isinstance(value, dict) and set(value) <= {"pad_token"}:
+        return {NOTE: f"{where}: LEMA masks padding, so the pad token changes nothing; the tokenizer's own is used"}
+    raise ConfigError(f"{where}: not supported: LEMA does not change the tokenizer's special tokens or add tokens "
+                      "(it would need a trained embedding); keep only pad_token, or remove the key")
 
 
 def _report_to(value: Any, where: str) -> dict[str, Any]:
@@ -264,7 +283,8 @@ def _roles_to_train(value: Any, where: str) -> dict[str, Any]:
 
 DATASET_KEYS: dict[str, Rule] = {
     "path": _path, "split": _split, "type": _type, "field_messages": _same("messages_field"),
-    "message_property_mappings": _property_mappings, "roles": _roles, "roles_to_train": _roles_to_train,
+    "message_property_mappings": _property_mappings,
+    "message_field_role": _same("role_key"), "message_field_content": _same("content_key"), "roles": _roles, "roles_to_train": _roles_to_train,
     "chat_template": _chat_template, "field": _same("text_field"), "field_instruction": _agree(
         "instruction", "LEMA's Alpaca records use instruction/input/output"),
     "field_output": _agree("output", "LEMA's Alpaca records use instruction/input/output"),
@@ -291,7 +311,16 @@ RULES: dict[str, Rule] = {
     "lora_bias": _agree("none", "LEMA's adapters have no bias"), "bias": _agree("none", "LEMA's adapters have no bias"),
     "lora_task_type": _agree("CAUSAL_LM", "LEMA trains causal LMs"),
     "task_type": _agree("CAUSAL_LM", "LEMA trains causal LMs"),
-    "model_type": _agree(("AutoModelForCausalLM",), "LEMA reads the architecture from config.json"),
+    "model_type": _class_name("ForCausalLM", "LEMA reads the architecture from config.json"),
+    "tokenizer_type": _class_name("Tokenizer", "LEMA loads the tokenizer with AutoTokenizer"),
+    "dataset_prepared_path": _note("LEMA caches the tokenized data itself in $LEMA_CACHE/data (--no-data-cache "
+                                   "to skip); this path is not used"),
+    "special_tokens": _special_tokens,
+    "eval_sample_packing": _note("LEMA evaluates unpacked examples (the same loss, each example alone)"),
+    "loss_watchdog_threshold": _note("LEMA stops on a non-finite loss or gradient norm (saving the last good step); "
+                                     "it does not watch a finite loss"),
+    "loss_watchdog_patience": _note("LEMA stops on a non-finite loss or gradient norm; it does not watch a finite "
+                                    "loss"),
     "base_model_config": _agree((None,), "LEMA reads the model's own config.json"),
     "tokenizer_config": _same("tokenizer"), "tokenizer_name_or_path": _same("tokenizer"),
     "dataset_train_split": _split,
@@ -318,8 +347,9 @@ def detect(data: dict[str, Any]) -> str:
     return "lema"
 
 
-def translate(data: dict[str, Any], fmt: str, path: str) -> dict[str, Any]:
-    """``data`` with the field's keys turned into LEMA's (keys LEMA knows are kept as they are).
+def translate(data: dict[str, Any], fmt: str, path: str, notes: list[str] | None = None) -> dict[str, Any]:
+    """``data`` with the field's keys turned into LEMA's (keys LEMA knows are kept as they are);
+    ``notes`` gains a line for each key accepted without effect.
 
     Raises:
         ConfigError: a refused key (named, with the reason) or a value with no LEMA meaning.
@@ -328,15 +358,20 @@ def translate(data: dict[str, Any], fmt: str, path: str) -> dict[str, Any]:
     if fmt == "lema":
         return data
     rules = {**RULES, **(AXOLOTL_RULES if fmt == "axolotl" else {})}
+    notes = [] if notes is None else notes
     out: dict[str, Any] = {}
     for key, value in data.items():
         if value is None:  # an empty key is the library's default in these files
             continue
         where = f"--config: {path}: {key}"
+        if key in REFUSED and (value is False or value in ("", "none", "no") or value == [] or value == {}):
+            continue  # a setting turned off asks nothing of LEMA
         if key in REFUSED:
             raise ConfigError(f"{where}: not supported: {REFUSED[key]}; remove the key")
         rule = rules.get(str(key))
         mapped = rule(value, where) if rule is not None else {key: value}
+        if NOTE in mapped:
+            notes.append(mapped.pop(NOTE))
         for k, v in mapped.items():
             if k in out and out[k] != v:
                 raise ConfigError(f"{where}: sets {k} to {v!r}, but another key set it to {out[k]!r}; keep one")

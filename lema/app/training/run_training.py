@@ -89,6 +89,10 @@ def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None, h
         raise ConfigError("--reset-optimizer only applies with --resume")
     if o.overwrite and o.resume:
         raise ConfigError("pass --resume (continue the run in --out) or --overwrite (replace it), not both")
+    for each, every in (("--evals-per-epoch", o.eval_steps and o.evals_per_epoch),
+                        ("--saves-per-epoch", o.save_steps and o.saves_per_epoch)):
+        if every:
+            raise ConfigError(f"pass {each} or {'--eval-steps' if 'eval' in each else '--save-steps'}, not both")
     if o.warmup_ratio is not None and o.warmup:
         raise ConfigError("pass --warmup (steps) or --warmup-ratio (a fraction of the steps), not both")
     if o.eval_data is not None and o.eval_split is not None:
@@ -167,6 +171,8 @@ class TrainOptions:
     overwrite: bool = False
     warmup_ratio: float | None = None
     logging_steps: int | None = None
+    evals_per_epoch: int | None = None
+    saves_per_epoch: int | None = None
     more_data: tuple[str, ...] = ()  # the second and later --data
     data_weights: str | None = None
     messages_field: str | None = None
@@ -239,6 +245,7 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
                         weights=o.data_weights, mapping=o.data_mapping())
     per_epoch = batches_per_epoch(len(data.items), o.batch * ranks.world)
     total = o.steps if o.steps is not None else max(1, math.ceil((o.epochs or 1) * per_epoch / o.grad_accum))
+    total_per_epoch = max(1, math.ceil(per_epoch / o.grad_accum))  # optimizer steps per epoch
     for line in data.lines:
         echo(line)
     echo(f"      {per_epoch} batches per epoch; {total} optimizer steps")
@@ -263,10 +270,12 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
         echo(plan_summary(model, asked=o.device))
         check_vocab(data.store, model.spec.vocab_size, o.data)
         opts = LoopOptions(out=out_dir, steps=total, batch=o.batch, seq=o.seq, lr=o.lr, seed=o.seed,
-                           grad_accum=o.grad_accum, save_steps=o.save_steps,
+                           grad_accum=o.grad_accum, save_steps=_per_epoch(o.save_steps, o.saves_per_epoch,
+                                                                           total_per_epoch),
                            warmup=o.warmup if o.warmup_ratio is None else math.ceil(o.warmup_ratio * total),
                            lr_schedule=o.lr_schedule, optimizer=o.optimizer, weight_decay=o.weight_decay,
-                           eval_steps=o.eval_steps, save_total_limit=o.save_total_limit,
+                           eval_steps=_per_epoch(o.eval_steps, o.evals_per_epoch, total_per_epoch),
+                           save_total_limit=o.save_total_limit,
                            logging_steps=o.logging_steps or 1)
         optimizer, scheduler = make_optimizer(model, opts)
         with warnings.catch_warnings():
@@ -300,6 +309,14 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
                f"{result.last_loss if result.last_loss is None else format(result.last_loss, '.4f')}; "
                f"adapter in {result.checkpoint}")
     return 0
+
+
+def _per_epoch(steps: int, per_epoch: int | None, steps_per_epoch: int) -> int:
+    """``--eval-steps`` / ``--save-steps`` from ``--evals-per-epoch`` / ``--saves-per-epoch`` N:
+    every ``steps_per_epoch / N`` optimizer steps (at least 1), as axolotl spaces them."""
+    if not per_epoch:
+        return steps
+    return max(1, steps_per_epoch // per_epoch)
 
 
 def _follow_new_schedule(optimizer: Any, scheduler: Any, step: int, opts: LoopOptions, echo: Echo) -> None:

@@ -301,3 +301,109 @@ def test_two_data_sets_mix_in_the_stated_proportions(tmp_path, model_dir, data):
                    "--rank", "4", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert f"mix: 10 of {data['pc']}, 10 of {data['text']} (--data-weights 0.5,0.5)" in result.output
+
+
+# axolotl's examples/llama-3/lora-1b.yml, as that project ships it (abridged target list)
+AXOLOTL_LORA_1B = """
+base_model: NousResearch/Llama-3.2-1B
+
+load_in_8bit: false
+load_in_4bit: false
+strict: false
+
+datasets:
+  - path: teknium/GPT4-LLM-Cleaned
+    type: alpaca
+dataset_prepared_path: last_run_prepared
+val_set_size: 0.1
+output_dir: ./outputs/lora-out
+
+adapter: lora
+lora_model_dir:
+
+sequence_len: 2048
+sample_packing: true
+eval_sample_packing: true
+pad_to_sequence_len: true
+
+lora_r: 16
+lora_alpha: 32
+lora_dropout: 0.05
+lora_fan_in_fan_out:
+lora_target_modules:
+  - gate_proj
+  - down_proj
+
+wandb_project:
+wandb_entity:
+wandb_watch:
+wandb_name:
+wandb_log_model:
+
+gradient_accumulation_steps: 2
+micro_batch_size: 2
+num_epochs: 1
+optimizer: adamw_8bit
+lr_scheduler: cosine
+learning_rate: 0.0002
+
+train_on_inputs: false
+group_by_length: false
+bf16: auto
+fp16:
+tf32: false
+
+gradient_checkpointing: true
+early_stopping_patience:
+resume_from_checkpoint:
+local_rank:
+logging_steps: 1
+xformers_attention:
+flash_attention: true
+
+loss_watchdog_threshold: 5.0
+loss_watchdog_patience: 3
+
+warmup_steps: 10
+evals_per_epoch: 4
+saves_per_epoch: 1
+debug:
+deepspeed:
+weight_decay: 0.0
+fsdp:
+fsdp_config:
+special_tokens:
+  pad_token: "<|end_of_text|>"
+"""
+
+
+def test_axolotls_own_lora_example_maps_key_by_key(tmp_path):
+    from lema.cli.config_file import read_yaml, to_default_map
+    from lema.cli.field_names import detect, translate
+    from lema.cli.train_cmd import train as command
+
+    data = read_yaml(str(write(tmp_path / "lora-1b.yml", AXOLOTL_LORA_1B)))
+    assert detect(data) == "axolotl"
+    notes: list[str] = []
+    mapped = to_default_map(command, translate(data, "axolotl", "lora-1b.yml", notes), "lora-1b.yml", fmt="axolotl")
+    assert mapped == {
+        "model_path": "NousResearch/Llama-3.2-1B", "data": ["teknium/GPT4-LLM-Cleaned"], "data_format": "alpaca",
+        "eval_split": 0.1, "out": "./outputs/lora-out", "seq": 2048, "packing": True, "rank": 16, "alpha": 32,
+        "lora_dropout": 0.05, "targets": "gate_proj,down_proj", "grad_accum": 2, "batch": 2, "epochs": 1,
+        "optimizer": "adamw_8bit", "lr_schedule": "cosine", "lr": 0.0002, "train_on_inputs": False, "dtype": "auto",
+        "logging_steps": 1, "warmup": 10, "evals_per_epoch": 4, "saves_per_epoch": 1, "weight_decay": 0.0}
+    # the keys LEMA accepts without effect are said, one note each
+    assert [n.split(": ")[2] for n in notes] == ["dataset_prepared_path", "eval_sample_packing",
+                                                "loss_watchdog_threshold", "loss_watchdog_patience", "special_tokens"]
+    # its 8-bit sibling (instruct-lora-8b.yml) is refused by the key that has no LEMA meaning, with the way out
+    eight = write(tmp_path / "lora-8b.yml", AXOLOTL_LORA_1B.replace("load_in_8bit: false", "load_in_8bit: true"))
+    result = train("--config", str(eight))
+    assert result.exit_code == 2 and "load_in_8bit" in result.output and "--quantize int8" in result.output
+
+
+def test_evals_and_saves_per_epoch_space_the_steps():
+    from lema.app.training.run_training import _per_epoch
+
+    assert _per_epoch(0, 4, 100) == 25 and _per_epoch(0, 4, 3) == 1 and _per_epoch(7, None, 100) == 7
+    result = train("--model", __file__, "--data", "d", "--out", "o", "--eval-steps", "5", "--evals-per-epoch", "2")
+    assert result.exit_code == 2 and "--evals-per-epoch or --eval-steps, not both" in result.output

@@ -59,6 +59,7 @@ REFUSED: dict[str, str] = {
     "wandb_watch": "LEMA logs the run's metrics to wandb, not the model's gradients",
     "wandb_log_model": "LEMA does not upload checkpoints to wandb",
     "trust_remote_code": "LEMA never runs a model's own code",
+    "env": "set environment variables in the shell that runs lema train",
     "eval_max_new_tokens": "LEMA's evaluation is the held-out loss; sample with lema generate",
     "eval_table_size": "LEMA's evaluation is the held-out loss; sample with lema generate",
     "eval_causal_lm_metrics": "LEMA's evaluation is the held-out loss and perplexity",

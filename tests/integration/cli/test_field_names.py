@@ -224,6 +224,7 @@ def test_an_unknown_key_gets_a_suggestion(tmp_path, text, expected):
     ("deepspeed: ds_config.json\n", "DeepSpeed"),
     ("fsdp: full_shard\n", "FSDP"),
     ("push_to_hub: true\n", "does not upload"),
+    ("env:\n  CUDA_VISIBLE_DEVICES: 0\n", "environment variables"),  # TRL's example_config.yaml
     ("adapter: qlora\n", "--quantize nf4"),
     ("load_in_4bit: true\n", "--quantize nf4"),
     ("gradient_checkpointing: false\n", "always checkpoints"),

@@ -29,6 +29,7 @@ import attrs
 
 from lema.adapters.checkpoints.atomic import atomic_write_text
 from lema.app.training.run_folder import FINAL, METRICS, checkpoint_step, foreign_outputs, named_step, written_by_lema
+from lema.app.training.loop_lines import Window, log_line, peak_text, plan_summary  # noqa: F401 - re-exported
 from lema.app.training.stop_signals import StopFlag
 from lema.domain.json_values import parse_json
 from lema.errors import CheckpointError, ConfigError, NonFiniteLossError, missing_extra
@@ -259,7 +260,7 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
     saved: Path | None = None
     last_loss: float | None = None
     boundary_rng = trainer.rng_snapshot()
-    window = _Window()
+    window = Window()
     start, began = trainer.global_step, time.perf_counter()
     interrupted = False
     failure: NonFiniteLossError | None = None
@@ -300,7 +301,7 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
                     metrics.flush()
                     _to_sinks(sinks, step, record, "train/")
                     if not bar.live and (step % log_every == 0 or step == opts.steps):
-                        echo(_log_line(record, opts.steps, elapsed))
+                        echo(log_line(record, opts.steps, elapsed))
                 bar.update(step, record)
                 if eval_examples is not None and (step == opts.steps or (opts.eval_steps and step % opts.eval_steps == 0)):
                     scores = evaluate(trainer, eval_examples, pad_id, opts)
@@ -349,56 +350,6 @@ def _current_lr(trainer: Any) -> float:
     return float(trainer.optimizer.param_groups[0]["lr"])
 
 
-class _Window:
-    """The steps since the last metrics record (``--logging-steps``)."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.tokens = 0
-        self.seconds = 0.0
-
-    def add(self, loss: float, tokens: int, seconds: float) -> None:
-        self.losses.append(loss)
-        self.tokens += tokens
-        self.seconds += seconds
-
-    def take(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"loss": sum(self.losses) / len(self.losses), "tokens": self.tokens,
-                               "seconds": self.seconds,
-                               "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else None}
-        if len(self.losses) > 1:
-            out["logged_steps"] = len(self.losses)
-        self.__init__()  # type: ignore[misc]
-        return out
-
-
-def clock(seconds: float) -> str:
-    """``1:02:03`` or ``2:03``."""
-    s = int(round(seconds))
-    h, rest = divmod(s, 3600)
-    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
-
-
-def _log_line(record: dict[str, Any], total: int, elapsed: float | None = None) -> str:
-    tps = record.get("tokens_per_s")
-    peak = record.get("device_peak_bytes")
-    eta = record.get("eta_s")
-    norm = record.get("grad_norm")
-    return (f"step {record['step']}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}"
-            + (f"  grad_norm {norm:.3g}" if norm is not None else "")
-            + (f"  {tps:,.0f} tok/s" if tps else "") + (f"  device {peak_text(record)}" if peak else "")
-            + (f"  elapsed {clock(elapsed)}" if elapsed is not None else "")
-            + (f"  ETA {clock(eta)}" if eta is not None and record['step'] < total else ""))
-
-
-def peak_text(record: dict[str, Any]) -> str:
-    """The device peak of a metrics record, saying when the compute's allocations are not in it."""
-    from lema.domain.units import format_size
-
-    held = "" if record.get("device_peak_counts_compute", True) else " held (compute not counted)"
-    return f"{format_size(record['device_peak_bytes'])}{held}"
-
-
 class _NoMetrics:
     """Where ranks other than 0 write their metrics: nowhere."""
 
@@ -428,27 +379,3 @@ class _NoProgress:
 
     def __exit__(self, *exc: Any) -> None:
         pass
-
-
-def plan_summary(model: Any, asked: str | None = None) -> str:
-    """A compact plan: strategy, device (how ``--device auto`` chose it, when ``asked`` is
-    ``"auto"``), shape, device total against the budget, the verdict."""
-    from lema.domain.units import format_size
-
-    p = model.plan()
-    s = p.shape
-    where = str(model.device.torch_device)
-    if asked == "auto":
-        where += " (--device auto: " + ("a GPU is available)" if where.startswith("cuda") else
-                                        "no GPU available; --device cuda needs one)")
-    head = (f"plan: {s.strategy.value} on {where}, batch {s.batch} x seq {s.seq}, "
-            f"LoRA rank {s.lora_rank} ({p.model.lora_parameters:,} trainable parameters), "
-            f"{p.model.n_layers} layers, {len(p.resident_units)} units resident"
-            + (", activation offload" if p.offload_activations else "")
-            + (f", {p.tile_tokens}-position tiles" if p.tile_tokens else ""))
-    if p.budget is None:
-        body = f"device {format_size(p.device_total)} needed (no budget to check against)"
-    else:
-        body = (f"device {format_size(p.device_total)} of {format_size(p.budget.device_bytes)} budget "
-                f"(headroom {format_size(p.headroom_bytes)}): {'fits' if p.fits else 'DOES NOT FIT'}")
-    return head + "\n      " + body

@@ -163,13 +163,11 @@ class LemaTrainer:
             raise NonFiniteLossError(f"step {self.global_step + 1}: the gradient norm is {norm} (not finite); the "
                                      "optimizer was not stepped with it. Lower the learning rate, check the data, or "
                                      "resume from the last good checkpoint", step=self.global_step + 1, value=norm)
-        self.last_grad_norm = norm  # before clipping, as transformers logs it
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
-        self.global_step += 1
-        self.micro_step = 0
+        self.global_step, self.micro_step, self.last_grad_norm = self.global_step + 1, 0, norm  # norm: before clipping
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Any]) -> dict[str, float]:

@@ -38,34 +38,45 @@ def with_other_options(p: MemoryPlan, spec: ModelSpec, shape: TrainingShape, bud
     """``p`` with the fixes and recommendations of :func:`other_options` added (``p`` itself when it fits)."""
     if p.fits:
         return p
-    fixes, recs = other_options(spec, shape, budget, planner)
+    tried: list[str] = []
+    fixes, recs = other_options(spec, shape, budget, planner, tried)
     if not fixes:
-        return p
+        if not tried or p.fixes:
+            return p
+        said = tuple(r.replace("; use a larger device", f"; nor with {' or '.join(tried)}: use a larger device")
+                     if r.startswith("nothing at this budget fits") else r for r in p.recommendations)
+        return attrs.evolve(p, recommendations=said)
     # "nothing at this budget fits" no longer holds once another option does
     kept = tuple(r for r in p.recommendations if not r.startswith("nothing at this budget fits")) \
         if not p.fixes else p.recommendations
     return attrs.evolve(p, fixes=(*p.fixes, *fixes), recommendations=(*kept, *recs))
 
 
-def other_options(spec: ModelSpec, shape: TrainingShape, budget: Budget,
-                  planner: Planner) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def other_options(spec: ModelSpec, shape: TrainingShape, budget: Budget, planner: Planner,
+                  tried: list[str] | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(fixes, recommendations): each option beyond the shape with which the run fits ``budget``.
 
-    ``planner(spec, shape, budget)`` plans without these suggestions (the plain planner).
+    ``planner(spec, shape, budget)`` plans without these suggestions (the plain planner);
+    ``tried`` gains every option planned, fitting or not.
     """
     fixes: list[str] = []
     recs: list[str] = []
+    tried = [] if tried is None else tried
 
     def fits(s: TrainingShape, model: ModelSpec = spec) -> bool:
         return planner(model, s, budget).fits
 
     for kind, traits in DEVICE_KINDS.items():
-        if kind != shape.device_kind and traits.host_memory and fits(attrs.evolve(shape, device_kind=kind)):
+        if kind == shape.device_kind or not traits.host_memory:
+            continue
+        tried.append(f"--device {kind}")
+        if fits(attrs.evolve(shape, device_kind=kind)):
             fixes.append(f"--device {kind}")
             recs.append(f"--device {kind} fits: the run planned for {shape.device_kind}; on the {kind} (the host's "
                         f"memory) there is no runtime reserve and no staging copy")
     reserve = shape.reserve
     if reserve > 0:
+        tried.append("--reserve 0")
         smallest = _largest_reserve(lambda r: fits(attrs.evolve(shape, reserve_bytes=r)), reserve)
         if smallest is not None:
             fixes.append(f"--reserve {_size_option(smallest)}")
@@ -78,6 +89,8 @@ def other_options(spec: ModelSpec, shape: TrainingShape, budget: Budget,
             quantized: ModelSpec | None = spec.quantized(QuantFormat.parse("nf4", double_quant=True))
         except ConfigError:  # a model that cannot be stored quantized (Conv1D weights, fused experts)
             quantized = None
+        if quantized is not None:
+            tried.append("--quantize nf4")
         if quantized is not None and fits(shape, quantized):
             fixes.append("--quantize nf4")
             recs.append("--quantize nf4 fits: the linear weights in 4 bits (`lema convert --quantize nf4` writes "

@@ -80,3 +80,10 @@ def test_train_says_which_device_auto_chose(tmp_path):
                "--batch", "2", "--seq", "48", "--rank", "4"])
     assert result.exit_code == 0, result.output
     assert "plan: streaming on cpu (--device auto: no GPU available" in result.output
+
+
+def test_when_nothing_fits_the_options_tried_are_named(tmp_path):
+    model = str(write_sparse_safetensors(tmp_path / "7b.safetensors", builtin_config("llama-2-7b"), "F16"))
+    out = plan("--model", model, "--vram", "64M", "--device", "cuda")
+    assert out.exit_code == 1
+    assert "nor with --device cpu or --reserve 0 or --quantize nf4: use a larger device" in out.output

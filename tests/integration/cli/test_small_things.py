@@ -75,7 +75,7 @@ def test_metrics_have_grad_norm_and_epoch_and_logging_steps_averages_the_window(
     assert [r["step"] for r in logged] == [2, 4] and all(r["logged_steps"] == 2 for r in logged)
     for r in logged:  # the window's mean loss: the same steps as the run logging every step
         mean = (rows[r["step"] - 2]["loss"] + rows[r["step"] - 1]["loss"]) / 2
-        assert r["loss"] == pytest.approx(mean, rel=1e-12)
+        assert r["loss"] == mean  # the same ops on the same (bit-identical, CPU) losses
     lines = [line for line in result.output.splitlines() if line.startswith("step ")]
     assert len(lines) == 2 and "ETA" in lines[0] and "elapsed" in lines[0] and "grad_norm" in lines[0]
 
@@ -141,7 +141,9 @@ def test_resume_with_more_steps_after_a_finished_cosine_run_does_not_train_at_lr
     assert "warning: --resume with --steps 6" in more.output and "left the LR at 0" in more.output
     rows = records(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert rows[3]["lr"] == pytest.approx(2e-4 * 0.5 * (1 + __import__("math").cos(__import__("math").pi * 3 / 6)))
+    from lema.app.training.train_loop import lr_lambda
+
+    assert rows[3]["lr"] == 2e-4 * lr_lambda("cosine", 0, 6)(3) > 0  # step 4 on the 6-step curve, as computed
     # the same --steps resumes without a word (exact resume stays exact)
     same = train(*args(model_dir, data["pc"], tmp_path / "b", "--steps", "4", "--lr-schedule", "cosine",
                        "--save-steps", "2"))

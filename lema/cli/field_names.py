@@ -66,9 +66,6 @@ REFUSED: dict[str, str] = {
     "model_revision": "LEMA reads a local model (convert it with lema convert)",
     "label_smoothing_factor": "LEMA's loss is the plain next-token cross-entropy",
     "neftune_noise_alpha": "LEMA does not add noise to the embeddings",
-    "eval_accumulation_steps": "LEMA evaluates the loss batch by batch already",
-    "dataloader_num_workers": "LEMA tokenizes the data once before training; batches come from memory",
-    "per_device_eval_batch_size": "LEMA evaluates with --batch",
 }
 
 
@@ -307,7 +304,10 @@ RULES: dict[str, Rule] = {
     "load_in_4bit": _load_in("4"), "load_in_8bit": _load_in("8"),
     "completion_only_loss": _loss_only, "assistant_only_loss": _loss_only,
     "chat_template": _chat_template, "wandb_project": _wandb_project, "wandb_name": _same("run_name"),
-    "logging_dir": _agree((None,), "LEMA writes the logs into DIR (metrics.jsonl, DIR/tensorboard)"),
+    "logging_dir": _note("LEMA writes the logs into DIR (metrics.jsonl, DIR/tensorboard)"),
+    "eval_accumulation_steps": _note("LEMA evaluates the loss batch by batch already"),
+    "dataloader_num_workers": _note("LEMA tokenizes the data once before training; batches come from memory"),
+    "per_device_eval_batch_size": _note("LEMA evaluates with --batch"),
     "overwrite_output_dir": _same("overwrite"),
     "lora_bias": _agree("none", "LEMA's adapters have no bias"), "bias": _agree("none", "LEMA's adapters have no bias"),
     "lora_task_type": _agree("CAUSAL_LM", "LEMA trains causal LMs"),

@@ -103,6 +103,8 @@ lr_scheduler_type: cosine
 warmup_ratio: 0.1
 optim: adamw_torch
 logging_steps: 1
+logging_dir: ./logs
+per_device_eval_batch_size: 8
 save_strategy: steps
 save_steps: 0
 eval_strategy: "no"
@@ -119,6 +121,8 @@ fp16: false
                    "--rank", "4", "--alpha", "8", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert same(adapter(tmp_path / "run"), adapter(flags_run))  # warmup_ratio 0.1 of 3 steps: 1 step
+    assert "note: --config: " in result.output and "per_device_eval_batch_size: LEMA evaluates with --batch" \
+        in result.output
     # the HF spellings on the command line
     result = train("--model-name-or-path", str(model_dir), "--dataset-name", str(data["pc"]),
                    "--output-dir", str(tmp_path / "cli"), "--max-steps", "3", "--per-device-train-batch-size", "2",

@@ -40,6 +40,10 @@ DATA_MAPPING: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
                       "set is repeated or subsampled, seeded by --seed, so that the mix keeps the total number of "
                       "examples). Default: every example of each, once.")
     ,
+    click.option("--data-epochs", metavar="E,E,...",
+                 help="With several --data: passes over each in one epoch of the mix, e.g. 2,1 (every example of "
+                      "the first twice; 0.5: a seeded half). Instead of --data-weights.")
+    ,
     click.option("--messages-field", "--field-messages", "messages_field", metavar="NAME",
                  help="The field holding the conversation (axolotl's field_messages), e.g. dialog.")
     ,

@@ -33,22 +33,28 @@ def parse_weights(text: str | None, n: int, option: str = "--data-weights") -> t
     return weights
 
 
-def counts(sizes: Sequence[int], weights: Sequence[float] | None) -> list[int]:
-    """How many examples of each set the mix holds."""
+def counts(sizes: Sequence[int], weights: Sequence[float] | None,
+           epochs: Sequence[float] | None = None) -> list[int]:
+    """How many examples of each set the mix holds: by share (``weights``), by passes over
+    each set (``epochs``: 2 is every example twice, 0.5 a seeded half), or all of each once."""
+    if epochs is not None:
+        return [round(n * e) for n, e in zip(sizes, epochs)]
     if weights is None:
         return list(sizes)
     total, wsum = sum(sizes), sum(weights)
     return [round(total * w / wsum) for w in weights]
 
 
-def mix(stores: Sequence[TokenStore], weights: Sequence[float] | None, seed: int) -> TokenStore:
-    """One store of ``stores`` in the proportions ``weights`` (all of each, once, when None)."""
-    if len(stores) == 1 and weights is None:
+def mix(stores: Sequence[TokenStore], weights: Sequence[float] | None, seed: int,
+        epochs: Sequence[float] | None = None) -> TokenStore:
+    """One store of ``stores`` in the proportions ``weights``, or ``epochs`` passes over each
+    (all of each, once, when both are None)."""
+    if len(stores) == 1 and weights is None and epochs is None:
         return stores[0]
     builder = StoreBuilder()
     rng = random.Random(f"lema-mix-{seed}")
     meta: dict[str, object] = {"truncated": 0, "dropped": 0, "sources": []}
-    for k, (store, n) in enumerate(zip(stores, counts([len(s) for s in stores], weights))):
+    for k, (store, n) in enumerate(zip(stores, counts([len(s) for s in stores], weights, epochs))):
         if n and not len(store):
             raise DataError(f"data set {k + 1} has no examples to draw {n} from")
         chosen = list(range(len(store))) * (n // len(store)) if len(store) else []

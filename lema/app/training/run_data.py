@@ -34,7 +34,8 @@ def prepare_data(data: str | Sequence[str], tokenizer: Any, *, seq: int, format:
                  chat_template: str | None = None, packing: bool = False, eval_data: str | None = None,
                  eval_split: float | None = None, seed: int = 0, cache: bool = True,
                  max_line_bytes: int | None = None, progress: Callable[[str], None] | None = None,
-                 weights: str | None = None, mapping: dict[str, Any] | None = None) -> RunData:
+                 weights: str | None = None, mapping: dict[str, Any] | None = None,
+                 epochs: str | None = None) -> RunData:
     """Read, tokenize (or open from the cache) and arrange the run's data.
 
     ``data``: one data set, or several mixed by ``weights`` (``--data-weights``: the share of
@@ -58,15 +59,19 @@ def prepare_data(data: str | Sequence[str], tokenizer: Any, *, seq: int, format:
                           **(mapping or {}))
     sets = [data] if isinstance(data, str) else list(data)
     shares = parse_weights(weights, len(sets))
-    if shares is not None and len(sets) < 2:
-        raise ConfigError("--data-weights: give two or more --data to mix")
+    passes = parse_weights(epochs, len(sets), "--data-epochs")
+    if shares is not None and passes is not None:
+        raise ConfigError("pass --data-weights (shares) or --data-epochs (passes over each), not both")
+    if (shares is not None or passes is not None) and len(sets) < 2:
+        raise ConfigError(f"{'--data-weights' if shares else '--data-epochs'}: give two or more --data to mix")
     loaded = [load_data(one, tokenizer, options) for one in sets]
     lines = [f"data: {one}: {t.describe()}" for one, t in zip(sets, loaded)]
-    store, held = mix([t.store for t in loaded], shares, seed), None
+    store, held = mix([t.store for t in loaded], shares, seed, passes), None
     if len(sets) > 1:
         drawn = store.meta.get("sources", [len(t.store) for t in loaded])
         lines.append("mix: " + ", ".join(f"{n:,} of {one}" for n, one in zip(drawn, sets))
-                     + (f" (--data-weights {weights})" if shares is not None else ""))
+                     + (f" (--data-weights {weights})" if shares is not None else "")
+                     + (f" (--data-epochs {epochs})" if passes is not None else ""))
     data = sets[0] if len(sets) == 1 else " + ".join(sets)
     if eval_split is not None:
         store, held = split_eval(store, eval_split, seed)

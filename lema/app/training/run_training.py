@@ -175,6 +175,7 @@ class TrainOptions:
     saves_per_epoch: int | None = None
     more_data: tuple[str, ...] = ()  # the second and later --data
     data_weights: str | None = None
+    data_epochs: str | None = None
     messages_field: str | None = None
     role_key: str | None = None
     content_key: str | None = None
@@ -218,7 +219,8 @@ class TrainOptions:
                 "chat_template": self.chat_template, "packing": self.packing, "eval_split": self.eval_split,
                 "eval_data": self.eval_data, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
                 "max_grad_norm": self.max_grad_norm, "dtype": self.dtype,
-                **({"more_data": list(self.more_data), "data_weights": self.data_weights} if self.more_data else {}),
+                **({"more_data": list(self.more_data), "data_weights": self.data_weights,
+                    "data_epochs": self.data_epochs} if self.more_data else {}),
                 **({"mapping": {k: str(v) for k, v in self.data_mapping().items()}}
                    if self.data_mapping() != TrainOptions(model_path="", data="", out="").data_mapping() else {})}
 
@@ -242,7 +244,7 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
     data = prepare_data(o.all_data, tok, seq=o.seq, format=o.format, chat_template=o.chat_template,
                         packing=o.packing, eval_data=o.eval_data, eval_split=o.eval_split, seed=o.seed,
                         cache=o.data_cache, max_line_bytes=o.max_line_bytes(), progress=echo,
-                        weights=o.data_weights, mapping=o.data_mapping())
+                        weights=o.data_weights, mapping=o.data_mapping(), epochs=o.data_epochs)
     per_epoch = batches_per_epoch(len(data.items), o.batch * ranks.world)
     total = o.steps if o.steps is not None else max(1, math.ceil((o.epochs or 1) * per_epoch / o.grad_accum))
     total_per_epoch = max(1, math.ceil(per_epoch / o.grad_accum))  # optimizer steps per epoch

@@ -299,6 +299,9 @@ def test_two_data_sets_mix_in_the_stated_proportions(tmp_path, model_dir, data):
     origins = [int(mixed.arrays(i)[0][0]) for i in range(len(mixed))]
     assert origins.count(1) == 10 and origins.count(2) == 30
     assert len({int(mixed.arrays(i)[0][2]) for i in range(len(mixed)) if origins[i] == 2}) == 10
+    mixed = mix([a, b], None, seed=0, epochs=(0.5, 2))  # passes over each: a seeded half of a, b twice
+    origins = [int(mixed.arrays(i)[0][0]) for i in range(len(mixed))]
+    assert origins.count(1) == 15 and origins.count(2) == 20
     # through the command: two --data and --data-weights
     out = tmp_path / "run"
     result = train("--model", str(model_dir), "--data", str(data["pc"]), "--data", str(data["text"]),
@@ -306,6 +309,11 @@ def test_two_data_sets_mix_in_the_stated_proportions(tmp_path, model_dir, data):
                    "--rank", "4", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert f"mix: 10 of {data['pc']}, 10 of {data['text']} (--data-weights 0.5,0.5)" in result.output
+    result = train("--model", str(model_dir), "--data", str(data["pc"]), "--data", str(data["text"]),
+                   "--data-epochs", "2,1", "--out", str(tmp_path / "epochs"), "--steps", "1", "--batch", "2",
+                   "--seq", "48", "--rank", "4", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert f"mix: 24 of {data['pc']}, 8 of {data['text']} (--data-epochs 2,1)" in result.output
 
 
 # axolotl's examples/llama-3/lora-1b.yml, as that project ships it (abridged target list)

@@ -43,6 +43,7 @@ def test_weights_and_the_counts_they_give():
     assert counts([30, 10], (0.75, 0.25)) == [30, 10]
     assert counts([30, 10], (1, 1)) == [20, 20]
     assert counts([30, 10], None) == [30, 10]
+    assert counts([30, 10], None, (2, 0.5)) == [60, 5]
     for bad, match in (("0.7", "one per --data"), ("a,b", "numbers"), ("0,0", "not all 0"), ("-1,2", ">= 0"),
                        ("inf,1", "finite")):
         with pytest.raises(DataError, match=match):

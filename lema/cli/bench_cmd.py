@@ -24,7 +24,8 @@ import click
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--prefetch", type=click.IntRange(min=0), default=2, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True,
+              help="cpu, cuda or cuda:N (auto: cuda when a GPU is available, else cpu; said in the first line).")
 @click.option("--strategies", default="streaming,resident", show_default=True,
               help="Comma-separated LEMA strategies; the first is the one the ratios compare.")
 @click.option("--no-reference", is_flag=True, help="Skip transformers + peft (needs the peft package).")
@@ -71,6 +72,7 @@ def bench(model, preset, dtype, batch, seq, steps, warmup, rank, prefetch, devic
     check_output(workdir, option="--workdir", folders=inputs, overwrite=None)
     check_output(out, option="--json-out", folders=inputs, overwrite=overwrite)
     names = tuple(s.strip() for s in strategies.split(",") if s.strip())
+    device = _resolve_device(device, link_bandwidth is not None)
     if link_bandwidth is not None and device != "cpu":
         raise ConfigError("--link-bandwidth: only the CPU device simulates a link; a GPU's is measured")
     rate = parse_size(link_bandwidth, field="--link-bandwidth") if link_bandwidth is not None else None
@@ -105,6 +107,19 @@ def bench(model, preset, dtype, batch, seq, steps, warmup, rank, prefetch, devic
         click.echo(line)
     benchmarking.dump(result, out)
     click.echo(f"wrote {out}")
+
+
+def _resolve_device(device: str, link: bool) -> str:
+    """``--device auto``: cuda when CUDA is available (the CPU with --link-bandwidth), else cpu; said."""
+    if device != "auto":
+        return device
+    import torch
+
+    chosen = "cuda" if torch.cuda.is_available() and not link else "cpu"
+    why = ("--link-bandwidth simulates a link on the CPU" if link and torch.cuda.is_available()
+           else "a GPU is available" if chosen == "cuda" else "no GPU available")
+    click.echo(f"device: {chosen} (--device auto: {why})")
+    return chosen
 
 
 def _check_device(device: str) -> None:

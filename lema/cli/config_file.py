@@ -1,5 +1,10 @@
 """``--config run.yaml``: a command's options as YAML keys; flags on the command line win.
 
+Files in the field's shapes are read too (TRL / transformers ``TrainingArguments`` and
+axolotl YAML, detected from their keys or named with ``--config-format``): their keys are
+mapped to the command's options, or refused with the reason, by
+:mod:`lema.cli.field_names`; an unknown key is refused with the closest names.
+
 Every option of the command is a key, spelled as the flag without ``--`` (``grad-accum``
 or ``grad_accum``); lists become comma-separated values (``targets: [q_proj, v_proj]``);
 flags take ``true``/``false``. Relative paths are relative to the working directory, as
@@ -34,11 +39,47 @@ def config_option(f: Callable[..., Any]) -> Callable[..., Any]:
                         help="A YAML file with the command's options as keys; flags given here override it.")(f)
 
 
+def config_format_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--config-format`` (which names the file's keys follow: LEMA's, TRL/transformers', axolotl's)."""
+    from lema.cli.field_names import FORMATS
+
+    return click.option("--config-format", "config_format", type=click.Choice(FORMATS), default="auto",
+                        is_eager=True, expose_value=False, callback=_format, show_default=True,
+                        help="Whose key names --config uses: lema, hf / trl (TrainingArguments, SFTConfig) or "
+                             "axolotl; auto: detected from the keys.")(f)
+
+
+def _format(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    ctx.meta["lema.config_format"] = value or "auto"
+    _update(ctx)
+
+
 def _apply(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
     if value is None:
         return
-    data = read_yaml(value)
-    ctx.default_map = {**(ctx.default_map or {}), **to_default_map(ctx.command, data, value)}
+    ctx.meta["lema.config"] = (value, read_yaml(value))
+    _update(ctx)
+
+
+def _update(ctx: click.Context) -> None:
+    """The file's keys as the command's defaults, once both the file and its format are known
+    (the two eager options run in the order they were given)."""
+    if "lema.config" not in ctx.meta:
+        return
+    has_format = any(p.name == "config_format" for p in ctx.command.params)
+    if has_format and "lema.config_format" not in ctx.meta:
+        return
+    from lema.cli.field_names import detect, translate
+
+    path, data = ctx.meta.pop("lema.config")
+    fmt = ctx.meta.get("lema.config_format", "lema")
+    if fmt == "auto":
+        fmt = detect(data)
+    notes: list[str] = []
+    mapped = translate(data, fmt, path, notes)
+    ctx.default_map = {**(ctx.default_map or {}), **to_default_map(ctx.command, mapped, path, fmt=fmt)}
+    for note in notes:  # keys accepted without effect: said, not silently dropped
+        click.echo(f"note: {note}", err=True)
 
 
 def read_yaml(path: str) -> dict[str, Any]:
@@ -143,7 +184,7 @@ def _check_value(param: click.Parameter, key: str, value: Any, path: str) -> Non
         raise ConfigError(f"{where}: {value!r} is not a value of this option; write it as a string")
 
 
-def to_default_map(command: click.Command, data: dict[str, Any], path: str) -> dict[str, Any]:
+def to_default_map(command: click.Command, data: dict[str, Any], path: str, fmt: str = "lema") -> dict[str, Any]:
     """YAML keys -> click parameter names and values.
 
     Raises:
@@ -160,14 +201,21 @@ def to_default_map(command: click.Command, data: dict[str, Any], path: str) -> d
         by_key[str(param.name)] = param
     unknown = [str(k) for k in data if str(k) not in by_key]
     if unknown:
+        from lema.cli.field_names import did_you_mean, known_keys
+
         valid = sorted({p.opts[0].lstrip("-") for p in by_key.values()})
-        raise ConfigError(f"--config: {path}: unknown option{'s' if len(unknown) > 1 else ''} "
-                          f"{', '.join(map(repr, unknown))}; the options are {', '.join(valid)}")
+        names = [*by_key, *known_keys(fmt)]
+        described = ", ".join(repr(k) + did_you_mean(k, names) for k in unknown)
+        read_as = "" if fmt == "lema" else f" (read with {fmt}'s key names)"
+        raise ConfigError(f"--config: {path}{read_as}: unknown option{'s' if len(unknown) > 1 else ''} "
+                          f"{described}; the options are {', '.join(valid)}")
     out: dict[str, Any] = {}
     for key, value in data.items():
         param = by_key[str(key)]
         _check_value(param, str(key), value, path)
-        if isinstance(value, (list, tuple)):
+        if isinstance(param, click.Option) and param.multiple:
+            value = [str(v) for v in value] if isinstance(value, (list, tuple)) else [value]
+        elif isinstance(value, (list, tuple)):
             value = ",".join(str(v) for v in value)
         if isinstance(param, click.Option) and param.secondary_opts and isinstance(value, bool):
             # --greedy/--sample style: the key names which side is true

@@ -73,4 +73,11 @@ def convert(model: str, out: str, dtype: str | None, revision: str | None, token
         path = prepare_monolithic_safetensors(model, out, device=device, dtype=dtype, revision=revision,
                                               token=token, progress=progress, overwrite=overwrite,
                                               quantize=quantize, double_quant=not no_double_quant)
-    click.echo(f"wrote {path}")
+    from lema.data.tokenizer import sidecar_dir
+
+    tokenizer = sidecar_dir(path)
+    if tokenizer.is_dir():
+        click.echo(f"wrote {path} and its tokenizer folder {tokenizer} (keep them together: train, generate and "
+                   "merge read the tokenizer from there)")
+    else:
+        click.echo(f"wrote {path} (the model had no tokenizer files: pass --tokenizer to train and generate)")

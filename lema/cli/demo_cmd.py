@@ -1,5 +1,5 @@
-"""``lema demo``: a chat fine-tune of a model several times larger than the device, in about
-two minutes on a CPU, with no network.
+"""``lema demo``: a chat fine-tune of a model several times larger than the device, in
+about a minute (50-80 s on a quiet 2-core CPU), with no network.
 
 1. Open the chat data and the tokenizer shipped with LEMA (``lema/data/demo``: a library
    help desk; a byte-level BPE with a chat template).

@@ -107,7 +107,10 @@ def generate(model_path: str, adapter: str | None, prompt: str, max_new_tokens: 
                        eos_token_id=eos or None, pad_token_id=tokenizer.pad_token_id,
                        stream=printer.add)
         printer.flush()
-        click.echo()
+        if printer.wrote:
+            click.echo()  # end the text's line
+        else:  # the model ended its turn at once: no empty line on stdout, a note on stderr
+            click.echo("note: the model generated no text (it ended its reply at once)", err=True)
     finally:
         model.close()
 
@@ -173,6 +176,7 @@ class _TextStream:
         self.prefix = prefix
         self.ids: list[int] = []
         self.printed = 0
+        self.wrote = False  # anything on stdout (the prompt or text)
 
     def add(self, token: int) -> None:
         self.ids.append(token)
@@ -188,6 +192,8 @@ class _TextStream:
         if self.prefix:
             click.echo(self.prefix, nl=False)
             self.prefix = ""
+            self.wrote = True
         if len(text) > self.printed:
             click.echo(text[self.printed:], nl=False)
             self.printed = len(text)
+            self.wrote = True

@@ -33,8 +33,9 @@ DEFAULT_BANDWIDTH = "24G"  # bytes/s: PCIe 4.0 x16 host -> device from pinned me
               help="Plan the model as if its linear weights were quantized (what `lema convert --quantize` writes).")
 @click.option("--no-double-quant", is_flag=True, help="With --quantize nf4/fp4: without double quantization.")
 @click.option("--config", "config_path", metavar="PATH", help="A config.json to use instead of the model's own.")
-@click.option("--device", "device_kind", default="cuda", show_default=True,
-              help="cuda or cpu (sets the runtime reserve and the attention path).")
+@click.option("--device", "device_kind", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
+              show_default=True, help="Plan for this device (sets the runtime reserve and the attention path); "
+              "auto: cuda when a GPU is visible, else cpu, as `lema train` picks.")
 @click.option("--mode", default="train", show_default=True, help="train, or inference (forward only).")
 @click.option("--no-checkpointing", is_flag=True, help="Plan without gradient checkpointing.")
 @click.option("--offload-activations/--no-offload-activations", "offload", default=None,
@@ -76,6 +77,7 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
         raise ConfigError("--model is required: a .safetensors file, a folder, a config.json or a built-in name "
                           "(see `lema plan --list-models`)")
     link = parse_size(bandwidth.removesuffix("/s"), field="--bandwidth")
+    device_kind, device_note = _device(device_kind)
     budget, budget_source = None, ""
     if vram is not None:
         budget, budget_source = Budget.from_strings(vram, ram), "--vram"
@@ -100,7 +102,7 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
     elif no_double_quant:
         raise ConfigError("--no-double-quant needs --quantize nf4 or fp4")
     check_seq(seq, spec, lambda line: click.echo(line, err=True))
-    if budget is None:
+    if budget is None and device_kind == "cuda":
         from lema.adapters.devices.probe import local_gpu_memory
 
         gpu = local_gpu_memory()
@@ -118,11 +120,12 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
                           "path": None if resolved.weights_path is None else str(resolved.weights_path),
                           "note": resolved.note}
         data["budget_source"] = budget_source or None
+        data["device_choice"] = device_note
         data["link"] = {"bandwidth_bytes_per_s": link, "time_floor_s": floor}
         data["time"] = timing.to_dict()
         click.echo(json.dumps(data, indent=2))
     else:
-        _print_human(model, resolved, result, link, floor, budget_source)
+        _print_human(model, resolved, result, link, floor, budget_source, device_note)
         click.echo(f"time: {timing.line()}")
         click.echo(f"rates: {timing.rates.source}")
     if not result.fits:
@@ -160,6 +163,16 @@ def _rates(spec, shape, calibrate: bool):  # noqa: ANN001, ANN202
                f"{rates.matmul_flops_per_s / 1e12:.3g} TFLOP/s, attention {rates.attention_flops_per_s / 1e12:.3g} "
                f"TFLOP/s, memory {rates.memory_bytes_per_s / 1e9:.3g} GB/s (cached in {path})", err=True)
     return rates
+def _device(asked: str) -> tuple[str, str]:
+    """The device kind planned for and how it was chosen (``--device auto``: is a GPU visible?)."""
+    if asked != "auto":
+        return asked, f"{asked} (--device {asked})"
+    from lema.adapters.devices.probe import local_gpu_memory
+
+    gpu = local_gpu_memory()
+    if gpu is not None:
+        return "cuda", f"cuda ({gpu[1]} visible; --device auto)"
+    return "cpu", "cpu (no GPU visible; --device auto; --device cuda plans for a GPU)"
 
 
 def _reserve(text: str) -> int:
@@ -168,7 +181,8 @@ def _reserve(text: str) -> int:
     return 0 if text.strip() in ("0", "0B", "0G", "0M") else parse_size(text, field="--reserve")
 
 
-def _print_human(ref: str, resolved, result, link: int, floor: float, budget_source: str) -> None:  # noqa: ANN001
+def _print_human(ref: str, resolved, result, link: int, floor: float, budget_source: str,  # noqa: ANN001
+                 device_note: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -186,6 +200,7 @@ def _print_human(ref: str, resolved, result, link: int, floor: float, budget_sou
                   f"{','.join(m.lora_targets)}; {s.strategy.value}, prefetch {s.prefetch}, checkpointing "
                   f"{'on' if s.gradient_checkpointing else 'off'}, {s.attention_path} attention, {s.device_kind}"
                   + run_extras(result))
+    console.print(f"device: {device_note}")
     if resolved.note:
         console.print(f"note: {resolved.note}")
     table = Table(show_edge=False, pad_edge=False)
@@ -209,7 +224,8 @@ def _print_human(ref: str, resolved, result, link: int, floor: float, budget_sou
     for choice in result.choices:
         console.print(f"chose: {choice}")
     if result.budget is None:
-        console.print("no --vram given and no GPU visible: " + result.verdict())
+        console.print(("no --vram given: " if s.device_kind != "cuda" else "no --vram given and no GPU visible: ")
+                      + result.verdict())
     elif result.fits:
         where = "" if budget_source == "--vram" else f" (budget: {budget_source})"
         console.print(f"[bold green]{result.verdict()}[/]{where}")

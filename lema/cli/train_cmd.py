@@ -20,7 +20,7 @@ What the run leaves in ``DIR``:
 leaves): adapter, optimizer, LR schedule and RNG states (LoRA dropout's included) are
 restored and the batches already consumed are skipped, so a resumed run ends with the same
 adapter as a straight one (bit for bit on CPU). Without ``--resume`` ``DIR`` must be new or
-empty. While it runs, ``DIR/.lema.lock`` (holding the pid) keeps a second ``lema train``
+empty (``--overwrite`` empties it first). While it runs, ``DIR/.lema.lock`` (holding the pid) keeps a second ``lema train``
 out of ``DIR``.
 
 Under ``torchrun --nproc-per-node N lema train ...`` every rank trains on its ``--batch``
@@ -53,14 +53,17 @@ def train(ctx: click.Context, **options: Any) -> None:
 
     OUT gets checkpoint-<step>/ every --save-steps and on Ctrl-C or SIGTERM, final/ when
     the run completes (peft adapter + optimizer state + tokenizer), and metrics.jsonl.
-    OUT must be new or empty; --resume continues the run in it exactly where it stopped.
-    Every option can also be a key of --config run.yaml; flags override it.
+    OUT must be new or empty; --resume continues the run in it exactly where it stopped,
+    --overwrite replaces it. Every option can also be a key of --config run.yaml (TRL,
+    transformers and axolotl YAML files are read too); flags override it.
 
     \b
     Example:
       lema train --model llama2_7b.safetensors --data chat.jsonl --out runs/a \\
                  --steps 1000 --batch 4 --seq 1024 --packing --eval-split 0.05 --eval-steps 100
     """
+    data = tuple(options.pop("data"))  # --data given once or more
+    options.update(data=data[0], more_data=data[1:])
     code = run_training(TrainOptions(**options), echo=click.echo, progress=TrainingProgress, hold_signals=True)
     if code:
         ctx.exit(code)

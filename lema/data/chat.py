@@ -176,7 +176,8 @@ def render_text(tokenizer: Any, messages: Sequence[dict[str, Any]], template: st
                    add_generation_prompt=add_generation_prompt)
 
 
-def assistant_spans(tokenizer: Any, messages: Sequence[dict[str, Any]], template: str) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer: Any, messages: Sequence[dict[str, Any]], template: str,
+                    roles: Sequence[str] = ("assistant",)) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant messages, found
     by rendering it prefix by prefix.
 
@@ -188,10 +189,11 @@ def assistant_spans(tokenizer: Any, messages: Sequence[dict[str, Any]], template
     full = render_text(tokenizer, messages, template)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] not in roles:
             continue
-        try:
-            before = render_text(tokenizer, messages[:i], template, add_generation_prompt=True)
+        try:  # an assistant's span starts after its header (the generation prompt); another role's at its header
+            before = render_text(tokenizer, messages[:i], template,
+                                 add_generation_prompt=message["role"] == "assistant")
         except TemplateRefused:
             raise
         except Exception:  # noqa: BLE001 - many templates refuse an empty conversation
@@ -226,12 +228,13 @@ def span_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int
     return mask
 
 
-def render_batch(tokenizer: Any, conversations: Sequence[Sequence[dict[str, Any]]], template: str
-                 ) -> list[tuple[list[int], list[int]] | str]:
-    """Token ids and assistant masks of each conversation, or the problem (a string) of a
-    conversation the template cannot render."""
+def render_batch(tokenizer: Any, conversations: Sequence[Sequence[dict[str, Any]]], template: str,
+                 roles: Sequence[str] = ("assistant",)) -> list[tuple[list[int], list[int]] | str]:
+    """Token ids and loss masks (the tokens of ``roles``' turns) of each conversation, or the
+    problem (a string) of a conversation the template cannot render. Generation marks
+    only mark the assistant: other roles are found by rendering prefixes."""
     results: list[tuple[list[int], list[int]] | str] = []
-    if has_generation_marks(template):
+    if has_generation_marks(template) and tuple(roles) == ("assistant",):
         for conv in conversations:
             try:
                 out = bounded(tokenizer.apply_chat_template, list(conv), chat_template=template, tokenize=True,
@@ -248,7 +251,7 @@ def render_batch(tokenizer: Any, conversations: Sequence[Sequence[dict[str, Any]
     where: list[int] = []
     for conv in conversations:
         try:
-            text, found = assistant_spans(tokenizer, conv, template)
+            text, found = assistant_spans(tokenizer, conv, template, roles)
         except TemplateRefused:
             raise
         except ValueError as exc:  # the prefix rendering rule failed: generation marks make it unnecessary

@@ -35,8 +35,12 @@ class Counts:
 
 
 def encode_samples(samples: Iterable[Sample], tokenizer: Any, seq: int, problems: Problems,
-                   template: str | None = None, meta: dict[str, Any] | None = None) -> TokenStore:
+                   template: str | None = None, meta: dict[str, Any] | None = None, *,
+                   train_on_inputs: bool = False, roles: tuple[str, ...] = ("assistant",)) -> TokenStore:
     """Tokenize ``samples`` into a store (``meta`` gains ``truncated`` and ``dropped``).
+
+    ``train_on_inputs``: every token carries the loss (prompts and every turn too);
+    ``roles``: the roles whose turns carry it in conversations.
 
     Problems (an empty example, a conversation the template cannot render) go to
     ``problems``; the caller raises them.
@@ -61,18 +65,18 @@ def encode_samples(samples: Iterable[Sample], tokenizer: Any, seq: int, problems
                 full = len(p) + len(c)
                 p, c = _fit(p, c, seq)
                 counts.truncated += len(p) + len(c) < full
-                encoded[id(s)] = (p + c, [0] * len(p) + [1] * len(c))
+                encoded[id(s)] = (p + c, [int(train_on_inputs)] * len(p) + [1] * len(c))
         if chats:
             if template is None:
                 problems.add(chats[0].line, f"{chats[0].where}: a conversation, but the tokenizer has no chat "
                                             "template")
                 problems.raise_if_any("pass one with --chat-template FILE (a Jinja template) or "
                                       f"--chat-template {next(iter(chat.BUILTIN))}")
-            for s, result in zip(chats, chat.render_batch(tokenizer, [s.messages for s in chats], template)):
+            for s, result in zip(chats, chat.render_batch(tokenizer, [s.messages for s in chats], template, roles)):
                 if isinstance(result, str):  # the template's problem, not this row's: say it once
                     raise DataError(f"{problems.name}, {s.where}: {result}")
                 ids, mask = result
-                cut = _cut(ids, mask, seq, counts)
+                cut = _cut(ids, [1] * len(ids) if train_on_inputs else mask, seq, counts)
                 if cut is not None and not any(cut[1]):
                     counts.dropped += 1
                     cut = None

@@ -38,6 +38,16 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
                    "tool": "tool", "function": "tool", "function_call": "assistant", "observation": "tool"}
 FIX = ('each record needs a "text" field, "prompt" and "completion", "messages" (chat), "conversations" '
        '(ShareGPT) or "instruction" and "output" (Alpaca); or choose the format with --format')
+_MAP = ("map the data's own field names with --messages-field, --role-key, --content-key, --roles, --text-field, "
+        "--prompt-field or --completion-field")
+
+
+def fix(given: str | None) -> str:
+    """What to do about records that do not fit: the format's fields (``given``: the ``--format``
+    the user chose, so it is not offered again), or a mapping of the data's names."""
+    if given is None:
+        return f"{FIX}, or {_MAP}"
+    return f"the records of --format {given} need its fields; {_MAP}"
 # The prompt Stanford Alpaca was trained with, for tokenizers without a chat template.
 ALPACA_PROMPT = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")

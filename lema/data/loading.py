@@ -19,6 +19,7 @@ import attrs
 
 from lema.data import cache, chat, formats
 from lema.data.encode import encode_samples, encode_stream
+from lema.data.field_map import FieldMap
 from lema.data.records import MAX_LINE_BYTES, Problems, Record
 from lema.data.sources import Source, open_source
 from lema.data.store import TokenStore
@@ -43,6 +44,9 @@ class DataOptions:
     chat_template: str | None = None
     cache_dir: Path | None = None
     max_line_bytes: int = MAX_LINE_BYTES
+    fields: FieldMap = FieldMap()
+    train_on_inputs: bool = False
+    roles_to_train: tuple[str, ...] = ("assistant",)
     progress: Callable[[str], None] | None = attrs.field(default=None, eq=False)
     progress_every: float = attrs.field(default=10.0, eq=False)
 
@@ -123,18 +127,30 @@ def load_data(spec: str | os.PathLike[str], tokenizer: Any, options: DataOptions
     if options.cache_dir is not None:
         # The cap is in the key too: the same data under a lower cap is checked (and refused) again.
         key = cache.cache_key(source.identity, tokenizer, {"seq": seq, "format": fmt, "template": template,
-                                                           "max_line_bytes": options.max_line_bytes})
+                                                           "max_line_bytes": options.max_line_bytes,
+                                                           **_mapping_key(options)})
         hit = cache.load(Path(options.cache_dir), key)
         if hit is not None:
             return TrainingData(hit, str(hit.meta.get("format")), source.name, cached=True)
-    data = _read(source, tokenizer, seq, fmt, template, options.progress, options.progress_every)
+    data = _read(source, tokenizer, seq, fmt, template, options.progress, options.progress_every, options)
     if options.cache_dir is not None:
         cache.save(Path(options.cache_dir), key, data.store)
     return data
 
 
+def _mapping_key(options: DataOptions) -> dict[str, Any]:
+    """The mapping options in the cache key (none when they are the defaults: earlier keys still hit)."""
+    if options.fields.identity and not options.train_on_inputs and options.roles_to_train == ("assistant",):
+        return {}
+    return {"fields": options.fields.describe(), "train_on_inputs": options.train_on_inputs,
+            "roles_to_train": list(options.roles_to_train)}
+
+
 def _read(source: Source, tokenizer: Any, seq: int, fmt: str | None, template: str | None,
-          say: Callable[[str], None] | None = None, every: float = 10.0) -> TrainingData:
+          say: Callable[[str], None] | None = None, every: float = 10.0,
+          options: DataOptions | None = None) -> TrainingData:
+    options = options if options is not None else DataOptions(seq=seq)
+    fix = formats.fix(fmt)
     if source.kind == "text":
         if fmt not in (None, formats.TEXT):
             raise DataError(f"{source.name}: plain text is one text stream; --format {fmt} needs records "
@@ -147,27 +163,33 @@ def _read(source: Source, tokenizer: Any, seq: int, fmt: str | None, template: s
         store = encode_stream(chunks, tokenizer, seq, {"format": "text", "seq": seq})
         return TrainingData(store, "text", source.name)
     assert source.rows is not None
+    read_rows = source.rows
+    if not options.fields.identity:
+        def read_rows(problems: Problems) -> Iterator[Record]:  # the data's names -> LEMA's
+            assert source.rows is not None
+            return map(options.fields.apply, source.rows(problems))
     problems = Problems(source.name)
-    rows = _Ticker(say, f"checking {source.name}", "records", every).wrap(source.rows(problems), lambda _: 1)
+    rows = _Ticker(say, f"checking {source.name}", "records", every).wrap(read_rows(problems), lambda _: 1)
     first = next(rows, None)
     if first is None:
-        problems.raise_if_any(formats.FIX)
+        problems.raise_if_any(fix)
         raise DataError(f"{source.name}: no records in the data; give it some examples")
     fmt = fmt or formats.detect(first.fields)
     if fmt is None:
         problems.add(first.line, formats.undetected(first))
         for _ in rows:  # report the other bad lines too
             pass
-        problems.raise_if_any(formats.FIX)
+        problems.raise_if_any(fix)
     assert fmt is not None
     name = "jsonl-text" if fmt == formats.TEXT and source.json_lines else fmt
     for _ in _samples(itertools.chain([first], rows), fmt, problems, template is not None):
         pass  # every row checked before anything is tokenized
-    problems.raise_if_any(formats.FIX)
+    problems.raise_if_any(fix)
     ticker = _Ticker(say, f"tokenizing {source.name}", "records", every)
-    samples = _samples(ticker.wrap(source.rows(problems), lambda _: 1), fmt, problems, template is not None)
-    store = encode_samples(samples, tokenizer, seq, problems, template, {"format": name, "seq": seq})
-    problems.raise_if_any(formats.FIX)
+    samples = _samples(ticker.wrap(read_rows(problems), lambda _: 1), fmt, problems, template is not None)
+    store = encode_samples(samples, tokenizer, seq, problems, template, {"format": name, "seq": seq},
+                           train_on_inputs=options.train_on_inputs, roles=options.roles_to_train)
+    problems.raise_if_any(fix)
     if len(store) == 0:
         raise DataError(f"{source.name}: no example has a token to learn within --seq {seq} "
                         f"({store.meta.get('dropped', 0)} dropped); raise --seq")

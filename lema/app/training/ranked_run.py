@@ -21,7 +21,7 @@ from lema.errors import CheckpointError
 
 @contextlib.contextmanager
 def open_ranked_run(out: Path, *, resume: bool, ranks: Ranks,
-                    echo: Callable[[str], None] = print) -> Iterator[Path | None]:
+                    echo: Callable[[str], None] = print, overwrite: bool = False) -> Iterator[Path | None]:
     """Yield the checkpoint this run starts from (None: step 0), on every rank.
 
     Raises:
@@ -29,14 +29,14 @@ def open_ranked_run(out: Path, *, resume: bool, ranks: Ranks,
         CheckpointError: the ranks see different checkpoints in ``out``.
     """
     if not ranks.distributed:
-        with open_run(out, resume=resume, echo=echo) as run:
+        with open_run(out, resume=resume, echo=echo, overwrite=overwrite) as run:
             yield run.checkpoint
         return
     run: RunFolder | None = None
     error = None
     if ranks.is_main:
         try:
-            run = open_run(out, resume=resume, echo=echo)
+            run = open_run(out, resume=resume, echo=echo, overwrite=overwrite)
         except Exception as exc:  # noqa: BLE001 - every rank stops with it in settle
             error = exc
     settle(error)  # rank 0 has locked and cleaned the folder

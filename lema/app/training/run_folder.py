@@ -180,10 +180,27 @@ class RunFolder:
         self.close()
 
 
-def open_run(out: Path, *, resume: bool, echo: Callable[[str], None] = print) -> RunFolder:
+def _clear(out: Path) -> int:
+    """Remove everything in ``out`` but the lock (``--overwrite``); the count removed."""
+    import shutil
+
+    removed = 0
+    for entry in sorted(out.iterdir()):
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        removed += 1
+    return removed
+
+
+def open_run(out: Path, *, resume: bool, echo: Callable[[str], None] = print, overwrite: bool = False) -> RunFolder:
     """Lock ``out`` and decide where the run starts.
 
-    Without ``resume`` the folder must be new or empty; with it, the newest complete
+    Without ``resume`` the folder must be new or empty (``overwrite``: what it holds is
+    removed first, once the lock is held); with it, the newest complete
     checkpoint is the start (a folder whose run stopped before its first checkpoint starts
     again at step 0).
 
@@ -202,6 +219,11 @@ def open_run(out: Path, *, resume: bool, echo: Callable[[str], None] = print) ->
             echo(f"warning: {note}")
         for stale in clean_stale_temps(out):
             echo(f"note: removed {stale.name}, left by an interrupted save")
+        if overwrite and not resume:
+            removed = _clear(out)
+            if removed:
+                echo(f"--overwrite: removed {removed} entr{'y' if removed == 1 else 'ies'} an earlier run left in "
+                     f"{out}")
         ckpt = latest_checkpoint(out, echo)
         if resume:
             # A checkpoint that cannot be read is an error, not a run "stopped before its first
@@ -219,14 +241,14 @@ def open_run(out: Path, *, resume: bool, echo: Callable[[str], None] = print) ->
             return run
         if ckpt is not None:
             raise OutputError(f"--out: {out} already holds checkpoints ({ckpt.name} is the latest); pass --resume to "
-                              "continue that run, or choose another --out")
+                              "continue that run, --overwrite to replace it, or choose another --out")
         held = sorted(e.name for e in out.iterdir() if e.name != LOCK_NAME)
         if held:
             shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
             hint = ("; or pass --resume to continue the run there (it stopped before its first checkpoint)"
                     if (out / ARGS).is_file() else "")
             raise OutputError(f"--out: {out} is not empty (holds {shown}); LEMA does not train over existing "
-                              f"files: choose a new or empty folder{hint}")
+                              f"files: choose a new or empty folder, or pass --overwrite to replace them{hint}")
         return run
     except BaseException:
         run.close()

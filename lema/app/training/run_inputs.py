@@ -16,6 +16,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LEMA_CACHE") or Path.home() / ".cache" / "lema").expanduser()
 
 
+def check_model_path(model: str) -> None:
+    """A ``--model`` that names nothing, said before anything slow (torch is not imported yet).
+
+    Raises:
+        ModelFormatError: no such file or folder.
+    """
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelFormatError(f"--model: {model}: no such file or folder; pass a converted .safetensors file "
+                               "or a Hugging Face model folder")
+
+
 def resolve_model_arg(model: str, echo: Callable[[str], None] = print) -> tuple[str | None, str | None]:
     """``--model`` -> ``(gbi_path, model_name_or_path)`` for LemaConfig.
 

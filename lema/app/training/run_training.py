@@ -25,10 +25,16 @@ import attrs
 from lema.adapters.checkpoints.atomic import atomic_write_text
 from lema.app.outputs import check_output
 from lema.app.training.run_folder import ARGS
-from lema.app.training.run_inputs import open_tokenizer, resolve_model_arg, save_tokenizer_with_template
+from lema.app.training.run_inputs import (
+    check_model_path,
+    open_tokenizer,
+    resolve_model_arg,
+    save_tokenizer_with_template,
+)
 from lema.app.training.train_loop import (
     DATA_ARGS,
     LoopOptions,
+    lr_lambda,
     make_optimizer,
     plan_summary,
     require_bitsandbytes,
@@ -65,6 +71,7 @@ def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None, h
     Raises:
         LemaError: bad options or input, a plan that does not fit, a locked ``out``.
     """
+    check_model_path(o.model_path)  # a typo is said at once, not after the torch import
     # Imported here: they import torch, and `lema --help` (which imports this module) must stay light.
     from lema.app import bootstrap
     from lema.app.parallel import distributed
@@ -82,6 +89,14 @@ def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None, h
             raise ConfigError(f"{flag}: {value!r} is not a finite number")
     if o.reset_optimizer and not o.resume:
         raise ConfigError("--reset-optimizer only applies with --resume")
+    if o.overwrite and o.resume:
+        raise ConfigError("pass --resume (continue the run in --out) or --overwrite (replace it), not both")
+    for each, every in (("--evals-per-epoch", o.eval_steps and o.evals_per_epoch),
+                        ("--saves-per-epoch", o.save_steps and o.saves_per_epoch)):
+        if every:
+            raise ConfigError(f"pass {each} or {'--eval-steps' if 'eval' in each else '--save-steps'}, not both")
+    if o.warmup_ratio is not None and o.warmup:
+        raise ConfigError("pass --warmup (steps) or --warmup-ratio (a fraction of the steps), not both")
     if o.eval_data is not None and o.eval_split is not None:
         raise ConfigError("pass --eval-data or --eval-split, not both")
     check_seed(o.seed, "--seed")
@@ -101,9 +116,9 @@ def run_training(o: TrainOptions, *, echo: Echo = print, progress: Any = None, h
     out_dir = Path(o.out)
     model_arg = Path(o.model_path).expanduser()
     check_output(out_dir, option="--out", overwrite=None, folders=[model_arg if model_arg.is_dir() else None],
-                 files=[model_arg if model_arg.is_file() else None, Path(o.data),
-                        None if o.eval_data is None else Path(o.eval_data)])
-    with open_ranked_run(out_dir, resume=o.resume, ranks=ranks, echo=echo) as checkpoint:
+                 files=[model_arg if model_arg.is_file() else None, *map(Path, o.all_data),
+                        None if o.eval_data is None else Path(o.eval_data)], replaces_folder=o.overwrite)
+    with open_ranked_run(out_dir, resume=o.resume, ranks=ranks, echo=echo, overwrite=o.overwrite) as checkpoint:
         if checkpoint is not None:
             _check_resume_args(out_dir, o.args(), echo)
         code = _train(o, out_dir, checkpoint, ranks, echo, progress, hold_signals, events)
@@ -170,6 +185,39 @@ class TrainOptions:
     adapter: str | None = None
     precompute_ref: bool = False
     nproc: int = 1  # torchrun's ranks (not an option: the launcher sets it)
+    # -- the field's names and data mappings (issue 28)
+    overwrite: bool = False
+    warmup_ratio: float | None = None
+    logging_steps: int | None = None
+    evals_per_epoch: int | None = None
+    saves_per_epoch: int | None = None
+    more_data: tuple[str, ...] = ()  # the second and later --data
+    data_weights: str | None = None
+    data_epochs: str | None = None
+    messages_field: str | None = None
+    role_key: str | None = None
+    content_key: str | None = None
+    role_names: str | None = None
+    roles_to_train: str = "assistant"
+    train_on_inputs: bool = False
+    text_field: str | None = None
+    prompt_field: str | None = None
+    completion_field: str | None = None
+
+    def data_mapping(self) -> dict[str, Any]:
+        """The data mapping options as :class:`~lema.data.loading.DataOptions` fields."""
+        from lema.data.field_map import FieldMap, parse_roles, parse_roles_to_train
+
+        fields = FieldMap(messages=self.messages_field, role=self.role_key, content=self.content_key,
+                          roles=parse_roles(self.role_names), text=self.text_field, prompt=self.prompt_field,
+                          completion=self.completion_field)
+        return {"fields": fields, "train_on_inputs": self.train_on_inputs,
+                "roles_to_train": parse_roles_to_train(self.roles_to_train)}
+
+    @property
+    def all_data(self) -> tuple[str, ...]:
+        """Every ``--data``, in order."""
+        return (self.data, *self.more_data)
 
     def objective(self) -> Any:
         """The preference objective of ``--method`` (None for sft; ConfigError on bad values)."""
@@ -202,7 +250,11 @@ class TrainOptions:
                 "max_grad_norm": self.max_grad_norm, "dtype": self.dtype,
                 **({} if self.method == "sft" else {"method": self.method, "objective": attrs.asdict(self.objective())}),
                 **({} if self.adapter is None else {"adapter": self.adapter}),
-                **({"precompute_ref": True} if self.precompute_ref else {})}
+                **({"precompute_ref": True} if self.precompute_ref else {}),
+                **({"more_data": list(self.more_data), "data_weights": self.data_weights,
+                    "data_epochs": self.data_epochs} if self.more_data else {}),
+                **({"mapping": {k: str(v) for k, v in self.data_mapping().items()}}
+                   if self.data_mapping() != TrainOptions(model_path="", data="", out="").data_mapping() else {})}
 
 
 
@@ -222,11 +274,14 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
               lambda line: warnings.warn(line.removeprefix("warning: "), LemaWarning, stacklevel=2))
     tok, tok_dir = open_tokenizer(o.tokenizer, o.model_path)
     objective = o.objective()
-    data = _preference_data(o, tok, ranks) if objective is not None else prepare_data(o.data, tok, seq=o.seq, format=o.format, chat_template=o.chat_template, packing=o.packing,
-                        eval_data=o.eval_data, eval_split=o.eval_split, seed=o.seed, cache=o.data_cache,
-                        max_line_bytes=o.max_line_bytes(), progress=echo)
+    data = _preference_data(o, tok, ranks) if objective is not None else prepare_data(
+        o.all_data, tok, seq=o.seq, format=o.format, chat_template=o.chat_template, packing=o.packing,
+        eval_data=o.eval_data, eval_split=o.eval_split, seed=o.seed, cache=o.data_cache,
+        max_line_bytes=o.max_line_bytes(), progress=echo, weights=o.data_weights, mapping=o.data_mapping(),
+        epochs=o.data_epochs)
     per_epoch = batches_per_epoch(len(data.items), o.batch * ranks.world)
     total = o.steps if o.steps is not None else max(1, math.ceil((o.epochs or 1) * per_epoch / o.grad_accum))
+    total_per_epoch = max(1, math.ceil(per_epoch / o.grad_accum))  # optimizer steps per epoch
     for line in data.lines:
         echo(line)
     echo(f"      {per_epoch} batches per epoch; {total} optimizer steps")
@@ -257,15 +312,19 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
         else:
             model.initialize_lora()
     with model:
-        echo(plan_summary(model))
+        echo(plan_summary(model, asked=o.device))
         if model.disk is not None and model.disk.keep is not None:
             echo(model.disk.line())
         if data.store is not None:
             check_vocab(data.store, model.spec.vocab_size, o.data)
         opts = LoopOptions(out=out_dir, steps=total, batch=o.batch, seq=o.seq, lr=o.lr, seed=o.seed,
-                           grad_accum=o.grad_accum, save_steps=o.save_steps, warmup=o.warmup,
+                           grad_accum=o.grad_accum, save_steps=_per_epoch(o.save_steps, o.saves_per_epoch,
+                                                                           total_per_epoch),
+                           warmup=o.warmup if o.warmup_ratio is None else math.ceil(o.warmup_ratio * total),
                            lr_schedule=o.lr_schedule, optimizer=o.optimizer, weight_decay=o.weight_decay,
-                           eval_steps=o.eval_steps, save_total_limit=o.save_total_limit)
+                           eval_steps=_per_epoch(o.eval_steps, o.evals_per_epoch, total_per_epoch),
+                           save_total_limit=o.save_total_limit,
+                           logging_steps=o.logging_steps or 1)
         optimizer, scheduler = make_optimizer(model, opts)
         with warnings.catch_warnings():
             warnings.simplefilter("always", LemaWarning)  # every run says it (the CLI prints "warning: ...")
@@ -288,6 +347,7 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
         if ckpt is not None:
             echo(f"resuming from {ckpt} at step {trainer.global_step}"
                        + (" with a fresh optimizer (--reset-optimizer)" if o.reset_optimizer else ""))
+            _follow_new_schedule(optimizer, scheduler, trainer.global_step, opts, echo)
         elif ranks.is_main:
             atomic_write_text(out_dir / ARGS, json.dumps(o.args(), indent=2))
         if o.chat_template is not None and ranks.is_main:  # checkpoints carry the template the run trained with
@@ -318,6 +378,10 @@ def _preference_data(o: TrainOptions, tok: Any, ranks: Any) -> Any:
 
     if ranks.distributed:
         raise ConfigError(f"--method {o.method} runs on one process for now (no torchrun)")
+    if o.more_data or o.data_mapping() != TrainOptions(model_path="", data="", out="").data_mapping():
+        raise ConfigError(f"--method {o.method} reads one --data file in TRL's preference fields; the data mapping "
+                          "and mixing options (--data given twice, --messages-field, --train-on-inputs, ...) are for "
+                          "sft: drop them")
     rows = load_preference(o.data, tok, method=o.method, seq=o.seq, batch=o.batch, chat_template=o.chat_template,
                            max_line_bytes=o.max_line_bytes())
     kind = "unpaired rows" if o.method == "kto" else "pairs"
@@ -350,6 +414,35 @@ def _reference(model: Any, o: TrainOptions) -> Any:
     config, tensors = read_adapter(o.adapter)
     _, state = model.adapter_state(o.adapter, config, tensors)
     return frozen_adapter(state.to(model.device.torch_device))
+def _per_epoch(steps: int, per_epoch: int | None, steps_per_epoch: int) -> int:
+    """``--eval-steps`` / ``--save-steps`` from ``--evals-per-epoch`` / ``--saves-per-epoch`` N:
+    every ``steps_per_epoch / N`` optimizer steps (at least 1), as axolotl spaces them."""
+    if not per_epoch:
+        return steps
+    return max(1, steps_per_epoch // per_epoch)
+
+
+def _follow_new_schedule(optimizer: Any, scheduler: Any, step: int, opts: LoopOptions, echo: Echo) -> None:
+    """On ``--resume`` with another length, the LR of the next step from the new schedule, said.
+
+    The checkpoint holds the LR its own schedule reached (0 at the end of a finished cosine or
+    linear run): the next step would train at it before the schedule moved on. The run
+    continues on the schedule of this run's ``--steps`` instead, and the line says so.
+    """
+    if scheduler is None or step >= opts.steps:
+        return
+    factor = lr_lambda(opts.lr_schedule, opts.warmup, opts.steps)(step)
+    before = [float(g["lr"]) for g in optimizer.param_groups]
+    after = [float(base) * factor for base in scheduler.base_lrs]
+    if all(math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0) for a, b in zip(before, after)):
+        return
+    for group, lr in zip(optimizer.param_groups, after):
+        group["lr"] = lr
+    scheduler._last_lr = list(after)  # noqa: SLF001 - what get_last_lr() reports
+    ended = " (the end of its finished schedule: the next steps would not have trained)" if before[0] == 0 else ""
+    echo(f"warning: --resume with --steps {opts.steps}: the checkpoint's {opts.lr_schedule} schedule left the LR at "
+         f"{before[0]:.3g}{ended}; the run continues on a {opts.lr_schedule} schedule over {opts.steps} steps, at "
+         f"{after[0]:.3g} for step {step + 1} (to keep the old curve, resume with the old --steps)")
 
 
 def _check_resume_args(out: Path, args: dict[str, Any], echo: Echo) -> None:

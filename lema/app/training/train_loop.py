@@ -26,10 +26,11 @@ from typing import Any, Callable, Sequence
 
 import attrs
 
-from lema.app.training.step_time import peak_text, predicted_step_seconds, time_text, warm_prediction
+from lema.app.training.step_time import predicted_step_seconds, warm_prediction
 from lema.adapters.checkpoints.atomic import atomic_write_text
 from lema.app.training.run_folder import FINAL, METRICS, foreign_outputs, prune_checkpoints
 from lema.app.training.callbacks import RunEvents
+from lema.app.training.loop_lines import Window, log_line, plan_summary  # noqa: F401 - re-exported
 from lema.app.training.stop_signals import StopFlag
 from lema.domain.json_values import parse_json
 from lema.errors import CheckpointError, ConfigError, NonFiniteLossError, missing_extra
@@ -54,6 +55,7 @@ class LoopOptions:
     warmup: int = 0
     lr_schedule: str = "constant"
     log_every: int = 0  # 0: about ten lines per run when not on a terminal
+    logging_steps: int = 1  # a metrics.jsonl record every N optimizer steps (the window's mean loss)
     resume_hint: str = ""
     optimizer: str = "adamw"
     weight_decay: float = 0.0
@@ -183,6 +185,7 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
             write named like a checkpoint this run would save (``checkpoint-<step>``, ``final``).
     """
     from lema.app.parallel import distributed
+    from lema.data.examples import batches_per_epoch
     from lema.data.sharding import rank_batches
 
     ranks = distributed.current()
@@ -204,6 +207,8 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
     stream = rank_batches(examples, opts.batch, pad_id, rank=ranks.rank, world=ranks.world, seq=opts.seq,
                           seed=opts.seed, epochs=None, skip=start * opts.grad_accum, collate_fn=collate_fn)
     log_every = opts.log_every or max(1, (opts.steps - start) // 10)
+    if opts.logging_steps > 1:  # --logging-steps N: a log line with each record
+        log_every = opts.logging_steps
     began = time.perf_counter()
     bar_cm = progress(opts.steps, start) if progress is not None else _NoProgress()
     metrics_cm = open(out / METRICS, "a", encoding="utf-8") if ranks.is_main else _NoMetrics()
@@ -214,7 +219,8 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
         try:
             saved, last_loss, interrupted, failure, stopping = _run_steps(
                 model, trainer, stream, opts, ranks, stop, bar_cm, metrics_cm, echo, log_every, sinks,
-                eval_examples, pad_id, tokenizer_dir, events)
+                eval_examples, pad_id, tokenizer_dir, events,
+                per_epoch=batches_per_epoch(len(examples), opts.batch * ranks.world))
         finally:
             trainer.before_optimizer_step = previous_hook
         step = trainer.global_step
@@ -235,7 +241,7 @@ def train_loop(model: Any, trainer: Any, examples: Any, pad_id: int, opts: LoopO
 
 def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: Any, stop: StopFlag, bar_cm: Any,
                metrics_cm: Any, echo: Callable[[str], None], log_every: int, sinks: Sequence[Any],
-               eval_examples: Any, pad_id: int, tokenizer_dir: Path | None, events: RunEvents
+               eval_examples: Any, pad_id: int, tokenizer_dir: Path | None, events: RunEvents, *, per_epoch: int = 0
                ) -> tuple[Path | None, float | None, bool, NonFiniteLossError | None, bool]:
     """The steps of :func:`train_loop`: the last periodic checkpoint, the last loss, whether the
     run stopped early, the failure that stopped it, and whether the ranks agreed to stop."""
@@ -243,6 +249,8 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
     saved: Path | None = None
     last_loss: float | None = None
     boundary_rng = trainer.rng_snapshot()
+    window = Window()
+    start, began = trainer.global_step, time.perf_counter()
     interrupted = False
     failure: NonFiniteLossError | None = None
     stopping = False
@@ -269,18 +277,26 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
                 report = getattr(model, "last_report", None)
                 peak = getattr(report, "device_peak_bytes", None)
                 counted = bool(getattr(report, "peak_counts_compute", True))
+                window.add(last_loss, tokens, seconds)
+                elapsed = time.perf_counter() - began
                 record = {"step": step, "loss": last_loss, "lr": lr,
+                          "grad_norm": getattr(trainer, "last_grad_norm", None),
+                          "epoch": None if not per_epoch else round(step * opts.grad_accum / per_epoch, 4),
                           "tokens_per_s": tokens / seconds if seconds > 0 else None,
                           "device_peak_bytes": peak, "device_peak_counts_compute": counted, "tokens": tokens,
-                          "seconds": seconds, **warm_prediction(predicted, step, first),
+                          "seconds": seconds,
+                          "eta_s": elapsed / (step - start) * (opts.steps - step) if step > start else None,
+                          **warm_prediction(predicted, step, first),
                           **getattr(trainer, "step_metrics", {})}  # preference methods' values
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                _to_sinks(sinks, step, record, "train/")
-                events.log(record)
+                if step % opts.logging_steps == 0 or step == opts.steps:
+                    record.update(window.take())  # the mean loss (and the tokens/s) of the steps since the last record
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    _to_sinks(sinks, step, record, "train/")
+                    events.log(record)
+                    if not bar.live and (step % log_every == 0 or step == opts.steps):
+                        echo(log_line(record, opts.steps, elapsed))
                 bar.update(step, record)
-                if not bar.live and (step % log_every == 0 or step == opts.steps):
-                    echo(_log_line(record, opts.steps))
                 if eval_examples is not None and (step == opts.steps or (opts.eval_steps and step % opts.eval_steps == 0)):
                     scores = evaluate(trainer, eval_examples, pad_id, opts)
                     row = {"step": step, "eval_loss": scores["loss"], "eval_perplexity": scores["perplexity"]}
@@ -330,14 +346,6 @@ def _current_lr(trainer: Any) -> float:
     return float(trainer.optimizer.param_groups[0]["lr"])
 
 
-def _log_line(record: dict[str, Any], total: int) -> str:
-    tps = record.get("tokens_per_s")
-    peak = record.get("device_peak_bytes")
-    return (f"step {record['step']}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}"
-            + (f"  {tps:,.0f} tok/s" if tps else "") + (f"  device {peak_text(record)}" if peak else "")
-            + time_text(record, "  "))
-
-
 class _NoMetrics:
     """Where ranks other than 0 write their metrics: nowhere."""
 
@@ -367,22 +375,3 @@ class _NoProgress:
 
     def __exit__(self, *exc: Any) -> None:
         pass
-
-
-def plan_summary(model: Any) -> str:
-    """A compact plan: strategy, shape, device total against the budget, the verdict."""
-    from lema.domain.units import format_size
-
-    p = model.plan()
-    s = p.shape
-    head = (f"plan: {s.strategy.value} on {model.device.torch_device}, batch {s.batch} x seq {s.seq}, "
-            f"LoRA rank {s.lora_rank} ({p.model.lora_parameters:,} trainable parameters), "
-            f"{p.model.n_layers} layers, {len(p.resident_units)} units resident"
-            + (", activation offload" if p.offload_activations else "")
-            + (f", {p.tile_tokens}-position tiles" if p.tile_tokens else ""))
-    if p.budget is None:
-        body = f"device {format_size(p.device_total)} needed (no budget to check against)"
-    else:
-        body = (f"device {format_size(p.device_total)} of {format_size(p.budget.device_bytes)} budget "
-                f"(headroom {format_size(p.headroom_bytes)}): {'fits' if p.fits else 'DOES NOT FIT'}")
-    return head + "\n      " + body

@@ -167,8 +167,7 @@ class LemaTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
-        self.global_step += 1
-        self.micro_step = 0
+        self.global_step, self.micro_step, self.last_grad_norm = self.global_step + 1, 0, norm  # norm: before clipping
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Any]) -> dict[str, float]:

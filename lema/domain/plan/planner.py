@@ -42,6 +42,7 @@ from lema.domain.plan.choose import choose
 from lema.domain.plan.inputs import Budget, TrainingShape
 from lema.domain.plan.items import MemoryItem, ModelFacts
 from lema.domain.plan.memory_plan import MemoryPlan, ModelSummary
+from lema.domain.plan.other_options import with_other_options
 from lema.domain.plan.recommend import recommendations
 from lema.domain.plan.strategy import MemoryStrategy
 from lema.domain.plan.timing import MachineRates
@@ -76,7 +77,14 @@ def plan(spec: ModelSpec, shape: TrainingShape | None = None, budget: Budget | N
         return pi.model_facts(spec, code, f.targets, f.lora_modules, f.lora_keys)
 
     recs, fixes = recommendations(summary, f, result, facts_at, requested=shape)
-    return attrs.evolve(result, recommendations=recs, fixes=fixes)
+    result = attrs.evolve(result, recommendations=recs, fixes=fixes)
+    return with_other_options(result, spec, shape, budget, _plain)
+
+
+def _plain(spec: ModelSpec, shape: TrainingShape, budget: Budget | None) -> MemoryPlan:
+    """The plan alone: no recommendations, no other options."""
+    f = facts_for(spec, shape)
+    return _plan_with(_summary(spec, shape, f), f, shape, budget)
 
 
 def _plan_with(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Budget | None,

@@ -29,7 +29,9 @@ def sparse(tmp_path_factory) -> dict[str, Path]:
 
 
 def run(*args: str):
-    return CliRunner().invoke(main, ["plan", *args])
+    # These tests plan for a GPU whatever this machine has (the default, --device auto, is tested below).
+    device = [] if "--device" in args else ["--device", "cuda"]
+    return CliRunner().invoke(main, ["plan", *args, *device])
 
 
 def plan_json(*args: str) -> dict:
@@ -88,7 +90,8 @@ def test_nproc_shows_per_rank_device_memory_and_the_host_memory_of_all_ranks(spa
 def test_70b_at_8g_exits_1_with_what_would_fit(sparse):
     result = run("--model", str(sparse["llama-2-70b"]), "--vram", "8G")
     assert result.exit_code == 1
-    assert "Error: DOES NOT FIT: needs 9.1 GiB, budget 8.0 GiB; would fit with --prefetch 1" in result.output
+    assert ("Error: DOES NOT FIT: needs 9.1 GiB, budget 8.0 GiB; would fit with --prefetch 1 or "
+            "--quantize nf4") in result.output
     assert "Traceback" not in result.output
     data = plan_json("--model", str(sparse["llama-2-70b"]), "--vram", "8G")
     assert data["fits"] is False and data["headroom_bytes"] < 0 and data["recommendations"]

@@ -218,7 +218,7 @@ def test_70b_at_8g_does_not_fit_and_says_what_would():
     spec = ModelSpec.from_config(builtin_config("llama-2-70b"))
     p = plan(spec, TrainingShape(), Budget.from_strings("8G"))
     assert not p.fits and p.headroom_bytes < 0
-    assert p.fixes == ("--prefetch 1",)
+    assert p.fixes == ("--prefetch 1", "--quantize nf4")
     assert p.verdict().startswith("DOES NOT FIT: needs 9.1 GiB, budget 8.0 GiB; would fit with --prefetch 1")
     assert "DOES NOT FIT" in p.explain() and "weight_slots" in p.explain()
     tiny_budget = plan(spec, TrainingShape(), Budget.from_strings("2G"))

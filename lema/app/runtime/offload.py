@@ -42,7 +42,7 @@ class InputOffloader:
     def __init__(self, device: Device) -> None:
         self.device = device
         self._hosts: dict[int, torch.Tensor] = {}  # unit -> host buffer of its offloaded input
-        self._offloaded: dict[int, tuple[torch.Size, torch.dtype, int]] = {}
+        self._offloaded: dict[int, tuple[torch.Size, torch.dtype, int, Ticket]] = {}
         self._restoring: dict[int, tuple[torch.Tensor, Ticket, torch.Size, torch.dtype]] = {}
 
     @property
@@ -57,16 +57,18 @@ class InputOffloader:
         host = self._hosts.get(unit)
         if host is None or host.numel() < nbytes:
             host = self._hosts[unit] = self.device.host_buffer(nbytes)
-        self._offloaded[unit] = (x.shape, x.dtype, nbytes)
-        self.device.download(x.contiguous().view(-1).view(torch.uint8), host, nbytes, label=("x", unit))
+        ticket = self.device.download(x.contiguous().view(-1).view(torch.uint8), host, nbytes, label=("x", unit))
+        self._offloaded[unit] = (x.shape, x.dtype, nbytes, ticket)
         return nbytes
 
     def fetch(self, unit: int) -> None:
         """Start copying ``unit``'s input back into a new device buffer."""
-        shape, dtype, nbytes = self._offloaded.pop(unit)
+        shape, dtype, nbytes, downloaded = self._offloaded.pop(unit)
         buffer = self.device.alloc(nbytes, f"input of unit {unit}")
-        # After the compute issued so far (the buffer may be memory it just freed); the
-        # download into the same host buffer was issued earlier on the same link, so it is done.
+        # After the download into the host buffer (downloads may run beside uploads, on a
+        # link of their own: the compute waits for it, without blocking the host on CUDA) and
+        # after the compute issued so far (the buffer may be memory it just freed).
+        downloaded.wait()
         ticket = self.device.upload(self._hosts[unit], buffer, nbytes, after=self.device.mark_consumed(buffer),
                                     label=("x", unit))
         self._restoring[unit] = (buffer, ticket, shape, dtype)

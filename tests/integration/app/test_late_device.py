@@ -157,8 +157,6 @@ def test_generation_gives_the_same_tokens_on_the_late_device(llama_file):
 
 @pytest.mark.slow
 def test_two_gloo_ranks_train_the_same_on_the_late_device(tmp_path):
-    from tests.data_parallel_run import global_batches, make_trainer, rows
-
     model = save_monolithic(build_hf_model("llama", seed=1), tmp_path / "model.safetensors")
     out = tmp_path / "out"
     out.mkdir()
@@ -174,13 +172,15 @@ def test_two_gloo_ranks_train_the_same_on_the_late_device(tmp_path):
     # the same two ranks on the plain device: the same numbers, bit for bit (same rows, same sums)
     plain = tmp_path / "plain"
     plain.mkdir()
+    env["LEMA_TEST_DEVICE"] = "cpu"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(worker),
-                          str(model), str(plain)], capture_output=True, text=True, timeout=600)
+                          str(model), str(plain)], capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     for r, rank in enumerate(ranks):
         other = json.loads((plain / f"rank{r}.json").read_text())
+        assert other["device"] == "CpuDevice"
         assert rank["losses"] == other["losses"] and rank["eval"] == other["eval"]
-    del global_batches, make_trainer, rows
+        assert rank["bad_ids"] == other["bad_ids"] and rank["out_of_memory"]["type"] == other["out_of_memory"]["type"]
 
 
 # -- a planted missing wait is caught --------------------------------------------------------------

@@ -46,6 +46,9 @@ class DeviceTraits:
         counts_compute: the device's peak counts every storage the compute allocates.
         simulated_link: the link is simulated (``Device.carry`` passes its time for bytes
             already in a slot).
+        spare_staging: one host staging buffer more than the slots, taken in turn, so the
+            read of the next unit never waits for an upload still in flight (CUDA: the host
+            runs ahead of the copy engine).
     """
 
     kind: str
@@ -58,10 +61,11 @@ class DeviceTraits:
     direct_reads: bool = False
     counts_compute: bool = True
     simulated_link: bool = False
+    spare_staging: bool = False
 
 
 CUDA = DeviceTraits(kind="cuda", pinned_host=True, runtime_reserve=DEFAULT_CUDA_RESERVE, foreach_optimizer=True,
-                    dequantizes_in_place=True)
+                    dequantizes_in_place=True, spare_staging=True)
 CPU = DeviceTraits(kind="cpu", host_memory=True)
 
 DEVICE_KINDS: dict[str, DeviceTraits] = {t.kind: t for t in (CUDA, CPU)}

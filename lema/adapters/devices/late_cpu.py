@@ -15,8 +15,9 @@ device is as late as the port allows, so a missing wait gives a wrong number on 
   had already overwritten it;
 * waiting is only through tickets: nothing the engine reads is complete before its ticket.
 
-Its traits are the CPU's standing in for a GPU: weights go through staging buffers and
-slots (no direct reads, no computing in place), so every path a GPU takes is exercised.
+Its traits are the CPU's standing in for a GPU: weights go through staging buffers (a spare
+one, taken in turn, as on CUDA) and slots (no direct reads, no computing in place), so every
+path a GPU takes is exercised.
 Counting (capacity, peaks) is the CPU device's.
 
 Example:
@@ -90,7 +91,7 @@ class LateCpuDevice(CpuDevice):
     @property
     def traits(self) -> DeviceTraits:
         """The CPU standing in for a GPU: staged uploads into slots, nothing in place."""
-        return attrs.evolve(CPU, counts_compute=self.count_compute)
+        return attrs.evolve(CPU, counts_compute=self.count_compute, spare_staging=True)
 
     def delay(self, direction: str, label: object) -> float:
         """Seconds the next transfer takes (drawn from the seeded generator; tests override it)."""

@@ -283,3 +283,49 @@ def test_an_offloaded_input_goes_back_up_only_after_its_download_has_landed(tmp_
     back = _offload_pass(tmp_path, InputOffloader, _SlowInputDownloads)
     assert back and all(torch.equal(x, torch.full((3, 100), x[0, 0].item())) for x in back)
     assert sorted(float(x[0, 0]) for x in back) == [1.0, 2.0, 3.0, 4.0]
+
+
+# -- host reads on the hot path ------------------------------------------------------------------
+
+
+def test_a_training_pass_reads_the_device_from_the_host_only_for_the_token_count(llama_file):
+    """``.item()``, ``float()``, ``int()``, ``bool()`` of a device tensor make the host wait for the
+    GPU (``aten._local_scalar_dense``). Inside a pass the only one left is the objective's
+    token count (``heads.head_loss``); the loss is read after the pass, not at the turn."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self, device) -> None:
+            super().__init__()
+            self.device, self.count = device, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default and self.device.in_pass:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    class PassMarkingDevice(CpuDevice):
+        """The plain CPU device, marking the engine's pass (it resets the peak at the start
+        and reads it at the end)."""
+
+        in_pass = False
+
+        def reset_peak(self) -> None:
+            super().reset_peak()
+            self.in_pass = True
+
+        def peak_bytes(self) -> int:
+            self.in_pass = False
+            return super().peak_bytes()
+
+    device = PassMarkingDevice()
+    with LemaModel(LemaConfig(gbi_path=str(llama_file), device="cpu", lora_rank=4, batch_size=2, max_seq_len=SEQ),
+                   device=device) as model:
+        model.initialize_lora()
+        trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-2))
+        trainer.train_step(_batch(0))
+        reads = Reads(device)
+        with reads:
+            _, loss = trainer.train_step(_batch(1))
+    assert isinstance(loss, float)
+    assert reads.count == 1, reads.count

@@ -214,16 +214,20 @@ def test_a_missing_wait_for_an_upload_gives_a_wrong_number(llama_file, reference
 
 
 class _SlowInputUploads(LateCpuDevice):
+    slow = 0.2
+
     def delay(self, direction: str, label: object) -> float:
-        return 0.2 if direction == "up" and isinstance(label, tuple) else super().delay(direction, label)
+        return self.slow if direction == "up" and isinstance(label, tuple) else super().delay(direction, label)
 
 
 class _SlowInputDownloads(LateCpuDevice):
+    slow = 0.3
+
     def delay(self, direction: str, label: object) -> float:
-        return 0.3 if direction == "down" else super().delay(direction, label)
+        return self.slow if direction == "down" else super().delay(direction, label)
 
 
-def _offload_pass(tmp_path, offloader_cls, device_cls=_SlowInputUploads) -> list[torch.Tensor]:
+def _offload_pass(tmp_path, offloader_cls, device_cls=_SlowInputUploads, slow: float = 0.2) -> list[torch.Tensor]:
     """The inputs a toy pass gets back before each backward, through ``device_cls`` (a late
     device with some transfers slow), with ``offloader_cls`` moving them."""
     from lema.adapters.weights.resident_source import ResidentSource
@@ -233,6 +237,7 @@ def _offload_pass(tmp_path, offloader_cls, device_cls=_SlowInputUploads) -> list
     layers = 4
     spec, _, state = write_model(tmp_path / "m", layers=layers)
     device = device_cls(seed=2)
+    device.slow = slow  # seconds the slow transfers take: longer than the pass between fetch and use
     store = _Store()
     with Engine(spec, ResidentSource.from_state_dict(spec, state), device, prefetch=1, offload_inputs=True) as engine:
         engine._inputs = offloader_cls(device)
@@ -273,14 +278,14 @@ def test_a_missing_wait_for_an_offloaded_input_gives_a_wrong_number(tmp_path):
     good = _offload_pass(tmp_path / "good", InputOffloader)
     assert good and all(torch.isfinite(x).all() for x in good)
     assert all(torch.equal(x, torch.full((3, 100), x[0, 0].item())) for x in good)
-    bad = _offload_pass(tmp_path / "bad", NoWaitOffloader)
+    bad = _offload_pass(tmp_path / "bad", NoWaitOffloader, slow=5.0)
     assert any(not torch.isfinite(x).all() for x in bad)
 
 
 def test_an_offloaded_input_goes_back_up_only_after_its_download_has_landed(tmp_path):
     """Downloads run beside uploads (a link each way): the upload of an input back to the
     device reads its host buffer only after the download into it has finished."""
-    back = _offload_pass(tmp_path, InputOffloader, _SlowInputDownloads)
+    back = _offload_pass(tmp_path, InputOffloader, _SlowInputDownloads, slow=1.0)
     assert back and all(torch.equal(x, torch.full((3, 100), x[0, 0].item())) for x in back)
     assert sorted(float(x[0, 0]) for x in back) == [1.0, 2.0, 3.0, 4.0]
 

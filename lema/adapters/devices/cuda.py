@@ -304,6 +304,7 @@ def _register(buffer: torch.Tensor) -> None:
     cudart = torch.cuda.cudart()
     pointer, nbytes = buffer.data_ptr(), buffer.numel() * buffer.element_size()
     status = cudart.cudaHostRegister(pointer, nbytes, 0)
-    if int(getattr(status, "value", status)) != 0:
-        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed with CUDA error {int(getattr(status, 'value', status))}")
+    code = int(getattr(status, "value", status))
+    if code != 0:
+        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed with CUDA error {code}")
     weakref.finalize(buffer, cudart.cudaHostUnregister, pointer)

@@ -19,6 +19,11 @@ import torch
 
 from lema.ports.device import Device, Ticket
 
+# Downloads in flight at once (the one just issued and the previous one): what the plan
+# counts. A device keeps an offloaded input's memory until its copy has read it (CUDA:
+# ``record_stream``), so downloads that fall behind the forward would hold more inputs.
+IN_FLIGHT = 2
+
 
 class InputStore(Protocol):
     """Where a training pass keeps its checkpointed layer inputs (the engine moves them)."""
@@ -44,6 +49,7 @@ class InputOffloader:
         self._hosts: dict[int, torch.Tensor] = {}  # unit -> host buffer of its offloaded input
         self._offloaded: dict[int, tuple[torch.Size, torch.dtype, int, Ticket]] = {}
         self._restoring: dict[int, tuple[torch.Tensor, Ticket, torch.Size, torch.dtype]] = {}
+        self._downloading: list[Ticket] = []  # downloads issued and perhaps not done, oldest first
 
     @property
     def host_bytes(self) -> int:
@@ -57,7 +63,13 @@ class InputOffloader:
         host = self._hosts.get(unit)
         if host is None or host.numel() < nbytes:
             host = self._hosts[unit] = self.device.host_buffer(nbytes)
+        # At most IN_FLIGHT downloads hold device memory: the host waits for the oldest only
+        # when the link has fallen that far behind the forward.
+        self._downloading = [t for t in self._downloading if not t.done()]
+        while len(self._downloading) >= IN_FLIGHT:
+            self.device.host_reusable(self._downloading.pop(0))
         ticket = self.device.download(x.contiguous().view(-1).view(torch.uint8), host, nbytes, label=("x", unit))
+        self._downloading.append(ticket)
         self._offloaded[unit] = (x.shape, x.dtype, nbytes, ticket)
         return nbytes
 
@@ -92,6 +104,7 @@ class InputOffloader:
     def drop(self) -> None:
         """Forget what a pass left behind (it failed between an offload and its backward)."""
         self._offloaded.clear()
+        self._downloading.clear()
         for buffer, ticket, _, _ in self._restoring.values():
             try:
                 ticket.wait()

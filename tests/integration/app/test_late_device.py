@@ -334,3 +334,40 @@ def test_a_training_pass_reads_the_device_from_the_host_only_for_the_token_count
             _, loss = trainer.train_step(_batch(1))
     assert isinstance(loss, float)
     assert reads.count == 1, reads.count
+
+
+def test_offloaded_inputs_in_flight_stay_within_the_two_the_plan_counts(tmp_path):
+    """A device keeps an offloaded input's memory until its download has read it: downloads
+    that fall behind the forward must not pile up inputs on the device beyond the plan's two."""
+    from lema.adapters.weights.resident_source import ResidentSource
+    from lema.domain.schedule.layer_schedule import Phase
+    from tests.stream_models import write_model
+
+    class SlowDownloads(LateCpuDevice):
+        in_flight: list = []
+        most = 0
+
+        def delay(self, direction: str, label: object) -> float:
+            return 0.3 if direction == "down" else super().delay(direction, label)
+
+        def download(self, device, host, nbytes, label=None):
+            ticket = super().download(device, host, nbytes, label)
+            self.in_flight = [t for t in self.in_flight if not t.done()] + [ticket]
+            self.most = max(self.most, len(self.in_flight))
+            return ticket
+
+    layers = 6
+    spec, _, state = write_model(tmp_path / "m", layers=layers)
+    device = SlowDownloads(seed=4)
+    store = _Store()
+    with Engine(spec, ResidentSource.from_state_dict(spec, state), device, prefetch=0, offload_inputs=True) as engine:
+        def compute(phase, unit, weights):
+            if 1 <= unit <= layers:
+                if phase is Phase.FORWARD:
+                    store.saved[unit] = torch.full((3, 100), float(unit))
+                else:
+                    store.back.append(store.saved.pop(unit).clone())
+
+        engine.run(compute, backward_units=range(1, layers + 1), inputs=store)
+    assert device.downloads >= 4 and sorted(float(x[0, 0]) for x in store.back) == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert device.most <= 2, device.most

@@ -256,7 +256,7 @@ def _tiny_budget(path: Path, device: str, seq: int) -> int:
     from lema import LemaConfig, LemaModel
 
     with LemaModel(LemaConfig(gbi_path=str(path), device=device, batch_size=1, max_seq_len=seq, lora_rank=16,
-                              strategy="streaming")) as probe:
+                              strategy="streaming", vram_budget=1 << 30)) as probe:  # a budget: weights in slots
         return int(probe.plan().device_total * 1.2)
 
 
@@ -269,14 +269,13 @@ def stage_nf4(args: argparse.Namespace) -> dict[str, Any]:
                       "benchmarks/wheels/ (gpu_check.sh installs it from there, offline)") from None
     shape = SHAPES[args.device]
     path = random_model(Path(args.out), args.device, shape["dtype"])
-    folder = path.parent.with_name(path.parent.name + "-nf4")
-    if not (folder / "model.safetensors").is_file():
-        cmd = [sys.executable, "-m", "lema.cli", "convert", str(path.parent), str(folder), "--quantize", "nf4",
-               "--device", args.device, "--overwrite"]
+    quantized = path.parent.with_name(path.parent.name + "-nf4.safetensors")
+    if not quantized.is_file():
+        cmd = [sys.executable, "-m", "lema.cli", "convert", str(path.parent), str(quantized), "--quantize", "nf4",
+               "--device", args.device]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
+        if proc.returncode or not quantized.is_file():
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {(proc.stdout + proc.stderr)[-1500:]}")
-    quantized = next(folder.glob("*.safetensors"))
     budget = shape["budget"] or _tiny_budget(path, args.device, shape["seq"])
     nf4 = lema_steps(quantized, args.device, shape["steps"], shape["seq"], strategy="streaming", vram_budget=budget)
     dense = lema_steps(path, args.device, 1, shape["seq"], strategy="streaming", vram_budget=budget)

@@ -92,6 +92,7 @@ class CudaDevice:
         free, total = torch.cuda.mem_get_info(self.torch_device)  # creates the context first: it is out of `free`
         self.capacity = cuda_capacity(free, total, capacity, held=torch.cuda.memory_reserved(self.torch_device))
         self.runtime_reserve = cuda_reserve(ranks=ranks, in_use=self.capacity)
+        self._traits = attrs.evolve(CUDA, runtime_reserve=self.runtime_reserve)
         self._copy_stream = torch.cuda.Stream(device=self.torch_device)  # uploads
         self._download_stream = torch.cuda.Stream(device=self.torch_device)  # downloads: the other direction
         self._allocs: dict[int, tuple[str, int]] = {}
@@ -106,7 +107,7 @@ class CudaDevice:
     def traits(self) -> DeviceTraits:
         """A GPU: pinned staging on copy streams, the runtime reserve this run needs
         (:func:`~lema.adapters.devices.cuda_sizing.cuda_reserve`), foreach optimizer steps."""
-        return attrs.evolve(CUDA, runtime_reserve=self.runtime_reserve)
+        return self._traits
 
     # -- memory ------------------------------------------------------------------------------
 

@@ -6,8 +6,11 @@ one order, and a slot keeps its old bytes until something overwrites them. Code 
 a wait therefore still computes the right numbers on it, and only fails on a GPU. This
 device is as late as the port allows, so a missing wait gives a wrong number on the CPU:
 
-* uploads and downloads complete on worker threads (one per direction: the link is full
-  duplex, as a GPU with a copy engine per direction) after a random, seeded delay;
+* uploads and downloads complete on worker threads after a random, seeded delay: downloads
+  beside uploads (the link is full duplex, as a GPU with a copy engine per direction), and
+  uploads on two threads, so they may complete out of order (the port orders an upload only
+  after its ``after`` ticket: an engine that waits on one upload's ticket to cover another's
+  is caught);
 * a destination holds poison from the moment its copy is issued (after the ``after`` ticket)
   until its ticket completes: ``0xFF`` bytes, a NaN in every floating dtype (an integer
   tensor reads the sentinel ``-1`` / ``255``);
@@ -42,13 +45,14 @@ import numpy
 import torch
 
 from lema.adapters.devices.cpu import CpuDevice, CpuTicket, _memcpy
-from lema.adapters.workers import start_worker, stop_worker
+from lema.adapters.workers import start_worker
 from lema.domain.device_traits import CPU, DeviceTraits
 from lema.errors import ConfigError
 
 __all__ = ["POISON_BYTE", "LateCpuDevice", "poison"]
 
 POISON_BYTE = 0xFF
+UPLOAD_THREADS = 2  # uploads may complete out of order
 
 
 def poison(tensor: torch.Tensor, nbytes: int | None = None) -> None:
@@ -82,7 +86,8 @@ class LateCpuDevice(CpuDevice):
         super().__init__(capacity=capacity, count_compute=count_compute, pinned_host=pinned_host)
         self._rng = random.Random(seed)
         self.min_delay, self.max_delay = min_delay, max_delay
-        self._links: dict[str, tuple[queue.Queue, threading.Thread]] = {}
+        self._links: dict[str, tuple[queue.Queue, list[threading.Thread]]] = {}
+        self._issued: list[CpuTicket] = []  # transfers not known to be done (synchronize waits for them)
         self._link_lock = threading.Lock()
         self.uploads = 0
         self.downloads = 0
@@ -103,12 +108,19 @@ class LateCpuDevice(CpuDevice):
     def _link(self, direction: str) -> queue.Queue:
         with self._link_lock:
             entry = self._links.get(direction)
-            if entry is None or not entry[1].is_alive():
+            if entry is None or not all(t.is_alive() for t in entry[1]):
                 jobs: queue.Queue = queue.Queue()
-                thread = start_worker(self, jobs, LateCpuDevice._transfer, f"lema-late-{direction}")
-                weakref.finalize(self, stop_worker, jobs, thread)
-                entry = self._links[direction] = (jobs, thread)
+                threads = [start_worker(self, jobs, LateCpuDevice._transfer, f"lema-late-{direction}-{k}")
+                           for k in range(UPLOAD_THREADS if direction == "up" else 1)]
+                weakref.finalize(self, _stop_all, jobs, threads)
+                entry = self._links[direction] = (jobs, threads)
             return entry[0]
+
+    def _issue(self, direction: str, job: tuple) -> None:
+        ticket = job[-1]
+        with self._link_lock:
+            self._issued = [t for t in self._issued if not t.done()] + [ticket]
+        self._link(direction).put(job)
 
     def _ticket(self) -> "LateTicket":
         return LateTicket(self)
@@ -125,7 +137,7 @@ class LateCpuDevice(CpuDevice):
         if poisoned:
             poison(device, nbytes)
         self.uploads += 1
-        self._link("up").put(("up", [host, device], nbytes, after, poisoned, label, self.delay("up", label), ticket))
+        self._issue("up", ("up", [host, device], nbytes, after, poisoned, label, self.delay("up", label), ticket))
         return ticket
 
     def download(self, device: torch.Tensor, host: torch.Tensor, nbytes: int, label: object = None) -> "LateTicket":
@@ -137,7 +149,7 @@ class LateCpuDevice(CpuDevice):
         ticket = self._ticket()
         poison(host, nbytes)
         self.downloads += 1
-        self._link("down").put(("down", [device, host], nbytes, None, True, label, self.delay("down", label), ticket))
+        self._issue("down", ("down", [device, host], nbytes, None, True, label, self.delay("down", label), ticket))
         return ticket
 
     def _transfer(self, job: tuple) -> None:
@@ -175,24 +187,28 @@ class LateCpuDevice(CpuDevice):
         ticket.wait()
 
     def synchronize(self) -> None:
+        """Block until every transfer issued so far has completed (whatever its outcome)."""
         with self._link_lock:
-            links = [jobs for jobs, thread in self._links.values() if thread.is_alive()]
-        markers = []
-        for jobs in links:
-            marker = CpuTicket()
-            empty = torch.empty(0, dtype=torch.uint8)
-            jobs.put(("up", [empty, empty], 0, None, True, None, 0.0, marker))
-            markers.append(marker)
-        for marker in markers:
-            marker.wait()
+            issued, self._issued = self._issued, []
+        for ticket in issued:
+            ticket._event.wait()
         super().synchronize()
 
     def close(self) -> None:
         with self._link_lock:
             links, self._links = list(self._links.values()), {}
-        for jobs, thread in links:
-            stop_worker(jobs, thread)
+        for jobs, threads in links:
+            _stop_all(jobs, threads)
         super().close()
+
+
+def _stop_all(jobs: queue.Queue, threads: list[threading.Thread]) -> None:
+    """Stop every worker of one link (one ``None`` each) and wait for them."""
+    for _ in threads:
+        jobs.put(None)
+    for thread in threads:
+        if thread is not threading.current_thread() and thread.is_alive():
+            thread.join(timeout=10)
 
 
 class LateTicket(CpuTicket):

@@ -122,9 +122,8 @@ class Engine:
             # A source holding every streamed unit page-locked (pinned RESIDENT) is uploaded
             # from directly: no staging ring to allocate (or pin).
             staged = not self._direct and any(source.host_unit(u) is None for u in streamed)
-            # Taken in turn; with a spare one, the read of the next unit never waits for an
-            # upload still in flight (the host runs ahead of a GPU's copy engine).
-            n_staging = self.n_slots + (1 if device.traits.spare_staging else 0)
+            # A spare one (GPU): the read of the next unit never waits for an upload in flight.
+            n_staging = self.n_slots + device.traits.spare_staging
             self._staging = [device.host_buffer(self.slot_nbytes) for _ in range(n_staging)] if staged else []
             self._resident = self._load_resident(sorted(resident))
             if packed:
@@ -212,10 +211,8 @@ class Engine:
                 future.set_result(self.device.upload(host, self._slots[slot], self._sizes[unit], after=after,
                                                      label=unit))
                 return
-            k = self._next_staging
-            self._next_staging = (k + 1) % len(self._staging)
-            previous = self._staged[k]
-            if previous is not None:
+            k, self._next_staging = self._next_staging, (self._next_staging + 1) % len(self._staging)  # in turn
+            if (previous := self._staged[k]) is not None:
                 self.device.host_reusable(previous)
             self.device.record("read_start", unit)
             self.source.read_unit(unit, self._staging[k])

@@ -27,11 +27,11 @@ def write_random_model(config: dict, out: str, dtype: str = "float16", seed: int
     tdtype = torch_dtype(dtype_code(dtype))
     config = dict(config, dtype=str(tdtype).removeprefix("torch."))
     names = []
-    for e in arch.expected_tensors(dims):
+    for e in arch.expected_tensors(config):
         for name in e.names[:1]:
             names.append((name, e.shape))
     if dims.tied_embeddings:  # both names present, as `lema convert` writes
-        names.append((next(e.names[1] for e in arch.expected_tensors(dims) if e.key == "lm_head.weight"),
+        names.append((next(e.names[1] for e in arch.expected_tensors(config) if e.key == "lm_head.weight"),
                       (dims.vocab_size, dims.hidden_size)))
         names = list(dict(names).items())
     gen = torch.Generator().manual_seed(seed)

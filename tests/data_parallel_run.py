@@ -44,13 +44,20 @@ def eval_batches() -> list[tuple[torch.Tensor, None, None]]:
 
 
 def make_trainer(path: str, capacity: int | None = None) -> Any:
-    """A trainer on a CPU device that keeps a timeline (and enforces ``capacity`` bytes)."""
+    """A trainer on a CPU device that keeps a timeline (and enforces ``capacity`` bytes); with
+    ``LEMA_TEST_DEVICE=late`` in the environment, on the late device (issue 23)."""
+    import os
+
     from lema import LemaConfig, LemaModel
     from lema.adapters.devices.cpu import CpuDevice
+    from lema.adapters.devices.late_cpu import LateCpuDevice
 
     cfg = dict(gbi_path=str(path), device="cpu", lora_rank=4, seed=3, batch_size=2, max_seq_len=SEQ,
                gradient_accumulation_steps=ACCUMULATION)
-    model = LemaModel(LemaConfig(**cfg), device=CpuDevice(capacity=capacity, direct_reads=True))
+    late = os.environ.get("LEMA_TEST_DEVICE") == "late"
+    device = LateCpuDevice(capacity=capacity, seed=int(os.environ.get("RANK", "0"))) if late else \
+        CpuDevice(capacity=capacity, direct_reads=True)
+    model = LemaModel(LemaConfig(**cfg), device=device)
     model.initialize_lora()
     optimizer = torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
@@ -89,7 +96,7 @@ def main(model_path: str, out: str) -> None:
     losses = train(trainer, rank, world)
     events = [e[:-1] for e in trainer.last_report.timeline if e[0] in ("compute_start", "grad_allreduce")]
     result: dict[str, Any] = {
-        "losses": losses, "events": [[e[0], list(e[1]) if isinstance(e[1], tuple) else e[1], *e[2:]] for e in events],
+        "device": type(trainer.model.device).__name__, "losses": losses, "events": [[e[0], list(e[1]) if isinstance(e[1], tuple) else e[1], *e[2:]] for e in events],
         "eval": trainer.evaluate(eval_batches()), "global_step": trainer.global_step,
         "checkpoint": str(trainer.save_checkpoint(Path(out) / "ckpt")),
     }

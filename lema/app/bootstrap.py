@@ -14,9 +14,10 @@ from typing import Any, Callable, Mapping, Sequence
 import attrs
 import torch
 
-from lema.adapters.devices.host_cpus import fit_torch_threads
+from lema.adapters.devices.cuda_sizing import reader_count
+from lema.adapters.devices.host_cpus import fit_torch_threads, usable_cpus
 from lema.adapters.weights.model_files import ResolvedModel, resolve_model
-from lema.app.parallel.distributed import default_cuda_index, local_world_size
+from lema.app.parallel.distributed import default_cuda_index, from_env, local_world_size
 from lema.config import LemaConfig
 from lema.domain.device_traits import DeviceTraits
 from lema.domain.model.spec import ModelSpec, dtype_code
@@ -29,9 +30,12 @@ from lema.ports.host_memory import HostMemory
 from lema.ports.metrics import MetricsSink
 from lema.ports.weights import WeightSource
 
-# Reader threads per unit when streaming to a GPU: enough to keep a page cache or an NVMe
-# queue busy, few enough to leave the host its cores.
-READERS = 4
+
+def weight_readers() -> int:
+    """Reader threads per unit when streaming to a GPU: one per core this process may use,
+    less the compute's and the prefetch thread's, within 2..16 (an NVMe queue wants several
+    requests in flight; see :func:`~lema.adapters.devices.cuda_sizing.reader_count`)."""
+    return reader_count(usable_cpus())
 
 
 def open_model(config: LemaConfig) -> ResolvedModel:
@@ -105,9 +109,8 @@ def _cuda_device(config: LemaConfig, index: str) -> Device:
     if not available or gpu >= torch.cuda.device_count():
         raise ConfigError(f"device: {config.device!r} but CUDA is not available here "
                           f"({torch.cuda.device_count()} GPUs visible); use device='cpu'")
-    # Without a budget, plan against the whole card.
-    capacity = config.vram_bytes or torch.cuda.get_device_properties(gpu).total_memory
-    return CudaDevice(index=gpu, capacity=capacity)
+    # Without a budget, plan against what is free on the card (the device measures it at start).
+    return CudaDevice(index=gpu, capacity=config.vram_bytes, ranks=from_env().world)
 
 
 # The adapter each device name of LemaConfig.device builds (a new device: one entry here).
@@ -144,6 +147,7 @@ def training_shape(config: LemaConfig, spec: ModelSpec, device: Device) -> Train
         kept_layers=None if config.gradient_checkpointing == "auto" and config.strategy is MemoryStrategy.AUTO else 0,
         wide_matmul=device.matmul_dtype(compute_dtype(config, spec, device.traits)) is not None,
         local_ranks=local_world_size(), weights_in_place=device.traits.in_place, preference=config.preference,
+        reserve_bytes=device.traits.runtime_reserve,  # the device's own (CUDA: sized for this run)
     )
 
 
@@ -227,8 +231,8 @@ def make_source(strategy: MemoryStrategy, resolved: ResolvedModel, device: Devic
     if disk is not None and disk.keep is not None:
         # From the drive: several reads in flight keep it busy (the threads wait on the
         # drive, not on the cores), and the file's pages beyond LEMA's share are dropped.
-        return SafetensorsSource(resolved.spec, resolved.root, readers=READERS, keep_bytes=disk.keep)
-    return SafetensorsSource(resolved.spec, resolved.root, readers=READERS if pool else 1)
+        return SafetensorsSource(resolved.spec, resolved.root, readers=max(4, weight_readers()), keep_bytes=disk.keep)
+    return SafetensorsSource(resolved.spec, resolved.root, readers=weight_readers() if pool else 1)
 
 
 def plan_disk(config: LemaConfig, spec: ModelSpec, resolved: ResolvedModel, plan_: MemoryPlan, device: Device,

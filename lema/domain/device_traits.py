@@ -56,6 +56,9 @@ class DeviceTraits:
             bf16, 150 fp32, memcpy and elementwise 8 GB/s).
         bf16: computes bfloat16 natively (CPUs; CUDA from compute capability 8.0): a float16
             model file trains in bfloat16 there (:mod:`lema.domain.model.precision`).
+        spare_staging: one host staging buffer more than the slots, taken in turn, so the
+            read of the next unit never waits for an upload still in flight (CUDA: the host
+            runs ahead of the copy engine).
     """
 
     kind: str
@@ -75,12 +78,13 @@ class DeviceTraits:
     default_attention_efficiency: float = 0.5
     default_memory_bytes_per_s: float = 8e9
     bf16: bool = True
+    spare_staging: bool = False
 
 
 CUDA = DeviceTraits(kind="cuda", pinned_host=True, runtime_reserve=DEFAULT_CUDA_RESERVE, foreach_optimizer=True,
                     dequantizes_in_place=True, default_link_bytes_per_s=20e9, default_link_pageable_bytes_per_s=8e9,
                     default_half_flops_per_s=150e12, default_fp32_flops_per_s=40e12,
-                    default_memory_bytes_per_s=900e9)
+                    default_memory_bytes_per_s=900e9, spare_staging=True)
 CPU = DeviceTraits(kind="cpu", host_memory=True)
 
 DEVICE_KINDS: dict[str, DeviceTraits] = {t.kind: t for t in (CUDA, CPU)}

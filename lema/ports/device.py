@@ -15,7 +15,11 @@ Uploads are asynchronous and return a :class:`Ticket`. The engine's contract:
 * ``download(dev, host, n)`` copies ``dev[:n]`` into ``host[:n]`` once the compute issued so
   far is done (activation offload), without blocking the caller; the caller may drop its
   references to ``dev`` at once: the device keeps the memory until the copy has read it.
-  An upload issued after a download runs after it (one link, in order).
+  Downloads may run beside uploads (a link per direction, as a GPU's copy engines): an
+  upload that reads what a download wrote is issued after ``ticket.wait()`` on the download.
+
+:class:`lema.adapters.devices.late_cpu.LateCpuDevice` honours this contract literally (late
+transfers, poisoned destinations and released slots), so tests catch a missing wait.
 """
 
 from __future__ import annotations

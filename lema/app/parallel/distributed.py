@@ -100,9 +100,10 @@ def default_cuda_index() -> int:
 
 
 def comm_device() -> torch.device:
-    """Where the process group's collectives want their tensors (NCCL: this rank's GPU)."""
+    """Where the process group's collectives want their tensors (NCCL: this rank's GPU,
+    ``cuda:LOCAL_RANK`` under torchrun, even when the Python API never called ``set_device``)."""
     if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", default_cuda_index())
     return torch.device("cpu")
 
 

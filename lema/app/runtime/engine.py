@@ -122,7 +122,9 @@ class Engine:
             # A source holding every streamed unit page-locked (pinned RESIDENT) is uploaded
             # from directly: no staging ring to allocate (or pin).
             staged = not self._direct and any(source.host_unit(u) is None for u in streamed)
-            self._staging = [device.host_buffer(self.slot_nbytes) for _ in range(self.n_slots)] if staged else []
+            # A spare one (GPU): the read of the next unit never waits for an upload in flight.
+            n_staging = self.n_slots + device.traits.spare_staging
+            self._staging = [device.host_buffer(self.slot_nbytes) for _ in range(n_staging)] if staged else []
             self._resident = self._load_resident(sorted(resident))
             if packed:
                 self._dequant = _dequantizer(spec, source, device, compute_dtype, self.units)
@@ -131,7 +133,8 @@ class Engine:
             raise
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._consumed: list[Ticket | None] = [None] * self.n_slots  # stays None in place
-        self._staged: list[Ticket | None] = [None] * self.n_slots
+        self._staged: list[Ticket | None] = [None] * len(self._staging)  # each staging buffer's last upload
+        self._next_staging = 0  # the staging buffer the next read takes (prefetch thread only)
         self._inputs = InputOffloader(device)
         self._jobs: queue.Queue = queue.Queue()
         # The thread holds only a weak reference, so an engine nobody closed is still
@@ -208,15 +211,15 @@ class Engine:
                 future.set_result(self.device.upload(host, self._slots[slot], self._sizes[unit], after=after,
                                                      label=unit))
                 return
-            previous = self._staged[slot]
-            if previous is not None:
+            k, self._next_staging = self._next_staging, (self._next_staging + 1) % len(self._staging)  # in turn
+            if (previous := self._staged[k]) is not None:
                 self.device.host_reusable(previous)
             self.device.record("read_start", unit)
-            self.source.read_unit(unit, self._staging[slot])
+            self.source.read_unit(unit, self._staging[k])
             self.device.record("read_done", unit)
-            ticket = self.device.upload(self._staging[slot], self._slots[slot], self._sizes[unit],
+            ticket = self.device.upload(self._staging[k], self._slots[slot], self._sizes[unit],
                                         after=after, label=unit)
-            self._staged[slot] = ticket
+            self._staged[k] = ticket
             future.set_result(ticket)
         except BaseException as exc:  # re-raised on the main thread by future.result()
             future.set_exception(exc)

@@ -19,6 +19,11 @@ import torch
 
 from lema.ports.device import Device, Ticket
 
+# Downloads in flight at once (the one just issued and the previous one): what the plan
+# counts. A device keeps an offloaded input's memory until its copy has read it (CUDA:
+# ``record_stream``), so downloads that fall behind the forward would hold more inputs.
+IN_FLIGHT = 2
+
 
 class InputStore(Protocol):
     """Where a training pass keeps its checkpointed layer inputs (the engine moves them)."""
@@ -42,8 +47,9 @@ class InputOffloader:
     def __init__(self, device: Device) -> None:
         self.device = device
         self._hosts: dict[int, torch.Tensor] = {}  # unit -> host buffer of its offloaded input
-        self._offloaded: dict[int, tuple[torch.Size, torch.dtype, int]] = {}
+        self._offloaded: dict[int, tuple[torch.Size, torch.dtype, int, Ticket]] = {}
         self._restoring: dict[int, tuple[torch.Tensor, Ticket, torch.Size, torch.dtype]] = {}
+        self._downloading: list[Ticket] = []  # downloads issued and perhaps not done, oldest first
 
     @property
     def host_bytes(self) -> int:
@@ -57,16 +63,24 @@ class InputOffloader:
         host = self._hosts.get(unit)
         if host is None or host.numel() < nbytes:
             host = self._hosts[unit] = self.device.host_buffer(nbytes)
-        self._offloaded[unit] = (x.shape, x.dtype, nbytes)
-        self.device.download(x.contiguous().view(-1).view(torch.uint8), host, nbytes, label=("x", unit))
+        # At most IN_FLIGHT downloads hold device memory: the host waits for the oldest only
+        # when the link has fallen that far behind the forward.
+        self._downloading = [t for t in self._downloading if not t.done()]
+        while len(self._downloading) >= IN_FLIGHT:
+            self.device.host_reusable(self._downloading.pop(0))
+        ticket = self.device.download(x.contiguous().view(-1).view(torch.uint8), host, nbytes, label=("x", unit))
+        self._downloading.append(ticket)
+        self._offloaded[unit] = (x.shape, x.dtype, nbytes, ticket)
         return nbytes
 
     def fetch(self, unit: int) -> None:
         """Start copying ``unit``'s input back into a new device buffer."""
-        shape, dtype, nbytes = self._offloaded.pop(unit)
+        shape, dtype, nbytes, downloaded = self._offloaded.pop(unit)
         buffer = self.device.alloc(nbytes, f"input of unit {unit}")
-        # After the compute issued so far (the buffer may be memory it just freed); the
-        # download into the same host buffer was issued earlier on the same link, so it is done.
+        # After the download into the host buffer (downloads may run beside uploads, on a
+        # link of their own: the compute waits for it, without blocking the host on CUDA) and
+        # after the compute issued so far (the buffer may be memory it just freed).
+        downloaded.wait()
         ticket = self.device.upload(self._hosts[unit], buffer, nbytes, after=self.device.mark_consumed(buffer),
                                     label=("x", unit))
         self._restoring[unit] = (buffer, ticket, shape, dtype)
@@ -90,6 +104,7 @@ class InputOffloader:
     def drop(self) -> None:
         """Forget what a pass left behind (it failed between an offload and its backward)."""
         self._offloaded.clear()
+        self._downloading.clear()
         for buffer, ticket, _, _ in self._restoring.values():
             try:
                 ticket.wait()

@@ -85,7 +85,7 @@ class TrainingPass:
         self.saved: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.grad: torch.Tensor | None = None
-        self.loss_sum: float = 0.0
+        self._loss_sum: torch.Tensor | float = 0.0  # read by the host only after the pass (loss_sum)
         self.n_tokens: int = 0
         self._weights: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -132,6 +132,14 @@ class TrainingPass:
         self.outputs[unit] = out
         self.x = out.detach()
 
+    @property
+    def loss_sum(self) -> float:
+        """The pass's summed token loss, read from the device once, after the pass (reading it
+        at the turn would make the host wait for the whole forward before issuing the backward)."""
+        if isinstance(self._loss_sum, torch.Tensor):
+            self._loss_sum = float(self._loss_sum)
+        return self._loss_sum
+
     def _unpack(self, packed: object) -> torch.Tensor:
         if isinstance(packed, tuple) and len(packed) == 3 and packed[0] is _WeightRefs.TAG:
             _, unit, view = packed
@@ -147,7 +155,7 @@ class TrainingPass:
             loss_sum, n_tokens = self.objective.loss(self.spec, weights, x_last, self.targets, self.chunk_tokens,
                                                      self.ctx.matmul_dtype)
             self.n_tokens = n_tokens
-            self.loss_sum = float(loss_sum.detach())
+            self._loss_sum = loss_sum.detach()  # no host read here: the backward is issued without waiting
             denominator = n_tokens if self.token_count is None else self.token_count
             (loss_sum * (self.loss_scale / max(denominator, 1))).backward()
         self.grad = x_last.grad

@@ -108,7 +108,7 @@ def make_device(settings: BenchSettings, budget: bool = True) -> Any:
         from lema.adapters.devices.cuda import CudaDevice
 
         index = int(settings.device.split(":")[1]) if ":" in settings.device else 0
-        device = CudaDevice(index)
+        device = CudaDevice(index, record_timeline=settings.trace)
         device.measure_link()
         return device
     from lema.adapters.devices.cpu import CpuDevice
@@ -296,11 +296,12 @@ def run(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[str
     reads = None
     if settings.read_bytes:
         from lema.app.tools import read_bench
-        from lema.app.bootstrap import READERS
+        from lema.app.bootstrap import weight_readers
 
-        log(f"reads: a {settings.read_bytes >> 20} MiB file, sequential vs {READERS} reader threads ...")
+        readers = weight_readers()
+        log(f"reads: a {settings.read_bytes >> 20} MiB file, sequential vs {readers} reader threads ...")
         blob = read_bench.make_file(settings.workdir / "read-bench.bin", settings.read_bytes)
-        reads = read_bench.measure(blob, threads=READERS)
+        reads = read_bench.measure(blob, threads=readers)
     pinned, pageable = link_bandwidth(settings)
     log(f"link: {pinned / 1e9:.2f} GB/s pinned, {pageable / 1e9:.2f} GB/s pageable")
     names = list(settings.strategies) + (["compute_alone"] if settings.compute_alone else [])

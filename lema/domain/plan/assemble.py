@@ -73,10 +73,11 @@ def build(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Bu
     ranks = shape.local_ranks
     per_rank = f"{ranks} ranks x " if ranks > 1 else ""
     shared = f", one copy shared by {ranks} ranks (page cache)" if ranks > 1 else ""
+    staging = slot_count + (1 if shape.device.spare_staging else 0)  # (a spare one: reads never wait for an upload)
     host = [
-        MemoryItem("staging_buffers", 0 if resident_strategy or in_place else ranks * slot_count * slot_bytes,
+        MemoryItem("staging_buffers", 0 if resident_strategy or in_place else ranks * staging * slot_bytes,
                    "" if resident_strategy or in_place else
-                   f"{per_rank}{slot_count} x {format_size(slot_bytes)}"
+                   f"{per_rank}{staging} x {format_size(slot_bytes)}"
                    + (", pinned" if shape.device.pinned_host else "")),
         MemoryItem("resident_weights_host", f.streamed_bytes if resident_strategy else 0,
                    f"decoder layers + head in RAM{shared}" if resident_strategy else "read from the mmap'd file"),

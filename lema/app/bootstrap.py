@@ -186,7 +186,7 @@ def make_plan(config: LemaConfig, spec: ModelSpec, device: Device, mode: str = "
     budget = None if capacity is None else Budget(device_bytes=capacity, host_bytes=config.ram_bytes)
     rates = None
     if shape.kept_layers is None:  # AUTO chooses by time: this machine's calibration when cached
-        from lema.adapters.devices.calibrate import rates_for
+        from lema.adapters.devices.calibration_cache import rates_for
         from lema.domain.plan.timing import default_rates
 
         rates = rates_for(spec, shape)

@@ -135,11 +135,12 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
 def _rates(spec, shape, calibrate: bool):  # noqa: ANN001, ANN202
     """This machine's rates for the step time: measured now (``--calibrate``), cached, or None
     (the planner then uses the device kind's stated defaults)."""
-    from lema.adapters.devices.calibrate import calibrate as measure, device_name, rates_for
+    from lema.adapters.devices.calibration_cache import device_name, rates_for
     from lema.domain.plan.assemble import facts_for
 
     if not calibrate:
         return rates_for(spec, shape)
+    from lema.adapters.devices.calibrate import calibrate as measure
     traits = shape.device
     name = device_name(traits)
     if not name:

@@ -13,7 +13,7 @@ def predicted_step_seconds(model: Any, grad_accum: int = 1) -> float | None:
     spec = getattr(model, "spec", None)
     if not callable(plan) or spec is None:
         return None
-    from lema.adapters.devices.calibrate import rates_for
+    from lema.adapters.devices.calibration_cache import rates_for
     from lema.domain.plan.timing import predict
 
     p = plan()

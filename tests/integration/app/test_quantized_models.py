@@ -193,7 +193,9 @@ def test_every_strategy_and_prefetch_depth_trains_the_same_adapter_on_a_quantize
         while not plan(probe.spec, shape, Budget(budget)).resident_units:
             budget += probe.spec.largest_layer_bytes // 8
     for overrides in (dict(prefetch_distance=0), dict(prefetch_distance=3),
-                      dict(strategy=MemoryStrategy.AUTO, prefetch_distance=0, vram_budget=budget)):
+                      # checkpointing named: AUTO's resident layers, not kept activations, are tested here
+                      dict(strategy=MemoryStrategy.AUTO, prefetch_distance=0, vram_budget=budget,
+                           gradient_checkpointing=True)):
         assert all(torch.equal(a, b) for a, b in zip(reference, train(**overrides))), overrides
     assert plans[-1].resident_units and plans[-1].streamed_units  # AUTO: some of each
     again = on_one_thread(lambda: train(strategy=MemoryStrategy.RESIDENT))  # the reference against itself

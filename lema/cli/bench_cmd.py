@@ -72,6 +72,10 @@ def bench(model, preset, dtype, batch, seq, steps, warmup, rank, prefetch, devic
     check_output(workdir, option="--workdir", folders=inputs, overwrite=None)
     check_output(out, option="--json-out", folders=inputs, overwrite=overwrite)
     names = tuple(s.strip() for s in strategies.split(",") if s.strip())
+    if not names:
+        raise ConfigError("--strategies: name at least one of streaming, resident, auto")
+    for name in names:
+        MemoryStrategy.parse(name)
     device = _resolve_device(device, link_bandwidth is not None)
     if link_bandwidth is not None and device != "cpu":
         raise ConfigError("--link-bandwidth: only the CPU device simulates a link; a GPU's is measured")
@@ -81,10 +85,6 @@ def bench(model, preset, dtype, batch, seq, steps, warmup, rank, prefetch, devic
             raise ConfigError("--vram: the bench budgets the CPU device only; a GPU's budget is its memory")
         parse_size(vram, field="--vram")
     read_bytes = 0 if reads.strip() in ("0", "0B") else parse_size(reads, field="--reads")
-    if not names:
-        raise ConfigError("--strategies: name at least one of streaming, resident, auto")
-    for name in names:
-        MemoryStrategy.parse(name)
     _check_device(device)
     if model is not None and not model.is_dir():
         raise ConfigError(f"--model: {model} is not a folder; pass a Hugging Face model folder (config.json + "

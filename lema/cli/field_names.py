@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from lema.cli.preference_names import AXOLOTL_PREFERENCE, TRL_PREFERENCE
 from lema.errors import ConfigError
 
 FORMATS = ("auto", "lema", "hf", "trl", "axolotl")
@@ -49,7 +50,6 @@ REFUSED: dict[str, str] = {
     "early_stopping_patience": "LEMA has no early stopping; watch eval_loss in metrics.jsonl and stop the run "
                                "(Ctrl-C saves a checkpoint)",
     "group_by_length": "LEMA orders batches by a seeded shuffle (packing fills the rows instead)",
-    "lora_model_dir": "LEMA starts a new adapter; continue a LEMA run with --resume",
     "peft_use_dora": "LEMA trains plain LoRA adapters", "use_dora": "LEMA trains plain LoRA adapters",
     "use_rslora": "LEMA trains plain LoRA adapters (alpha / rank scaling)",
     "peft_use_rslora": "LEMA trains plain LoRA adapters (alpha / rank scaling)",
@@ -334,7 +334,9 @@ RULES: dict[str, Rule] = {
     "tf32": _agree((False, "auto"), "LEMA leaves TF32 to PyTorch's defaults"),
     "strict": _agree((False,), "LEMA checks every key of the file: none is ignored"),
 }
-AXOLOTL_RULES: dict[str, Rule] = {"datasets": _datasets, "adapter": _adapter}
+RULES.update(TRL_PREFERENCE)
+AXOLOTL_RULES: dict[str, Rule] = {"datasets": _datasets, "adapter": _adapter, **AXOLOTL_PREFERENCE,
+                                  "lora_model_dir": _same("adapter")}
 
 
 def detect(data: dict[str, Any]) -> str:

@@ -79,7 +79,7 @@ class PreferencePass(TrainingPass):
             out = self.preference.compute(policy, self.reference_logps, self.desirable)
             self.metrics = out.metrics
             self.n_tokens = 1
-            self.loss_sum = out.metrics["loss"]
+            self._loss_sum = out.metrics["loss"]
             (out.loss * self.loss_scale).backward()
         self.grad = x_last.grad
         self.x = None  # type: ignore[assignment]

@@ -243,13 +243,13 @@ def test_keys_without_a_lema_meaning_are_refused_by_name_with_the_reason(tmp_pat
 
 
 def test_config_format_overrides_the_detection(tmp_path):
-    # `adapter` means nothing to a LEMA file; read as axolotl, lora is accepted
-    config = write(tmp_path / "c.yaml", "adapter: lora\nsteps: 1\n")
+    # `wandb_project` means nothing to a LEMA file; read as axolotl, it is the W&B project
+    config = write(tmp_path / "c.yaml", "wandb_project: p\nsteps: 1\n")
     lema = train("--config", str(config), "--config-format", "lema", "--model", "m", "--data", "d", "--out", "o")
-    assert lema.exit_code == 2 and "'adapter'" in lema.output
+    assert lema.exit_code == 2 and "'wandb_project'" in lema.output
     axolotl = train("--config-format", "axolotl", "--config", str(config), "--model", "m", "--data", "d",
                     "--out", "o")
-    assert "'adapter'" not in axolotl.output
+    assert "'wandb_project'" not in axolotl.output
 
 
 # -- data mapping ---------------------------------------------------------------------------
@@ -420,3 +420,17 @@ def test_evals_and_saves_per_epoch_space_the_steps():
     assert _per_epoch(0, 4, 100) == 25 and _per_epoch(0, 4, 3) == 1 and _per_epoch(7, None, 100) == 7
     result = train("--model", __file__, "--data", "d", "--out", "o", "--eval-steps", "5", "--evals-per-epoch", "2")
     assert result.exit_code == 2 and "--evals-per-epoch or --eval-steps, not both" in result.output
+
+
+def test_preference_keys_of_axolotl_and_trl_map_to_the_method_options():
+    from lema.cli.field_names import translate
+    from lema.errors import ConfigError
+
+    axolotl = translate({"base_model": "m", "rl": "dpo", "rl_beta": 0.2, "lora_model_dir": "sft/final"},
+                        "axolotl", "c.yaml")
+    assert (axolotl["method"], axolotl["beta"], axolotl["adapter"]) == ("dpo", 0.2, "sft/final")
+    assert translate({"loss_type": "ipo", "beta": 0.5}, "trl", "c.yaml") == {"method": "ipo", "beta": 0.5}
+    assert translate({"loss_type": ["sigmoid"]}, "trl", "c.yaml") == {"method": "dpo"}
+    for fmt, data in (("axolotl", {"rl": "grpo"}), ("trl", {"loss_type": "hinge"})):
+        with pytest.raises(ConfigError, match="--method"):
+            translate(data, fmt, "c.yaml")

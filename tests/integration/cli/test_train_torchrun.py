@@ -122,7 +122,9 @@ def test_bad_data_on_one_rank_ends_every_rank_with_one_message(tmp_path, model_d
     assert errors == ["Error: rank 1 of 2 failed: " + str(tmp_path / "data-1.jsonl") + ", line 3: invalid JSON "
                       "(Expecting value at column 10); each record needs a \"text\" field, \"prompt\" and "
                       "\"completion\", \"messages\" (chat), \"conversations\" (ShareGPT) or \"instruction\" and "
-                      "\"output\" (Alpaca); or choose the format with --format"]
+                      "\"output\" (Alpaca); or choose the format with --format, or map the data's own field names with "
+                      "--messages-field, --role-key, --content-key, --roles, --text-field, --prompt-field or "
+                      "--completion-field"]
     assert "Traceback (most recent call last):\n  File \"" + str(LAUNCHER) not in run.stderr
     assert not out.exists()  # rank 0 wrote nothing: the ranks agreed to stop before any write
 

@@ -190,7 +190,7 @@ def stage_parity(args: argparse.Namespace) -> dict[str, Any]:
             ref_logits = hf(input_ids=ids.to(dev)).logits.float().cpu()
         lema = LemaModel(LemaConfig(model_name_or_path=str(folder), device=args.device, lora_rank=8, lora_alpha=16,
                                     lora_dropout=0.0, batch_size=2, max_seq_len=64, max_grad_norm=None, seed=3))
-        logits = lema.forward(ids).float().cpu()
+        logits = lema.logits(ids).float().cpu()
         logit_error = float((logits - ref_logits).abs().max() / ref_logits.abs().max())
         lema.initialize_lora()
         init = {k: v.detach().clone() for k, v in lema.require_lora().state_dict_peft(lema.spec).items()}

@@ -102,7 +102,7 @@ def main() -> int:
 
     from lema import LemaConfig, LemaModel
     from lema.adapters.weights.safetensors_source import SafetensorsSource
-    from lema.app.bootstrap import READERS
+    from lema.app.bootstrap import disk_readers
     from lema.domain.schedule.slot_layout import slot_bytes
     from lema.domain.units import parse_size
     from tests.streamed_steps import llama_config, write_model
@@ -137,7 +137,7 @@ def main() -> int:
             # LEMA's reader alone: every streamed unit into a slot, as a step's forward does.
             spec = lema.spec
             if isinstance(source, SafetensorsSource):
-                reader = SafetensorsSource(spec, model, readers=READERS, keep_bytes=source.keep_bytes)
+                reader = SafetensorsSource(spec, model, readers=disk_readers(), keep_bytes=source.keep_bytes)
                 buffer = torch.empty(slot_bytes(spec.units[1:]), dtype=torch.uint8)
                 drop_pages(model, args.drop_caches)
                 before, start = read_bytes(), time.perf_counter()

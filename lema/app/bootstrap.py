@@ -38,6 +38,12 @@ def weight_readers() -> int:
     return reader_count(usable_cpus())
 
 
+def disk_readers() -> int:
+    """Reader threads per unit when the model streams from the drive: at least 4 in flight keep
+    a drive busy (the threads wait on the drive, not on the cores)."""
+    return max(4, weight_readers())
+
+
 def open_model(config: LemaConfig) -> ResolvedModel:
     """Find the weights and config a LemaConfig names, reading only headers.
 
@@ -231,7 +237,7 @@ def make_source(strategy: MemoryStrategy, resolved: ResolvedModel, device: Devic
     if disk is not None and disk.keep is not None:
         # From the drive: several reads in flight keep it busy (the threads wait on the
         # drive, not on the cores), and the file's pages beyond LEMA's share are dropped.
-        return SafetensorsSource(resolved.spec, resolved.root, readers=max(4, weight_readers()), keep_bytes=disk.keep)
+        return SafetensorsSource(resolved.spec, resolved.root, readers=disk_readers(), keep_bytes=disk.keep)
     return SafetensorsSource(resolved.spec, resolved.root, readers=weight_readers() if pool else 1)
 
 

@@ -148,7 +148,7 @@ def training_shape(config: LemaConfig, spec: ModelSpec, device: Device) -> Train
         wide_matmul=device.matmul_dtype(compute_dtype(config, spec, device.traits)) is not None,
         local_ranks=local_world_size(), weights_in_place=device.traits.in_place, preference=config.preference,
         reserve_bytes=device.traits.runtime_reserve,  # the device's own (CUDA: sized for this run)
-        block_sparse=windowed_attention(spec, config.max_seq_len),
+        block_sparse=bool(config.packed_rows) or windowed_attention(spec, config.max_seq_len),
     )
 
 

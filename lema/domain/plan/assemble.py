@@ -206,9 +206,9 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
             layer = pi.layer_forward(f, b, s, attention)
             recompute = pi.layer_recompute(f, b, s, shape.lora_rank, attention)
         if shape.block_sparse:  # packed rows or a window shorter than the sequence
-            blocks = stages.block_sparse_attention(f, b, s)
-            layer = pi.summed(layer.name, [layer, blocks], layer.note)
-            recompute = pi.summed(recompute.name, [recompute, blocks], recompute.note)
+            per_block = stages.block_sparse_attention(f, b, s)
+            layer = pi.summed(layer.name, [layer, per_block], layer.note)
+            recompute = pi.summed(recompute.name, [recompute, per_block], recompute.note)
         held_items: list[MemoryItem] = []
         held_phases: list[MemoryItem] = []
         if held:

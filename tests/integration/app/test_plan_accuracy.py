@@ -218,3 +218,16 @@ def test_a_sliding_window_shorter_than_the_rows_is_planned_by_bands(tmp_path):
     model.close()
     print(f"peak {peak} plan {planned} ratio {peak / planned:.3f}")
     assert abs(peak - planned) / planned <= TOLERANCE, (peak, planned, peak / planned)
+
+
+def test_packed_rows_in_the_config_plan_attention_by_blocks(tmp_path):
+    """``LemaConfig(packed_rows=True)`` (what ``lema train --packing`` sets) gives the plan
+    the block-sparse term: one more attention output ``T q a`` than the unpacked plan."""
+    import attrs
+
+    config = dict(batch_size=2, max_seq_len=64, lora_rank=8, prefetch_distance=1)
+    model = _model(tmp_path, lambda: _llama(128, 344, 4, 256), None, **config)
+    plain = model.plan().device_total
+    packed = bootstrap.make_plan(attrs.evolve(model.lema_config, packed_rows=True), model.spec, model.device)
+    model.close()
+    assert packed.device_total - plain == 2 * 64 * 128 * 4  # T q a, fp32

@@ -88,6 +88,10 @@ class LemaConfig:
             None (SFT), ``"pairs"`` (ORPO, SimPO), ``"reference"`` (DPO, IPO, KTO against the
             base model) or ``"reference_adapter"`` (against a frozen starting adapter); then
             ``batch_size`` counts rows, two per pair (:mod:`lema.domain.plan.preference`).
+        packed_rows: the batches pack several examples per row (``position_ids`` restarting at
+            0; ``lema train --packing`` sets it): the memory plan counts the per-example
+            attention's one more attention output (a sliding window shorter than
+            ``max_seq_len`` is counted from the model itself).
     """
 
     model_name_or_path: str | None = None
@@ -111,6 +115,7 @@ class LemaConfig:
     gradient_accumulation_steps: int = attrs.field(default=1, validator=_positive_int)
     seed: int = 0
     preference: str | None = None
+    packed_rows: bool = False
 
     def __attrs_post_init__(self) -> None:
         problems = []

@@ -110,10 +110,10 @@ def lema_steps(path: Path, device: str, steps: int, seq: int, warmup: bool = Tru
         "plan_device_total_bytes": plan.device_total, "plan_fits": plan.fits,
         "resident_units": len(plan.resident_units), "tile_tokens": plan.tile_tokens,
         "offload_activations": plan.offload_activations,
-        "peak_bytes": model.device.peak_bytes(),
+        "peak_bytes": model.device.run_peak_bytes(),  # the engine resets the pass peak: the run's outlives it
     }
     if device == "cuda":
-        reserved, allocated = torch.cuda.max_memory_reserved(), torch.cuda.max_memory_allocated()
+        reserved, allocated = model.device.run_peak_bytes(), torch.cuda.max_memory_allocated()
         out.update(peak_reserved_bytes=reserved, peak_allocated_bytes=allocated,
                    reserved_over_plan=reserved / plan.device_total, allocated_over_plan=allocated / plan.device_total)
     model.close()

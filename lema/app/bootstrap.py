@@ -154,7 +154,18 @@ def training_shape(config: LemaConfig, spec: ModelSpec, device: Device) -> Train
         wide_matmul=device.matmul_dtype(compute_dtype(config, spec, device.traits)) is not None,
         local_ranks=local_world_size(), weights_in_place=device.traits.in_place, preference=config.preference,
         reserve_bytes=device.traits.runtime_reserve,  # the device's own (CUDA: sized for this run)
+        block_sparse=bool(config.packed_rows) or windowed_attention(spec, config.max_seq_len),
     )
+
+
+def windowed_attention(spec: ModelSpec, seq: int) -> bool:
+    """Whether ``seq``-long rows run a sliding window shorter than themselves (attention by
+    bands, which the plan counts: :func:`lema.domain.plan.stages.block_sparse_attention`)."""
+    from lema.domain.families import registry
+    from lema.domain.nn.layout import SLIDING
+
+    layout = registry.params_of(spec).layout
+    return SLIDING in layout.layer_types and layout.sliding_window is not None and layout.sliding_window < seq
 
 
 def _planned_dtype(config: LemaConfig, spec: ModelSpec, device: Device) -> str | None:

@@ -31,7 +31,7 @@ import torch
 
 from lema.domain.device_traits import DeviceTraits
 
-__all__ = ["Device", "DeviceTraits", "Ticket"]
+__all__ = ["Device", "DeviceTraits", "Stopwatch", "Ticket"]
 
 
 @runtime_checkable
@@ -44,6 +44,18 @@ class Ticket(Protocol):
 
     def done(self) -> bool:
         """True once the operation has finished (never blocks)."""
+        ...
+
+
+class Stopwatch(Protocol):
+    """Device time summed over ``start``/``stop`` intervals (see :meth:`Device.stopwatch`)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def seconds(self) -> float:
+        """The summed intervals, in seconds of the device's time (may wait for the last one)."""
         ...
 
 
@@ -136,6 +148,17 @@ class Device(Protocol):
         ...
 
     def reset_peak(self) -> None:
+        """Start :meth:`peak_bytes` over from the bytes in use now (an engine does it per pass)."""
+        ...
+
+    def run_peak_bytes(self) -> int:
+        """Most device bytes in use at once since construction: :meth:`reset_peak` does not
+        clear it (the run's peak, optimizer steps between passes included)."""
+        ...
+
+    def stopwatch(self) -> Stopwatch:
+        """A new stopwatch of the device's own time: the host's clock on a CPU, events on the
+        compute stream on a GPU (where the host's clock times kernel launches)."""
         ...
 
     def measuring(self) -> AbstractContextManager[None]:

@@ -40,6 +40,7 @@ import torch
 
 from lema.adapters.devices.allocation_counter import AllocationCounter, paused
 from lema.adapters.devices.half_matmul import half_matmul_is_slow
+from lema.adapters.devices.stopwatch import HostStopwatch
 from lema.adapters.workers import start_worker, stop_worker
 from lema.domain.device_traits import CPU, DeviceTraits
 from lema.domain.units import format_size
@@ -115,7 +116,7 @@ class CpuDevice:
         self.reads_in_place = in_place and link_bandwidth is None
         self._lock = threading.RLock()
         self._current = 0
-        self._peak = 0
+        self._peak = self._run_peak = 0
         self._allocs: dict[int, tuple[str, int]] = {}  # data_ptr -> (label, nbytes)
         self._tracked: dict[str, int] = {}
         self._counter = AllocationCounter(self._count_compute, self._uncount)
@@ -189,7 +190,15 @@ class CpuDevice:
 
     def reset_peak(self) -> None:
         with self._lock:
+            self._run_peak = max(self._run_peak, self._peak)
             self._peak = self._current
+
+    def run_peak_bytes(self) -> int:
+        with self._lock:
+            return max(self._run_peak, self._peak)
+
+    def stopwatch(self) -> HostStopwatch:
+        return HostStopwatch()
 
     def usage(self) -> dict[str, int]:
         """Bytes in use by label (allocations, tracked items, and ``"compute"``)."""

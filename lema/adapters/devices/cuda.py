@@ -20,7 +20,8 @@
 * Pinned host buffers are registered at their exact size (``cudaHostRegister``), not taken
   from PyTorch's caching host allocator, which rounds each request up to a power of two.
 * The timeline is kept only when asked (``record_timeline``); device time comes from CUDA
-  events (:meth:`event_seconds`).
+  events (:meth:`stopwatch`: the engine's compute and wait seconds); the run's peak outlives
+  the per-pass reset (:meth:`run_peak_bytes`).
 
 Importing this module never needs CUDA; constructing a :class:`CudaDevice` without it
 raises :class:`~lema.errors.ConfigError`.
@@ -40,6 +41,7 @@ import attrs
 import torch
 
 from lema.adapters.devices.cuda_sizing import cuda_capacity, cuda_reserve
+from lema.adapters.devices.stopwatch import EventStopwatch
 from lema.domain.device_traits import CUDA, DeviceTraits
 from lema.domain.units import format_size
 from lema.errors import ConfigError, DeviceOutOfMemory, PinningRefused
@@ -96,6 +98,7 @@ class CudaDevice:
         self._copy_stream = torch.cuda.Stream(device=self.torch_device)  # uploads
         self._download_stream = torch.cuda.Stream(device=self.torch_device)  # downloads: the other direction
         self._allocs: dict[int, tuple[str, int]] = {}
+        self._run_peak = 0
         self._tracked: dict[str, int] = {}
         self._lock = threading.Lock()
         self._timeline: list[tuple[object, ...]] | None = [] if record_timeline else None
@@ -154,7 +157,16 @@ class CudaDevice:
         return torch.cuda.max_memory_allocated(self.torch_device)
 
     def reset_peak(self) -> None:
+        self._run_peak = max(self._run_peak, self.peak_bytes())  # the run's peak outlives the reset
         torch.cuda.reset_peak_memory_stats(self.torch_device)
+
+    def run_peak_bytes(self) -> int:
+        """The most the allocator held at once since construction (passes and optimizer steps)."""
+        return max(self._run_peak, self.peak_bytes())
+
+    def stopwatch(self) -> EventStopwatch:
+        """Device time from CUDA events on the compute stream, not the host's launches."""
+        return EventStopwatch(self.torch_device)
 
     @contextlib.contextmanager
     def measuring(self) -> Iterator[None]:
@@ -278,19 +290,6 @@ class CudaDevice:
 
     def timeline(self) -> tuple[tuple[object, ...], ...]:
         return tuple(self._timeline) if self._timeline is not None else ()
-
-    def timing_event(self) -> "torch.cuda.Event":
-        """An event recorded now on this device's current stream, for :meth:`event_seconds`."""
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(torch.cuda.current_stream(self.torch_device))
-        return event
-
-    @staticmethod
-    def event_seconds(start: "torch.cuda.Event", end: "torch.cuda.Event") -> float:
-        """Device seconds between two :meth:`timing_event` events (waits for ``end``): the
-        time the GPU spent, not the host's kernel launches."""
-        end.synchronize()
-        return start.elapsed_time(end) / 1000.0
 
     def close(self) -> None:
         self.synchronize()

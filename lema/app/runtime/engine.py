@@ -258,7 +258,7 @@ class Engine:
         start = time.perf_counter()
         pending: dict[int, Future] = {}
         issued: list[Future] = []
-        stats = {"waited": 0.0, "computed": 0.0, "moved": 0, "fetches": 0, "offloaded": 0}
+        stats = {"wait": device.stopwatch(), "compute": device.stopwatch(), "moved": 0, "fetches": 0, "offloaded": 0}
         read_before = self.source.bytes_copied
         try:
             with device.measuring():  # the compute's own allocations count toward the device peak
@@ -277,8 +277,8 @@ class Engine:
         self.bytes_uploaded_total += stats["moved"]
         bandwidth = device.link_bandwidth
         return StepReport(
-            bytes_uploaded=stats["moved"], n_fetches=stats["fetches"], wait_seconds=stats["waited"],
-            compute_seconds=stats["computed"],
+            bytes_uploaded=stats["moved"], n_fetches=stats["fetches"], wait_seconds=stats["wait"].seconds(),
+            compute_seconds=stats["compute"].seconds(),  # the device's time (events on a GPU)
             seconds=time.perf_counter() - start, device_peak_bytes=device.peak_bytes(),
             bytes_read=self.source.bytes_copied - read_before,
             link_floor_seconds=(stats["moved"] + 2 * stats["offloaded"]) / bandwidth if bandwidth else None,
@@ -308,20 +308,20 @@ class Engine:
                 if step.slot is None:
                     weights = self._resident[step.unit]
                 else:
-                    t = time.perf_counter()
+                    stats["wait"].start()
                     pending[step.slot].result().wait()
-                    stats["waited"] += time.perf_counter() - t
+                    stats["wait"].stop()
                     weights = self._placed[step.slot] if self._in_place else self._slot_views(step.unit, step.slot)
                 if self._dequant is not None:
                     fetch = None if step.slot is None else self._fetched[step.slot]
                     weights = self._dequant(step.unit, weights, (step.unit, step.slot, fetch))
-                t = time.perf_counter()  # an offloaded input comes back before its backward
+                stats["wait"].start()  # an offloaded input comes back before its backward
                 restored = self._inputs.hand_back(step.unit, inputs) if step.phase is Phase.BACKWARD else None
-                stats["waited"] += time.perf_counter() - t
+                stats["wait"].stop()
                 device.record("compute_start", step.unit, step.phase.value)
-                t = time.perf_counter()
+                stats["compute"].start()
                 compute(step.phase, step.unit, weights)
-                stats["computed"] += time.perf_counter() - t
+                stats["compute"].stop()
                 device.record("compute_end", step.unit, step.phase.value)
                 self._inputs.release(restored)
                 del restored  # on CUDA the memory goes back to the allocator only with the last reference

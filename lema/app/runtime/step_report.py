@@ -14,10 +14,13 @@ class StepReport:
     Attributes:
         bytes_uploaded: host -> device bytes of this pass's weight fetches.
         n_fetches: units fetched.
-        wait_seconds: time the calling thread was blocked waiting for weights.
-        compute_seconds: time spent inside the compute callback.
+        wait_seconds: device time spent waiting for weights and offloaded inputs (the
+            device's :meth:`~lema.ports.device.Device.stopwatch`: CUDA events on a GPU, the
+            host's clock on a CPU).
+        compute_seconds: device time of the compute callbacks (the same stopwatch).
         seconds: wall time of the pass.
-        device_peak_bytes: the device's peak during the pass.
+        device_peak_bytes: the device's peak during the pass (the run's peak, optimizer steps
+            included: :meth:`~lema.ports.device.Device.run_peak_bytes`).
         bytes_read: host bytes the weight source copied into staging or slots (0 when every
             upload came straight from page-locked memory).
         link_floor_seconds: ``(bytes_uploaded + 2 * activation_bytes) / device.link_bandwidth``,

@@ -51,6 +51,8 @@ class TrainingPass:
         loss_scale: the loss is multiplied by this before backward (1 / accumulation steps).
         token_count: divide the summed loss by this many target tokens (default: the
             batch's own; data parallel passes the count of the whole batch over all ranks).
+        n_tokens: this batch's own count of targets, counted on the host before the upload
+            (None: the objective counts them, reading the device).
         checkpointing: recompute each layer in backward (True) or keep its graph (False).
         chunk_tokens: tokens per cross-entropy chunk.
         keep_logits: also keep the full float32 logits of the last layer's output (the
@@ -67,7 +69,7 @@ class TrainingPass:
                  targets: torch.Tensor, *, loss_scale: float = 1.0, checkpointing: bool = True,
                  chunk_tokens: int = heads.DEFAULT_CHUNK_TOKENS, keep_logits: bool = False,
                  token_count: int | None = None, tile_tokens: int = 0, objective: Objective = NEXT_TOKEN,
-                 kept_units: frozenset[int] = frozenset()) -> None:
+                 kept_units: frozenset[int] = frozenset(), n_tokens: int | None = None) -> None:
         tiled = 0 < tile_tokens < x0.shape[1]
         if tiled and (not checkpointing or kept_units):
             raise ConfigError("sequence tiling recomputes each layer: it needs gradient_checkpointing=True "
@@ -75,6 +77,7 @@ class TrainingPass:
         self.kept_units = frozenset(kept_units)
         self.spec, self.lora, self.ctx, self.targets = spec, lora, ctx, targets
         self.token_count = token_count
+        self._batch_tokens = n_tokens
         self.tile = tile_tokens if tiled else 0
         self.loss_scale, self.checkpointing = loss_scale, checkpointing
         self.chunk_tokens = chunk_tokens
@@ -153,7 +156,7 @@ class TrainingPass:
         x_last = self.x.detach().requires_grad_(True)
         with torch.enable_grad():
             loss_sum, n_tokens = self.objective.loss(self.spec, weights, x_last, self.targets, self.chunk_tokens,
-                                                     self.ctx.matmul_dtype)
+                                                     self.ctx.matmul_dtype, n_tokens=self._batch_tokens)
             self.n_tokens = n_tokens
             self._loss_sum = loss_sum.detach()  # no host read here: the backward is issued without waiting
             denominator = n_tokens if self.token_count is None else self.token_count

@@ -207,9 +207,9 @@ class LemaModel(AdapterModule):
             self.last_report = self.engine.run(compute, mode="forward")
             return state["result"]
 
-    def targets_for(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
-                    attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The next-token targets of a batch (labels or the inputs, padding ignored).
+    def targets_for(self, input_ids: torch.Tensor, labels: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                    position_ids: torch.Tensor | None = None, on_host: bool = False) -> torch.Tensor:
+        """A batch's next-token targets (labels or inputs, padding ignored), on the device or ``on_host``.
 
         In packed rows (``position_ids`` restarting at 0) the last token of an example does
         not predict the first token of the next one.
@@ -232,7 +232,7 @@ class LemaModel(AdapterModule):
             starts = torch.zeros_like(segments, dtype=torch.bool)
             starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
             labels = labels.masked_fill(starts.to(labels.device), heads.IGNORE_INDEX)
-        return heads.shift_labels(labels).to(self.device.torch_device)
+        return heads.shift_labels(labels) if on_host else heads.shift_labels(labels).to(self.device.torch_device)
 
     # -- adapters and checkpoints --------------------------------------------------------
 

@@ -164,7 +164,7 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
                    preference=None if objective is None else "pairs" if not objective.needs_reference
                    or o.precompute_ref  # the cached column: no reference forward in the passes
                    else "reference" if o.adapter is None else "reference_adapter",
-                   offload_activations="auto" if o.offload is None else o.offload,
+                   offload_activations="auto" if o.offload is None else o.offload, packed_rows=o.packing,
                    gradient_accumulation_steps=o.grad_accum, dtype=o.dtype, max_grad_norm=o.max_grad_norm)
     if ckpt is not None:
         # from_pretrained's `device` keyword takes a Device object, so the device this run

@@ -105,8 +105,9 @@ class LemaTrainer:
         model = self.model
         model.require_lora()
         ctx, x0 = model.prepare_inputs(input_ids, attention_mask, training=True, position_ids=position_ids)
-        targets = model.targets_for(input_ids, labels, attention_mask, position_ids)
-        return PreparedBatch(ctx, x0, targets, int((targets != heads.IGNORE_INDEX).sum()))
+        targets = model.targets_for(input_ids, labels, attention_mask, position_ids, on_host=True)
+        n = int((targets != heads.IGNORE_INDEX).sum())  # counted on the host: no device wait
+        return PreparedBatch(ctx, x0, targets.to(model.device.torch_device), n)
 
     def run_batch(self, batch: PreparedBatch, token_count: int | None = None,
                   keep_logits: bool = False) -> tuple[float, int, torch.Tensor | None]:
@@ -120,7 +121,7 @@ class LemaTrainer:
         model = self.model
         step = TrainingPass(model.spec, model.require_lora(), batch.ctx, batch.x0, batch.targets,
                             loss_scale=1.0 / self.accumulation, checkpointing=model.config.checkpointing,
-                            keep_logits=keep_logits, token_count=token_count,
+                            keep_logits=keep_logits, token_count=token_count, n_tokens=batch.n_tokens,
                             tile_tokens=model.plan().tile_tokens, kept_units=model.plan().kept_units)
         batch.release()  # the pass owns the tensors now, so they are freed as it moves on
         decoders = frozenset(u.index for u in model.spec.decoder_units)

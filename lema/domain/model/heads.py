@@ -118,8 +118,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def head_loss(spec: ModelSpec, weights: Mapping[str, torch.Tensor], x: torch.Tensor, targets: torch.Tensor,
-              chunk_tokens: int = DEFAULT_CHUNK_TOKENS, matmul_dtype: torch.dtype | None = None
-              ) -> tuple[torch.Tensor, int]:
+              chunk_tokens: int = DEFAULT_CHUNK_TOKENS, matmul_dtype: torch.dtype | None = None,
+              n_tokens: int | None = None) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy and the number of counted tokens.
 
     ``loss_sum / n_tokens`` equals transformers' ``model(input_ids, labels=labels).loss`` when
@@ -134,6 +134,9 @@ def head_loss(spec: ModelSpec, weights: Mapping[str, torch.Tensor], x: torch.Ten
         matmul_dtype: compute the products in this wider dtype (see :mod:`lema.domain.nn.matmul`).
         chunk_tokens: tokens per chunk; peak extra memory is about
             ``chunk_tokens * vocab * 8`` bytes (fp32 logits and probabilities).
+        n_tokens: the number of targets that are not ``-100``, when the caller counted them on
+            the host (a prepared batch does); None counts them here, which reads ``targets``
+            (a host wait when they live on a GPU).
 
     Returns:
         ``(loss_sum, n_tokens)``: a float32 scalar tensor and a Python int.
@@ -146,4 +149,4 @@ def head_loss(spec: ModelSpec, weights: Mapping[str, torch.Tensor], x: torch.Ten
     loss = _ChunkedLinearCrossEntropy.apply(flat, weight, targets.reshape(-1).to(flat.device),
                                             max(1, int(chunk_tokens)), need_h, need_w, matmul_dtype,
                                             logit_softcap(spec))
-    return loss, int((targets != IGNORE_INDEX).sum())
+    return loss, int((targets != IGNORE_INDEX).sum()) if n_tokens is None else n_tokens

@@ -33,9 +33,10 @@ class NextTokenCrossEntropy:
     extra_forward_passes: int = 0
 
     def loss(self, spec: ModelSpec, head: Mapping[str, torch.Tensor], x: torch.Tensor, targets: torch.Tensor,
-             chunk_tokens: int, matmul_dtype: torch.dtype | None) -> tuple[torch.Tensor, int]:
+             chunk_tokens: int, matmul_dtype: torch.dtype | None, n_tokens: int | None = None
+             ) -> tuple[torch.Tensor, int]:
         """See :meth:`lema.domain.objectives.objective.Objective.loss`."""
-        return heads.head_loss(spec, head, x, targets, chunk_tokens, matmul_dtype=matmul_dtype)
+        return heads.head_loss(spec, head, x, targets, chunk_tokens, matmul_dtype=matmul_dtype, n_tokens=n_tokens)
 
 
 NEXT_TOKEN = NextTokenCrossEntropy()

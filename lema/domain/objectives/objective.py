@@ -39,7 +39,8 @@ class Objective(Protocol):
         ...
 
     def loss(self, spec: ModelSpec, head: Mapping[str, torch.Tensor], x: torch.Tensor, targets: torch.Tensor,
-             chunk_tokens: int, matmul_dtype: torch.dtype | None) -> tuple[torch.Tensor, int]:
+             chunk_tokens: int, matmul_dtype: torch.dtype | None, n_tokens: int | None = None
+             ) -> tuple[torch.Tensor, int]:
         """The summed loss and the number of targets it counts.
 
         Args:
@@ -49,5 +50,7 @@ class Objective(Protocol):
             targets: ``(batch, seq)`` per-position targets of the batch (``-100``: none).
             chunk_tokens: tokens per chunk of the vocabulary projection.
             matmul_dtype: a wider dtype for the products, or None.
+            n_tokens: the count of targets other than ``-100`` when the caller has it from the
+                host (no device read); None: the objective counts them.
         """
         ...

@@ -163,7 +163,8 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
     if not shape.training:
         # LemaModel.forward keeps the embedding output (a local) besides the current hidden state.
         states = [MemoryItem("embedding_output", x, "T h a"), MemoryItem("hidden_state", x, "T h a")]
-        phases = [pi.summed("forward", states + [pi.layer_forward(f, b, s, attention)] + layer_wide),
+        blocks = [stages.block_sparse_attention(f, b, s)] if shape.block_sparse else []
+        phases = [pi.summed("forward", states + [pi.layer_forward(f, b, s, attention)] + blocks + layer_wide),
                   pi.summed("head", states + [pi.head_inference(f, b, s)] + head_wide)]
         return phases + ([pi.summed("dequantize", states + [dequant])] if temp else [])
     lora = pi.lora_parameters(f, shape.lora_rank)
@@ -204,6 +205,10 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
         else:
             layer = pi.layer_forward(f, b, s, attention)
             recompute = pi.layer_recompute(f, b, s, shape.lora_rank, attention)
+        if shape.block_sparse:  # packed rows or a window shorter than the sequence
+            per_block = stages.block_sparse_attention(f, b, s)
+            layer = pi.summed(layer.name, [layer, per_block], layer.note)
+            recompute = pi.summed(recompute.name, [recompute, per_block], recompute.note)
         held_items: list[MemoryItem] = []
         held_phases: list[MemoryItem] = []
         if held:

@@ -86,6 +86,10 @@ class TrainingShape:
             (0: every layer recomputes, today's checkpointing); None: the planner decides by
             predicted step time within the budget (:mod:`lema.domain.plan.choose`). Without
             checkpointing every layer keeps its graph. Not with offload or tiles.
+        block_sparse: the batches' attention runs by blocks (packed rows: per example; a
+            sliding window shorter than ``seq``: per band, :mod:`lema.domain.nn.attention`),
+            whose concatenated parts hold one more attention output ``T q a`` while a layer's
+            attention runs.
 
     Raises:
         ConfigError: naming every field whose value is out of range, at once.
@@ -112,6 +116,7 @@ class TrainingShape:
     weights_in_place: bool = False
     preference: str | None = None
     kept_layers: int | None = 0
+    block_sparse: bool = False
 
     def __attrs_post_init__(self) -> None:
         problems = []

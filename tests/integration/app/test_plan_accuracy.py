@@ -149,3 +149,85 @@ def test_inference_peak_matches_plan(tmp_path, dtype):
     assert logits.shape == (2, 128, 512)
     print(f"peak {peak} plan {planned} ratio {peak / planned:.3f}")
     assert abs(peak - planned) / planned <= TOLERANCE, (peak, planned, peak / planned)
+
+
+# Packed rows (position ids restarting at 0) attend per example (issue 23): the parts'
+# outputs are concatenated next to the ones autograd keeps, one more attention output than
+# a fused call. id -> (builder, dtype, config, examples per row).
+PACKED = {
+    "llama-f32-packed": (lambda: _llama(128, 344, 4, 256), None,
+                         dict(batch_size=2, max_seq_len=64, lora_rank=8, prefetch_distance=1), 4),
+    "llama-bf16-long-packed": (lambda: _llama(64, 172, 2, 128), torch.bfloat16,
+                               dict(batch_size=1, max_seq_len=512, lora_rank=4, prefetch_distance=2), 8),
+}
+
+
+def _peak(model: LemaModel, trainer, ids: torch.Tensor, position_ids: torch.Tensor | None) -> int:
+    peak = 0
+    for _ in range(2):
+        model.device.reset_peak()
+        trainer.train_step(ids, position_ids=position_ids)
+        peak = max(peak, model.device.peak_bytes())
+    return peak
+
+
+@pytest.mark.parametrize("case", list(PACKED))
+def test_a_packed_batch_peak_matches_the_block_sparse_plan(tmp_path, case):
+    """The plan of a packed batch counts the per-example attention's extra output: planned
+    and measured agree within 10%, and the plan's extra over an unpacked batch is what the
+    packed batch measures over the same batch unpacked (within 10% of that difference)."""
+    import attrs
+
+    from lema.domain.plan.planner import plan
+
+    build, dtype, config, examples = PACKED[case]
+    model = _model(tmp_path, build, dtype, **config)
+    shape = bootstrap.training_shape(model.config, model.spec, model.device)
+    plain_plan = plan(model.spec, shape, None).device_total
+    packed_plan = plan(model.spec, attrs.evolve(shape, block_sparse=True), None).device_total
+    model.initialize_lora()
+    trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3))
+    b, s = config["batch_size"], config["max_seq_len"]
+    ids = torch.randint(0, model.spec.vocab_size, (b, s))
+    positions = torch.arange(s // examples).repeat(examples)[None].expand(b, -1).contiguous()
+    plain, packed = _peak(model, trainer, ids, None), _peak(model, trainer, ids, positions)
+    model.close()
+    print(f"plain {plain} / {plain_plan}, packed {packed} / {packed_plan}")
+    assert abs(packed - packed_plan) / packed_plan <= TOLERANCE, (packed, packed_plan)
+    measured_extra, planned_extra = packed - plain, packed_plan - plain_plan
+    assert measured_extra > 0
+    assert abs(measured_extra - planned_extra) <= TOLERANCE * measured_extra, (measured_extra, planned_extra)
+
+
+def test_a_sliding_window_shorter_than_the_rows_is_planned_by_bands(tmp_path):
+    """Mistral with a window of 32 over 128-token rows: the plan knows from the model that
+    its attention runs by bands, and its total matches the measured peak within 10%."""
+    def build():
+        from transformers import MistralConfig, MistralForCausalLM
+
+        return MistralForCausalLM(MistralConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                                max_position_embeddings=1024, sliding_window=32))
+
+    model = _model(tmp_path, build, None, batch_size=2, max_seq_len=128, lora_rank=8, prefetch_distance=1)
+    assert bootstrap.windowed_attention(model.spec, 128) and not bootstrap.windowed_attention(model.spec, 32)
+    planned = model.plan().device_total
+    model.initialize_lora()
+    trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3))
+    peak = _peak(model, trainer, torch.randint(0, 256, (2, 128)), None)
+    model.close()
+    print(f"peak {peak} plan {planned} ratio {peak / planned:.3f}")
+    assert abs(peak - planned) / planned <= TOLERANCE, (peak, planned, peak / planned)
+
+
+def test_packed_rows_in_the_config_plan_attention_by_blocks(tmp_path):
+    """``LemaConfig(packed_rows=True)`` (what ``lema train --packing`` sets) gives the plan
+    the block-sparse term: one more attention output ``T q a`` than the unpacked plan."""
+    import attrs
+
+    config = dict(batch_size=2, max_seq_len=64, lora_rank=8, prefetch_distance=1)
+    model = _model(tmp_path, lambda: _llama(128, 344, 4, 256), None, **config)
+    plain = model.plan().device_total
+    packed = bootstrap.make_plan(attrs.evolve(model.lema_config, packed_rows=True), model.spec, model.device)
+    model.close()
+    assert packed.device_total - plain == 2 * 64 * 128 * 4  # T q a, fp32

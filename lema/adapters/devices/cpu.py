@@ -309,17 +309,19 @@ class CpuDevice:
             if self.link_bandwidth:  # the transfer takes nbytes / bandwidth in all, the copy included
                 time.sleep(max(0.0, nbytes / self.link_bandwidth - (time.perf_counter() - start)))
             tensors.clear()  # the source may be freed now (an offloaded activation stops counting)
-            with self._lock:
-                if direction != "down":
-                    self.bytes_uploaded += nbytes
-                else:
-                    self.bytes_downloaded += nbytes
-            if label is not None:
-                self.record("download_done" if direction == "down" else "upload_done", label)
+            self._landed(direction != "down", nbytes, label)
             ticket._finish()
         except BaseException as exc:  # handed to whoever waits on the ticket
             tensors.clear()
             ticket._finish(exc)
+
+    def _landed(self, up: bool, nbytes: int, label: str | None) -> None:
+        """A copy of ``nbytes`` has landed: count it and, when labelled, record it."""
+        with self._lock:
+            self.bytes_uploaded += nbytes if up else 0
+            self.bytes_downloaded += 0 if up else nbytes
+        if label is not None:
+            self.record("upload_done" if up else "download_done", label)
 
     def measure_link(self, nbytes: int = 64 << 20, repeat: int = 5) -> tuple[float, float]:
         """Host -> device bytes/s (pinned, pageable): the simulated bandwidth when one is set,

@@ -164,13 +164,7 @@ class LateCpuDevice(CpuDevice):
             _memcpy(target[:nbytes], source[:nbytes])
             del source, target
             tensors.clear()  # an offloaded activation stops counting once the copy has read it
-            with self._lock:
-                if direction == "up":
-                    self.bytes_uploaded += nbytes
-                else:
-                    self.bytes_downloaded += nbytes
-            if label is not None:
-                self.record("upload_done" if direction == "up" else "download_done", label)
+            self._landed(direction == "up", nbytes, label)
             ticket._finish()
         except BaseException as exc:  # handed to whoever waits on the ticket
             tensors.clear()

@@ -98,6 +98,11 @@ class TrainOptions:
                 "roles_to_train": parse_roles_to_train(self.roles_to_train)}
 
     @property
+    def maps_data(self) -> bool:
+        """Whether any data mapping option differs from its default."""
+        return self.data_mapping() != TrainOptions(model_path="", data="", out="").data_mapping()
+
+    @property
     def all_data(self) -> tuple[str, ...]:
         """Every ``--data``, in order."""
         return (self.data, *self.more_data)
@@ -137,4 +142,4 @@ class TrainOptions:
                 **({"more_data": list(self.more_data), "data_weights": self.data_weights,
                     "data_epochs": self.data_epochs} if self.more_data else {}),
                 **({"mapping": {k: str(v) for k, v in self.data_mapping().items()}}
-                   if self.data_mapping() != TrainOptions(model_path="", data="", out="").data_mapping() else {})}
+                   if self.maps_data else {})}

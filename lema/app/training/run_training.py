@@ -249,7 +249,7 @@ def _preference_data(o: TrainOptions, tok: Any, ranks: Any) -> Any:
 
     if ranks.distributed:
         raise ConfigError(f"--method {o.method} runs on one process for now (no torchrun)")
-    if o.more_data or o.data_mapping() != TrainOptions(model_path="", data="", out="").data_mapping():
+    if o.more_data or o.maps_data:
         raise ConfigError(f"--method {o.method} reads one --data file in TRL's preference fields; the data mapping "
                           "and mixing options (--data given twice, --messages-field, --train-on-inputs, ...) are for "
                           "sft: drop them")

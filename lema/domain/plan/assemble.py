@@ -6,6 +6,8 @@ See :mod:`lema.domain.plan.planner` for the device model these items follow.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import attrs
 
 from lema.domain.model.spec import ModelSpec
@@ -285,6 +287,12 @@ def auto_resident(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, bu
 
     alike = len(set(f.unit_buffer_bytes[1:n + 1])) <= 1
     stable = max(0, min(n - 1, n - shape.prefetch)) if alike else -1
+    return _resident_prefix(n, largest_fitting(fits, stable, n + 1))
+
+
+def largest_fitting(fits: Callable[[int], bool], stable: int, last: int) -> int:
+    """The largest ``k`` in ``0..last`` with ``fits(k)`` (0 when none): a binary search over
+    ``0..stable``, where ``fits`` is monotonic (-1: nowhere), then each ``k`` beyond it."""
     best = 0
     if stable >= 0 and fits(0):
         low, high = 0, stable  # fits(low) holds
@@ -295,10 +303,10 @@ def auto_resident(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, bu
             else:
                 high = mid - 1
         best = low
-    for k in range(stable + 1, n + 2):
+    for k in range(stable + 1, last + 1):
         if fits(k):
             best = k
-    return _resident_prefix(n, best)
+    return best
 
 
 MIN_TILE = 128  # positions: below this a tile's products are too small to keep the device busy

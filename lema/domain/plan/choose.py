@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import attrs
 
-from lema.domain.plan.assemble import auto_resident, build
+from lema.domain.plan.assemble import auto_resident, build, largest_fitting
 from lema.domain.plan.inputs import Budget, TrainingShape
 from lema.domain.plan.items import ModelFacts
 from lema.domain.plan.memory_plan import MemoryPlan, ModelSummary
@@ -70,17 +70,7 @@ def head_first_resident(summary: ModelSummary, f: ModelFacts, shape: TrainingSha
         return None
     alike = len(set(f.unit_buffer_bytes[1:n + 1])) <= 1
     stable = max(0, n - shape.prefetch - 1) if alike else 0
-    low, high = 0, stable
-    while low < high:  # fits is monotonic while the slot count stays
-        mid = (low + high + 1) // 2
-        if fits(mid):
-            low = mid
-        else:
-            high = mid - 1
-    best = low
-    for k in range(stable + 1, n + 1):
-        if fits(k):
-            best = k
+    best = largest_fitting(fits, stable, n)  # fits is monotonic while the slot count stays
     return tuple(range(1, best + 1)) + (head,)
 
 

@@ -28,11 +28,14 @@ if TYPE_CHECKING:
 
 __all__ = ["pre_norm_layer", "sandwich_layer", "swiglu"]
 
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
 
 def swiglu(proj: Projector, h: torch.Tensor, activation: str) -> torch.Tensor:
     """``down(act(gate(h)) * up(h))``, the gated MLP."""
     act = norms.activation(activation)
-    return proj(act(proj(h, "mlp.gate_proj")) * proj(h, "mlp.up_proj"), "mlp.down_proj")
+    gate, up = proj.many(h, ("mlp.gate_proj", "mlp.up_proj"))
+    return proj(act(gate) * up, "mlp.down_proj")
 
 
 def pre_norm_layer(p: DecoderParams, w: Weights, proj: Projector, x: torch.Tensor, ctx: BlockContext, layer: int,
@@ -46,13 +49,10 @@ def pre_norm_layer(p: DecoderParams, w: Weights, proj: Projector, x: torch.Tenso
     """
     batch, seq, _ = x.shape
     h = norms.rms_norm(x, w["input_layernorm.weight"], p.eps)
-    q = proj(h, "self_attn.q_proj").view(batch, seq, -1, p.head_dim)
+    q, k, v = (t.view(batch, seq, -1, p.head_dim) for t in proj.many(h, QKV))
     if qk_norm:
         q = norms.rms_norm(q, w["self_attn.q_norm.weight"], p.eps)
-    k = proj(h, "self_attn.k_proj").view(batch, seq, -1, p.head_dim)
-    if qk_norm:
         k = norms.rms_norm(k, w["self_attn.k_norm.weight"], p.eps)
-    v = proj(h, "self_attn.v_proj").view(batch, seq, -1, p.head_dim)
     a = attention.self_attention(q, k, v, ctx, p.layout.layer_types[layer], scale=p.head_dim ** -0.5,
                                  kv_hook=kv_hook)
     x = x + proj(a, "self_attn.o_proj")
@@ -72,9 +72,7 @@ def sandwich_layer(p: DecoderParams, w: Weights, proj: Projector, x: torch.Tenso
     """
     batch, seq, _ = x.shape
     h = norms.rms_norm_gemma(x, w["input_layernorm.weight"], p.eps)
-    q = proj(h, "self_attn.q_proj").view(batch, seq, -1, p.head_dim)
-    k = proj(h, "self_attn.k_proj").view(batch, seq, -1, p.head_dim)
-    v = proj(h, "self_attn.v_proj").view(batch, seq, -1, p.head_dim)
+    q, k, v = (t.view(batch, seq, -1, p.head_dim) for t in proj.many(h, QKV))
     if qk_norm:
         q = norms.rms_norm_gemma(q, w["self_attn.q_norm.weight"], p.eps)
         k = norms.rms_norm_gemma(k, w["self_attn.k_norm.weight"], p.eps)

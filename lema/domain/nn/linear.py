@@ -15,12 +15,12 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from lema.domain.nn.lora_update import lora_update, power_of_two
 from lema.domain.nn.matmul import frozen_linear, split_linear
 
 if TYPE_CHECKING:
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 Weights = Mapping[str, torch.Tensor]
 Adapters = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
-Projector = Callable[[torch.Tensor, str], torch.Tensor]
 
 
 class SplitWeights(dict[str, torch.Tensor]):
@@ -60,7 +59,8 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 def _lora_delta(x: torch.Tensor, adapter: tuple[torch.Tensor, torch.Tensor], ctx: "BlockContext",
                 site: int) -> torch.Tensor:
-    """PEFT's ``lora_B(lora_A(dropout(x))) * scaling`` with ``x`` cast to the adapter dtype."""
+    """PEFT's ``lora_B(lora_A(dropout(x))) * scaling`` with ``x`` cast to the adapter dtype
+    (with dropout: without, :func:`lema.domain.nn.lora_update.lora_update` adds it in place)."""
     a, b = adapter
     h = x.to(a.dtype)
     if ctx.lora_dropout > 0.0:
@@ -71,15 +71,10 @@ def _lora_delta(x: torch.Tensor, adapter: tuple[torch.Tensor, torch.Tensor], ctx
         keep = torch.empty_like(h).bernoulli_(1.0 - ctx.lora_dropout, generator=gen)
         h = h * keep / (1.0 - ctx.lora_dropout)
     scaling = ctx.lora_scaling
-    if _power_of_two(scaling):
-        # Scaling the rank-r product instead of the output is the same to the bit (a power of
-        # two scales every product and partial sum exactly) and costs r/out of the multiply.
+    if power_of_two(scaling):
+        # as lora_update does: the same to the bit, r/out of the multiply
         return F.linear(F.linear(h, a) * scaling, b)
     return F.linear(F.linear(h, a), b) * scaling
-
-
-def _power_of_two(x: float) -> bool:
-    return x > 0 and math.isfinite(x) and math.frexp(x)[0] == 0.5
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, adapter: tuple | None,
@@ -117,22 +112,54 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ada
             out = F.linear(x, w, b)
     if adapter is None:
         return out
-    return (out + _lora_delta(x, adapter, ctx, site)).to(out.dtype)
+    if ctx.lora_dropout > 0.0:
+        return (out + _lora_delta(x, adapter, ctx, site)).to(out.dtype)
+    a, b = adapter
+    return lora_update(x, [out], a, [b], ctx.lora_scaling)[0]
+
+
+class Projector:
+    """``proj(h, key)``: the module ``key`` of one layer (weight, optional bias, its adapter);
+    ``proj.many(h, keys)``: several modules that read the same input (q, k and v; gate and up).
+
+    ``many`` computes the adapters' ``A`` products of its modules as one product with their
+    ``A`` matrices stacked, on one fp32 copy of ``h`` (:func:`lema.domain.nn.lora_update.lora_update`):
+    PEFT's ``lora_A(x)`` of each module, column block by column block, in one skinny matmul
+    instead of several, and likewise in the backward. With dropout each module draws its own
+    mask on its own copy of ``h``, so ``many`` runs the modules one by one.
+    """
+
+    def __init__(self, weights: Weights, lora: Adapters | None, ctx: "BlockContext", layer: int,
+                 module_keys: Sequence[str], *, conv1d: bool = False) -> None:
+        self.weights, self.lora, self.ctx, self.conv1d = weights, lora or {}, ctx, conv1d
+        self.sites = {key: layer * 16 + j for j, key in enumerate(module_keys)}
+        self.backward = weights.backward_weights if isinstance(weights, SplitWeights) else {}
+
+    def __call__(self, h: torch.Tensor, key: str) -> torch.Tensor:
+        return self._linear(h, key, self.lora.get(key))
+
+    def _linear(self, h: torch.Tensor, key: str, adapter: tuple | None) -> torch.Tensor:
+        w = self.weights
+        return linear(h, w[key + ".weight"], w.get(key + ".bias"), adapter, self.ctx, conv1d=self.conv1d,
+                      site=self.sites.get(key, 0), backward_weight=self.backward.get(key + ".weight"))
+
+    def many(self, h: torch.Tensor, keys: Sequence[str]) -> list[torch.Tensor]:
+        """``[proj(h, key) for key in keys]``, the adapters' ``A`` products stacked (see the class)."""
+        adapters = [self.lora.get(key) for key in keys]
+        if (len(keys) < 2 or self.ctx.lora_dropout > 0.0
+                or any(a is None for a in adapters) or len({a[0].dtype for a in adapters}) > 1):
+            return [self(h, key) for key in keys]
+        outs = [self._linear(h, key, None) for key in keys]
+        a_stacked = torch.cat([a for a, _ in adapters])
+        return list(lora_update(h, outs, a_stacked, [b for _, b in adapters], self.ctx.lora_scaling,
+                                [a.shape[0] for a, _ in adapters]))
 
 
 def projector(weights: Weights, lora: Adapters | None, ctx: "BlockContext", layer: int,
               module_keys: Sequence[str], *, conv1d: bool = False) -> Projector:
-    """``proj(h, key)``: the module ``key`` of one layer (weight, optional bias, its adapter).
+    """The :class:`Projector` of one layer's weights and adapters.
 
     ``module_keys`` is the family's adaptable modules in execution order; a module's index
     there and the layer number make its dropout seed, unique in the model.
     """
-    lora = lora or {}
-    sites = {key: layer * 16 + j for j, key in enumerate(module_keys)}
-    backward = weights.backward_weights if isinstance(weights, SplitWeights) else {}
-
-    def proj(h: torch.Tensor, key: str) -> torch.Tensor:
-        return linear(h, weights[key + ".weight"], weights.get(key + ".bias"), lora.get(key), ctx,
-                      conv1d=conv1d, site=sites.get(key, 0), backward_weight=backward.get(key + ".weight"))
-
-    return proj
+    return Projector(weights, lora, ctx, layer, module_keys, conv1d=conv1d)

@@ -70,18 +70,17 @@ def plan_terms(model: ModelShape) -> PlanTerms:
 def block(p: DecoderParams, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", ctx: "BlockContext", layer: int,
           kv_hook: "KVHook | None" = None) -> "torch.Tensor":
     """One decoder layer (``Olmo2DecoderLayer``)."""
-    from lema.domain.nn import attention, linear, norms
+    from lema.domain.nn import attention, decoder_block, linear, norms
 
     proj = linear.projector(w, lora, ctx, layer, MODULE_KEYS)
     batch, seq, _ = x.shape
-    q = norms.rms_norm_fp32_scale(proj(x, "self_attn.q_proj"), w["self_attn.q_norm.weight"], p.eps)
-    k = norms.rms_norm_fp32_scale(proj(x, "self_attn.k_proj"), w["self_attn.k_norm.weight"], p.eps)
-    v = proj(x, "self_attn.v_proj")
+    q, k, v = proj.many(x, decoder_block.QKV)
+    q = norms.rms_norm_fp32_scale(q, w["self_attn.q_norm.weight"], p.eps)
+    k = norms.rms_norm_fp32_scale(k, w["self_attn.k_norm.weight"], p.eps)
     q, k, v = (t.view(batch, seq, -1, p.head_dim) for t in (q, k, v))
     a = attention.self_attention(q, k, v, ctx, FULL, scale=p.head_dim ** -0.5, kv_hook=kv_hook)
     x = x + norms.rms_norm_fp32_scale(proj(a, "self_attn.o_proj"), w["post_attention_layernorm.weight"], p.eps)
-    act = norms.activation(p.activation)
-    m = proj(act(proj(x, "mlp.gate_proj")) * proj(x, "mlp.up_proj"), "mlp.down_proj")
+    m = decoder_block.swiglu(proj, x, p.activation)
     return x + norms.rms_norm_fp32_scale(m, w["post_feedforward_layernorm.weight"], p.eps)
 
 

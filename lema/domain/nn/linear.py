@@ -60,7 +60,7 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 def _lora_delta(x: torch.Tensor, adapter: tuple[torch.Tensor, torch.Tensor], ctx: "BlockContext",
                 site: int) -> torch.Tensor:
     """PEFT's ``lora_B(lora_A(dropout(x))) * scaling`` with ``x`` cast to the adapter dtype
-    (with dropout: without, :func:`lema.domain.nn.lora_update.lora_update` adds it in place)."""
+    (with dropout: without, :func:`lema.domain.nn.lora_update.lora_update` adds it)."""
     a, b = adapter
     h = x.to(a.dtype)
     if ctx.lora_dropout > 0.0:

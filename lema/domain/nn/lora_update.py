@@ -10,8 +10,9 @@ products (measured on the 100m preset: a LoRA'd 768x768 projection took 1.76x it
 product's time, forward and backward).
 
 :func:`lora_update` computes the same values with the same products in the same order: the
-sum is written into the base output in place (an in-place add computes in the promoted
-dtype and rounds once, as ``(out + delta).to(out.dtype)`` does), the base output's gradient
+sum is written straight into a tensor of the base output's dtype (an add with ``out=``
+computes in the promoted dtype and rounds once, as ``(out + delta).to(out.dtype)`` does),
+the base output's gradient
 is the incoming one as it is, and the casts left are ``x`` up, the gradient up, the input
 gradient down. The results are bit-identical to the autograd formulation (tested), and
 several modules that read the same input (q, k and v; gate and up) share one cast of it and
@@ -63,13 +64,15 @@ class _LoraUpdate(torch.autograd.Function):
             # of two scales every product and partial sum exactly) and costs r/out of the multiply.
             first = first * scaling
         parts = first.split(list(ranks), dim=-1)
+        results = []
         for out, part, b in zip(outs, parts, bs):
             delta = F.linear(part, b)
-            out.add_(delta if exact else delta * scaling)
-        ctx.mark_dirty(*outs)
+            # out + delta in the promoted dtype, rounded once into out's dtype: what
+            # (out + delta).to(out.dtype) gives, without the promoted temporary
+            results.append(torch.add(out, delta if exact else delta * scaling, out=torch.empty_like(out)))
         ctx.scaling, ctx.exact, ctx.ranks, ctx.x_dtype = scaling, exact, ranks, x.dtype
         ctx.save_for_backward(xa, a, *parts, *bs)
-        return tuple(outs)
+        return tuple(results)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
@@ -94,19 +97,18 @@ class _LoraUpdate(torch.autograd.Function):
 
 def lora_update(x: torch.Tensor, outs: Sequence[torch.Tensor], a: torch.Tensor, bs: Sequence[torch.Tensor],
                 scaling: float, ranks: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
-    """Add each module's LoRA update to its base output, in place.
+    """Each module's base output plus its LoRA update.
 
     Args:
         x: the modules' common input ``(..., in)``.
-        outs: each module's base output ``(..., out_i)``, fresh tensors (written in place and
-            returned; their autograd history continues through the update).
+        outs: each module's base output ``(..., out_i)``.
         a: the modules' ``A`` matrices stacked, ``[sum(ranks), in]``.
         bs: each module's ``B``, ``[out_i, rank_i]``.
         scaling: the adapters' scale.
         ranks: each module's rank (default: ``a``'s rows split evenly).
 
     Returns:
-        ``outs``, each ``out_i + B_i(A_i(x)) * scaling`` rounded to ``out_i``'s dtype.
+        ``out_i + B_i(A_i(x)) * scaling`` for each module, rounded to ``out_i``'s dtype.
     """
     if ranks is None:
         ranks = [a.shape[0] // len(bs)] * len(bs)

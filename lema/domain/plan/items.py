@@ -191,6 +191,19 @@ def lora_parameters(facts: ModelFacts, rank: int) -> int:
     return facts.n_layers * rank * sum(i + o for i, o in facts.lora_modules)
 
 
+# adapted modules whose A products are stacked on one fp32 copy of their common input
+# (lema.domain.nn.decoder_block's q/k/v and gate/up, through Projector.many)
+SHARED_INPUTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def _adapter_input_copies(t: int, ad: dict[str, tuple[int, int]]) -> int:
+    """The adapters' fp32 input copies: one per module, or per group of :data:`SHARED_INPUTS`
+    whose modules are all adapted."""
+    shared = [g for g in SHARED_INPUTS if all(k in ad for k in g)]
+    alone = [k for k in ad if not any(k in g for g in shared)]
+    return t * FP32 * (sum(ad[k][0] for k in alone) + sum(ad[g[0]][0] for g in shared))
+
+
 def _adapters(f: ModelFacts) -> dict[str, tuple[int, int]]:
     """``in-layer key -> (in, out)`` of the adapted modules of one decoder layer."""
     return dict(zip(f.lora_keys, f.lora_modules))
@@ -218,7 +231,8 @@ def layer_model(f: ModelFacts, batch: int, seq: int, rank: int, attention: str) 
     Measured op by op with :class:`lema.adapters.devices.allocation_counter.AllocationCounter` against
     :mod:`lema.domain.model.blocks`. A frozen linear map saves nothing (its weight needs no
     gradient); an adapter saves its fp32 input (the tensor itself when ``a == 4``, else a
-    copy per module) and ``A x`` (``T r 4``). Llama:
+    copy per module, one per group of modules that read the same input: q, k and v; gate
+    and up; :meth:`lema.domain.nn.linear.Projector.many`) and ``A x`` (``T r 4``). Llama:
 
     * ``norms``: the RMSNorms' fp32 inputs ``2 T h 4`` (``a != 4``) or, at fp32, the
       attention residual ``T h a`` (the layer input is the checkpoint itself); ``2 T 4`` rsqrt.
@@ -227,7 +241,8 @@ def layer_model(f: ModelFacts, batch: int, seq: int, rank: int, attention: str) 
     * ``mlp``: gate, silu(gate), up ``3 T f a`` (their product only as an adapter input).
     * ``lora``: adapter inputs and ``A x``.
     * forward extra: the incoming gradient ``T h a`` (alive through the recompute), and at
-      the down projection the base output ``T h a`` plus the fp32 delta and sum ``2 T h 4``
+      the down projection the base output ``T h a`` plus ``2 T h 4`` (the fp32 delta and the
+      sum, which :mod:`lema.domain.nn.lora_update` now writes in ``a``: counted as before)
       and the block's locals not saved (at ``a != 4``: residual, norm output, product
       ``T (2h + f) a``).
     * backward extra: layer output and incoming gradient ``2 T h a`` plus the SwiGLU
@@ -240,7 +255,7 @@ def layer_model(f: ModelFacts, batch: int, seq: int, rank: int, attention: str) 
     t, h, a, ff = batch * seq, f.hidden, f.act_bytes, f.ffn
     cast = a != FP32
     ad = _adapters(f)
-    lora_in = sum(t * i * FP32 for i, _ in ad.values()) if cast else 0
+    lora_in = _adapter_input_copies(t, ad) if cast else 0
     ax = t * rank * FP32 * len(ad)
     lse = t * f.n_heads * FP32
     items: list[MemoryItem] = []

@@ -195,8 +195,13 @@ def test_a_packed_batch_peak_matches_the_block_sparse_plan(tmp_path, case):
     print(f"plain {plain} / {plain_plan}, packed {packed} / {packed_plan}")
     assert abs(packed - packed_plan) / packed_plan <= TOLERANCE, (packed, packed_plan)
     measured_extra, planned_extra = packed - plain, packed_plan - plain_plan
-    assert measured_extra > 0
-    assert abs(measured_extra - planned_extra) <= TOLERANCE * measured_extra, (measured_extra, planned_extra)
+    if measured_extra > 0:  # the layer's peak is at attention: the plan's extra is what it measures
+        assert abs(measured_extra - planned_extra) <= TOLERANCE * measured_extra, (measured_extra, planned_extra)
+    else:
+        # In bf16 the peak is elsewhere since the LoRA update stopped keeping an fp32 sum per
+        # module and q/k/v share one fp32 input copy (lema.domain.nn.lora_update): packing adds
+        # nothing at the peak, and the plan's term only makes the plan conservative.
+        assert 0 < planned_extra <= TOLERANCE * packed, (measured_extra, planned_extra)
 
 
 def test_a_sliding_window_shorter_than_the_rows_is_planned_by_bands(tmp_path):

@@ -262,7 +262,7 @@ def plan_disk(config: LemaConfig, spec: ModelSpec, resolved: ResolvedModel, plan
     state's reads simulated (:mod:`lema.domain.plan.disk_time`).
     """
     from lema.adapters.host_memory import ProcMeminfo
-    from lema.adapters.weights.read_rate import cache_path, cached_read_rate, read_rate
+    from lema.adapters.weights.read_rate import cached_read_rate, cached_source, read_rate
     from lema.adapters.weights.safetensors_source import SafetensorsSource
     from lema.domain.plan import disk_time as dt
     from lema.domain.plan.host_fit import host_ram_needed
@@ -287,7 +287,7 @@ def plan_disk(config: LemaConfig, spec: ModelSpec, resolved: ResolvedModel, plan
         rate = read_rate(probe)
     else:
         cached = cached_read_rate(probe)
-        rate = None if cached is None else (cached, f"cached: {cache_path(probe)}")
+        rate = None if cached is None else (cached, cached_source(probe))
     speed, source = rate if rate is not None else (0.0, "not measured")
     return dt.disk_time(reads, unit_bytes, file_bytes, available, run_bytes, speed, source,
                         in_flight=SafetensorsSource.IN_FLIGHT)

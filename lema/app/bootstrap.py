@@ -248,7 +248,18 @@ def make_source(strategy: MemoryStrategy, resolved: ResolvedModel, device: Devic
     if disk is not None and disk.keep is not None:
         # From the drive: several reads in flight keep it busy (the threads wait on the
         # drive, not on the cores), and the file's pages beyond LEMA's share are dropped.
-        return SafetensorsSource(resolved.spec, resolved.root, readers=disk_readers(), keep_bytes=disk.keep)
+        stream = SafetensorsSource(resolved.spec, resolved.root, readers=disk_readers(), keep_bytes=disk.keep)
+        if not disk.held:
+            return stream
+        from lema.adapters.weights.tiered_source import TieredSource
+
+        try:  # AUTO's host tier: the planned units read once into host RAM, pinned where the device can
+            pin = device is not None and not device.traits.direct_reads
+            return TieredSource.hold(stream, disk.held, device.pinned_buffer if pin and device else ram_buffer,
+                                     pinned=pin, fallback=ram_buffer)
+        except BaseException:
+            stream.close()
+            raise
     return SafetensorsSource(resolved.spec, resolved.root, readers=weight_readers() if pool else 1)
 
 
@@ -289,8 +300,11 @@ def plan_disk(config: LemaConfig, spec: ModelSpec, resolved: ResolvedModel, plan
         cached = cached_read_rate(probe)
         rate = None if cached is None else (cached, cached_source(probe))
     speed, source = rate if rate is not None else (0.0, "not measured")
+    held: tuple[int, ...] = ()
+    if config.strategy is MemoryStrategy.AUTO:  # AUTO holds in host RAM the units that fit, streams the rest
+        held = dt.host_tier(streamed, spec.n_layers, unit_bytes, available, run_bytes)
     return dt.disk_time(reads, unit_bytes, file_bytes, available, run_bytes, speed, source,
-                        in_flight=SafetensorsSource.IN_FLIGHT)
+                        in_flight=SafetensorsSource.IN_FLIGHT, held=held, layers=spec.n_layers)
 
 
 REPORT_TO = ("none", "tensorboard", "wandb")

@@ -39,6 +39,7 @@ import torch
 
 from lema.adapters.weights import file_lease
 from lema.adapters.weights.parallel_read import ParallelReader, pread_full
+from lema.domain.plan.disk_time import IN_FLIGHT
 from lema.domain.model.finite import check_unit_finite
 from lema.domain.model.spec import ModelSpec, TensorSpec, torch_dtype
 from lema.domain.schedule.slot_layout import unit_buffer_bytes, unit_layout, unit_views
@@ -215,7 +216,7 @@ class SafetensorsSource:
 
     # -- the page cache of a model larger than it ----------------------------------------------
 
-    IN_FLIGHT = 4  # the most recently read units are never dropped: they are being computed on
+    IN_FLIGHT = IN_FLIGHT  # the most recently read units are never dropped: they are being computed on
 
     def _read_done(self, index: int) -> None:
         """Unit ``index`` was just read: drop the least recently read units' pages beyond

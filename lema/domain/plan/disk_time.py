@@ -39,6 +39,7 @@ from lema.domain.units import format_size
 if TYPE_CHECKING:
     from lema.domain.plan.timing import StepTime
 
+IN_FLIGHT = 4  # the most recently read units are never dropped: they are being computed on
 HOST_TIER_SHARE = 0.75  # of the RAM left beside the run, AUTO's host tier may hold; the rest stays the machine's
 
 

@@ -190,11 +190,12 @@ def measure(path: str | os.PathLike[str], sample: int = SAMPLE, threads: int = T
         if not direct:
             for off, n in chunks:
                 os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+        rate = total / elapsed if elapsed > 0 else 0.0
         half = next(m for m in marks if m[1] >= total / 2)
-        if total - half[1] > 0 and marks[-1][0] > half[0]:
+        # The second half's rate, once there are enough pieces for it to mean something (with
+        # few, they finish together and the half's time is noise).
+        if len(marks) - 1 >= 8 * threads and marks[-1][0] > half[0]:
             rate = (total - half[1]) / (marks[-1][0] - half[0])
-        else:
-            rate = total / elapsed if elapsed > 0 else 0.0
         # Faster than any drive: the pages stayed cached (mapped elsewhere), not a disk rate.
         if rate <= 0 or rate > 64e9:
             return None

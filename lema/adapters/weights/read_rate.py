@@ -289,3 +289,16 @@ def _store(path: str | os.PathLike[str], record: dict) -> None:
         os.replace(tmp, target)
     except OSError:  # a read-only home: the rate is used, not cached
         return
+
+
+def process_read_bytes() -> int | None:
+    """Bytes this process has caused to be read from storage (``/proc/self/io`` ``read_bytes``:
+    the drive's, not the page cache's), or None where the kernel does not count them."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None

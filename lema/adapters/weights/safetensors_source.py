@@ -30,6 +30,7 @@ import ctypes
 import mmap
 import os
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
@@ -92,6 +93,8 @@ class SafetensorsSource:
 
     Attributes:
         bytes_copied: bytes read into callers' buffers so far.
+        read_seconds: wall seconds spent in those reads (with ``bytes_copied``, the read rate a
+            run sees).
 
     Raises:
         ModelFormatError: a file the spec names is missing. ConfigError: unknown method,
@@ -110,6 +113,7 @@ class SafetensorsSource:
         self._runs = {i: read_runs(layout) for i, layout in self._layouts.items()}
         self._reader = ParallelReader(readers)
         self.bytes_copied = 0
+        self.read_seconds = 0.0  # wall seconds spent reading units into buffers (the drive's share of a step)
         missing = [f for f in spec.files if not (self.root / f).is_file()]
         if missing:
             raise ModelFormatError(f"{self.root}: missing weight file(s) {', '.join(missing)}; "
@@ -181,6 +185,7 @@ class SafetensorsSource:
     def read_into(self, index: int, buffer: torch.Tensor) -> None:
         """Write unit ``index``'s bytes into ``buffer`` (layout of :func:`unit_layout`)."""
         self._check_open()
+        start = time.perf_counter()
         if self.method == "mmap":
             for file, start, offset, nbytes in self._runs[index]:
                 self._copy_from_map(file, start, byte_view(buffer, offset, nbytes))
@@ -189,6 +194,7 @@ class SafetensorsSource:
                                for file, start, offset, nbytes in self._runs[index]])
         with self._lock:
             self.bytes_copied += sum(n for _, _, _, n in self._runs[index])
+            self.read_seconds += time.perf_counter() - start
         self._read_done(index)
 
     def host_unit(self, index: int) -> None:

@@ -116,7 +116,7 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
     from lema.domain.plan.timing import predict
 
     disk = _disk(spec, resolved, result, budget, calibrate)
-    timing = with_disk(predict(result, spec, rates), disk)
+    timing = with_disk(predict(result, spec, rates), disk, result, spec)
     if as_json:
         data = result.to_dict()
         data["source"] = {"ref": model, "kind": resolved.source_kind,

@@ -12,7 +12,9 @@ def predicted_step_seconds(model: Any, grad_accum: int = 1) -> float | None:
     from lema.domain.plan.disk_time import with_disk
 
     step = _planned_step(model)
-    return None if step is None else with_disk(step, getattr(model, "disk", None)).step_seconds * grad_accum
+    if step is None:
+        return None
+    return with_disk(step, getattr(model, "disk", None), model.plan(), model.spec).step_seconds * grad_accum
 
 
 def _planned_step(model: Any) -> Any:

@@ -37,6 +37,8 @@ import attrs
 from lema.domain.units import format_size
 
 if TYPE_CHECKING:
+    from lema.domain.model.spec import ModelSpec
+    from lema.domain.plan.memory_plan import MemoryPlan
     from lema.domain.plan.timing import StepTime
 
 IN_FLIGHT = 4  # the most recently read units are never dropped: they are being computed on
@@ -205,13 +207,27 @@ def disk_time(reads: Sequence[int], unit_bytes: Mapping[int, int], file_bytes: i
                     held_bytes, len(set(rest)), layers)
 
 
-def with_disk(step: "StepTime", disk: DiskTime | None) -> "StepTime":
-    """The predicted step with the drive's term: its reads overlap the compute and the link
-    (the prefetch thread), so the step takes at least :attr:`DiskTime.seconds`; the bound
-    is ``"disk"`` when that is the longest."""
-    if disk is None or disk.keep is None or not disk.read_rate > 0:
+def with_disk(step: "StepTime", disk: DiskTime | None, plan: "MemoryPlan | None" = None,
+              spec: "ModelSpec | None" = None) -> "StepTime":
+    """The predicted step with the drive's term.
+
+    The reads run on the prefetch thread, overlapped with the compute, so the step takes at
+    least :attr:`DiskTime.seconds`. Given the ``plan`` and ``spec`` the step was predicted for
+    (and weights fetched through slots), the schedule is played again with each fetch taking
+    its share of the drive's time (the fetches' bytes at ``moved / disk.seconds``): a compute
+    that waits on a slot still being read shows, not only the longer of the two. The bound is
+    ``"disk"`` when the drive is busy longest.
+    """
+    if disk is None or disk.keep is None or not disk.read_rate > 0 or disk.seconds <= 0:
         return step
-    total = max(step.step_seconds, disk.seconds)
+    played = step
+    if plan is not None and spec is not None and step.moved_bytes > 0:
+        from lema.domain.plan.timing import predict
+
+        effective = step.moved_bytes / disk.seconds
+        played = predict(plan, spec, attrs.evolve(step.rates, disk_read_bytes_per_s=effective))
+        played = attrs.evolve(played, rates=step.rates)
+    total = max(played.step_seconds, disk.seconds)
     busy = max(step.compute_seconds, step.link_seconds)
     disk_bound = disk.seconds > busy
     bound = "disk" if disk_bound else step.bound

@@ -57,7 +57,9 @@ def test_a_slow_drive_makes_the_step_disk_bound_and_the_json_says_so(model, tmp_
     data = json.loads(out)
     assert data["disk"]["read_bytes_per_s"] == 1e6 and data["disk"]["held_units"] == [1]
     assert data["time"]["bound"] == "disk"
-    assert data["time"]["step_seconds"] == pytest.approx(data["disk"]["bytes_per_step"] / 1e6)
+    # the drive's time, plus what of the compute the schedule cannot overlap with the reads
+    drive = data["disk"]["bytes_per_step"] / 1e6
+    assert drive <= data["time"]["step_seconds"] <= drive + data["time"]["compute_seconds"]
 
 
 def test_calibrate_measures_the_drive_on_the_models_own_file(model, tmp_path, monkeypatch):

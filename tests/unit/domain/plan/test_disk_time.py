@@ -97,3 +97,21 @@ def test_the_drive_sets_the_step_when_its_reads_take_longer_than_the_compute():
     fast = DiskTime(1, 1e15, 0, "measured")
     assert with_disk(step, fast).step_seconds == step.step_seconds and with_disk(step, fast).bound == step.bound
     assert with_disk(step, None) is step and with_disk(step, DiskTime(0, 1e9, None)) is step
+
+
+def test_replayed_through_the_schedule_a_compute_waiting_on_a_slot_still_being_read_shows():
+    from lema.domain.model.spec import ModelSpec
+    from lema.domain.plan.planner import Budget, TrainingShape, plan
+    from lema.domain.plan.timing import predict
+    from tests.streamed_steps import llama_config
+
+    spec = ModelSpec.from_config({**llama_config(8, 512, 1408, 2000, 4), "torch_dtype": "float32"})
+    p = plan(spec, TrainingShape(batch=1, seq=16, device_kind="cuda"), Budget(96 << 20))
+    step = predict(p, spec)
+    assert step.moved_bytes > 0
+    # the drive twice as slow as the step: played, the compute after the last read adds to the drive's time
+    disk = DiskTime(int(2 * step.step_seconds * 1e9), 1e9, 0, "measured")
+    bare, played = with_disk(step, disk), with_disk(step, disk, p, spec)
+    assert bare.step_seconds == pytest.approx(max(step.step_seconds, disk.seconds))
+    assert played.step_seconds > bare.step_seconds
+    assert played.disk_seconds == disk.seconds and played.rates == step.rates

@@ -161,18 +161,21 @@ def run_steps(model: Path, args: argparse.Namespace, strategy: str, budget: str 
             if args.between == "drop":
                 drop_pages(model, args.drop_caches)
             feedback.begin()
+            reading = getattr(stream, "read_seconds", 0.0)
             before, start = read_bytes(), time.perf_counter()
             trainer.train_step(ids)
             seconds = time.perf_counter() - start
             got = read_bytes() - before
+            reading = getattr(stream, "read_seconds", 0.0) - reading  # the prefetch thread's reads (slot path)
             shown = predicted
             predicted = feedback.after(seconds, predicted)
             row = {"seconds": seconds, "predicted_seconds": shown, "disk_bytes": got, "bytes_per_s": got / seconds,
-                   "error": None if not shown else seconds / shown - 1}
+                   "read_seconds": reading, "error": None if not shown else seconds / shown - 1}
             out["steps"].append(row)
             print(f"[{strategy}] step {n + 1}: {seconds:.1f} s (predicted {shown:.1f} s, {seconds / shown - 1:+.0%}), "
                   f"{got / GIB:.2f} GiB from the drive = {got / seconds / GIB:.2f} GiB/s ({got / seconds / dd:.0%} of "
-                  f"dd)", flush=True)
+                  f"dd)" + (f"; reads took {reading:.1f} s of it ({got / reading / GIB:.2f} GiB/s while reading)"
+                            if reading > 0 else ""), flush=True)
         if feedback.rate:
             print(f"[{strategy}] the rate the first step saw: {feedback.rate / GIB:.2f} GiB/s; later steps predicted "
                   f"{predicted:.1f} s", flush=True)

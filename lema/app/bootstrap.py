@@ -254,9 +254,9 @@ def make_source(strategy: MemoryStrategy, resolved: ResolvedModel, device: Devic
         from lema.adapters.weights.tiered_source import TieredSource
 
         try:  # AUTO's host tier: the planned units read once into host RAM, pinned where the device can
-            pin = device is not None and not device.traits.direct_reads
-            return TieredSource.hold(stream, disk.held, device.pinned_buffer if pin and device else ram_buffer,
-                                     pinned=pin, fallback=ram_buffer)
+            if device is not None and not device.traits.direct_reads:
+                return TieredSource.hold(stream, disk.held, device.pinned_buffer, pinned=True, fallback=ram_buffer)
+            return TieredSource(stream, disk.held, ram_buffer)
         except BaseException:
             stream.close()
             raise

@@ -286,13 +286,6 @@ def plan_disk(config: LemaConfig, spec: ModelSpec, resolved: ResolvedModel, plan
                     rate=lambda: drive_rate(probe, measure))
 
 
-def disk_file(resolved: ResolvedModel) -> str | None:
-    """The local model file (first shard) whose drive a run reads, or None."""
-    from lema.app.disk_plan import probe_file
-
-    return probe_file(resolved.spec, resolved.weights_path, resolved.root)
-
-
 REPORT_TO = ("none", "tensorboard", "wandb")
 _SINK_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
 

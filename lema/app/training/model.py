@@ -88,7 +88,6 @@ class LemaModel(AdapterModule):
             raise DoesNotFitError(self._plan.explain(), self._plan)
         bootstrap.check_host_memory(config, self._plan, self.device, host_memory)  # before anything loads
         self.disk = bootstrap.plan_disk(config, self.spec, self._resolved, self._plan, self.device, host_memory)
-        self.disk_file = bootstrap.disk_file(self._resolved)  # its drive's read rate a run sees is cached
         self.source = bootstrap.make_source(config.strategy, self._resolved, self.device, self.disk)
         self.engine = Engine(self.spec, self.source, self.device, prefetch=config.prefetch_distance,
                              resident_units=self._plan.resident_units, plan=self._plan,

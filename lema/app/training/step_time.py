@@ -3,6 +3,7 @@ beside the measured one (issue 27)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -53,6 +54,16 @@ class DiskFeedback:
         self.rate: float | None = None
         self._start: tuple[int | None, int, float] | None = None
 
+    def _file(self) -> str | None:
+        """The model file (first shard) the source streams from, whose drive the rate is cached for."""
+        source = getattr(self.model, "source", None)
+        stream = getattr(source, "stream", source)
+        root, spec = getattr(stream, "root", None), getattr(self.model, "spec", None)
+        if root is None or spec is None or not spec.files:
+            return None
+        path = Path(root) / spec.files[0]
+        return str(path) if path.is_file() else None
+
     def _counters(self) -> tuple[int | None, int, float]:
         from lema.adapters.weights.read_rate import process_read_bytes
 
@@ -84,7 +95,7 @@ class DiskFeedback:
             return predicted
         self.rate = nbytes / (seconds if in_place else timed)
         self.disk = self.disk.with_rate(self.rate, "seen by this run's first step from disk")
-        path = getattr(self.model, "disk_file", None)
+        path = self._file()
         if path is not None:
             from lema.adapters.weights.read_rate import store_run_rate
 

@@ -67,7 +67,8 @@ def disk_for(spec: ModelSpec, plan_: MemoryPlan, strategy: MemoryStrategy, *, in
     speed, source = got if got is not None else (0.0, "not measured")
     held: tuple[int, ...] = ()
     if strategy is MemoryStrategy.AUTO:  # AUTO holds in host RAM the units that fit, streams the rest
-        held = dt.host_tier(streamed, spec.n_layers, unit_bytes, available, run_bytes)
+        held = dt.host_tier(streamed, spec.n_layers, unit_bytes, available, run_bytes,
+                            ranks=plan_.shape.local_ranks)
     return dt.disk_time(reads, unit_bytes, file_bytes, available, run_bytes, speed, source,
                         in_flight=dt.IN_FLIGHT, held=held, layers=spec.n_layers)
 

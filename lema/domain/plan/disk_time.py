@@ -99,12 +99,13 @@ def streams_from_disk(file_bytes: int, available: int, run_host_bytes: int) -> b
 
 
 def host_tier(streamed: Sequence[int], n_layers: int, unit_bytes: Mapping[int, int], available: int,
-              run_host_bytes: int, share: float = HOST_TIER_SHARE) -> tuple[int, ...]:
+              run_host_bytes: int, share: float = HOST_TIER_SHARE, ranks: int = 1) -> tuple[int, ...]:
     """The streamed units AUTO holds in host RAM: the first decoders (then the head) that fit
-    ``share`` of the RAM left beside the run. The first decoders, because the page cache LEMA
-    keeps holds the last ones read forward, which backward reads first; a decoder held saves
-    two reads per training step (forward and backward), the head one."""
-    room = int(max(0, available - run_host_bytes) * share)
+    ``share`` of the RAM left beside the run (``run_host_bytes``: all ``ranks`` local ranks',
+    each of which holds its own copy). The first decoders, because the page cache LEMA keeps
+    holds the last ones read forward, which backward reads first; a decoder held saves two
+    reads per training step (forward and backward), the head one."""
+    room = int(max(0, available - run_host_bytes) * share) // max(1, ranks)
     decoders = [u for u in sorted(streamed) if 1 <= u <= n_layers]
     held, used = [], 0
     for u in decoders:

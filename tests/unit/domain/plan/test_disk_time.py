@@ -68,6 +68,9 @@ def test_auto_holds_the_first_decoders_that_fit_its_share_of_the_ram_left_and_st
     held = host_tier(tuple(sizes), n_layers=48, unit_bytes=sizes, available=30 * GIB, run_host_bytes=2 * GIB)
     assert held == tuple(range(1, 22))  # 3/4 of the 28 GiB left
     assert host_tier(tuple(sizes), 48, sizes, available=2 * GIB, run_host_bytes=2 * GIB) == ()
+    # two ranks on the machine: each holds its own copy, in half the room
+    assert host_tier(tuple(sizes), 48, sizes, available=30 * GIB, run_host_bytes=2 * GIB, ranks=2) == tuple(
+        range(1, 11))
     small = {1: GIB, 2: GIB, 3: GIB // 2}
     assert host_tier((1, 2, 3), 2, small, available=4 * GIB, run_host_bytes=0) == (1, 2, 3)  # then the head
     reads = step_reads(tuple(sizes), n_layers=48, training=True)

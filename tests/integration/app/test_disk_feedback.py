@@ -77,3 +77,26 @@ def test_a_model_that_fits_the_page_cache_is_left_alone(model_file, tmp_path, mo
         assert feedback.after(1.0, 2.0) == 2.0
         step = predict(model.plan(), model.spec)
         assert with_disk(step, model.disk) is step
+
+
+def test_the_training_loop_shows_the_prediction_at_the_rate_its_first_step_saw(model_file, tmp_path,  # noqa: F811
+                                                                               monkeypatch):
+    from lema.app.training.train_loop import LoopOptions, train_loop
+    from lema.data.store import Example
+
+    monkeypatch.setenv("LEMA_CACHE", str(tmp_path / "cache"))
+    rr.store_run_rate(model_file, 1e15, 1, 1.0)
+    lines: list[str] = []
+    with _model(model_file) as model:
+        model.initialize_lora()
+        trainer = model.get_trainer(torch.optim.SGD(model.get_trainable_parameters(), lr=0.1))
+        planned = predicted_step_seconds(model)
+        examples = [Example(tuple(range(1 + i, 17 + i)), tuple(range(1 + i, 17 + i))) for i in range(4)]
+        train_loop(model, trainer, examples, 0, LoopOptions(out=tmp_path / "run", steps=3, batch=1, seq=16, lr=0.1,
+                                                             log_every=1), None, echo=lines.append)
+        assert model.disk.read_rate < 1e15 and "seen by this run" in model.disk.rate_source
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    shown = [r["predicted_seconds"] for r in records if "predicted_seconds" in r]
+    assert shown and all(p > planned for p in shown)  # from step 2: the drive's term at the rate step 1 saw
+    assert json.loads(rr.cache_path(model_file).read_text())["method"] == "run"
+    assert any("predicted" in x for x in lines)

@@ -5,20 +5,28 @@ on a 23.5 GiB machine; it needs that much free disk, and is deleted at the end),
 one run:
 
 1. ``dd if=FILE of=/dev/null iflag=direct bs=16M``: the drive's sequential rate, no cache;
-2. LEMA's reader alone: every unit of the model read into a slot as a streamed step does
-   (``SafetensorsSource`` with the run's readers and page-cache policy), pages dropped first;
-3. ``--steps`` training steps of the model (``device=cpu``, ``--budget`` as the device
-   budget: the weights go through slots as on a GPU; ``--budget none``: in place), the
-   file's pages dropped before each (``posix_fadvise(DONTNEED)``; root may add
-   ``--drop-caches`` for ``/proc/sys/vm/drop_caches``); each step's bytes read from the
-   drive (``/proc/self/io`` read_bytes) over its time is LEMA's read throughput per step;
-4. the plan's disk term (``LemaModel.disk``: bytes per step at the measured read rate).
+2. the sustained calibration LEMA's plan uses (:func:`lema.adapters.weights.read_rate.measure`:
+   O_DIRECT, run-sized requests in parallel over the whole file, up to 8 GiB / 15 s), with a
+   fresh ``$LEMA_CACHE`` so the plan measures it now;
+3. LEMA's reader alone: every unit of the model read into a slot as a streamed step does
+   (the run's readers and page-cache policy), pages dropped first;
+4. ``--steps`` training steps (``device=cpu``; ``--budget`` as the device budget: the weights
+   go through slots as on a GPU; ``--budget none``: in place) with ``--strategy`` (default
+   auto: its host tier holds what fits the RAM left, ``--ram`` to pretend less), the file's
+   pages dropped before each (``--between drop``, the issue's protocol; root may add
+   ``--drop-caches``) or left as LEMA's policy leaves them (``--between keep``, the plan's
+   steady state): per step, the bytes read from the drive (``/proc/self/io``), LEMA's read
+   rate, the measured step and the predicted one (the plan's until the first step from disk
+   has been measured, the rate that step saw after: ``DiskFeedback``, as the progress line);
+5. the host tier's effect: the same steps with ``--strategy streaming`` (``--no-tier-effect``
+   skips it): bytes from the drive and seconds per step without the tier.
 
 It prints one line per measurement and a JSON summary; issue 24's bar: LEMA's reader >= 80%
-of dd, and the predicted step within 20% of the measured one for a disk-bound run.
+of dd, and the predicted step within 20% of the measured one.
 
-    python benchmarks/larger_than_ram.py --dir /var/tmp                  # full size: ~20-40 minutes
-    python benchmarks/larger_than_ram.py --dir /tmp --size 1G --ram 600M --steps 1  # a quick check
+    python benchmarks/larger_than_ram.py --dir /var/tmp                  # full size: ~30-50 minutes
+    python benchmarks/larger_than_ram.py --dir /var/tmp --size 1G --ram 700M --hidden 1024 --intermediate 2816 \
+        --budget 256M --steps 3                                          # a quick check: ~1-2 minutes
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -81,6 +90,99 @@ class _Ram:
         return "--ram"
 
 
+def _mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows) if rows else 0.0
+
+
+def run_steps(model: Path, args: argparse.Namespace, strategy: str, budget: str | None, ram: "_Ram | None",
+              dd: float, reader: bool) -> dict:
+    """``args.steps`` training steps of ``model`` with ``strategy``: per step the drive's bytes,
+    LEMA's read rate, the measured and the predicted seconds."""
+    import attrs
+    import torch
+
+    from lema import LemaConfig, LemaModel
+    from lema.app.bootstrap import disk_readers
+    from lema.app.training.step_time import DiskFeedback, _planned_step, predicted_step_seconds
+    from lema.domain.plan import disk_time as dt
+    from lema.domain.schedule.slot_layout import slot_bytes, unit_buffer_bytes
+
+    out: dict = {"strategy": strategy, "steps": []}
+    config = LemaConfig(gbi_path=str(model), device="cpu", vram_budget=budget, max_seq_len=args.seq,
+                        lora_rank=8, prefetch_distance=2, strategy=strategy)
+    with LemaModel(config, host_memory=ram) as lema:
+        disk = lema.disk
+        print(f"[{strategy}] " + (disk.line() if disk is not None else "disk: no disk term (RESIDENT?)"), flush=True)
+        out |= {"plan_line": None if disk is None else disk.line(),
+                "held_bytes": 0 if disk is None else disk.held_bytes,
+                "plan_read_rate": None if disk is None else disk.read_rate,
+                "plan_rate_source": None if disk is None else disk.rate_source}
+        source = lema.source
+        stream = getattr(source, "stream", source)
+        spec = lema.spec
+        if reader:  # LEMA's reader alone: every unit into a slot, as a step's forward does
+            from lema.adapters.weights.safetensors_source import SafetensorsSource
+
+            alone = SafetensorsSource(spec, model, readers=disk_readers(), keep_bytes=getattr(stream, "keep_bytes", 0))
+            buffer = torch.empty(slot_bytes(spec.units[1:]), dtype=torch.uint8)
+            drop_pages(model, args.drop_caches)
+            before, start = read_bytes(), time.perf_counter()
+            for u in spec.units[1:]:
+                alone.read_into(u.index, buffer)  # the bytes alone (a step checks finiteness once)
+            seconds = time.perf_counter() - start
+            alone.close()
+            got = read_bytes() - before
+            rate = alone.bytes_copied / seconds
+            print(f"LEMA reader: {alone.bytes_copied / GIB:.1f} GiB in {seconds:.1f} s = {rate / GIB:.2f} GiB/s "
+                  f"({rate / dd:.0%} of dd; {got / GIB:.1f} GiB from the drive)", flush=True)
+            out |= {"reader_bytes_per_s": rate, "reader_vs_dd": rate / dd}
+        cold = disk
+        if disk is not None and disk.keep is not None and args.between == "drop":
+            # Pages dropped before each step: nothing of the page-cache share survives between
+            # steps; the prediction is the plan's reads with no share kept (the held units stay).
+            p = lema.plan()
+            in_place = lema.device.traits.in_place
+            streamed = tuple(u.index for u in spec.units[1:]) if in_place else tuple(p.streamed_units)
+            turn = 0 if in_place else max(0, p.slot_count - (1 if spec.n_layers + 1 in streamed else 0))
+            reads = [u for u in dt.step_reads(streamed, spec.n_layers, p.shape.training, turn) if u not in disk.held]
+            sizes = {u.index: unit_buffer_bytes(u) for u in spec.units}
+            cold = attrs.evolve(disk, bytes_per_step=dt.disk_bytes_per_step(reads, sizes, 0, dt.IN_FLIGHT))
+        lema.disk = cold
+        lema.initialize_lora()
+        trainer = lema.get_trainer(torch.optim.SGD(lema.get_trainable_parameters(), lr=0.01))
+        ids = torch.arange(1, args.seq + 1).unsqueeze(0)
+        feedback = DiskFeedback(lema)
+        predicted = predicted_step_seconds(lema)
+        planned = _planned_step(lema)
+        print(f"[{strategy}] compute predicted {planned.compute_seconds:.2f} s, link {planned.link_seconds:.2f} s; "
+              f"drive {0 if cold is None else cold.seconds:.2f} s ({0 if cold is None else cold.bytes_per_step / GIB:.2f}"
+              f" GiB per step)", flush=True)
+        for n in range(args.steps):
+            if args.between == "drop":
+                drop_pages(model, args.drop_caches)
+            feedback.begin()
+            reading = getattr(stream, "read_seconds", 0.0)
+            before, start = read_bytes(), time.perf_counter()
+            trainer.train_step(ids)
+            seconds = time.perf_counter() - start
+            got = read_bytes() - before
+            reading = getattr(stream, "read_seconds", 0.0) - reading  # the prefetch thread's reads (slot path)
+            shown = predicted
+            predicted = feedback.after(seconds, predicted)
+            row = {"seconds": seconds, "predicted_seconds": shown, "disk_bytes": got, "bytes_per_s": got / seconds,
+                   "read_seconds": reading, "error": None if not shown else seconds / shown - 1}
+            out["steps"].append(row)
+            print(f"[{strategy}] step {n + 1}: {seconds:.1f} s (predicted {shown:.1f} s, {seconds / shown - 1:+.0%}), "
+                  f"{got / GIB:.2f} GiB from the drive = {got / seconds / GIB:.2f} GiB/s ({got / seconds / dd:.0%} of "
+                  f"dd)" + (f"; reads took {reading:.1f} s of it ({got / reading / GIB:.2f} GiB/s while reading)"
+                            if reading > 0 else ""), flush=True)
+        if feedback.rate:
+            print(f"[{strategy}] the rate the first step saw: {feedback.rate / GIB:.2f} GiB/s; later steps predicted "
+                  f"{predicted:.1f} s", flush=True)
+        out |= {"rate_seen": feedback.rate, "predicted_after_feedback": predicted}
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to write the model (a local disk)")
@@ -93,17 +195,15 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--drop-caches", action="store_true", help="also write 1 to /proc/sys/vm/drop_caches (root)")
     parser.add_argument("--keep", action="store_true", help="keep the model file (default: delete it)")
+    parser.add_argument("--strategy", default="auto", choices=("auto", "streaming"))
+    parser.add_argument("--between", default="drop", choices=("drop", "keep"),
+                        help="drop the file's pages before each step (the issue's protocol), or keep LEMA's share")
+    parser.add_argument("--no-tier-effect", dest="tier_effect", action="store_false",
+                        help="skip the second run with --strategy streaming")
     parser.add_argument("--ram", default=None, help="pretend this much host RAM is available (a small check of "
                         "the larger-than-RAM path; default: the machine's MemAvailable)")
     args = parser.parse_args()
 
-    import attrs
-    import torch
-
-    from lema import LemaConfig, LemaModel
-    from lema.adapters.weights.safetensors_source import SafetensorsSource
-    from lema.app.bootstrap import disk_readers
-    from lema.domain.schedule.slot_layout import slot_bytes
     from lema.domain.units import parse_size
     from tests.streamed_steps import llama_config, write_model
 
@@ -126,70 +226,34 @@ def main() -> int:
         print(f"dd iflag=direct bs=16M: {dd / GIB:.2f} GiB/s", flush=True)
         summary |= {"file_bytes": size, "dd_bytes_per_s": dd}
 
-        budget = None if args.budget == "none" else args.budget
-        config = LemaConfig(gbi_path=str(model), device="cpu", vram_budget=budget, max_seq_len=args.seq,
-                            lora_rank=8, prefetch_distance=2)
-        with LemaModel(config, host_memory=None if args.ram is None else _Ram(parse_size(args.ram, field="--ram"))
-                       ) as lema:
-            disk = lema.disk
-            print(disk.line() if disk is not None else "disk: no disk term (RESIDENT?)", flush=True)
-            source = lema.source
-            # LEMA's reader alone: every streamed unit into a slot, as a step's forward does.
-            spec = lema.spec
-            if isinstance(source, SafetensorsSource):
-                reader = SafetensorsSource(spec, model, readers=disk_readers(), keep_bytes=source.keep_bytes)
-                buffer = torch.empty(slot_bytes(spec.units[1:]), dtype=torch.uint8)
-                drop_pages(model, args.drop_caches)
-                before, start = read_bytes(), time.perf_counter()
-                for u in spec.units[1:]:
-                    reader.read_into(u.index, buffer)  # the bytes alone (a step checks finiteness once)
-                seconds = time.perf_counter() - start
-                reader.close()
-                got = read_bytes() - before
-                rate = reader.bytes_copied / seconds
-                print(f"LEMA reader: {reader.bytes_copied / GIB:.1f} GiB in {seconds:.1f} s = {rate / GIB:.2f} GiB/s "
-                      f"({rate / dd:.0%} of dd; {got / GIB:.1f} GiB from the drive)", flush=True)
-                summary |= {"reader_bytes_per_s": rate, "reader_vs_dd": rate / dd}
-            lema.initialize_lora()
-            trainer = lema.get_trainer(torch.optim.SGD(lema.get_trainable_parameters(), lr=0.01))
-            ids = torch.arange(1, args.seq + 1).unsqueeze(0)
-            steps = []
-            for n in range(args.steps):
-                drop_pages(model, args.drop_caches)
-                before, start = read_bytes(), time.perf_counter()
-                trainer.train_step(ids)
-                seconds = time.perf_counter() - start
-                got = read_bytes() - before
-                steps.append({"seconds": seconds, "disk_bytes": got, "bytes_per_s": got / seconds})
-                print(f"step {n + 1}: {seconds:.1f} s, {got / GIB:.1f} GiB from the drive = {got / seconds / GIB:.2f} "
-                      f"GiB/s ({got / seconds / dd:.0%} of dd)", flush=True)
-            summary["steps"] = steps
-            from lema.adapters.weights.read_rate import measure_read_rate
+        os.environ["LEMA_CACHE"] = str(work / "cache")  # the plan measures the drive now, not a cached rate
+        from lema.adapters.weights import read_rate as rr
 
-            fresh = measure_read_rate(model)  # this run's rate (the plan's may come from the cache)
-            if fresh is not None and disk is not None and disk.keep is not None:
-                print(f"read rate measured now: {fresh / GIB:.2f} GiB/s (the plan's: {disk.read_rate / GIB:.2f} GiB/s, "
-                      f"{disk.rate_source}); the plan's steady state at it: {disk.bytes_per_step / fresh:.1f} s",
-                      flush=True)
-                disk = attrs.evolve(disk, read_rate=fresh, rate_source="measured now")
-            if disk is not None and disk.keep is not None and disk.read_rate > 0:
-                # The pages were dropped before each step: the whole step's reads hit the drive
-                # (the plan's steady state keeps a share cached between steps; here nothing is).
-                first = sum(s["disk_bytes"] for s in steps) / len(steps)
-                predicted = first / disk.read_rate
-                measured = sum(s["seconds"] for s in steps) / len(steps)
-                print(f"predicted disk time per step {predicted:.1f} s (this run's bytes at the measured rate; the "
-                      f"plan's steady state: {disk.seconds:.1f} s), measured step {measured:.1f} s "
-                      f"({measured / predicted - 1:+.0%})", flush=True)
-                summary |= {"plan_disk_seconds": disk.seconds, "predicted_seconds": predicted,
-                            "measured_seconds": measured, "read_rate": disk.read_rate}
+        drop_pages(model, args.drop_caches)
+        # Measured now and cached (a sample no larger than the file, so a small check caches it too): the plan uses it.
+        calibration = rr.read_rate(model, sample=min(rr.SAMPLE, size), refresh=True)
+        if calibration is not None:
+            print(f"sustained calibration: {calibration[0] / GIB:.2f} GiB/s ({calibration[1]}; "
+                  f"{calibration[0] / dd:.0%} of dd)", flush=True)
+            summary |= {"calibration_bytes_per_s": calibration[0], "calibration": calibration[1]}
+        ram = None if args.ram is None else _Ram(parse_size(args.ram, field="--ram"))
+        budget = None if args.budget == "none" else args.budget
+        summary["run"] = run_steps(model, args, args.strategy, budget, ram, dd, reader=True)
+        if args.tier_effect and args.strategy == "auto":
+            summary["streaming"] = run_steps(model, args, "streaming", budget, ram, dd, reader=False)
+            tiered, plain = summary["run"], summary["streaming"]
+            later = slice(1, None) if len(tiered["steps"]) > 1 else slice(None)
+            t_bytes = _mean(tiered["steps"][later], "disk_bytes")
+            p_bytes = _mean(plain["steps"][later], "disk_bytes")
+            t_s, p_s = _mean(tiered["steps"][later], "seconds"), _mean(plain["steps"][later], "seconds")
+            print(f"host tier's effect: {tiered['held_bytes'] / GIB:.1f} GiB held in RAM; per step "
+                  f"{t_bytes / GIB:.2f} GiB from the drive in {t_s:.1f} s, against {p_bytes / GIB:.2f} GiB in "
+                  f"{p_s:.1f} s streaming everything", flush=True)
         print(json.dumps(summary))
         return 0
     finally:
         if not args.keep:
-            for f in work.iterdir():
-                f.unlink()
-            work.rmdir()
+            shutil.rmtree(work)
 
 
 if __name__ == "__main__":

@@ -248,7 +248,18 @@ def make_source(strategy: MemoryStrategy, resolved: ResolvedModel, device: Devic
     if disk is not None and disk.keep is not None:
         # From the drive: several reads in flight keep it busy (the threads wait on the
         # drive, not on the cores), and the file's pages beyond LEMA's share are dropped.
-        return SafetensorsSource(resolved.spec, resolved.root, readers=disk_readers(), keep_bytes=disk.keep)
+        stream = SafetensorsSource(resolved.spec, resolved.root, readers=disk_readers(), keep_bytes=disk.keep)
+        if not disk.held:
+            return stream
+        from lema.adapters.weights.tiered_source import TieredSource
+
+        try:  # AUTO's host tier: the planned units read once into host RAM, pinned where the device can
+            if device is not None and not device.traits.direct_reads:
+                return TieredSource.hold(stream, disk.held, device.pinned_buffer, pinned=True, fallback=ram_buffer)
+            return TieredSource(stream, disk.held, ram_buffer)
+        except BaseException:
+            stream.close()
+            raise
     return SafetensorsSource(resolved.spec, resolved.root, readers=weight_readers() if pool else 1)
 
 
@@ -256,41 +267,23 @@ def plan_disk(config: LemaConfig, spec: ModelSpec, resolved: ResolvedModel, plan
               host_memory: HostMemory | None = None, measure: bool = True) -> "DiskTime | None":
     """What the drive costs each step of a streamed run (None: RESIDENT, or no local file).
 
-    When the streamed units do not fit the RAM left beside the run, the drive's read rate
-    is taken from the cache or measured on the model's own file
-    (:mod:`lema.adapters.weights.read_rate`; ``measure=False``: cache only) and the steady
-    state's reads simulated (:mod:`lema.domain.plan.disk_time`).
+    When the streamed units do not fit the RAM the run may use (what is available, or the
+    config's ``ram_budget`` when smaller), the drive's read rate is taken from the cache or
+    measured on the model's own file (:mod:`lema.adapters.weights.read_rate`;
+    ``measure=False``: cache only), the steady state's reads simulated and, for AUTO, the
+    units that fit held in host RAM (:mod:`lema.app.disk_plan`).
     """
     from lema.adapters.host_memory import ProcMeminfo
-    from lema.adapters.weights.read_rate import cache_path, cached_read_rate, read_rate
-    from lema.adapters.weights.safetensors_source import SafetensorsSource
-    from lema.domain.plan import disk_time as dt
-    from lema.domain.plan.host_fit import host_ram_needed
-    from lema.domain.schedule.slot_layout import unit_buffer_bytes
+    from lema.app.disk_plan import disk_for, drive_rate, probe_file, ram_the_run_may_use
 
     if config.strategy is MemoryStrategy.RESIDENT or resolved.weights_path is None or resolved.root is None:
         return None
     memory = host_memory if host_memory is not None else ProcMeminfo()
-    available = memory.available_bytes()
-    unit_bytes = {u.index: unit_buffer_bytes(u) for u in spec.units}
-    in_place = device.traits.in_place
-    # In place, "resident" units are the file's pages too: every unit is read from the file.
-    streamed = tuple(u.index for u in spec.units[1:]) if in_place else tuple(plan_.streamed_units)
-    file_bytes = sum(unit_bytes[u] for u in streamed)
-    run_bytes = host_ram_needed(plan_, device.traits.host_memory)
-    if not dt.streams_from_disk(file_bytes, available, run_bytes):
-        return dt.DiskTime(0, 0.0, None, "not needed")
-    kept_at_turn = 0 if in_place else max(0, plan_.slot_count - (1 if spec.n_layers + 1 in streamed else 0))
-    reads = dt.step_reads(streamed, spec.n_layers, plan_.shape.training, kept_at_turn)
-    probe = str(resolved.weights_path if resolved.weights_path.is_file() else resolved.root / spec.files[0])
-    if measure:
-        rate = read_rate(probe)
-    else:
-        cached = cached_read_rate(probe)
-        rate = None if cached is None else (cached, f"cached: {cache_path(probe)}")
-    speed, source = rate if rate is not None else (0.0, "not measured")
-    return dt.disk_time(reads, unit_bytes, file_bytes, available, run_bytes, speed, source,
-                        in_flight=SafetensorsSource.IN_FLIGHT)
+    available = ram_the_run_may_use(memory.available_bytes(), config.ram_bytes)
+    probe = probe_file(spec, resolved.weights_path, resolved.root)
+    return disk_for(spec, plan_, config.strategy, in_place=device.traits.in_place,
+                    host_memory_device=device.traits.host_memory, available=available,
+                    rate=lambda: drive_rate(probe, measure))
 
 
 REPORT_TO = ("none", "tensorboard", "wandb")

@@ -49,7 +49,8 @@ DEFAULT_BANDWIDTH = "24G"  # bytes/s: PCIe 4.0 x16 host -> device from pinned me
                    "rank (--batch per rank), host memory for all of them.")
 @click.option("--calibrate", is_flag=True,
               help="Measure this machine's link, matmul, attention and memory rates at the run's dtype and shapes "
-                   "(a few seconds) for the predicted step time, and cache them (under $LEMA_CACHE, default "
+                   "(a few seconds), and the sustained read rate of the drive holding the model's file (up to "
+                   "8 GiB or 15 s), for the predicted step time, and cache them (under $LEMA_CACHE, default "
                    "~/.cache/lema). Without it the plan uses a cached calibration of the same run, else the device "
                    "kind's stated defaults, and says which.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
@@ -111,9 +112,11 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
     rates = _rates(spec, shape, calibrate)
     result = make_plan(spec, shape, budget, rates)
     floor = result.link_time_floor(link)
+    from lema.domain.plan.disk_time import with_disk
     from lema.domain.plan.timing import predict
 
-    timing = predict(result, spec, rates)
+    disk = _disk(spec, resolved, result, budget, calibrate)
+    timing = with_disk(predict(result, spec, rates), disk, result, spec)
     if as_json:
         data = result.to_dict()
         data["source"] = {"ref": model, "kind": resolved.source_kind,
@@ -123,13 +126,43 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
         data["device_choice"] = device_note
         data["link"] = {"bandwidth_bytes_per_s": link, "time_floor_s": floor}
         data["time"] = timing.to_dict()
+        if disk is not None and disk.keep is not None:
+            data["disk"] = {"bytes_per_step": disk.bytes_per_step, "read_bytes_per_s": disk.read_rate,
+                            "rate_source": disk.rate_source, "seconds": disk.seconds, "page_cache_kept": disk.keep,
+                            "held_units": list(disk.held), "held_bytes": disk.held_bytes, "line": disk.line(
+                                timing.compute_seconds)}
         click.echo(json.dumps(data, indent=2))
     else:
         _print_human(model, resolved, result, link, floor, budget_source, device_note)
+        if disk is not None and disk.keep is not None:
+            click.echo(disk.line(timing.compute_seconds))
         click.echo(f"time: {timing.line()}")
         click.echo(f"rates: {timing.rates.source}")
     if not result.fits:
         raise DoesNotFitError(result.verdict(), result)
+
+
+def _disk(spec, resolved, result, budget, calibrate: bool):  # noqa: ANN001, ANN202
+    """What the drive costs a step when the model does not fit the RAM the run may use (``--ram``
+    when given, else what this machine has available): read rate cached per drive, or measured on
+    the model's own file now (``--calibrate``); AUTO's host tier. None for RESIDENT."""
+    from lema.adapters.host_memory import ProcMeminfo
+    from lema.app.disk_plan import disk_for, drive_rate, probe_file
+
+    s = result.shape
+    available = budget.host_bytes if budget is not None and budget.host_bytes is not None \
+        else ProcMeminfo().available_bytes()
+    probe = probe_file(spec, resolved.weights_path, resolved.root)
+    rate = None
+    if calibrate and probe is not None:
+        rate = drive_rate(probe, measure=True, refresh=True)
+        if rate is not None:
+            click.echo(f"calibrated: drive {rate[0] / 2**30:.2f} GiB/s sustained reading {probe} ({rate[1]})",
+                       err=True)
+    return disk_for(spec, result, s.strategy, in_place=bool(s.weights_in_place),
+                    host_memory_device=s.device.host_memory, available=available,
+                    rate=lambda: rate or drive_rate(probe, measure=False) or (
+                        0.0, "no local model file" if probe is None else "not cached; --calibrate measures it"))
 
 
 def _rates(spec, shape, calibrate: bool):  # noqa: ANN001, ANN202

@@ -6,14 +6,16 @@ import pytest
 import torch
 
 from lema.adapters.devices.cpu import CpuDevice
-from lema.adapters.weights.resident_source import ResidentSource
+from lema.adapters.weights.resident_source import ResidentSource, ram_buffer
 from lema.adapters.weights.safetensors_source import SafetensorsSource
+from lema.adapters.weights.tiered_source import TieredSource
 from lema.domain.schedule.slot_layout import unit_buffer_bytes
 from lema.errors import ConfigError, ModelFormatError
 from tests.stream_models import write_model
 
 ADAPTERS = ["safetensors-pread", "safetensors-pread-parallel", "safetensors-mmap", "safetensors-sharded",
-            "resident-file", "resident-state-dict", "resident-pinned", "resident-shared-mapping"]
+            "resident-file", "resident-state-dict", "resident-pinned", "resident-shared-mapping", "tiered",
+            "tiered-pinned"]
 
 
 @pytest.fixture(params=ADAPTERS)
@@ -30,6 +32,10 @@ def source_and_state(request, tmp_path):
                                                  pinned=True)
     elif request.param == "resident-shared-mapping":
         source = ResidentSource.shared_from_safetensors(spec, root)
+    elif request.param.startswith("tiered"):  # AUTO's host tier: units 1 and 3 in RAM, the rest streamed
+        pinned = request.param.endswith("pinned")
+        source = TieredSource(SafetensorsSource(spec, root, readers=2, keep_bytes=0), (1, 3),
+                              CpuDevice(pinned_host=True).pinned_buffer if pinned else ram_buffer, pinned=pinned)
     else:
         source = ResidentSource.from_state_dict(spec, state)
     yield source, state
@@ -110,7 +116,7 @@ def test_host_unit_is_the_sources_own_flat_copy_only_when_pinned(source_and_stat
     source, _ = source_and_state
     for unit in source.spec.units[1:]:
         host = source.host_unit(unit.index)
-        if getattr(source, "pinned", False):
+        if getattr(source, "pinned", False) and unit.index in getattr(source, "held", (unit.index,)):
             buffer = torch.zeros(unit_buffer_bytes(unit), dtype=torch.uint8)
             source.read_unit(unit.index, buffer)
             assert torch.equal(host[:unit_buffer_bytes(unit)], buffer)
@@ -126,5 +132,27 @@ def test_bytes_copied_counts_each_buffered_read_once(source_and_state):
     assert source.bytes_copied == before
     source.read_unit(unit.index, torch.zeros(unit_buffer_bytes(unit), dtype=torch.uint8))
     # a file source reads the tensors' bytes; a RAM source copies its flat copy, padding included
-    expected = unit_buffer_bytes(unit) if isinstance(source, ResidentSource) else sum(t.nbytes for t in unit.tensors)
+    in_ram = isinstance(source, ResidentSource) or unit.index in getattr(source, "held", ())
+    expected = unit_buffer_bytes(unit) if in_ram else sum(t.nbytes for t in unit.tensors)
     assert source.bytes_copied == before + expected
+
+
+def test_the_host_tier_serves_held_units_from_ram_and_asks_the_file_for_the_rest_only(tmp_path):
+    spec, root, state = write_model(tmp_path / "model", layers=3, sharded=False, tied=False)
+    stream = SafetensorsSource(spec, root)
+    tier = TieredSource(stream, (1, 3), CpuDevice(pinned_host=True).pinned_buffer, pinned=True)
+    assert tier.held == (1, 3) and tier.bytes_streamed == 0
+    assert tier.held_bytes == unit_buffer_bytes(spec.units[1]) + unit_buffer_bytes(spec.units[3])
+    loaded = stream.bytes_copied
+    for unit in spec.units:
+        buffer = torch.zeros(unit_buffer_bytes(unit), dtype=torch.uint8)
+        tier.read_unit(unit.index, buffer)
+        host = tier.host_unit(unit.index)
+        assert (host is not None) == (unit.index in (1, 3))  # pinned: uploaded from directly
+    streamed = sum(unit_buffer_bytes(u) for u in spec.units if u.index not in (1, 3))
+    assert tier.bytes_streamed == streamed
+    assert stream.bytes_copied == loaded + sum(t.nbytes for u in spec.units if u.index not in (1, 3)
+                                               for t in u.tensors)
+    with pytest.raises(ConfigError, match="not decoders or the head"):
+        TieredSource(stream, (0,), ram_buffer)
+    tier.close()

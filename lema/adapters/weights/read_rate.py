@@ -1,38 +1,60 @@
-"""The drive's read rate, measured on a sample of the model's own file and cached per drive.
+"""The drive's sustained read rate, measured on the model's own file and cached per drive.
 
-:func:`measure_read_rate` reads a few spread-out chunks of the file (``sample`` bytes in all)
-the way a streamed run does (large positional reads by a few threads), after dropping those
-chunks' pages from the page cache (``posix_fadvise(DONTNEED)``), and drops them again after:
-the number is the drive's, not the page cache's, and the machine's cache is left as it was.
-Holes of a sparse file (read as zeros without touching the drive) are skipped; a file with
-no data to sample, or whose pages cannot be dropped (mapped by another process), gives None.
+A short sample overstates what a drive sustains: a virtual disk read 1.5 GiB/s over 256 MiB
+but 0.9-1.3 GiB/s over 31 GiB, and a step of a model larger than the page cache reads
+gigabytes. So :func:`measure` reads *enough* of the model's own file: pieces of 8 MiB (the
+run's request size) spread over the whole file, by as many threads as the run reads with,
+bypassing the page cache (``O_DIRECT``; where the file system refuses it, the pieces' pages
+are dropped with ``posix_fadvise(DONTNEED)`` before and after), for at most ``sample``
+bytes (8 GiB) or ``seconds`` (15 s), stopping early once the rate is stable (the last four
+windows of 256 MiB within 5% of their mean, after at least 3 s). The rate reported is the
+second half's (what the drive sustains once any burst allowance is spent). Holes of a
+sparse file (zeros read without touching the drive) are skipped; a file with no data to
+sample, or whose pages cannot be dropped, gives None.
 
 :func:`read_rate` returns the cached rate of the drive holding the file when there is one
 (``$LEMA_CACHE``, default ``~/.cache/lema``, ``/calibration/disk-<machine>-<device>.json``,
-written atomically), else measures it, and caches it when the file held a full sample.
+written atomically), else measures and caches it. A run that streamed a whole step from the
+drive records the rate it saw there (:func:`store_run_rate`), which then wins over the
+calibration: it is the rate of this workload, over a whole step. Rates cached by earlier
+versions from a short sample are ignored (measured again).
+
+Limit: a drive whose rate falls only after more than ``sample`` bytes (burst credits of a
+cloud volume larger than 8 GiB) is still overstated by the calibration; the first full step
+from disk corrects it (the progress line's prediction, and every later plan).
+
+Torch-free: ``lema plan --calibrate`` measures with it.
 
 Example:
     >>> read_rate("/models/llama.safetensors")           # doctest: +SKIP
-    (2.1e9, 'measured')
+    (1.1e9, 'measured: 8.0 GiB in 7.2 s, O_DIRECT, 4 threads')
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import platform
 import re
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
+import attrs
 
-from lema.adapters.weights.parallel_read import ParallelReader
-
-CHUNK = 32 << 20  # bytes per sampled chunk: many large requests, like a unit's read
-SAMPLE = 256 << 20  # bytes sampled in all
+CHUNK = 32 << 20  # bytes per sampled spot of the file
+PIECE = 8 << 20  # bytes per request: the run's (parallel_read.READ_PIECE)
+SAMPLE = 8 << 30  # bytes read at most
+SECONDS = 15.0  # seconds spent at most
+MIN_SECONDS = 3.0  # before a stable rate may stop the measurement
+WINDOW = 256 << 20  # bytes per rate window
+STABLE = 0.05  # the last windows within this share of their mean: stable
+THREADS = 4  # requests in flight, as a streamed run from the drive keeps (bootstrap.disk_readers)
 ALIGN = 1 << 20
+METHODS = ("sustained", "run")  # cached rates that stand for the drive (not the old short samples)
 
 
 def cache_path(path: str | os.PathLike[str]) -> Path:
@@ -74,73 +96,209 @@ def sample_chunks(ranges: list[tuple[int, int]], sample: int = SAMPLE, chunk: in
     return [slots[int(i * step)] for i in range(want)]
 
 
-def measure_read_rate(path: str | os.PathLike[str], sample: int = SAMPLE, threads: int = 4,
-                      chunk: int = CHUNK) -> float | None:
-    """Bytes/s read from the drive, or None when no sample could be read from it."""
-    fd = os.open(path, os.O_RDONLY)
-    reader = ParallelReader(threads)
+@attrs.frozen
+class Sample:
+    """One measurement of the drive.
+
+    Attributes:
+        rate: bytes/s over the second half of the bytes read (the sustained rate).
+        bytes_read: bytes read in all.
+        seconds: how long it took.
+        direct: read with ``O_DIRECT`` (else buffered, pages dropped before and after).
+        threads: requests in flight.
+        stopped: ``"stable"``, ``"time"`` (``seconds`` spent), ``"sample"`` (``sample``
+            bytes read) or ``"file"`` (the whole of the file's data read).
+    """
+
+    rate: float
+    bytes_read: int
+    seconds: float
+    direct: bool
+    threads: int
+    stopped: str
+
+    def describe(self) -> str:
+        return (f"{self.bytes_read / (1 << 30):.1f} GiB in {self.seconds:.1f} s, "
+                f"{'O_DIRECT' if self.direct else 'buffered, pages dropped'}, {self.threads} threads, "
+                f"stopped: {self.stopped}")
+
+
+def _open(path: str | os.PathLike[str]) -> tuple[int, bool]:
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        try:
+            return os.open(path, os.O_RDONLY | direct), True
+        except OSError:  # tmpfs and some others refuse O_DIRECT
+            pass
+    return os.open(path, os.O_RDONLY), False
+
+
+def measure(path: str | os.PathLike[str], sample: int = SAMPLE, threads: int = THREADS, chunk: int = CHUNK,
+            seconds: float = SECONDS, min_seconds: float = MIN_SECONDS, window: int = WINDOW) -> Sample | None:
+    """Read the file as a streamed run does, bypassing the page cache, until the rate is
+    stable or ``sample`` bytes / ``seconds`` are spent; None when nothing could be read from
+    the drive (a sparse file, pages that do not drop)."""
+    fd, direct = _open(path)
+    buffers: list[mmap.mmap] = []
+    local = threading.local()
     try:
         chunks = sample_chunks(_data_ranges(fd, os.fstat(fd).st_size), sample, chunk)
-        if not chunks:
+        pieces = [(off + p, min(PIECE, n - p)) for off, n in chunks for p in range(0, n, PIECE)]
+        if not pieces:
             return None
-        buffer = torch.empty(chunk, dtype=torch.uint8)
-        view = memoryview(buffer.numpy()).cast("B")
-        for off, n in chunks:
-            os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+        if not direct:
+            for off, n in chunks:
+                os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+
+        def read(off: int, n: int) -> int:
+            buf = getattr(local, "buf", None)
+            if buf is None:
+                buf = local.buf = mmap.mmap(-1, PIECE)  # page-aligned, as O_DIRECT needs
+                buffers.append(buf)
+            view = memoryview(buf)[:n]
+            try:
+                done = 0
+                while done < n:
+                    got = os.preadv(fd, [view[done:]], off + done)
+                    if got <= 0:
+                        raise OSError(f"{path}: short read at byte {off + done}")
+                    done += got
+            finally:
+                view.release()
+            return n
+
+        marks = [(0.0, 0)]  # (seconds, bytes) after each piece, in completion order
+        stopped = "file" if len(pieces) * PIECE < sample else "sample"
         start = time.perf_counter()
-        for off, n in chunks:
-            reader.read([(fd, off, view[:n], str(path))])
-        seconds = time.perf_counter() - start
-        for off, n in chunks:
-            os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
-        total = sum(n for _, n in chunks)
+        with ThreadPoolExecutor(threads, thread_name_prefix="lema-disk-rate") as pool:
+            futures = [pool.submit(read, off, n) for off, n in pieces]
+            total = 0
+            for future in futures:
+                total += future.result()
+                now = time.perf_counter() - start
+                marks.append((now, total))
+                if now >= seconds:
+                    stopped = "time"
+                elif now >= min_seconds and _stable(marks, window):
+                    stopped = "stable"
+                else:
+                    continue
+                for f in futures:
+                    f.cancel()
+                break
+        elapsed = time.perf_counter() - start
+        if not direct:
+            for off, n in chunks:
+                os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+        rate = total / elapsed if elapsed > 0 else 0.0
+        half = next(m for m in marks if m[1] >= total / 2)
+        # The second half's rate, once there are enough pieces for it to mean something (with
+        # few, they finish together and the half's time is noise).
+        if len(marks) - 1 >= 8 * threads and marks[-1][0] > half[0]:
+            rate = (total - half[1]) / (marks[-1][0] - half[0])
         # Faster than any drive: the pages stayed cached (mapped elsewhere), not a disk rate.
-        return None if seconds <= 0 or total / seconds > 64e9 else total / seconds
+        if rate <= 0 or rate > 64e9:
+            return None
+        return Sample(rate, total, elapsed, direct, threads, stopped)
     finally:
-        reader.close()
         os.close(fd)
+        for buf in buffers:
+            buf.close()
 
 
-def cached_read_rate(path: str | os.PathLike[str]) -> float | None:
-    """The cached read rate of the drive holding ``path``, or None."""
+def _stable(marks: list[tuple[float, int]], window: int, count: int = 4) -> bool:
+    """The last ``count`` windows of ``window`` bytes read at rates within :data:`STABLE` of their mean."""
+    total = marks[-1][1]
+    if total < window * (count + 1):
+        return False
+    rates = []
+    for k in range(count):
+        hi, lo = total - k * window, total - (k + 1) * window
+        t_hi = next(t for t, b in reversed(marks) if b <= hi)
+        t_lo = next(t for t, b in reversed(marks) if b <= lo)
+        if t_hi <= t_lo:
+            return False
+        rates.append(window / (t_hi - t_lo))
+    mean = sum(rates) / len(rates)
+    return all(abs(r - mean) <= STABLE * mean for r in rates)
+
+
+def measure_read_rate(path: str | os.PathLike[str], sample: int = SAMPLE, threads: int = THREADS,
+                      chunk: int = CHUNK, seconds: float = SECONDS) -> float | None:
+    """The sustained bytes/s of :func:`measure`, or None."""
+    got = measure(path, sample, threads, chunk, seconds)
+    return None if got is None else got.rate
+
+
+def _cached(path: str | os.PathLike[str]) -> dict | None:
     try:
         data = json.loads(cache_path(path).read_text())
         rate = float(data["read_bytes_per_s"])
-        return rate if rate > 0 else None
     except (OSError, ValueError, KeyError, TypeError):  # no cache, or a damaged one: a miss
         return None
+    return data if rate > 0 and data.get("method") in METHODS else None
 
 
-def read_rate(path: str | os.PathLike[str], sample: int = SAMPLE, chunk: int = CHUNK) -> tuple[float, str] | None:
-    """``(bytes/s, where it comes from)`` for the drive holding ``path``: cached, else measured
-    (``sample`` bytes in chunks of ``chunk``) and cached; None when it cannot be measured (a
-    sparse file, pages that do not drop)."""
-    cached = cached_read_rate(path)
-    if cached is not None:
-        return cached, f"cached: {cache_path(path)}"
-    rate = measure_read_rate(path, sample, chunk=chunk)
-    if rate is None:
+def cached_read_rate(path: str | os.PathLike[str]) -> float | None:
+    """The cached read rate of the drive holding ``path`` (a sustained calibration, or the rate
+    a run saw over a whole step), or None."""
+    data = _cached(path)
+    return None if data is None else float(data["read_bytes_per_s"])
+
+
+def cached_source(path: str | os.PathLike[str]) -> str:
+    """Where the cached rate comes from, for the plan's line."""
+    data = _cached(path) or {}
+    how = "a run's step from disk" if data.get("method") == "run" else "sustained calibration"
+    return f"cached ({how}): {cache_path(path)}"
+
+
+def read_rate(path: str | os.PathLike[str], sample: int = SAMPLE, chunk: int = CHUNK,
+              seconds: float = SECONDS, refresh: bool = False) -> tuple[float, str] | None:
+    """``(bytes/s, where it comes from)`` for the drive holding ``path``: cached (unless
+    ``refresh``), else measured (:func:`measure`) and cached; None when it cannot be measured
+    (a sparse file, pages that do not drop)."""
+    if not refresh:
+        cached = cached_read_rate(path)
+        if cached is not None:
+            return cached, cached_source(path)
+    got = measure(path, sample, chunk=chunk, seconds=seconds)
+    if got is None:
         return None
-    if _sampled(path, sample, chunk) >= sample // 2:  # a file too small for a full sample gives a rate, not a calibration
-        _store(path, rate)
-    return rate, "measured"
+    # A file too small for the sample gives a rate, not a calibration of the drive.
+    if got.stopped in ("stable", "time") or got.bytes_read >= sample // 2:
+        _store(path, {"read_bytes_per_s": got.rate, "method": "sustained", "bytes": got.bytes_read,
+                      "seconds": got.seconds, "direct": got.direct, "threads": got.threads})
+    return got.rate, f"measured: {got.describe()}"
 
 
-def _sampled(path: str | os.PathLike[str], sample: int, chunk: int) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return sum(n for _, n in sample_chunks(_data_ranges(fd, os.fstat(fd).st_size), sample, chunk))
-    finally:
-        os.close(fd)
+def store_run_rate(path: str | os.PathLike[str], rate: float, nbytes: int, seconds: float) -> None:
+    """Cache the rate a run saw reading ``nbytes`` of ``path`` from the drive in ``seconds``
+    (a whole step): the next plan on this drive uses it."""
+    if rate > 0:
+        _store(path, {"read_bytes_per_s": rate, "method": "run", "bytes": nbytes, "seconds": seconds})
 
 
-def _store(path: str | os.PathLike[str], rate: float) -> None:
+def _store(path: str | os.PathLike[str], record: dict) -> None:
     target = cache_path(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".disk-", suffix=".json")
         with os.fdopen(fd, "w") as f:
-            json.dump({"read_bytes_per_s": rate, "file": str(Path(path).absolute()), "when": time.time()}, f)
+            json.dump({**record, "file": str(Path(path).absolute()), "when": time.time()}, f)
         os.replace(tmp, target)
     except OSError:  # a read-only home: the rate is used, not cached
         return
+
+
+def process_read_bytes() -> int | None:
+    """Bytes this process has caused to be read from storage (``/proc/self/io`` ``read_bytes``:
+    the drive's, not the page cache's), or None where the kernel does not count them."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None

@@ -30,6 +30,7 @@ import ctypes
 import mmap
 import os
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
@@ -39,6 +40,7 @@ import torch
 
 from lema.adapters.weights import file_lease
 from lema.adapters.weights.parallel_read import ParallelReader, pread_full
+from lema.domain.plan.disk_time import IN_FLIGHT
 from lema.domain.model.finite import check_unit_finite
 from lema.domain.model.spec import ModelSpec, TensorSpec, torch_dtype
 from lema.domain.schedule.slot_layout import unit_buffer_bytes, unit_layout, unit_views
@@ -91,6 +93,8 @@ class SafetensorsSource:
 
     Attributes:
         bytes_copied: bytes read into callers' buffers so far.
+        read_seconds: wall seconds spent in those reads (with ``bytes_copied``, the read rate a
+            run sees).
 
     Raises:
         ModelFormatError: a file the spec names is missing. ConfigError: unknown method,
@@ -109,6 +113,7 @@ class SafetensorsSource:
         self._runs = {i: read_runs(layout) for i, layout in self._layouts.items()}
         self._reader = ParallelReader(readers)
         self.bytes_copied = 0
+        self.read_seconds = 0.0  # wall seconds spent reading units into buffers (the drive's share of a step)
         missing = [f for f in spec.files if not (self.root / f).is_file()]
         if missing:
             raise ModelFormatError(f"{self.root}: missing weight file(s) {', '.join(missing)}; "
@@ -180,6 +185,7 @@ class SafetensorsSource:
     def read_into(self, index: int, buffer: torch.Tensor) -> None:
         """Write unit ``index``'s bytes into ``buffer`` (layout of :func:`unit_layout`)."""
         self._check_open()
+        start = time.perf_counter()
         if self.method == "mmap":
             for file, start, offset, nbytes in self._runs[index]:
                 self._copy_from_map(file, start, byte_view(buffer, offset, nbytes))
@@ -188,6 +194,7 @@ class SafetensorsSource:
                                for file, start, offset, nbytes in self._runs[index]])
         with self._lock:
             self.bytes_copied += sum(n for _, _, _, n in self._runs[index])
+            self.read_seconds += time.perf_counter() - start
         self._read_done(index)
 
     def host_unit(self, index: int) -> None:
@@ -215,7 +222,7 @@ class SafetensorsSource:
 
     # -- the page cache of a model larger than it ----------------------------------------------
 
-    IN_FLIGHT = 4  # the most recently read units are never dropped: they are being computed on
+    IN_FLIGHT = IN_FLIGHT  # the most recently read units are never dropped: they are being computed on
 
     def _read_done(self, index: int) -> None:
         """Unit ``index`` was just read: drop the least recently read units' pages beyond

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import attrs
 
-from lema.app.training.step_time import predicted_step_seconds, warm_prediction
+from lema.app.training.step_time import DiskFeedback, predicted_step_seconds, warm_prediction
 from lema.adapters.checkpoints.atomic import atomic_write_text
 from lema.app.training.run_folder import FINAL, METRICS, foreign_outputs, prune_checkpoints
 from lema.app.training.callbacks import RunEvents
@@ -255,10 +255,12 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
     failure: NonFiniteLossError | None = None
     stopping = False
     predicted, first = predicted_step_seconds(model, opts.grad_accum), trainer.global_step
+    feedback = DiskFeedback(model, opts.grad_accum)  # the drive's rate this run sees replaces the plan's
     with bar_cm as bar, metrics_cm as metrics:
         try:
             while (trainer.global_step < opts.steps and not (stopping := _stop_agreed(stop, ranks))
                    and not events.stop_requested):
+                feedback.begin()
                 t0 = time.perf_counter()
                 lr = _current_lr(trainer)  # the scheduler moves it after the step: log the one used
                 losses, tokens = [], 0
@@ -271,6 +273,7 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
                     losses.append(loss)
                     tokens += int(batch["tokens"])  # the whole batch's, over all ranks
                 seconds = time.perf_counter() - t0
+                predicted = feedback.after(seconds, predicted)
                 boundary_rng = trainer.rng_snapshot()
                 step = trainer.global_step
                 last_loss = sum(losses) / len(losses)

@@ -196,6 +196,7 @@ class StepTime:
             ``head``, ``optimizer``).
         link_seconds: the link's busy time (weights and offloaded inputs).
         disk_seconds: the streamed weights at the disk's read rate (0 when not known).
+        moved_bytes: the weight bytes fetched per step.
         bound: ``"link"``, ``"disk"`` or ``"compute"``: whichever is busy longest.
         share: that one's busy time over the step (0..1).
         tokens_per_second: ``batch x seq / step_seconds``.
@@ -210,6 +211,7 @@ class StepTime:
     share: float
     tokens_per_second: float
     rates: MachineRates
+    moved_bytes: int = 0  # the weight bytes fetched per step (what the drive's term spreads over)
 
     @property
     def compute_seconds(self) -> float:
@@ -289,7 +291,7 @@ def predict_facts(p: MemoryPlan, f: pi.ModelFacts, rates: MachineRates | None = 
     bound = max(busy, key=lambda k: busy[k])
     return StepTime(step_seconds=step, phases=phases, link_seconds=link_seconds, disk_seconds=disk_seconds,
                     bound=bound, share=min(1.0, busy[bound] / step) if step > 0 else 0.0,
-                    tokens_per_second=b * seq / step if step > 0 else 0.0, rates=rates)
+                    tokens_per_second=b * seq / step if step > 0 else 0.0, rates=rates, moved_bytes=moved)
 
 
 def _play(steps: tuple, compute: dict[tuple[int, Phase], float], unit_bytes: tuple[int, ...],

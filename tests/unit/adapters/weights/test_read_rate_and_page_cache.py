@@ -56,12 +56,36 @@ def test_read_rate_is_measured_on_the_file_then_cached_per_drive(tmp_path, model
     monkeypatch.setenv("LEMA_CACHE", str(tmp_path / "cache"))
     os.posix_fadvise(os.open(model, os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)
     rate, source = rr.read_rate(model)
-    assert rate > 1e6 and source == "measured"
+    assert rate > 1e6 and source.startswith("measured: ")
     assert not rr.cache_path(model).exists()  # 42 MiB: too small a sample to stand for the drive
     rate, source = rr.read_rate(model, sample=32 << 20, chunk=4 << 20)  # a sample this file holds
     assert rr.cache_path(model).is_file() and str(tmp_path / "cache") in str(rr.cache_path(model))
-    assert rr.read_rate(model) == (rate, f"cached: {rr.cache_path(model)}")
-    assert cached_fraction(model) < 0.5  # the sample's pages were dropped again
+    assert rr.read_rate(model) == (rate, rr.cached_source(model))
+    assert "sustained calibration" in rr.cached_source(model)
+    assert cached_fraction(model) < 0.5  # the sample's pages were dropped again (or never cached: O_DIRECT)
+
+
+def test_the_measurement_reads_the_whole_sample_spread_in_run_sized_requests(tmp_path, model):
+    got = rr.measure(model, sample=32 << 20, chunk=4 << 20, min_seconds=0.0, window=1 << 20)
+    assert got is not None and got.rate > 1e6
+    assert got.bytes_read <= 32 << 20 and got.stopped in ("stable", "sample", "file")
+    assert got.threads == rr.THREADS and "GiB in" in got.describe()
+    bounded = rr.measure(model, sample=32 << 20, chunk=4 << 20, seconds=0.0)
+    assert bounded is not None and bounded.stopped == "time" and bounded.bytes_read < 32 << 20
+
+
+def test_a_short_sample_cached_by_an_older_version_is_measured_again_and_a_run_rate_wins(tmp_path, model,
+                                                                                      monkeypatch):
+    import json
+
+    monkeypatch.setenv("LEMA_CACHE", str(tmp_path / "cache"))
+    target = rr.cache_path(model)
+    target.parent.mkdir(parents=True)
+    target.write_text(json.dumps({"read_bytes_per_s": 1.5e9}))  # no method: a 256 MiB sample
+    assert rr.cached_read_rate(model) is None
+    rr.store_run_rate(model, 0.9e9, 30 << 30, 33.0)
+    assert rr.cached_read_rate(model) == 0.9e9 and "a run's step from disk" in rr.cached_source(model)
+    assert rr.read_rate(model) == (0.9e9, rr.cached_source(model))
 
 
 def test_a_sparse_file_has_nothing_to_measure(tmp_path):

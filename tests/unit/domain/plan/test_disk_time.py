@@ -9,8 +9,10 @@ from lema.domain.plan.disk_time import (
     cache_share,
     disk_bytes_per_step,
     disk_time,
+    host_tier,
     step_reads,
     streams_from_disk,
+    with_disk,
 )
 
 GIB = 1 << 30
@@ -59,3 +61,60 @@ def test_disk_time_says_bytes_rate_seconds_and_whether_the_drive_sets_the_step()
     unmeasured = DiskTime(GIB, 0.0, 0, "not measured")
     assert unmeasured.seconds == 0.0 and unmeasured.disk_bound(1.0) is None
     assert "read rate not measured" in unmeasured.line()
+
+
+def test_auto_holds_the_first_decoders_that_fit_its_share_of_the_ram_left_and_streams_the_rest():
+    sizes = {u: GIB for u in range(1, 50)}  # 48 layers and the head
+    held = host_tier(tuple(sizes), n_layers=48, unit_bytes=sizes, available=30 * GIB, run_host_bytes=2 * GIB)
+    assert held == tuple(range(1, 22))  # 3/4 of the 28 GiB left
+    assert host_tier(tuple(sizes), 48, sizes, available=2 * GIB, run_host_bytes=2 * GIB) == ()
+    # two ranks on the machine: each holds its own copy, in half the room
+    assert host_tier(tuple(sizes), 48, sizes, available=30 * GIB, run_host_bytes=2 * GIB, ranks=2) == tuple(
+        range(1, 11))
+    small = {1: GIB, 2: GIB, 3: GIB // 2}
+    assert host_tier((1, 2, 3), 2, small, available=4 * GIB, run_host_bytes=0) == (1, 2, 3)  # then the head
+    reads = step_reads(tuple(sizes), n_layers=48, training=True)
+    t = disk_time(reads, sizes, file_bytes=49 * GIB, available=30 * GIB, run_host_bytes=2 * GIB, read_rate=GIB,
+                  held=held, layers=48)
+    plain = disk_time(reads, sizes, file_bytes=49 * GIB, available=30 * GIB, run_host_bytes=2 * GIB, read_rate=GIB,
+                      layers=48)
+    assert t.held == held and t.held_bytes == 21 * GIB and t.streamed == 28
+    assert t.keep == (30 - 2 - 21) * GIB // 2  # the page cache's share of what the tier leaves
+    # no read of a held unit: 27 decoders twice (less what the share keeps) and the head once
+    assert t.bytes_per_step == disk_bytes_per_step([u for u in reads if u not in held], sizes, t.keep)
+    assert t.bytes_per_step < plain.bytes_per_step
+    assert "AUTO holds 21 of 48 layers in host RAM (21.0 GiB); streams 28 units from disk" in t.line()
+
+
+def test_the_drive_sets_the_step_when_its_reads_take_longer_than_the_compute():
+    from lema.domain.model.spec import ModelSpec
+    from lema.domain.plan.planner import TrainingShape, plan
+    from lema.domain.plan.timing import predict
+    from tests.streamed_steps import llama_config
+
+    spec = ModelSpec.from_config({**llama_config(4, 512, 1408, 2000, 4), "torch_dtype": "float32"})
+    step = predict(plan(spec, TrainingShape(batch=1, seq=16, device_kind="cpu")), spec)
+    slow = DiskTime(int(GIB), GIB / (100 * step.step_seconds), 0, "measured")
+    got = with_disk(step, slow)
+    assert got.bound == "disk" and got.step_seconds == pytest.approx(slow.seconds) and got.disk_seconds == slow.seconds
+    fast = DiskTime(1, 1e15, 0, "measured")
+    assert with_disk(step, fast).step_seconds == step.step_seconds and with_disk(step, fast).bound == step.bound
+    assert with_disk(step, None) is step and with_disk(step, DiskTime(0, 1e9, None)) is step
+
+
+def test_replayed_through_the_schedule_a_compute_waiting_on_a_slot_still_being_read_shows():
+    from lema.domain.model.spec import ModelSpec
+    from lema.domain.plan.planner import Budget, TrainingShape, plan
+    from lema.domain.plan.timing import predict
+    from tests.streamed_steps import llama_config
+
+    spec = ModelSpec.from_config({**llama_config(8, 512, 1408, 2000, 4), "torch_dtype": "float32"})
+    p = plan(spec, TrainingShape(batch=1, seq=16, device_kind="cuda"), Budget(96 << 20))
+    step = predict(p, spec)
+    assert step.moved_bytes > 0
+    # the drive twice as slow as the step: played, the compute after the last read adds to the drive's time
+    disk = DiskTime(int(2 * step.step_seconds * 1e9), 1e9, 0, "measured")
+    bare, played = with_disk(step, disk), with_disk(step, disk, p, spec)
+    assert bare.step_seconds == pytest.approx(max(step.step_seconds, disk.seconds))
+    assert played.step_seconds > bare.step_seconds
+    assert played.disk_seconds == disk.seconds and played.rates == step.rates

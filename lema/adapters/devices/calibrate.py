@@ -12,7 +12,12 @@ Measures, on a device (:class:`~lema.ports.device.Device`), in a few seconds:
   shapes, forward and forward + backward; what the matmul and attention rates do not explain
   of its time is the elementwise traffic the model counts (an add and a SiLU over a
   ``(T, ffn)`` tensor when the layer cannot be built here: a quantized one), and the same for
-  the head's chunked fp32 loss + backward (its own rate: its traffic is of another kind).
+  the head's chunked fp32 loss + backward (its own rate: its traffic is of another kind);
+* the fixed costs no FLOP or byte count explains (:func:`overheads`): a decoder layer's
+  forward and backward and a head chunk of the model's own family at toy sizes, the
+  optimizer's cost per trainable tensor, the step's own parts (the engine's schedule, the
+  embedding's gather, the loss read); the elementwise rates above are fitted to what is left
+  once these are taken out.
 
 The result is a :class:`~lema.domain.plan.timing.MachineRates`, cached as JSON under
 ``$LEMA_CACHE`` (default ``~/.cache/lema``) ``/calibration/<machine>-<device>.json``, one
@@ -38,7 +43,7 @@ from lema.domain.plan.items import ModelFacts
 from lema.domain.plan.timing import MachineRates
 from lema.ports.device import Device
 
-__all__ = ["cache_path", "calibrate", "cached_rates", "device_name", "rates_for", "run_key"]
+__all__ = ["cache_path", "calibrate", "cached_rates", "device_name", "overheads", "rates_for", "run_key", "shrunk_spec"]
 
 MAX_TOKENS = 4096
 MAX_SEQ = 4096
@@ -104,28 +109,42 @@ def _memory_rate(f: ModelFacts, tokens: int, dtype: torch.dtype, where: torch.de
     return (3 * nbytes + 2 * nbytes) / (add + silu)
 
 
-def _layer_memory_rate(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, dtype: torch.dtype,
-                       device: Device, matmul: float, attention: float) -> float | None:
-    """The elementwise rate one real decoder layer of this model shows at the run's shapes.
+_SHRINK = {"hidden_size": 64, "n_embd": 64, "intermediate_size": 128, "n_inner": 128, "moe_intermediate_size": 32,
+           "shared_expert_intermediate_size": 32, "head_dim": 16, "vocab_size": 256, "num_hidden_layers": 1,
+           "n_layer": 1, "num_attention_heads": 4, "n_head": 4}
 
-    Runs :func:`lema.domain.model.blocks.decoder_block` on random weights of the first decoder
-    layer's shapes: a forward without autograd (the checkpointed walk) and a forward with
-    autograd + backward (a kept layer's), on ``min(batch, ...)`` rows whose tokens are at most
-    :data:`MAX_TOKENS`. What the matmul and attention rates do not explain of that time is the
-    elementwise traffic the model counts (:func:`lema.domain.plan.timing.layer_work`): its rate
-    is that traffic over that time, so the layer's own norms, casts, rotary and LoRA copies are
-    measured, not guessed. None for a quantized layer (the dequantization path is not built here).
-    """
+
+def shrunk_spec(spec: ModelSpec) -> ModelSpec | None:
+    """The model's own family and options at toy sizes (hidden 64, 4 heads of 16, one layer,
+    vocabulary 256; experts kept, each 32 wide): its ops cost only their fixed part, the
+    Python and the launches, which is what :func:`overheads` measures. None when the family
+    refuses the shrunk config (its fixed costs are then the device kind's defaults)."""
+    config = spec.config
+    small = {k: v for k, v in config.items() if k != "quantization_config"}
+    for key, value in _SHRINK.items():
+        if isinstance(small.get(key), int) and not isinstance(small.get(key), bool):
+            small[key] = value
+    kv = config.get("num_key_value_heads")
+    if isinstance(kv, int) and kv > 0:
+        heads = config.get("num_attention_heads", kv)
+        small["num_key_value_heads"] = 4 if kv >= heads else 2
+    if isinstance(small.get("layer_types"), list):
+        small["layer_types"] = small["layer_types"][:1]
+    try:
+        return ModelSpec.from_config(small, dtype=spec.dtype)
+    except Exception:  # noqa: BLE001 - a family with options the toy sizes break: no measurement
+        return None
+
+
+def _layer_times(spec: ModelSpec, shape: TrainingShape, batch: int, seq: int, dtype: torch.dtype, device: Device,
+                 budgets: tuple[float, float] = (2.0, 3.0)) -> tuple[float, float]:
+    """Median seconds of the first decoder layer of ``spec`` on random weights at ``(batch, seq)``:
+    a forward without autograd (the checkpointed walk) and a forward with autograd + backward."""
     from lema.domain.model import blocks, context
     from lema.domain.model.lora import LoraSpec, module_keys, module_shape, resolve_targets
-    from lema.domain.plan.timing import layer_work
 
     unit = spec.units[1]
-    if unit.packed:
-        return None
     where = device.torch_device
-    batch = max(1, min(shape.batch, MAX_TOKENS // max(shape.seq, 1)))
-    seq = min(shape.seq, MAX_TOKENS)
     generator = torch.Generator().manual_seed(0)
     weights = {t.key: (torch.randn(t.shape, generator=generator) * 0.02 + (1.0 if len(t.shape) == 1 else 0.0))
                .to(dtype).to(where) for t in unit.tensors}
@@ -141,7 +160,6 @@ def _layer_memory_rate(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, dty
                                matmul_dtype=device.matmul_dtype(dtype))
     x = torch.randn(batch, seq, spec.hidden_size, generator=generator).to(dtype).to(where)
     grad = torch.randn_like(x)
-    sync = device.synchronize
 
     def forward() -> None:
         with torch.no_grad():
@@ -156,27 +174,17 @@ def _layer_memory_rate(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, dty
             for t in pair:
                 t.grad = None
 
-    measured = _timed(forward, sync, budget_s=2.0) + _timed(forward_backward, sync, budget_s=3.0)
-    fwd, bwd = layer_work(f, batch, seq, shape.lora_rank, shape.attention_path)
-    explained = (2 * fwd.matmul + bwd.matmul) / matmul + (2 * fwd.attention + bwd.attention) / attention
-    traffic = 2 * fwd.memory + bwd.memory
-    return traffic / max(measured - explained, 0.05 * measured)
+    return (_timed(forward, device.synchronize, budget_s=budgets[0]),
+            _timed(forward_backward, device.synchronize, budget_s=budgets[1]))
 
 
-def _head_memory_rate(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, dtype: torch.dtype,
-                      device: Device, matmul: float) -> float | None:
-    """The elementwise rate of the head's chunked fp32 loss + backward at the run's shape,
-    measured like :func:`_layer_memory_rate` on random weights of the head's shapes (None for
-    a packed head)."""
+def _head_time(spec: ModelSpec, shape: TrainingShape, batch: int, seq: int, dtype: torch.dtype, device: Device,
+               budget: float = 2.0) -> float:
+    """Median seconds of the head's chunked fp32 loss + backward of ``spec`` on random weights."""
     from lema.domain.model import heads
-    from lema.domain.plan.timing import head_work
 
     unit = spec.units[-1]
-    if unit.packed:
-        return None
     where = device.torch_device
-    batch = max(1, min(shape.batch, MAX_TOKENS // max(shape.seq, 1)))
-    seq = min(shape.seq, MAX_TOKENS)
     generator = torch.Generator().manual_seed(1)
     weights = {t.key: (torch.randn(t.shape, generator=generator) * 0.02 + (1.0 if len(t.shape) == 1 else 0.0))
                .to(dtype).to(where) for t in unit.tensors}
@@ -190,9 +198,110 @@ def _head_memory_rate(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, dtyp
             loss, _ = heads.head_loss(spec, weights, x_last, targets, shape.head_chunk_tokens, matmul_dtype=products)
             loss.backward()
 
-    measured = _timed(loss_backward, device.synchronize, budget_s=2.0)
+    return _timed(loss_backward, device.synchronize, budget_s=budget)
+
+
+def _tensor_overhead(count: int, device: Device) -> float:
+    """Seconds per trainable tensor of an optimizer step as the trainer runs it (gradients in,
+    clipping's norm, AdamW with torch's default implementation for the device, zeroing), over
+    ``count`` tiny tensors: their arithmetic is nothing, their per-tensor ops are all."""
+    where = device.torch_device
+    count = max(8, min(count, 1024))
+    params = [torch.zeros(4, 4, device=where, requires_grad=True) for _ in range(count)]
+    grads = [torch.full((4, 4), 1e-3, device=where) for _ in range(count)]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        for p, g in zip(params, grads):
+            p.grad = g
+        float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return _timed(step, device.synchronize, budget_s=0.5) / count
+
+
+def _step_overhead(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, device: Device) -> float:
+    """The step's own fixed parts outside the layers, the head and the optimizer: the engine's
+    schedule for the plan's units (built every step), the embedding's gather and upload of a
+    toy batch, and reading the loss back (a device wait and a host float)."""
+    from lema.domain.schedule.layer_schedule import build_schedule
+
+    where = device.torch_device
+    n = f.n_layers
+    units = list(range(1, n + 2))
+    table = torch.randn(256, 64)
+    ids = torch.randint(0, 256, (1, 8))
+    loss = torch.zeros((), device=where)
+
+    def parts() -> None:
+        build_schedule(units, shape.prefetch, frozenset(), "train", frozenset(range(1, n + 1)))
+        table[ids].to(where)
+        float(loss)
+
+    return _timed(parts, device.synchronize, budget_s=0.3)
+
+
+def overheads(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, dtype: torch.dtype,
+              device: Device) -> dict[str, float]:
+    """The fixed costs of a step (:class:`~lema.domain.plan.timing.MachineRates` ``*_overhead_s``):
+    a decoder layer's forward and backward and a head chunk of :func:`shrunk_spec` on 8 tokens
+    (the toy's FLOPs and bytes are microseconds: the time is the ops' fixed part), the
+    optimizer's per-tensor cost and the step's own parts. A model the toy cannot be made of
+    keeps the layer and head terms at 0 here (the caller's defaults stand)."""
+    from lema.domain.plan.timing import trainable_tensors
+
+    out = {"tensor_overhead_s": _tensor_overhead(trainable_tensors(f), device),
+           "step_overhead_s": _step_overhead(spec, f, shape, device)}
+    small = shrunk_spec(spec)
+    if small is not None and not small.units[1].packed:
+        forward, forward_backward = _layer_times(small, shape, 1, 8, dtype, device, budgets=(0.3, 0.5))
+        out["layer_forward_overhead_s"] = forward
+        out["layer_backward_overhead_s"] = max(forward_backward - forward, 0.0)
+        out["head_overhead_s"] = _head_time(small, shape, 1, 8, dtype, device, budget=0.3)
+    return out
+
+
+def _layer_memory_rate(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, dtype: torch.dtype,
+                       device: Device, matmul: float, attention: float, fixed: float = 0.0) -> float | None:
+    """The elementwise rate one real decoder layer of this model shows at the run's shapes.
+
+    Runs :func:`lema.domain.model.blocks.decoder_block` on random weights of the first decoder
+    layer's shapes: a forward without autograd (the checkpointed walk) and a forward with
+    autograd + backward (a kept layer's), on ``min(batch, ...)`` rows whose tokens are at most
+    :data:`MAX_TOKENS`. What the matmul and attention rates do not explain of that time is the
+    elementwise traffic the model counts (:func:`lema.domain.plan.timing.layer_work`): its rate
+    is that traffic over that time, so the layer's own norms, casts, rotary and LoRA copies are
+    measured, not guessed. None for a quantized layer (the dequantization path is not built here).
+    """
+    from lema.domain.plan.timing import layer_work
+
+    if spec.units[1].packed:
+        return None
+    batch = max(1, min(shape.batch, MAX_TOKENS // max(shape.seq, 1)))
+    seq = min(shape.seq, MAX_TOKENS)
+    measured = sum(_layer_times(spec, shape, batch, seq, dtype, device))
+    fwd, bwd = layer_work(f, batch, seq, shape.lora_rank, shape.attention_path)
+    explained = (2 * fwd.matmul + bwd.matmul) / matmul + (2 * fwd.attention + bwd.attention) / attention + fixed
+    traffic = 2 * fwd.memory + bwd.memory
+    return traffic / max(measured - explained, 0.05 * measured)
+
+
+def _head_memory_rate(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, dtype: torch.dtype,
+                      device: Device, matmul: float, fixed_per_chunk: float = 0.0) -> float | None:
+    """The elementwise rate of the head's chunked fp32 loss + backward at the run's shape,
+    measured like :func:`_layer_memory_rate` on random weights of the head's shapes (None for
+    a packed head); ``fixed_per_chunk`` (the measured head overhead) is not traffic."""
+    from lema.domain.plan.timing import head_work
+
+    if spec.units[-1].packed:
+        return None
+    batch = max(1, min(shape.batch, MAX_TOKENS // max(shape.seq, 1)))
+    seq = min(shape.seq, MAX_TOKENS)
+    measured = _head_time(spec, shape, batch, seq, dtype, device)
     work = head_work(f, batch, seq, True)
-    return work.memory / max(measured - work.matmul / matmul, 0.05 * measured)
+    chunks = -(-batch * seq // shape.head_chunk_tokens)
+    return work.memory / max(measured - work.matmul / matmul - chunks * fixed_per_chunk, 0.05 * measured)
 
 
 def calibrate(device: Device, device_name: str, f: ModelFacts, dtype: str, batch: int, seq: int,
@@ -214,13 +323,16 @@ def calibrate(device: Device, device_name: str, f: ModelFacts, dtype: str, batch
         attention = _attention_rate(f, batch, min(seq, MAX_SEQ), want, where, sync)
         memory = _memory_rate(f, tokens, want, where, sync)
     head = None
+    fixed: dict[str, float] = {}
     if spec is not None and shape is not None:
-        layer = _layer_memory_rate(spec, f, shape, want, device, matmul, attention)
+        fixed = overheads(spec, f, shape, want, device)
+        per_layer = 2 * fixed.get("layer_forward_overhead_s", 0.0) + fixed.get("layer_backward_overhead_s", 0.0)
+        layer = _layer_memory_rate(spec, f, shape, want, device, matmul, attention, per_layer)
         memory = layer if layer is not None else memory
-        head = _head_memory_rate(spec, f, shape, want, device, matmul)
+        head = _head_memory_rate(spec, f, shape, want, device, matmul, fixed.get("head_overhead_s", 0.0))
     rates = MachineRates(link_bytes_per_s=pinned, link_pageable_bytes_per_s=pageable, matmul_flops_per_s=matmul,
                          attention_flops_per_s=attention, memory_bytes_per_s=memory,
-                         head_memory_bytes_per_s=head,
+                         head_memory_bytes_per_s=head, **fixed,
                          source=f"calibrated on {device_name} at {time.strftime('%Y-%m-%d %H:%M')}",
                          calibrated=True)
     path = store_rates(device_name, run_key(f, dtype, batch, seq), rates) if store else None

@@ -162,7 +162,10 @@ def _rates(spec, shape, calibrate: bool):  # noqa: ANN001, ANN202
     click.echo(f"calibrated: link {rates.link_bytes_per_s / 1e9:.2f} GB/s pinned, "
                f"{rates.link_pageable_bytes_per_s / 1e9:.2f} GB/s pageable; matmul "
                f"{rates.matmul_flops_per_s / 1e12:.3g} TFLOP/s, attention {rates.attention_flops_per_s / 1e12:.3g} "
-               f"TFLOP/s, memory {rates.memory_bytes_per_s / 1e9:.3g} GB/s (cached in {path})", err=True)
+               f"TFLOP/s, memory {rates.memory_bytes_per_s / 1e9:.3g} GB/s; fixed costs: layer forward "
+               f"{rates.layer_forward_overhead_s * 1e3:.3g} ms, backward {rates.layer_backward_overhead_s * 1e3:.3g} ms, "
+               f"head chunk {rates.head_overhead_s * 1e3:.3g} ms, {rates.tensor_overhead_s * 1e6:.3g} us per trainable "
+               f"tensor, {rates.step_overhead_s * 1e3:.3g} ms per step (cached in {path})", err=True)
     return rates
 def _device(asked: str) -> tuple[str, str]:
     """The device kind planned for and how it was chosen (``--device auto``: is a GPU visible?)."""

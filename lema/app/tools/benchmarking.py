@@ -54,7 +54,7 @@ class BenchSettings:
     device: str = "cpu"
     strategies: tuple[str, ...] = ("streaming", "resident")
     reference: bool = True
-    prefetch: int = 2
+    prefetch: int | None = None  # None: the config's "auto" (AUTO chooses the depth, others read 2 ahead)
     read_bytes: int = 0  # also time LEMA's reader against a sequential read of a file this big (0: skip)
     link_bandwidth: float | None = None  # simulate a link of this many bytes/s (CPU device only)
     trace: bool = False  # count every allocation and keep the event timeline in the timed steps
@@ -138,7 +138,7 @@ class LemaRun:
         self.name = "lema_compute_alone" if self.alone else f"lema_{strategy}"
         config = LemaConfig(gbi_path=str(mono), device=settings.device, strategy="auto" if self.alone else strategy,
                             lora_rank=settings.rank, batch_size=settings.batch, max_seq_len=settings.seq,
-                            prefetch_distance=settings.prefetch,
+                            prefetch_distance="auto" if settings.prefetch is None else settings.prefetch,
                             vram_budget=None if self.alone else settings.vram)
         self.model = model = LemaModel(config, device=make_device(settings, budget=not self.alone))
         model.initialize_lora()

@@ -18,6 +18,8 @@ from lema.errors import ConfigError, ModelFormatError
 
 _POSITIVE = ("batch", "seq", "lora_rank", "head_chunk_tokens", "local_ranks")
 _NON_NEGATIVE = ("prefetch", "optimizer_states")
+DEFAULT_PREFETCH = 2  # layers read ahead when neither the user nor AUTO's search says otherwise
+PREFETCH_DEPTHS = (0, 1, 2, 3, 4)  # the depths AUTO's search tries
 
 
 def _strategy(value: "str | MemoryStrategy") -> MemoryStrategy:
@@ -50,6 +52,10 @@ class TrainingShape:
         lora_rank, lora_targets: the adapter (targets None = the family's defaults).
         strategy: STREAMING (default), RESIDENT or AUTO.
         prefetch: layers fetched ahead of compute (slots = prefetch + 1).
+        prefetch_auto: the planner chooses ``prefetch`` (AUTO: the depth in
+            :data:`PREFETCH_DEPTHS` with the smallest predicted step among those that fit,
+            :func:`lema.domain.plan.planner.plan`; the plan's shape then holds the depth chosen
+            and ``prefetch_auto=False``); another strategy keeps ``prefetch``.
         dtype: compute/storage dtype override (``"bfloat16"``); None keeps the file's.
         gradient_checkpointing: keep only layer inputs and recompute in backward.
         optimizer_states: fp32 states per LoRA parameter (AdamW: 2).
@@ -100,7 +106,7 @@ class TrainingShape:
     lora_rank: int = 16
     lora_targets: tuple[str, ...] | None = attrs.field(default=None, converter=_targets)
     strategy: MemoryStrategy = attrs.field(default=MemoryStrategy.STREAMING, converter=_strategy)
-    prefetch: int = 2
+    prefetch: int = DEFAULT_PREFETCH
     dtype: str | None = attrs.field(default=None, converter=_dtype)
     gradient_checkpointing: bool = True
     optimizer_states: int = 2
@@ -117,6 +123,7 @@ class TrainingShape:
     preference: str | None = None
     kept_layers: int | None = 0
     block_sparse: bool = False
+    prefetch_auto: bool = False
 
     def __attrs_post_init__(self) -> None:
         problems = []

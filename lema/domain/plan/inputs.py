@@ -91,7 +91,8 @@ class TrainingShape:
             keep their autograd graph from the forward instead of recomputing in the backward
             (0: every layer recomputes, today's checkpointing); None: the planner decides by
             predicted step time within the budget (:mod:`lema.domain.plan.choose`). Without
-            checkpointing every layer keeps its graph. Not with offload or tiles.
+            checkpointing every layer keeps its graph. With activation offload only the
+            recomputing layers' inputs are offloaded (a kept layer has none); not with tiles.
         block_sparse: the batches' attention runs by blocks (packed rows: per example; a
             sliding window shorter than ``seq``: per band, :mod:`lema.domain.nn.attention`),
             whose concatenated parts hold one more attention output ``T q a`` while a layer's
@@ -166,9 +167,9 @@ class TrainingShape:
             problems.append(f"batch={self.batch!r} counts the rows of pairs: it must be even with a preference")
         if self.kept_layers is not None and (not is_int(self.kept_layers) or self.kept_layers < 0):
             problems.append(f"kept_layers={self.kept_layers!r} must be an integer >= 0 or None (auto)")
-        elif self.kept_layers and (self.offload_activations or self.tile_tokens):
-            problems.append("kept_layers: layers that keep their activations are neither offloaded nor tiled; "
-                            "use offload_activations=False and tile_tokens=0 (or leave them to the planner)")
+        elif self.kept_layers and self.tile_tokens:
+            problems.append("kept_layers: layers that keep their activations are not tiled (a kept layer's graph "
+                            "holds every tile's tensors); use tile_tokens=0 (or leave it to the planner)")
         if problems:
             raise ConfigError("training shape: " + "; ".join(problems))
 

@@ -159,18 +159,25 @@ def _rates(spec, shape, calibrate: bool):  # noqa: ANN001, ANN202
 
         device = CudaDevice()
     try:
+        from lema.app.tools.engine_overhead import engine_overhead
+
         rates, path = measure(device, name, facts_for(spec, shape), shape.dtype or spec.dtype, shape.batch,
-                              shape.seq, chunk=shape.head_chunk_tokens, spec=spec, shape=shape)
+                              shape.seq, chunk=shape.head_chunk_tokens, spec=spec, shape=shape,
+                              engine=engine_overhead)
     finally:
         device.close()
-    click.echo(f"calibrated: link {rates.link_bytes_per_s / 1e9:.2f} GB/s pinned, "
-               f"{rates.link_pageable_bytes_per_s / 1e9:.2f} GB/s pageable; matmul "
-               f"{rates.matmul_flops_per_s / 1e12:.3g} TFLOP/s, attention {rates.attention_flops_per_s / 1e12:.3g} "
-               f"TFLOP/s, memory {rates.memory_bytes_per_s / 1e9:.3g} GB/s; fixed costs: layer forward "
-               f"{rates.layer_forward_overhead_s * 1e3:.3g} ms, backward {rates.layer_backward_overhead_s * 1e3:.3g} ms, "
-               f"head chunk {rates.head_overhead_s * 1e3:.3g} ms, {rates.tensor_overhead_s * 1e6:.3g} us per trainable "
-               f"tensor, {rates.step_overhead_s * 1e3:.3g} ms per step (cached in {path})", err=True)
+    r = rates
+    click.echo(f"calibrated: link {r.link_bytes_per_s / 1e9:.2f} GB/s pinned, "
+               f"{r.link_pageable_bytes_per_s / 1e9:.2f} GB/s pageable; matmul "
+               f"{r.matmul_flops_per_s / 1e12:.3g} TFLOP/s, attention {r.attention_flops_per_s / 1e12:.3g} "
+               f"TFLOP/s, memory {r.memory_bytes_per_s / 1e9:.3g} GB/s; fixed costs: layer forward "
+               f"{r.layer_forward_overhead_s * 1e3:.3g} ms, backward {r.layer_backward_overhead_s * 1e3:.3g} ms, "
+               f"head chunk {r.head_overhead_s * 1e3:.3g} ms, {r.tensor_overhead_s * 1e6:.3g} us per trainable "
+               f"tensor, {r.unit_overhead_s * 1e3:.3g} ms per engine step, {r.step_overhead_s * 1e3:.3g} ms per "
+               f"step (cached in {path})", err=True)
     return rates
+
+
 def _device(asked: str) -> tuple[str, str]:
     """The device kind planned for and how it was chosen (``--device auto``: is a GPU visible?)."""
     if asked != "auto":

@@ -54,11 +54,12 @@ class DeviceTraits:
             consumer card (RTX 4090 class: about 150 TFLOP/s dense bf16 in practice, 40 fp32,
             900 GB/s of elementwise traffic). CPU: two cores with AVX-512 BF16 (about 300 GFLOP/s
             bf16, 150 fp32, memcpy and elementwise 8 GB/s).
-        default_layer_overhead_s, default_tensor_overhead_s, default_step_overhead_s: the
-            stated fixed costs (:class:`lema.domain.plan.timing.MachineRates` ``*_overhead_s``):
-            per decoder-layer forward and head chunk (a backward: twice that), per trainable
-            tensor at the optimizer step, per step. CPU: 1 ms, 40 us (one tensor at a time),
-            2 ms; CUDA: 2 ms (launch-bound Python), 15 us (multi-tensor kernels), 5 ms.
+        default_layer_overhead_s, default_tensor_overhead_s, default_step_overhead_s,
+        default_unit_overhead_s: the stated fixed costs (:class:`lema.domain.plan.timing.MachineRates`
+            ``*_overhead_s``): per decoder-layer forward and head chunk (a backward: twice
+            that), per trainable tensor at the optimizer step, per step, per engine compute
+            step. CPU: 1 ms, 40 us (one tensor at a time), 2 ms, 0.2 ms; CUDA: 2 ms
+            (launch-bound Python), 15 us (multi-tensor kernels), 5 ms, 0.2 ms.
         async_compute: the host queues the device's work and runs ahead (CUDA): a pass's
             fixed cost (its Python and launches) hides behind the device's work, and only
             what exceeds that work adds to the step; on a CPU both run on the same cores and add.
@@ -88,6 +89,7 @@ class DeviceTraits:
     default_layer_overhead_s: float = 1e-3
     default_tensor_overhead_s: float = 40e-6
     default_step_overhead_s: float = 2e-3
+    default_unit_overhead_s: float = 2e-4
     async_compute: bool = False
     bf16: bool = True
     spare_staging: bool = False

@@ -114,22 +114,22 @@ _SHRINK = {"hidden_size": 64, "n_embd": 64, "intermediate_size": 128, "n_inner":
            "n_layer": 1, "num_attention_heads": 4, "n_head": 4}
 
 
-def shrunk_spec(spec: ModelSpec) -> ModelSpec | None:
-    """The model's own family and options at toy sizes (hidden 64, 4 heads of 16, one layer,
-    vocabulary 256; experts kept, each 32 wide): its ops cost only their fixed part, the
+def shrunk_spec(spec: ModelSpec, layers: int = 1) -> ModelSpec | None:
+    """The model's own family and options at toy sizes (hidden 64, 4 heads of 16, ``layers``
+    layers, vocabulary 256; experts kept, each 32 wide): its ops cost only their fixed part, the
     Python and the launches, which is what :func:`overheads` measures. None when the family
     refuses the shrunk config (its fixed costs are then the device kind's defaults)."""
     config = spec.config
     small = {k: v for k, v in config.items() if k != "quantization_config"}
     for key, value in _SHRINK.items():
         if isinstance(small.get(key), int) and not isinstance(small.get(key), bool):
-            small[key] = value
+            small[key] = layers if key in ("num_hidden_layers", "n_layer") else value
     kv = config.get("num_key_value_heads")
     if isinstance(kv, int) and kv > 0:
         heads = config.get("num_attention_heads", kv)
         small["num_key_value_heads"] = 4 if kv >= heads else 2
-    if isinstance(small.get("layer_types"), list):
-        small["layer_types"] = small["layer_types"][:1]
+    if isinstance(small.get("layer_types"), list) and small["layer_types"]:
+        small["layer_types"] = (small["layer_types"] * layers)[:layers]
     try:
         return ModelSpec.from_config(small, dtype=spec.dtype)
     except Exception:  # noqa: BLE001 - a family with options the toy sizes break: no measurement
@@ -306,8 +306,15 @@ def _head_memory_rate(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, dtyp
 
 def calibrate(device: Device, device_name: str, f: ModelFacts, dtype: str, batch: int, seq: int,
               chunk: int = 1024, store: bool = True, spec: ModelSpec | None = None,
-              shape: TrainingShape | None = None) -> tuple[MachineRates, Path | None]:
+              shape: TrainingShape | None = None,
+              engine: Callable[[ModelSpec, TrainingShape, Device], tuple[float, float] | None] | None = None,
+              ) -> tuple[MachineRates, Path | None]:
     """Measure the rates (see the module docstring); cache them unless ``store`` is False.
+
+    ``engine`` measures the engine's own fixed costs on ``device`` (the application's
+    :func:`lema.app.tools.engine_overhead.engine_overhead`, which this layer may not import):
+    ``(seconds per compute step, seconds per pass)``, added to ``unit_overhead_s`` and
+    ``step_overhead_s``; None (or a model it cannot shrink): the engine's part is not measured.
 
     Returns:
         ``(rates, cache file or None)``.
@@ -330,6 +337,10 @@ def calibrate(device: Device, device_name: str, f: ModelFacts, dtype: str, batch
         layer = _layer_memory_rate(spec, f, shape, want, device, matmul, attention, per_layer)
         memory = layer if layer is not None else memory
         head = _head_memory_rate(spec, f, shape, want, device, matmul, fixed.get("head_overhead_s", 0.0))
+        measured = engine(spec, shape, device) if engine is not None else None
+        if measured is not None:
+            fixed["unit_overhead_s"] = measured[0]
+            fixed["step_overhead_s"] = fixed.get("step_overhead_s", 0.0) + measured[1]
     rates = MachineRates(link_bytes_per_s=pinned, link_pageable_bytes_per_s=pageable, matmul_flops_per_s=matmul,
                          attention_flops_per_s=attention, memory_bytes_per_s=memory,
                          head_memory_bytes_per_s=head, **fixed,

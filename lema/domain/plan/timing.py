@@ -29,7 +29,8 @@ the model's own layer and head, :class:`MachineRates` ``*_overhead_s``): per dec
 pass (forward, recompute; backward), per head chunk, per trainable tensor at the optimizer
 step (AdamW, clipping, zeroing: one set of ops per LoRA ``A`` and ``B``), and per step
 (the embedding, the targets, the loss read). On a small model these are a large part of a
-step (they do not shrink with the model). A CPU computes where its Python runs, so a pass
+step (they do not shrink with the model). The engine adds its own bookkeeping per compute
+step (``unit_overhead_s``: one per unit and phase; a recompute runs inside its backward's step). A CPU computes where its Python runs, so a pass
 takes its work plus its fixed cost; a CUDA host queues the kernels and runs ahead, so a pass
 takes the larger of the two (:func:`with_fixed`). The step is then played out over the plan's own layer
 schedule (:func:`~lema.domain.schedule.layer_schedule.build_schedule`): one link carrying the
@@ -94,7 +95,9 @@ class MachineRates:
         tensor_overhead_s: fixed seconds per trainable tensor at an optimizer step (AdamW's ops,
             gradient clipping's norm, zeroing).
         step_overhead_s: fixed seconds per step outside the layers, the head and the optimizer
-            (embedding, targets, reading the loss).
+            (embedding, targets, reading the loss, starting the engine's pass).
+        unit_overhead_s: the engine's bookkeeping per compute step (one per unit and phase:
+            dispatching it, waiting for and releasing its slot, counting it).
         source: where the numbers come from (``"calibrated ..."`` or ``"defaults for ..."``).
         calibrated: measured on this machine (False: the device kind's stated defaults).
     """
@@ -111,6 +114,7 @@ class MachineRates:
     head_overhead_s: float = 0.0
     tensor_overhead_s: float = 0.0
     step_overhead_s: float = 0.0
+    unit_overhead_s: float = 0.0
     source: str = ""
     calibrated: bool = False
 
@@ -154,6 +158,7 @@ def default_rates(traits: DeviceTraits, dtype: str) -> MachineRates:
         head_overhead_s=traits.default_layer_overhead_s,
         tensor_overhead_s=traits.default_tensor_overhead_s,
         step_overhead_s=traits.default_step_overhead_s,
+        unit_overhead_s=traits.default_unit_overhead_s,
         source=f"defaults for {traits.kind} (not calibrated: run `lema plan --calibrate`)",
     )
 
@@ -225,7 +230,7 @@ def head_seconds(f: pi.ModelFacts, batch: int, seq: int, training: bool, rates: 
     memory = rates.head_memory_bytes_per_s or rates.memory_bytes_per_s
     chunks = -(-batch * seq // max(chunk_tokens, 1))
     return with_fixed(work.matmul / rates.matmul_flops_per_s + work.memory / memory,
-                      chunks * rates.head_overhead_s, overlapped)
+                      chunks * rates.head_overhead_s + rates.unit_overhead_s, overlapped)
 
 
 def trainable_tensors(f: pi.ModelFacts) -> int:
@@ -299,8 +304,9 @@ def predict_facts(p: MemoryPlan, f: pi.ModelFacts, rates: MachineRates | None = 
     b, seq = s.batch, s.seq
     fwd, bwd = layer_work(f, b, seq, s.lora_rank, s.attention_path)
     overlapped = s.device.async_compute
-    fwd_s = with_fixed(fwd.seconds(rates), rates.layer_forward_overhead_s, overlapped)
-    bwd_s = with_fixed(bwd.seconds(rates), rates.layer_backward_overhead_s, overlapped)
+    fwd_s = with_fixed(fwd.seconds(rates), rates.layer_forward_overhead_s + rates.unit_overhead_s, overlapped)
+    recompute_s = with_fixed(fwd.seconds(rates), rates.layer_forward_overhead_s, overlapped)  # in the backward's step
+    bwd_s = with_fixed(bwd.seconds(rates), rates.layer_backward_overhead_s + rates.unit_overhead_s, overlapped)
     kept = p.kept_units if s.gradient_checkpointing else frozenset(range(1, n + 1))
     head_s = head_seconds(f, b, seq, s.training, rates, s.head_chunk_tokens, overlapped)
     optimizer_s = (pi.lora_parameters(f, s.lora_rank) * ADAM_BYTES_PER_PARAM / rates.memory_bytes_per_s
@@ -313,12 +319,12 @@ def predict_facts(p: MemoryPlan, f: pi.ModelFacts, rates: MachineRates | None = 
             continue
         compute[(u, Phase.FORWARD)] = fwd_s
         if s.training:
-            recompute = 0.0 if u in kept else fwd_s
+            recompute = 0.0 if u in kept else recompute_s
             compute[(u, Phase.BACKWARD)] = bwd_s + recompute
     phases = {"forward": n * fwd_s, "recompute": 0.0, "backward": 0.0, "head": head_s, "optimizer": optimizer_s,
               "step": rates.step_overhead_s}
     if s.training:
-        phases["recompute"] = phases_recompute(n, kept) * fwd_s
+        phases["recompute"] = phases_recompute(n, kept) * recompute_s
         phases["backward"] = n * bwd_s
 
     in_place = s.weights_in_place and not f.quantization
@@ -342,9 +348,11 @@ def predict_facts(p: MemoryPlan, f: pi.ModelFacts, rates: MachineRates | None = 
     compute_total = sum(phases.values())
     busy = {"compute": compute_total, "link": link_seconds, "disk": disk_seconds}
     bound = max(busy, key=lambda k: busy[k])
-    passes = n + (phases_recompute(n, kept) if s.training else 0)  # forwards and recomputes
-    fixed = ((fwd_s - fwd.seconds(rates)) * passes + (bwd_s - bwd.seconds(rates)) * (n if s.training else 0)
-             + head_s - head_seconds(f, b, seq, s.training, attrs.evolve(rates, head_overhead_s=0.0))
+    recomputes = phases_recompute(n, kept) if s.training else 0
+    fixed = ((fwd_s - fwd.seconds(rates)) * n + (recompute_s - fwd.seconds(rates)) * recomputes
+             + (bwd_s - bwd.seconds(rates)) * (n if s.training else 0)
+             + head_s - head_seconds(f, b, seq, s.training, attrs.evolve(rates, head_overhead_s=0.0,
+                                                                          unit_overhead_s=0.0))
              + (trainable_tensors(f) * rates.tensor_overhead_s if s.training else 0.0) + rates.step_overhead_s)
     return StepTime(step_seconds=step, phases=phases, fixed_seconds=fixed, link_seconds=link_seconds, disk_seconds=disk_seconds,
                     bound=bound, share=min(1.0, busy[bound] / step) if step > 0 else 0.0,

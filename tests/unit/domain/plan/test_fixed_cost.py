@@ -21,9 +21,10 @@ def _spec(layers: int, hidden: int = 64) -> ModelSpec:
 
 
 FREE = attrs.evolve(default_rates(DEVICE_KINDS["cpu"], "F32"), layer_forward_overhead_s=0.0,
-                    layer_backward_overhead_s=0.0, head_overhead_s=0.0, tensor_overhead_s=0.0, step_overhead_s=0.0)
+                    layer_backward_overhead_s=0.0, head_overhead_s=0.0, tensor_overhead_s=0.0, step_overhead_s=0.0,
+                    unit_overhead_s=0.0)
 COSTLY = attrs.evolve(FREE, layer_forward_overhead_s=1e-3, layer_backward_overhead_s=3e-3, head_overhead_s=5e-4,
-                      tensor_overhead_s=2e-5, step_overhead_s=7e-3)
+                      tensor_overhead_s=2e-5, step_overhead_s=7e-3, unit_overhead_s=3e-4)
 
 
 @pytest.mark.parametrize("kept", [0, 3])
@@ -35,9 +36,10 @@ def test_the_fixed_cost_adds_each_part_once_per_pass(kept):
     f = facts_for(spec, shape)
     extra = predict(p, spec, COSTLY).step_seconds - predict(p, spec, FREE).step_seconds
     # 3 forwards, 3 backwards, the recomputes of the layers not kept, 4 head chunks, A and B of
-    # each of the 7 adapted modules of 3 layers, one step
+    # each of the 7 adapted modules of 3 layers, one step; the engine's 7 compute steps (3
+    # forwards, the head, 3 backwards: a recompute runs inside its backward's step)
     assert trainable_tensors(f) == 2 * 7 * 3
-    expected = 3 * 1e-3 + 3 * 3e-3 + (3 - kept) * 1e-3 + 4 * 5e-4 + 42 * 2e-5 + 7e-3
+    expected = 3 * 1e-3 + 3 * 3e-3 + (3 - kept) * 1e-3 + 4 * 5e-4 + 42 * 2e-5 + 7e-3 + 7 * 3e-4
     assert extra == pytest.approx(expected, rel=1e-9)
     assert predict(p, spec, COSTLY).fixed_seconds == pytest.approx(expected, rel=1e-9)
 
@@ -76,7 +78,8 @@ def test_negative_overheads_are_refused_and_the_defaults_state_some():
 def test_on_an_asynchronous_device_the_fixed_cost_hides_behind_the_work_it_launches():
     cuda = attrs.evolve(default_rates(DEVICE_KINDS["cuda"], "F16"), link_bytes_per_s=1e15,
                         link_pageable_bytes_per_s=1e15, tensor_overhead_s=0.0, step_overhead_s=0.0,
-                        layer_forward_overhead_s=0.0, layer_backward_overhead_s=0.0, head_overhead_s=0.0)
+                        layer_forward_overhead_s=0.0, layer_backward_overhead_s=0.0, head_overhead_s=0.0,
+                        unit_overhead_s=0.0)
     costly = attrs.evolve(cuda, layer_forward_overhead_s=1e-3, layer_backward_overhead_s=2e-3)
     big, tiny = _spec(layers=2, hidden=4096), _spec(layers=2)
     shape = TrainingShape(batch=4, seq=2048, device_kind="cuda")

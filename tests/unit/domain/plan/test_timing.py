@@ -48,7 +48,8 @@ def test_with_memory_to_spare_auto_keeps_every_layer_and_saves_the_recompute():
     t = predict(p, spec)
     assert t.phases["recompute"] == 0
     base = predict(plan(spec, attrs.evolve(shape, kept_layers=0), None), spec)
-    assert base.phases["recompute"] == pytest.approx(base.phases["forward"])
+    # a recompute is a forward inside its backward's engine step (no bookkeeping of its own)
+    assert base.phases["recompute"] == pytest.approx(base.phases["forward"] - 4 * base.rates.unit_overhead_s)
     assert t.step_seconds < base.step_seconds
     assert p.choices and p.choices[0].startswith("keeps activations of layers 1-4: -")
 

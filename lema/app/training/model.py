@@ -91,8 +91,7 @@ class LemaModel(AdapterModule):
         self.source = bootstrap.make_source(config.strategy, self._resolved, self.device, self.disk)
         self.engine = Engine(self.spec, self.source, self.device, prefetch=self._plan.shape.prefetch,
                              resident_units=self._plan.resident_units, plan=self._plan,
-                             compute_dtype=self.compute_dtype, offload_inputs=self._plan.offload_activations,
-                             kept_units=self._plan.kept_units)
+                             compute_dtype=self.compute_dtype, offload_inputs=self._plan.offload_activations)
         try:
             self.embedding = self.source.read_unit(0)  # a corrupt file is refused here: close what is open
         except BaseException:

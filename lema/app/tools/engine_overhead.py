@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from lema.adapters.devices.calibrate import shrunk_spec
+from lema.adapters.devices.calibration_runs import shrunk_spec
 from lema.adapters.weights.resident_source import ResidentSource
 from lema.app.runtime.engine import Engine
 from lema.domain.model.spec import ModelSpec, torch_dtype

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import attrs
 
+from lema.domain.plan.inputs import DEFAULT_PREFETCH
 from lema.domain.plan.strategy import MemoryStrategy
 from lema.domain.units import parse_size
 from lema.errors import ConfigError
@@ -34,6 +35,13 @@ def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None
 def _non_negative_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{attribute.name}: {value!r} must be an integer >= 0")
+
+
+def _prefetch(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, str) and value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{attribute.name}: {value!r} must be an integer >= 0 or 'auto'")
 
 
 def _check_size(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -77,7 +85,10 @@ class LemaConfig:
             between each layer's forward and its backward, ``False`` on the device;
             ``"auto"`` (default) turns it on when the memory plan needs it to fit. With long
             sequences the planner also runs each layer over sequence tiles when needed.
-        prefetch_distance: how many layers are read ahead of the one computing.
+        prefetch_distance: how many layers are read ahead of the one computing (an integer
+            >= 0; each costs a device slot of the largest streamed unit); ``"auto"`` (default):
+            with ``strategy=AUTO`` the plan chooses the depth 0..4 with the smallest predicted
+            step among those that fit (``lema plan`` says why), otherwise 2. A number is kept.
         vram_budget, ram_budget: byte sizes ("8G", an int) the plan must fit; None = the
             device's capacity (CUDA) or unlimited (CPU).
         batch_size, max_seq_len: the training shape the memory plan is checked for.
@@ -106,7 +117,7 @@ class LemaConfig:
     use_rslora: bool = False
     gradient_checkpointing: bool | str = "auto"
     offload_activations: bool | str = "auto"
-    prefetch_distance: int = attrs.field(default=2, validator=_non_negative_int)
+    prefetch_distance: int | str = attrs.field(default="auto", validator=_prefetch)
     vram_budget: str | int | None = attrs.field(default=None, validator=_check_size)
     ram_budget: str | int | None = attrs.field(default=None, validator=_check_size)
     batch_size: int = attrs.field(default=1, validator=_positive_int)
@@ -167,6 +178,17 @@ class LemaConfig:
     def offload(self) -> bool | None:
         """``offload_activations`` for the planner: True, False, or None (auto)."""
         return None if self.offload_activations == "auto" else bool(self.offload_activations)
+
+    @property
+    def prefetch(self) -> int:
+        """The prefetch depth asked for: the number given, else (``"auto"``) 2, which AUTO's
+        plan replaces by the depth it chooses (:attr:`prefetch_auto`)."""
+        return DEFAULT_PREFETCH if self.prefetch_distance == "auto" else int(self.prefetch_distance)
+
+    @property
+    def prefetch_auto(self) -> bool:
+        """Whether the plan chooses the prefetch depth (``"auto"`` with ``strategy=AUTO``)."""
+        return self.prefetch_distance == "auto" and self.strategy is MemoryStrategy.AUTO
 
     @property
     def vram_bytes(self) -> int | None:

@@ -147,7 +147,7 @@ def training_shape(config: LemaConfig, spec: ModelSpec, device: Device) -> Train
     return TrainingShape(
         batch=config.batch_size, seq=config.max_seq_len, lora_rank=config.lora_rank,
         lora_targets=config.lora_target_modules, strategy=config.strategy,
-        prefetch=config.prefetch_distance, dtype=_planned_dtype(config, spec, device),
+        prefetch=config.prefetch, prefetch_auto=config.prefetch_auto, dtype=_planned_dtype(config, spec, device),
         gradient_checkpointing=config.checkpointing, device_kind=device.traits.kind,
         offload_activations=config.offload if config.checkpointing else False,
         kept_layers=None if config.gradient_checkpointing == "auto" and config.strategy is MemoryStrategy.AUTO else 0,
@@ -202,7 +202,7 @@ def make_plan(config: LemaConfig, spec: ModelSpec, device: Device, mode: str = "
     capacity = config.vram_bytes if config.vram_bytes is not None else device.capacity
     budget = None if capacity is None else Budget(device_bytes=capacity, host_bytes=config.ram_bytes)
     rates = None
-    if shape.kept_layers is None:  # AUTO chooses by time: this machine's calibration when cached
+    if shape.kept_layers is None or shape.prefetch_auto:  # AUTO chooses by time: this machine's calibration
         from lema.adapters.devices.calibration_cache import rates_for
         from lema.domain.plan.timing import default_rates
 

@@ -23,7 +23,8 @@ import click
 @click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True, help="Timed steps per run.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--prefetch", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--prefetch", type=click.IntRange(min=0), default=None,
+              help="Layers read ahead in the LEMA runs (default: AUTO chooses by predicted step time, others 2).")
 @click.option("--device", default="auto", show_default=True,
               help="cpu, cuda or cuda:N (auto: cuda when a GPU is available, else cpu; said in the first line).")
 @click.option("--strategies", default="streaming,resident", show_default=True,

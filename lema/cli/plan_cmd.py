@@ -27,7 +27,9 @@ DEFAULT_BANDWIDTH = "24G"  # bytes/s: PCIe 4.0 x16 host -> device from pinned me
 @click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank.")
 @click.option("--targets", metavar="A,B,...", help="LoRA target modules (default: the family's; 'all-linear').")
 @click.option("--strategy", default="streaming", show_default=True, help="streaming, resident or auto.")
-@click.option("--prefetch", type=int, default=2, show_default=True, help="Layers fetched ahead (slots = prefetch + 1).")
+@click.option("--prefetch", type=click.IntRange(min=0), default=None,
+              help="Layers fetched ahead (slots = prefetch + 1); default: with --strategy auto the plan chooses "
+                   "0..4 by predicted step time (a 'chose: prefetch' line says why), otherwise 2.")
 @click.option("--dtype", metavar="DTYPE", help="Plan at this dtype (float16, bfloat16, float32); default: the file's.")
 @click.option("--quantize", type=click.Choice(["nf4", "fp4", "int8"]), default=None,
               help="Plan the model as if its linear weights were quantized (what `lema convert --quantize` writes).")
@@ -56,7 +58,7 @@ DEFAULT_BANDWIDTH = "24G"  # bytes/s: PCIe 4.0 x16 host -> device from pinned me
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--list-models", is_flag=True, help="List the built-in model names and exit.")
 def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: int, rank: int,
-         targets: str | None, strategy: str, prefetch: int, dtype: str | None, quantize: str | None,
+         targets: str | None, strategy: str, prefetch: int | None, dtype: str | None, quantize: str | None,
          no_double_quant: bool, config_path: str | None, device_kind: str, mode: str, no_checkpointing: bool,
          offload: bool | None, reserve: str | None, bandwidth: str, nproc: int, calibrate: bool, as_json: bool,
          list_models: bool) -> None:
@@ -67,6 +69,7 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
     )
     from lema.domain.model.sequence_limit import check_seq
     from lema.domain.device_traits import DEVICE_KINDS
+    from lema.domain.plan.inputs import DEFAULT_PREFETCH
     from lema.domain.plan.planner import Budget, TrainingShape
     from lema.domain.plan.planner import plan as make_plan
     from lema.domain.units import parse_size
@@ -85,7 +88,8 @@ def plan(model: str | None, vram: str | None, ram: str | None, batch: int, seq: 
     elif ram is not None:
         raise ConfigError("--ram needs --vram too (the device budget); e.g. --vram 8G --ram 32G")
     shape = TrainingShape(batch=batch, seq=seq, lora_rank=rank, lora_targets=targets, strategy=strategy,
-                          prefetch=prefetch, dtype=dtype, gradient_checkpointing=not no_checkpointing,
+                          prefetch=DEFAULT_PREFETCH if prefetch is None else prefetch,
+                          prefetch_auto=prefetch is None, dtype=dtype, gradient_checkpointing=not no_checkpointing,
                           device_kind=device_kind, mode=mode, offload_activations=offload,
                           reserve_bytes=None if reserve is None else _reserve(reserve), local_ranks=nproc,
                           # the CPU without a budget trains on the weights in place, as `lema train` runs it
@@ -188,15 +192,25 @@ def _rates(spec, shape, calibrate: bool):  # noqa: ANN001, ANN202
 
         device = CudaDevice()
     try:
+        from lema.app.tools.engine_overhead import engine_overhead
+
         rates, path = measure(device, name, facts_for(spec, shape), shape.dtype or spec.dtype, shape.batch,
-                              shape.seq, chunk=shape.head_chunk_tokens, spec=spec, shape=shape)
+                              shape.seq, chunk=shape.head_chunk_tokens, spec=spec, shape=shape,
+                              engine=engine_overhead)
     finally:
         device.close()
-    click.echo(f"calibrated: link {rates.link_bytes_per_s / 1e9:.2f} GB/s pinned, "
-               f"{rates.link_pageable_bytes_per_s / 1e9:.2f} GB/s pageable; matmul "
-               f"{rates.matmul_flops_per_s / 1e12:.3g} TFLOP/s, attention {rates.attention_flops_per_s / 1e12:.3g} "
-               f"TFLOP/s, memory {rates.memory_bytes_per_s / 1e9:.3g} GB/s (cached in {path})", err=True)
+    r = rates
+    click.echo(f"calibrated: link {r.link_bytes_per_s / 1e9:.2f} GB/s pinned, "
+               f"{r.link_pageable_bytes_per_s / 1e9:.2f} GB/s pageable; matmul "
+               f"{r.matmul_flops_per_s / 1e12:.3g} TFLOP/s, attention {r.attention_flops_per_s / 1e12:.3g} "
+               f"TFLOP/s, memory {r.memory_bytes_per_s / 1e9:.3g} GB/s; fixed costs: layer forward "
+               f"{r.layer_forward_overhead_s * 1e3:.3g} ms, backward {r.layer_backward_overhead_s * 1e3:.3g} ms, "
+               f"head chunk {r.head_overhead_s * 1e3:.3g} ms, {r.tensor_overhead_s * 1e6:.3g} us per trainable "
+               f"tensor, {r.unit_overhead_s * 1e3:.3g} ms per engine step, {r.step_overhead_s * 1e3:.3g} ms per "
+               f"step (cached in {path})", err=True)
     return rates
+
+
 def _device(asked: str) -> tuple[str, str]:
     """The device kind planned for and how it was chosen (``--device auto``: is a GPU visible?)."""
     if asked != "auto":

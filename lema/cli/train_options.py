@@ -159,8 +159,9 @@ OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option("--offload-activations/--no-offload-activations", "offload", default=None,
                  help="Keep the checkpointed layer inputs in host memory between each layer's forward and backward "
                       "(default: on when the memory plan needs it; the planner also tiles long sequences)."),
-    click.option("--prefetch", type=click.IntRange(min=0), default=2, show_default=True,
-                 help="Layers read ahead of the one computing."),
+    click.option("--prefetch", type=click.IntRange(min=0), default=None,
+                 help="Layers read ahead of the one computing (default: with --strategy auto the plan chooses "
+                      "0..4 by predicted step time, otherwise 2)."),
     click.option("--warmup", "--warmup-steps", "warmup", type=click.IntRange(min=0), default=0, show_default=True,
                  help="Linear warmup steps."),
     click.option("--warmup-ratio", type=click.FloatRange(min=0.0, max=1.0, max_open=True), default=None,

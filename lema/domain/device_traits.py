@@ -54,6 +54,15 @@ class DeviceTraits:
             consumer card (RTX 4090 class: about 150 TFLOP/s dense bf16 in practice, 40 fp32,
             900 GB/s of elementwise traffic). CPU: two cores with AVX-512 BF16 (about 300 GFLOP/s
             bf16, 150 fp32, memcpy and elementwise 8 GB/s).
+        default_layer_overhead_s, default_tensor_overhead_s, default_step_overhead_s,
+        default_unit_overhead_s: the stated fixed costs (:class:`lema.domain.plan.timing.MachineRates`
+            ``*_overhead_s``): per decoder-layer forward and head chunk (a backward: twice
+            that), per trainable tensor at the optimizer step, per step, per engine compute
+            step. CPU: 1 ms, 40 us (one tensor at a time), 2 ms, 0.2 ms; CUDA: 2 ms
+            (launch-bound Python), 15 us (multi-tensor kernels), 5 ms, 0.2 ms.
+        async_compute: the host queues the device's work and runs ahead (CUDA): a pass's
+            fixed cost (its Python and launches) hides behind the device's work, and only
+            what exceeds that work adds to the step; on a CPU both run on the same cores and add.
         bf16: computes bfloat16 natively (CPUs; CUDA from compute capability 8.0): a float16
             model file trains in bfloat16 there (:mod:`lema.domain.model.precision`).
         spare_staging: one host staging buffer more than the slots, taken in turn, so the
@@ -77,6 +86,11 @@ class DeviceTraits:
     default_fp32_flops_per_s: float = 150e9
     default_attention_efficiency: float = 0.5
     default_memory_bytes_per_s: float = 8e9
+    default_layer_overhead_s: float = 1e-3
+    default_tensor_overhead_s: float = 40e-6
+    default_step_overhead_s: float = 2e-3
+    default_unit_overhead_s: float = 2e-4
+    async_compute: bool = False
     bf16: bool = True
     spare_staging: bool = False
 
@@ -84,7 +98,9 @@ class DeviceTraits:
 CUDA = DeviceTraits(kind="cuda", pinned_host=True, runtime_reserve=DEFAULT_CUDA_RESERVE, foreach_optimizer=True,
                     dequantizes_in_place=True, default_link_bytes_per_s=20e9, default_link_pageable_bytes_per_s=8e9,
                     default_half_flops_per_s=150e12, default_fp32_flops_per_s=40e12,
-                    default_memory_bytes_per_s=900e9, spare_staging=True)
+                    default_memory_bytes_per_s=900e9, default_layer_overhead_s=2e-3,
+                    default_tensor_overhead_s=15e-6, default_step_overhead_s=5e-3, async_compute=True,
+                    spare_staging=True)
 CPU = DeviceTraits(kind="cpu", host_memory=True)
 
 DEVICE_KINDS: dict[str, DeviceTraits] = {t.kind: t for t in (CUDA, CPU)}

@@ -12,7 +12,12 @@ Measures, on a device (:class:`~lema.ports.device.Device`), in a few seconds:
   shapes, forward and forward + backward; what the matmul and attention rates do not explain
   of its time is the elementwise traffic the model counts (an add and a SiLU over a
   ``(T, ffn)`` tensor when the layer cannot be built here: a quantized one), and the same for
-  the head's chunked fp32 loss + backward (its own rate: its traffic is of another kind).
+  the head's chunked fp32 loss + backward (its own rate: its traffic is of another kind);
+* the fixed costs no FLOP or byte count explains (:func:`overheads`): a decoder layer's
+  forward and backward and a head chunk of the model's own family at toy sizes, the
+  optimizer's cost per trainable tensor, the step's own parts (the engine's schedule, the
+  embedding's gather, the loss read); the elementwise rates above are fitted to what is left
+  once these are taken out.
 
 The result is a :class:`~lema.domain.plan.timing.MachineRates`, cached as JSON under
 ``$LEMA_CACHE`` (default ``~/.cache/lema``) ``/calibration/<machine>-<device>.json``, one
@@ -23,43 +28,26 @@ kind's stated defaults (and says so).
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from lema.adapters.devices.calibration_cache import cache_path, cached_rates, device_name, rates_for, run_key
 from lema.adapters.devices.calibration_cache import store as store_rates
+from lema.adapters.devices.calibration_runs import _head_time, _layer_times, _timed, overheads, shrunk_spec
 from lema.domain.model.spec import ModelSpec, torch_dtype
 from lema.domain.plan.inputs import TrainingShape
 from lema.domain.plan.items import ModelFacts
 from lema.domain.plan.timing import MachineRates
 from lema.ports.device import Device
 
-__all__ = ["cache_path", "calibrate", "cached_rates", "device_name", "rates_for", "run_key"]
+__all__ = ["cache_path", "calibrate", "cached_rates", "device_name", "overheads", "rates_for", "run_key", "shrunk_spec"]
 
 MAX_TOKENS = 4096
 MAX_SEQ = 4096
 MAX_PRODUCT_FLOPS = 2e10  # the largest product timed: under a second on a CPU, well above saturation
-
-
-def _timed(fn: Callable[[], Any], sync: Callable[[], None], budget_s: float = 0.5) -> float:
-    """Median seconds of ``fn``: one warm-up, then runs until ``budget_s`` is spent (at least
-    one, at most 50): the typical run, as ``lema bench`` reports the median step it is compared
-    with. A big model's layer takes one or two runs, so the calibration stays within seconds."""
-    fn()
-    sync()
-    times: list[float] = []
-    spent = 0.0
-    while not times or (spent < budget_s and len(times) < 50):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-        spent += times[-1]
-    return statistics.median(times)
 
 
 def _matmul_rate(f: ModelFacts, tokens: int, dtype: torch.dtype, where: torch.device, sync: Callable[[], None],
@@ -105,7 +93,8 @@ def _memory_rate(f: ModelFacts, tokens: int, dtype: torch.dtype, where: torch.de
 
 
 def _layer_memory_rate(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, dtype: torch.dtype,
-                       device: Device, matmul: float, attention: float) -> float | None:
+                       device: Device, matmul: float, attention: float,
+                       fixed: dict[str, float] | None = None) -> float | None:
     """The elementwise rate one real decoder layer of this model shows at the run's shapes.
 
     Runs :func:`lema.domain.model.blocks.decoder_block` on random weights of the first decoder
@@ -116,89 +105,59 @@ def _layer_memory_rate(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, dty
     is that traffic over that time, so the layer's own norms, casts, rotary and LoRA copies are
     measured, not guessed. None for a quantized layer (the dequantization path is not built here).
     """
-    from lema.domain.model import blocks, context
-    from lema.domain.model.lora import LoraSpec, module_keys, module_shape, resolve_targets
     from lema.domain.plan.timing import layer_work
 
-    unit = spec.units[1]
-    if unit.packed:
+    if spec.units[1].packed:
         return None
-    where = device.torch_device
     batch = max(1, min(shape.batch, MAX_TOKENS // max(shape.seq, 1)))
     seq = min(shape.seq, MAX_TOKENS)
-    generator = torch.Generator().manual_seed(0)
-    weights = {t.key: (torch.randn(t.shape, generator=generator) * 0.02 + (1.0 if len(t.shape) == 1 else 0.0))
-               .to(dtype).to(where) for t in unit.tensors}
-    targets = resolve_targets(spec.family, shape.lora_targets)
-    adapters = {}
-    for key in module_keys(spec, targets):
-        n_in, n_out = module_shape(spec, key)
-        a = (torch.randn(shape.lora_rank, n_in, generator=generator) * 0.01).to(where).requires_grad_(True)
-        b = (torch.randn(n_out, shape.lora_rank, generator=generator) * 0.01).to(where).requires_grad_(True)
-        adapters[key] = (a, b)
-    ctx = context.make_context(spec, (batch, seq), device=where, dtype=dtype,
-                               lora=LoraSpec(rank=shape.lora_rank, targets=targets), training=True,
-                               matmul_dtype=device.matmul_dtype(dtype))
-    x = torch.randn(batch, seq, spec.hidden_size, generator=generator).to(dtype).to(where)
-    grad = torch.randn_like(x)
-    sync = device.synchronize
-
-    def forward() -> None:
-        with torch.no_grad():
-            blocks.decoder_block(spec, weights, adapters, x, ctx, 0)
-
-    def forward_backward() -> None:
-        x_in = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            out = blocks.decoder_block(spec, weights, adapters, x_in, ctx, 0)
-            torch.autograd.backward(out, grad)
-        for pair in adapters.values():
-            for t in pair:
-                t.grad = None
-
-    measured = _timed(forward, sync, budget_s=2.0) + _timed(forward_backward, sync, budget_s=3.0)
+    forward, forward_backward = _layer_times(spec, shape, batch, seq, dtype, device)
+    measured = forward + forward_backward
+    if fixed is not None and "layer_forward_overhead_s" in fixed:
+        # A fixed cost is part of the real layer's time: a toy measured slower than the real
+        # layer waited for a busy core, so it is capped at what the real layer took.
+        fixed["layer_forward_overhead_s"] = min(fixed["layer_forward_overhead_s"], forward)
+        fixed["layer_backward_overhead_s"] = min(fixed["layer_backward_overhead_s"], forward_backward)
+    overhead = 0.0 if fixed is None else (2 * fixed.get("layer_forward_overhead_s", 0.0)
+                                          + fixed.get("layer_backward_overhead_s", 0.0))
     fwd, bwd = layer_work(f, batch, seq, shape.lora_rank, shape.attention_path)
-    explained = (2 * fwd.matmul + bwd.matmul) / matmul + (2 * fwd.attention + bwd.attention) / attention
+    explained = (2 * fwd.matmul + bwd.matmul) / matmul + (2 * fwd.attention + bwd.attention) / attention + overhead
     traffic = 2 * fwd.memory + bwd.memory
     return traffic / max(measured - explained, 0.05 * measured)
 
 
 def _head_memory_rate(spec: ModelSpec, f: ModelFacts, shape: TrainingShape, dtype: torch.dtype,
-                      device: Device, matmul: float) -> float | None:
+                      device: Device, matmul: float, fixed: dict[str, float] | None = None) -> float | None:
     """The elementwise rate of the head's chunked fp32 loss + backward at the run's shape,
     measured like :func:`_layer_memory_rate` on random weights of the head's shapes (None for
-    a packed head)."""
-    from lema.domain.model import heads
+    a packed head); the measured fixed cost per chunk (``fixed["head_overhead_s"]``, capped at
+    what a chunk of the real head took) is not traffic."""
     from lema.domain.plan.timing import head_work
 
-    unit = spec.units[-1]
-    if unit.packed:
+    if spec.units[-1].packed:
         return None
-    where = device.torch_device
     batch = max(1, min(shape.batch, MAX_TOKENS // max(shape.seq, 1)))
     seq = min(shape.seq, MAX_TOKENS)
-    generator = torch.Generator().manual_seed(1)
-    weights = {t.key: (torch.randn(t.shape, generator=generator) * 0.02 + (1.0 if len(t.shape) == 1 else 0.0))
-               .to(dtype).to(where) for t in unit.tensors}
-    x = torch.randn(batch, seq, spec.hidden_size, generator=generator).to(dtype).to(where)
-    targets = torch.randint(0, spec.vocab_size, (batch, seq), generator=generator).to(where)
-    products = device.matmul_dtype(dtype)
-
-    def loss_backward() -> None:
-        x_last = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss, _ = heads.head_loss(spec, weights, x_last, targets, shape.head_chunk_tokens, matmul_dtype=products)
-            loss.backward()
-
-    measured = _timed(loss_backward, device.synchronize, budget_s=2.0)
+    measured = _head_time(spec, shape, batch, seq, dtype, device)
     work = head_work(f, batch, seq, True)
-    return work.memory / max(measured - work.matmul / matmul, 0.05 * measured)
+    chunks = -(-batch * seq // shape.head_chunk_tokens)
+    fixed_per_chunk = 0.0
+    if fixed is not None and "head_overhead_s" in fixed:  # a disturbed toy: capped, as for the layer
+        fixed_per_chunk = fixed["head_overhead_s"] = min(fixed["head_overhead_s"], measured / chunks)
+    return work.memory / max(measured - work.matmul / matmul - chunks * fixed_per_chunk, 0.05 * measured)
 
 
 def calibrate(device: Device, device_name: str, f: ModelFacts, dtype: str, batch: int, seq: int,
               chunk: int = 1024, store: bool = True, spec: ModelSpec | None = None,
-              shape: TrainingShape | None = None) -> tuple[MachineRates, Path | None]:
+              shape: TrainingShape | None = None,
+              engine: Callable[[ModelSpec, TrainingShape, Device], tuple[float, float] | None] | None = None,
+              ) -> tuple[MachineRates, Path | None]:
     """Measure the rates (see the module docstring); cache them unless ``store`` is False.
+
+    ``engine`` measures the engine's own fixed costs on ``device`` (the application's
+    :func:`lema.app.tools.engine_overhead.engine_overhead`, which this layer may not import):
+    ``(seconds per compute step, seconds per pass)``, added to ``unit_overhead_s`` and
+    ``step_overhead_s``; None (or a model it cannot shrink): the engine's part is not measured.
 
     Returns:
         ``(rates, cache file or None)``.
@@ -214,13 +173,19 @@ def calibrate(device: Device, device_name: str, f: ModelFacts, dtype: str, batch
         attention = _attention_rate(f, batch, min(seq, MAX_SEQ), want, where, sync)
         memory = _memory_rate(f, tokens, want, where, sync)
     head = None
+    fixed: dict[str, float] = {}
     if spec is not None and shape is not None:
-        layer = _layer_memory_rate(spec, f, shape, want, device, matmul, attention)
+        fixed = overheads(spec, f, shape, want, device)
+        layer = _layer_memory_rate(spec, f, shape, want, device, matmul, attention, fixed)
         memory = layer if layer is not None else memory
-        head = _head_memory_rate(spec, f, shape, want, device, matmul)
+        head = _head_memory_rate(spec, f, shape, want, device, matmul, fixed)
+        measured = engine(spec, shape, device) if engine is not None else None
+        if measured is not None:
+            fixed["unit_overhead_s"] = measured[0]
+            fixed["step_overhead_s"] = fixed.get("step_overhead_s", 0.0) + measured[1]
     rates = MachineRates(link_bytes_per_s=pinned, link_pageable_bytes_per_s=pageable, matmul_flops_per_s=matmul,
                          attention_flops_per_s=attention, memory_bytes_per_s=memory,
-                         head_memory_bytes_per_s=head,
+                         head_memory_bytes_per_s=head, **fixed,
                          source=f"calibrated on {device_name} at {time.strftime('%Y-%m-%d %H:%M')}",
                          calibrated=True)
     path = store_rates(device_name, run_key(f, dtype, batch, seq), rates) if store else None

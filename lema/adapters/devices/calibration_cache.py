@@ -49,8 +49,10 @@ def rates_for(spec: ModelSpec, shape: TrainingShape) -> MachineRates | None:
 
 
 def run_key(f: ModelFacts, dtype: str, batch: int, seq: int) -> str:
-    """The shapes a calibration was measured at (another run needs its own)."""
-    return f"{dtype}:b{batch}:s{seq}:h{f.hidden}:q{f.q_dim}:kv{f.kv_dim}:ff{f.ffn}:v{f.vocab}:H{f.n_heads}"
+    """The shapes a calibration was measured at (another run needs its own); ``v2``: with the
+    fixed costs (an older entry, without them, is a miss), which depend on the adapted modules."""
+    return (f"v2:{dtype}:b{batch}:s{seq}:h{f.hidden}:q{f.q_dim}:kv{f.kv_dim}:ff{f.ffn}:v{f.vocab}:H{f.n_heads}"
+            f":m{len(f.lora_modules)}")
 
 
 def cached_rates(device_name: str, key: str) -> MachineRates | None:

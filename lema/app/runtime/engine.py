@@ -69,8 +69,8 @@ class Engine:
         prefetch: streamed units fetched ahead of the one computing (0: serial).
         resident_units: units uploaded once and kept on the device.
         streamed_units: units streamed per pass (default: ``units[1:]`` minus the resident).
-        plan: optional memory plan (``.device_total`` bytes, ``.fits``); the engine refuses
-            to start, before allocating anything, if it does not fit the device.
+        plan: optional memory plan (``.device_total`` bytes, ``.fits``, ``.kept_units``: never
+            offloaded); the engine refuses to start, before allocating anything, if it does not fit.
         compute_dtype: the dtype quantized weights are dequantized to (default: the spec's);
             a model with packed weights gets one device scratch buffer for them
             (:class:`lema.adapters.devices.dequantize.UnitDequantizer`).
@@ -98,7 +98,7 @@ class Engine:
         _check_plan(plan, device)
         self.spec, self.source, self.device = spec, source, device
         self.prefetch = prefetch
-        self.offload_inputs = bool(offload_inputs)
+        self.offload_inputs, self.kept_units = bool(offload_inputs), frozenset(getattr(plan, "kept_units", ()))
         self.n_slots = slot_count(len(streamed), prefetch)  # validates prefetch
         self.units = tuple(sorted(resident + streamed))
         self.resident = frozenset(resident)
@@ -252,7 +252,7 @@ class Engine:
         if offload and inputs is None:
             raise ConfigError("this engine offloads activations: a train pass must pass inputs= (its InputStore)")
         backward = None if backward_units is None else frozenset(backward_units)
-        steps = build_schedule(self.units, self.prefetch, self.resident, mode, backward, offload_inputs=offload)
+        steps = build_schedule(self.units, self.prefetch, self.resident, mode, backward, offload, self.kept_units)
         device = self.device
         device.reset_peak()
         start = time.perf_counter()

@@ -23,6 +23,7 @@ def measure_rates(settings: Any, mono: Path, device: Any) -> Any:
     measures them (on ``device``, the bench's own kind: a simulated link is the link), not
     cached; the device is closed."""
     from lema.adapters.devices.calibrate import calibrate, device_name
+    from lema.app.tools.engine_overhead import engine_overhead
     from lema.adapters.weights.model_files import resolve_model
     from lema.domain.model.spec import dtype_code
     from lema.domain.plan.assemble import facts_for
@@ -33,7 +34,7 @@ def measure_rates(settings: Any, mono: Path, device: Any) -> Any:
     shape = TrainingShape(batch=settings.batch, seq=settings.seq, lora_rank=settings.rank, dtype=dtype)
     try:
         rates, _ = calibrate(device, device_name(device.traits), facts_for(spec, shape), dtype, settings.batch,
-                             settings.seq, store=False, spec=spec, shape=shape)
+                             settings.seq, store=False, spec=spec, shape=shape, engine=engine_overhead)
     finally:
         device.close()
     return rates

@@ -1,8 +1,7 @@
 """Side-by-side step-time benchmarks: LEMA STREAMING / RESIDENT vs transformers + peft, and the floor.
 
-Every number of one result is measured in the same process on the same batch, so the
-ratios are meaningful on any machine; absolute times are only this machine's. Used by
-``lema bench`` and ``benchmarks/train_bench.py``.
+Every number of one result is measured in the same process on the same batch, so the ratios
+are meaningful on any machine; absolute times are only this machine's (``lema bench``).
 
 The floor of a streamed step is ``max(link floor, compute alone)``: the bytes a step
 uploads over the measured host -> device bandwidth, and the step time with every weight
@@ -23,8 +22,7 @@ from typing import Any, Callable
 import attrs
 import torch
 
-# ~100M parameters, Llama-shaped (the issue's benchmark model).
-PRESETS: dict[str, dict[str, Any]] = {
+PRESETS: dict[str, dict[str, Any]] = {  # ~100M parameters, Llama-shaped (the issue's benchmark model)
     "100m": {"model_type": "llama", "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 10,
              "num_attention_heads": 12, "num_key_value_heads": 12, "vocab_size": 16000,
              "max_position_embeddings": 2048, "tie_word_embeddings": False},
@@ -54,7 +52,7 @@ class BenchSettings:
     device: str = "cpu"
     strategies: tuple[str, ...] = ("streaming", "resident")
     reference: bool = True
-    prefetch: int = 2
+    prefetch: int | None = None  # None: the config's "auto" (AUTO chooses the depth, others read 2 ahead)
     read_bytes: int = 0  # also time LEMA's reader against a sequential read of a file this big (0: skip)
     link_bandwidth: float | None = None  # simulate a link of this many bytes/s (CPU device only)
     trace: bool = False  # count every allocation and keep the event timeline in the timed steps
@@ -138,7 +136,7 @@ class LemaRun:
         self.name = "lema_compute_alone" if self.alone else f"lema_{strategy}"
         config = LemaConfig(gbi_path=str(mono), device=settings.device, strategy="auto" if self.alone else strategy,
                             lora_rank=settings.rank, batch_size=settings.batch, max_seq_len=settings.seq,
-                            prefetch_distance=settings.prefetch,
+                            prefetch_distance="auto" if settings.prefetch is None else settings.prefetch,
                             vram_budget=None if self.alone else settings.vram)
         self.model = model = LemaModel(config, device=make_device(settings, budget=not self.alone))
         model.initialize_lora()
@@ -172,6 +170,7 @@ class LemaRun:
             "compute_s": statistics.median(r.compute_seconds for r in measured),
             "device_peak_bytes": peak, "plan_device_total_bytes": model.plan().device_total,
             "resident_units": len(model.plan().resident_units), "kept_layers": model.plan().kept_layers,
+            "prefetch": model.plan().shape.prefetch,
             "adapters": [p.detach().float().clone() for p in model.get_trainable_parameters()],
         }
         if self.rates is not None:
@@ -180,7 +179,8 @@ class LemaRun:
             predicted = predict(model.plan(), model.spec, self.rates)
             result["predicted_s"] = predicted.step_seconds
             result["predicted_over_measured"] = predicted.step_seconds / result["step_s"]
-            result["predicted_bound"] = f"{predicted.bound} ({predicted.share:.0%})"
+            fixed = predicted.fixed_seconds
+            result["predicted_bound"] = f"{predicted.bound} ({predicted.share:.0%}), fixed cost {fixed:.3g} s"
         if settings.trace:
             result["timeline"] = [list(map(str, e)) for e in measured[-1].timeline]
         model.close()
@@ -380,7 +380,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     for r in result["runs"]:
         if "kept_layers" in r or "adapters_max_rel_diff" in r:
             lines.append(f"{r['name']}: kept activations {r.get('kept_layers', '-')} layers, "
-                         f"{r.get('resident_units', '-')} units resident"
+                         f"{r.get('resident_units', '-')} units resident, prefetch {r.get('prefetch', '-')}"
                          + (f", bound {r['predicted_bound']}" if "predicted_bound" in r else "")
                          + (f", adapters vs the first run: max relative difference {r['adapters_max_rel_diff']:.3g}"
                             if "adapters_max_rel_diff" in r else ""))

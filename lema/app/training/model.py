@@ -89,7 +89,7 @@ class LemaModel(AdapterModule):
         bootstrap.check_host_memory(config, self._plan, self.device, host_memory)  # before anything loads
         self.disk = bootstrap.plan_disk(config, self.spec, self._resolved, self._plan, self.device, host_memory)
         self.source = bootstrap.make_source(config.strategy, self._resolved, self.device, self.disk)
-        self.engine = Engine(self.spec, self.source, self.device, prefetch=config.prefetch_distance,
+        self.engine = Engine(self.spec, self.source, self.device, prefetch=self._plan.shape.prefetch,
                              resident_units=self._plan.resident_units, plan=self._plan,
                              compute_dtype=self.compute_dtype, offload_inputs=self._plan.offload_activations)
         try:

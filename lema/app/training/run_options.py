@@ -53,7 +53,7 @@ class TrainOptions:
     tokenizer: str | None = None
     device: str = "auto"
     offload: bool | None = None
-    prefetch: int = 2
+    prefetch: int | None = None  # None: "auto" (AUTO chooses the depth, another strategy reads 2 ahead)
     warmup: int = 0
     lr_schedule: str = "constant"
     max_line_size: str = "1M"

@@ -158,7 +158,7 @@ def _train(o: TrainOptions, out_dir: Path, ckpt: Path | None, ranks: Any, echo: 
     echo(f"      {per_epoch} batches per epoch; {total} optimizer steps")
 
     runtime = dict(gbi_path=gbi_path, model_name_or_path=name_or_path, strategy=o.strategy, device=o.device,
-                   vram_budget=o.vram, prefetch_distance=o.prefetch, max_seq_len=o.seq,
+                   vram_budget=o.vram, prefetch_distance="auto" if o.prefetch is None else o.prefetch, max_seq_len=o.seq,
                    # a preference step's rows: each pair (KTO: each row and its KL row) is two
                    batch_size=o.batch * (2 if objective is not None else 1),
                    preference=None if objective is None else "pairs" if not objective.needs_reference

@@ -106,8 +106,11 @@ def build(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Bu
 
 
 def offloaded_inputs(f: ModelFacts, shape: TrainingShape) -> int:
-    """How many layer inputs leave the device each step (all but the kept ones)."""
-    return f.n_layers - kept_inputs(f.n_layers, shape.prefetch) if shape.offloads else 0
+    """How many layer inputs leave the device each step: of the ``c`` recomputing layers' (the
+    layers that keep their activations have none), all but the ``kept_inputs(c)`` whose
+    backward comes first."""
+    c = f.n_layers - shape.kept(f.n_layers)
+    return c - kept_inputs(c, shape.prefetch) if shape.offloads else 0
 
 
 def persistent_items(summary: ModelSummary, f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
@@ -185,7 +188,7 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
     held = shape.kept(n)  # the last `held` layers keep their graph (no recompute)
     if held < n:
         c = n - held  # the layers that recompute
-        k = kept_inputs(n, shape.prefetch) if shape.offloads else c
+        k = kept_inputs(c, shape.prefetch) if shape.offloads else c
         where = f"{k} of {n} layers on the device" if k < n else f"{n} layers"
         # At backward position p (unit L - p) the device holds min(k, L - p) inputs and the
         # gradients of p + 1 layers: the larger end is p = L - k or p = L - 1.
@@ -197,7 +200,7 @@ def activation_phases(f: ModelFacts, shape: TrainingShape) -> list[MemoryItem]:
                     MemoryItem("lora_grads", n * g, f"{n} layers, fp32")]
         inputs = MemoryItem("checkpointed_inputs", k * x, f"{where} x T h a")
         forward_inputs = inputs
-        if k < n and shape.device.pinned_host and k < 2:
+        if k < c and shape.device.pinned_host and k < 2:
             forward_inputs = MemoryItem("checkpointed_inputs", 2 * x, "the current input + the previous one, "
                                                                       "until its copy to the host is done")
         tile = shape.tile
@@ -336,9 +339,9 @@ def activation_options(shape: TrainingShape, f: ModelFacts | None = None) -> lis
     offloaded (offload costs link time; tiling recomputes the projections)."""
     if not (shape.training and shape.gradient_checkpointing):
         return [attrs.evolve(shape, offload_activations=bool(shape.offload_activations), tile_tokens=0)]
-    if shape.kept_layers:  # kept layers are neither offloaded nor tiled
-        return [attrs.evolve(shape, offload_activations=False, tile_tokens=0)]
     offloads = [False, True] if shape.offload_activations is None else [shape.offload_activations]
+    if shape.kept_layers:  # kept layers are not tiled (the recomputing ones' inputs may be offloaded)
+        return [attrs.evolve(shape, offload_activations=o, tile_tokens=0) for o in offloads]
     auto = [0, *tile_candidates(shape.seq)] if f is None or tiles_planned(f) else [0]
     tiles = auto if shape.tile_tokens is None else [shape.tile_tokens]
     return [attrs.evolve(shape, offload_activations=o, tile_tokens=t) for t in tiles for o in offloads]

@@ -78,11 +78,12 @@ def choose(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: B
            rates: MachineRates | None = None) -> MemoryPlan:
     """The fastest plan (by predicted step) over the kept-layer counts that fit; see the module docstring.
 
-    ``shape`` has its activations resolved; when they offload or tile, nothing is kept.
+    ``shape`` has its activations resolved; when they are tiled, nothing is kept (with offload,
+    the kept layers' inputs stay on the device and the others' are offloaded).
     """
     n = f.n_layers
     decide = shape.kept_layers is None
-    if not decide or not shape.training or not shape.gradient_checkpointing or shape.offloads or shape.tile:
+    if not decide or not shape.training or not shape.gradient_checkpointing or shape.tile:
         fixed = attrs.evolve(shape, kept_layers=shape.kept_layers or 0)
         return build(summary, f, fixed, budget, _resident(summary, f, fixed, budget))
     options: list[tuple[float, int, MemoryPlan]] = []

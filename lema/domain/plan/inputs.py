@@ -18,6 +18,8 @@ from lema.errors import ConfigError, ModelFormatError
 
 _POSITIVE = ("batch", "seq", "lora_rank", "head_chunk_tokens", "local_ranks")
 _NON_NEGATIVE = ("prefetch", "optimizer_states")
+DEFAULT_PREFETCH = 2  # layers read ahead when neither the user nor AUTO's search says otherwise
+PREFETCH_DEPTHS = (0, 1, 2, 3, 4)  # the depths AUTO's search tries
 
 
 def _strategy(value: "str | MemoryStrategy") -> MemoryStrategy:
@@ -50,6 +52,10 @@ class TrainingShape:
         lora_rank, lora_targets: the adapter (targets None = the family's defaults).
         strategy: STREAMING (default), RESIDENT or AUTO.
         prefetch: layers fetched ahead of compute (slots = prefetch + 1).
+        prefetch_auto: the planner chooses ``prefetch`` (AUTO: the depth in
+            :data:`PREFETCH_DEPTHS` with the smallest predicted step among those that fit,
+            :func:`lema.domain.plan.planner.plan`; the plan's shape then holds the depth chosen
+            and ``prefetch_auto=False``); another strategy keeps ``prefetch``.
         dtype: compute/storage dtype override (``"bfloat16"``); None keeps the file's.
         gradient_checkpointing: keep only layer inputs and recompute in backward.
         optimizer_states: fp32 states per LoRA parameter (AdamW: 2).
@@ -85,7 +91,8 @@ class TrainingShape:
             keep their autograd graph from the forward instead of recomputing in the backward
             (0: every layer recomputes, today's checkpointing); None: the planner decides by
             predicted step time within the budget (:mod:`lema.domain.plan.choose`). Without
-            checkpointing every layer keeps its graph. Not with offload or tiles.
+            checkpointing every layer keeps its graph. With activation offload only the
+            recomputing layers' inputs are offloaded (a kept layer has none); not with tiles.
         block_sparse: the batches' attention runs by blocks (packed rows: per example; a
             sliding window shorter than ``seq``: per band, :mod:`lema.domain.nn.attention`),
             whose concatenated parts hold one more attention output ``T q a`` while a layer's
@@ -100,7 +107,7 @@ class TrainingShape:
     lora_rank: int = 16
     lora_targets: tuple[str, ...] | None = attrs.field(default=None, converter=_targets)
     strategy: MemoryStrategy = attrs.field(default=MemoryStrategy.STREAMING, converter=_strategy)
-    prefetch: int = 2
+    prefetch: int = DEFAULT_PREFETCH
     dtype: str | None = attrs.field(default=None, converter=_dtype)
     gradient_checkpointing: bool = True
     optimizer_states: int = 2
@@ -117,6 +124,7 @@ class TrainingShape:
     preference: str | None = None
     kept_layers: int | None = 0
     block_sparse: bool = False
+    prefetch_auto: bool = False
 
     def __attrs_post_init__(self) -> None:
         problems = []
@@ -159,9 +167,9 @@ class TrainingShape:
             problems.append(f"batch={self.batch!r} counts the rows of pairs: it must be even with a preference")
         if self.kept_layers is not None and (not is_int(self.kept_layers) or self.kept_layers < 0):
             problems.append(f"kept_layers={self.kept_layers!r} must be an integer >= 0 or None (auto)")
-        elif self.kept_layers and (self.offload_activations or self.tile_tokens):
-            problems.append("kept_layers: layers that keep their activations are neither offloaded nor tiled; "
-                            "use offload_activations=False and tile_tokens=0 (or leave them to the planner)")
+        elif self.kept_layers and self.tile_tokens:
+            problems.append("kept_layers: layers that keep their activations are not tiled (a kept layer's graph "
+                            "holds every tile's tensors); use tile_tokens=0 (or leave it to the planner)")
         if problems:
             raise ConfigError("training shape: " + "; ".join(problems))
 

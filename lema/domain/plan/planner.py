@@ -39,13 +39,13 @@ from lema.domain.model.spec import ModelSpec
 from lema.domain.plan import items as pi
 from lema.domain.plan.assemble import _summary, auto_resident, facts_for, resolve_activations
 from lema.domain.plan.choose import choose
-from lema.domain.plan.inputs import Budget, TrainingShape
+from lema.domain.plan.inputs import DEFAULT_PREFETCH, PREFETCH_DEPTHS, Budget, TrainingShape
 from lema.domain.plan.items import MemoryItem, ModelFacts
 from lema.domain.plan.memory_plan import MemoryPlan, ModelSummary
 from lema.domain.plan.other_options import with_other_options
 from lema.domain.plan.recommend import recommendations
 from lema.domain.plan.strategy import MemoryStrategy
-from lema.domain.plan.timing import MachineRates
+from lema.domain.plan.timing import MachineRates, predict_facts
 
 __all__ = ["Budget", "MemoryItem", "MemoryPlan", "ModelSummary", "TrainingShape", "max_resident_layers", "plan"]
 
@@ -70,7 +70,11 @@ def plan(spec: ModelSpec, shape: TrainingShape | None = None, budget: Budget | N
     shape = TrainingShape() if shape is None else shape
     f = facts_for(spec, shape)
     summary = _summary(spec, shape, f)
-    result = _plan_with(summary, f, shape, budget, rates)
+    if shape.prefetch_auto:
+        result = _choose_prefetch(summary, f, shape, budget, rates)
+        shape = attrs.evolve(shape, prefetch=result.shape.prefetch, prefetch_auto=False)
+    else:
+        result = _plan_with(summary, f, shape, budget, rates)
     if budget is None:
         return result
     def facts_at(code: str) -> ModelFacts:
@@ -79,6 +83,38 @@ def plan(spec: ModelSpec, shape: TrainingShape | None = None, budget: Budget | N
     recs, fixes = recommendations(summary, f, result, facts_at, requested=shape)
     result = attrs.evolve(result, recommendations=recs, fixes=fixes)
     return with_other_options(result, spec, shape, budget, _plain)
+
+
+def _choose_prefetch(summary: ModelSummary, f: ModelFacts, shape: TrainingShape, budget: Budget | None,
+                     rates: MachineRates | None) -> MemoryPlan:
+    """AUTO's prefetch depth: of :data:`PREFETCH_DEPTHS`, the one whose plan fits with the
+    smallest predicted step (ties: the default depth, then the shallower: less memory), with
+    one ``chose:`` line comparing the depths. A deeper prefetch pays where compute per unit
+    varies (the head, the turn to the backward, whose last ``prefetch`` units stay in their
+    slots) or a slow link stalls the compute; it costs a slot of the largest streamed unit,
+    memory resident layers or kept activations could have had. Another strategy keeps the
+    shape's depth (:data:`DEFAULT_PREFETCH` unless given). A run that fits at no depth gets
+    the default's plan (its verdict and recommendations)."""
+    fixed = attrs.evolve(shape, prefetch_auto=False)
+    if shape.strategy is not MemoryStrategy.AUTO:
+        return _plan_with(summary, f, fixed, budget, rates)
+    timed: dict[int, tuple[float, MemoryPlan]] = {}
+    for depth in PREFETCH_DEPTHS:
+        p = _plan_with(summary, f, attrs.evolve(fixed, prefetch=depth), budget, rates)
+        if p.fits:
+            timed[depth] = (predict_facts(p, f, rates).step_seconds, p)
+    if not timed:
+        return _plan_with(summary, f, attrs.evolve(fixed, prefetch=DEFAULT_PREFETCH), budget, rates)
+    best = min(timed, key=lambda d: (round(timed[d][0], 6), d != DEFAULT_PREFETCH, d))
+    seconds, chosen = timed[best]
+    others = ", ".join(f"{d}: {timed[d][0] - seconds:+.3g} s" if d in timed else f"{d}: does not fit"
+                       for d in PREFETCH_DEPTHS if d != best)
+    slots = "1 weight slot" if chosen.slot_count == 1 else f"{chosen.slot_count} weight slots"
+    if not chosen.streamed_units:
+        line = f"prefetch {best}: nothing is streamed, so the depth changes nothing"
+    else:
+        line = f"prefetch {best} ({slots}): {seconds:.3g} s per step; other depths {others}"
+    return attrs.evolve(chosen, choices=chosen.choices + (line,))
 
 
 def _plain(spec: ModelSpec, shape: TrainingShape, budget: Budget | None) -> MemoryPlan:

@@ -23,7 +23,16 @@ one decoder layer (attention projections, MLP; routed experts: the ``k`` it is s
 * ``optimizer``: AdamW over the fp32 LoRA parameters (about 16 fp32 reads and writes each).
 
 Time of a phase = matmul FLOPs / matmul rate + attention FLOPs / attention rate +
-elementwise bytes / memory rate. The step is then played out over the plan's own layer
+elementwise bytes / memory rate, plus the fixed cost no FLOP or byte count explains (the
+Python and the kernel launches of each op, measured by the calibration on a shrunk copy of
+the model's own layer and head, :class:`MachineRates` ``*_overhead_s``): per decoder-layer
+pass (forward, recompute; backward), per head chunk, per trainable tensor at the optimizer
+step (AdamW, clipping, zeroing: one set of ops per LoRA ``A`` and ``B``), and per step
+(the embedding, the targets, the loss read). On a small model these are a large part of a
+step (they do not shrink with the model). The engine adds its own bookkeeping per compute
+step (``unit_overhead_s``: one per unit and phase; a recompute runs inside its backward's step). A CPU computes where its Python runs, so a pass
+takes its work plus its fixed cost; a CUDA host queues the kernels and runs ahead, so a pass
+takes the larger of the two (:func:`with_fixed`). The step is then played out over the plan's own layer
 schedule (:func:`~lema.domain.schedule.layer_schedule.build_schedule`): one link carrying the
 fetches in order, each fetch waiting for its slot's release, each compute waiting for its
 unit's fetch; the predicted step is when the last compute ends. The bound is whichever of
@@ -55,7 +64,8 @@ from lema.domain.plan.strategy import MemoryStrategy
 from lema.domain.schedule.layer_schedule import Compute, Fetch, Phase, Release, build_schedule
 from lema.errors import ConfigError
 
-__all__ = ["MachineRates", "PhaseWork", "StepTime", "default_rates", "layer_work", "predict", "predict_facts"]
+__all__ = ["MachineRates", "PhaseWork", "StepTime", "default_rates", "layer_work", "predict",
+           "predict_facts", "trainable_tensors", "with_fixed"]
 
 ADAM_BYTES_PER_PARAM = 16 * pi.FP32  # AdamW: parameter, gradient, two states read and written, temporaries
 ATTENTION_BACKWARD = 2.5  # attention's backward over its forward, in FLOPs
@@ -78,6 +88,16 @@ class MachineRates:
             then bounds the streamed bytes).
         head_memory_bytes_per_s: the elementwise rate of the head's fp32 loss and its gradient
             (measured on the head itself by the calibration; None: ``memory_bytes_per_s``).
+        layer_forward_overhead_s: fixed seconds of one decoder layer's forward (or recompute)
+            beyond its FLOPs and bytes: the Python and launches of its ops, LoRA modules included.
+        layer_backward_overhead_s: the same for one decoder layer's backward.
+        head_overhead_s: fixed seconds per chunk of the head's loss (forward + backward in training).
+        tensor_overhead_s: fixed seconds per trainable tensor at an optimizer step (AdamW's ops,
+            gradient clipping's norm, zeroing).
+        step_overhead_s: fixed seconds per step outside the layers, the head and the optimizer
+            (embedding, targets, reading the loss, starting the engine's pass).
+        unit_overhead_s: the engine's bookkeeping per compute step (one per unit and phase:
+            dispatching it, waiting for and releasing its slot, counting it).
         source: where the numbers come from (``"calibrated ..."`` or ``"defaults for ..."``).
         calibrated: measured on this machine (False: the device kind's stated defaults).
     """
@@ -89,6 +109,12 @@ class MachineRates:
     memory_bytes_per_s: float
     disk_read_bytes_per_s: float | None = None
     head_memory_bytes_per_s: float | None = None
+    layer_forward_overhead_s: float = 0.0
+    layer_backward_overhead_s: float = 0.0
+    head_overhead_s: float = 0.0
+    tensor_overhead_s: float = 0.0
+    step_overhead_s: float = 0.0
+    unit_overhead_s: float = 0.0
     source: str = ""
     calibrated: bool = False
 
@@ -96,8 +122,12 @@ class MachineRates:
         bad = [f"{a.name}={getattr(self, a.name)!r}" for a in attrs.fields(MachineRates)
                if a.name.endswith("_per_s") and getattr(self, a.name) is not None
                and not (isinstance(getattr(self, a.name), (int, float)) and getattr(self, a.name) > 0)]
+        bad += [f"{a.name}={getattr(self, a.name)!r} must be a number >= 0" for a in attrs.fields(MachineRates)
+                if a.name.endswith("_overhead_s")
+                and not (isinstance(getattr(self, a.name), (int, float)) and getattr(self, a.name) >= 0)]
         if bad:
-            raise ConfigError("machine rates: " + ", ".join(bad) + " must be positive numbers")
+            raise ConfigError("machine rates: " + ", ".join(b if "must" in b else b + " must be a positive number"
+                                                         for b in bad))
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -123,6 +153,12 @@ def default_rates(traits: DeviceTraits, dtype: str) -> MachineRates:
         attention_flops_per_s=(traits.default_half_flops_per_s if half else traits.default_fp32_flops_per_s)
         * traits.default_attention_efficiency,
         memory_bytes_per_s=traits.default_memory_bytes_per_s,
+        layer_forward_overhead_s=traits.default_layer_overhead_s,
+        layer_backward_overhead_s=2 * traits.default_layer_overhead_s,
+        head_overhead_s=traits.default_layer_overhead_s,
+        tensor_overhead_s=traits.default_tensor_overhead_s,
+        step_overhead_s=traits.default_step_overhead_s,
+        unit_overhead_s=traits.default_unit_overhead_s,
         source=f"defaults for {traits.kind} (not calibrated: run `lema plan --calibrate`)",
     )
 
@@ -179,11 +215,27 @@ def head_work(f: pi.ModelFacts, batch: int, seq: int, training: bool) -> PhaseWo
                      memory=HEAD_ELEMENTWISE_PASSES * t * f.vocab * pi.FP32)
 
 
-def head_seconds(f: pi.ModelFacts, batch: int, seq: int, training: bool, rates: MachineRates) -> float:
-    """The head's time: its traffic at the head's own elementwise rate when it was measured."""
+def with_fixed(work_s: float, fixed_s: float, overlapped: bool) -> float:
+    """A pass's time from its work and its fixed cost: their sum where the host computes
+    (a CPU), the larger where the host only queues the device's work and runs ahead (CUDA:
+    the launches hide behind the device's kernels, :attr:`DeviceTraits.async_compute`)."""
+    return max(work_s, fixed_s) if overlapped else work_s + fixed_s
+
+
+def head_seconds(f: pi.ModelFacts, batch: int, seq: int, training: bool, rates: MachineRates,
+                 chunk_tokens: int = 1024, overlapped: bool = False) -> float:
+    """The head's time: its traffic at the head's own elementwise rate when it was measured,
+    with the fixed cost of each of its ``ceil(T / chunk_tokens)`` chunks."""
     work = head_work(f, batch, seq, training)
     memory = rates.head_memory_bytes_per_s or rates.memory_bytes_per_s
-    return work.matmul / rates.matmul_flops_per_s + work.memory / memory
+    chunks = -(-batch * seq // max(chunk_tokens, 1))
+    return with_fixed(work.matmul / rates.matmul_flops_per_s + work.memory / memory,
+                      chunks * rates.head_overhead_s + rates.unit_overhead_s, overlapped)
+
+
+def trainable_tensors(f: pi.ModelFacts) -> int:
+    """The LoRA tensors the optimizer steps: an ``A`` and a ``B`` per adapted module and layer."""
+    return 2 * len(f.lora_modules) * f.n_layers
 
 
 @attrs.frozen
@@ -193,7 +245,10 @@ class StepTime:
     Attributes:
         step_seconds: the whole step, link and compute overlapped as the schedule allows.
         phases: seconds of compute per phase (``forward``, ``recompute``, ``backward``,
-            ``head``, ``optimizer``).
+            ``head``, ``optimizer``, ``step``: the per-step fixed cost).
+        fixed_seconds: what the fixed costs add to the phases (per-layer, per-chunk,
+            per-tensor and per-step overheads; on an asynchronous device only a pass's
+            overhead beyond its work, :func:`with_fixed`).
         link_seconds: the link's busy time (weights and offloaded inputs).
         disk_seconds: the streamed weights at the disk's read rate (0 when not known).
         moved_bytes: the weight bytes fetched per step.
@@ -205,6 +260,7 @@ class StepTime:
 
     step_seconds: float
     phases: dict[str, float]
+    fixed_seconds: float
     link_seconds: float
     disk_seconds: float
     bound: str
@@ -221,13 +277,15 @@ class StepTime:
         """``time: 1.23 s per step (3,330 tokens/s), compute-bound (97%); forward 0.30 s, ...``"""
         parts = ", ".join(f"{k} {v:.3g} s" for k, v in self.phases.items() if v)
         text = (f"{self.step_seconds:.3g} s per step ({self.tokens_per_second:,.0f} tokens/s), "
-                f"{self.bound}-bound ({self.share:.0%}); {parts}; link {self.link_seconds:.3g} s")
+                f"{self.bound}-bound ({self.share:.0%}); {parts} (fixed cost {self.fixed_seconds:.3g} s); "
+                f"link {self.link_seconds:.3g} s")
         if self.disk_seconds:
             text += f", disk {self.disk_seconds:.3g} s"
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step_seconds": self.step_seconds, "tokens_per_second": self.tokens_per_second,
+        return {"step_seconds": self.step_seconds, "fixed_seconds": self.fixed_seconds,
+                "tokens_per_second": self.tokens_per_second,
                 "bound": self.bound, "bound_share": self.share, "phases_seconds": dict(self.phases),
                 "compute_seconds": self.compute_seconds, "link_seconds": self.link_seconds,
                 "disk_seconds": self.disk_seconds, "rates": self.rates.to_dict()}
@@ -247,11 +305,14 @@ def predict_facts(p: MemoryPlan, f: pi.ModelFacts, rates: MachineRates | None = 
     n = f.n_layers
     b, seq = s.batch, s.seq
     fwd, bwd = layer_work(f, b, seq, s.lora_rank, s.attention_path)
-    fwd_s, bwd_s = fwd.seconds(rates), bwd.seconds(rates)
+    overlapped = s.device.async_compute
+    fwd_s = with_fixed(fwd.seconds(rates), rates.layer_forward_overhead_s + rates.unit_overhead_s, overlapped)
+    recompute_s = with_fixed(fwd.seconds(rates), rates.layer_forward_overhead_s, overlapped)  # in the backward's step
+    bwd_s = with_fixed(bwd.seconds(rates), rates.layer_backward_overhead_s + rates.unit_overhead_s, overlapped)
     kept = p.kept_units if s.gradient_checkpointing else frozenset(range(1, n + 1))
-    head_s = head_seconds(f, b, seq, s.training, rates)
+    head_s = head_seconds(f, b, seq, s.training, rates, s.head_chunk_tokens, overlapped)
     optimizer_s = (pi.lora_parameters(f, s.lora_rank) * ADAM_BYTES_PER_PARAM / rates.memory_bytes_per_s
-                   if s.training else 0.0)
+                   + trainable_tensors(f) * rates.tensor_overhead_s if s.training else 0.0)
     compute: dict[tuple[int, Phase], float] = {}
     head_unit = n + 1
     for u in range(1, n + 2):
@@ -260,12 +321,12 @@ def predict_facts(p: MemoryPlan, f: pi.ModelFacts, rates: MachineRates | None = 
             continue
         compute[(u, Phase.FORWARD)] = fwd_s
         if s.training:
-            recompute = 0.0 if u in kept else fwd_s
+            recompute = 0.0 if u in kept else recompute_s
             compute[(u, Phase.BACKWARD)] = bwd_s + recompute
-    phases = {"forward": n * fwd_s, "recompute": 0.0, "backward": 0.0, "head": head_s, "optimizer": optimizer_s}
+    phases = {"forward": n * fwd_s, "recompute": 0.0, "backward": 0.0, "head": head_s, "optimizer": optimizer_s,
+              "step": rates.step_overhead_s}
     if s.training:
-        n_recompute = n - len(kept & set(range(1, n + 1)))
-        phases["recompute"] = n_recompute * (fwd_s)
+        phases["recompute"] = phases_recompute(n, kept) * recompute_s
         phases["backward"] = n * bwd_s
 
     in_place = s.weights_in_place and not f.quantization
@@ -282,16 +343,27 @@ def predict_facts(p: MemoryPlan, f: pi.ModelFacts, rates: MachineRates | None = 
     offload_s = 2 * p.activation_bytes_per_step / link_rate
     end, link_busy = _play(steps, compute, f.unit_bytes, rate)
     link_busy += offload_s  # offloaded inputs share the link; their copies overlap the compute
-    step = max(end, link_busy) + optimizer_s
+    step = rates.step_overhead_s + max(end, link_busy) + optimizer_s
     moved = sum(f.unit_bytes[x.unit] for x in steps if isinstance(x, Fetch))
     link_seconds = moved / link_rate + offload_s
     disk_seconds = moved / disk_rate if disk_rate else 0.0
     compute_total = sum(phases.values())
     busy = {"compute": compute_total, "link": link_seconds, "disk": disk_seconds}
     bound = max(busy, key=lambda k: busy[k])
-    return StepTime(step_seconds=step, phases=phases, link_seconds=link_seconds, disk_seconds=disk_seconds,
+    recomputes = phases_recompute(n, kept) if s.training else 0
+    fixed = ((fwd_s - fwd.seconds(rates)) * n + (recompute_s - fwd.seconds(rates)) * recomputes
+             + (bwd_s - bwd.seconds(rates)) * (n if s.training else 0)
+             + head_s - head_seconds(f, b, seq, s.training, attrs.evolve(rates, head_overhead_s=0.0,
+                                                                          unit_overhead_s=0.0))
+             + (trainable_tensors(f) * rates.tensor_overhead_s if s.training else 0.0) + rates.step_overhead_s)
+    return StepTime(step_seconds=step, phases=phases, fixed_seconds=fixed, link_seconds=link_seconds, disk_seconds=disk_seconds,
                     bound=bound, share=min(1.0, busy[bound] / step) if step > 0 else 0.0,
                     tokens_per_second=b * seq / step if step > 0 else 0.0, rates=rates, moved_bytes=moved)
+
+
+def phases_recompute(n: int, kept: frozenset[int]) -> int:
+    """Decoder layers (units ``1..n``) that recompute their forward in the backward."""
+    return n - len(kept & set(range(1, n + 1)))
 
 
 def _play(steps: tuple, compute: dict[tuple[int, Phase], float], unit_bytes: tuple[int, ...],

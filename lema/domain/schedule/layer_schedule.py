@@ -122,6 +122,7 @@ def build_schedule(
     mode: Literal["train", "forward"] = "train",
     backward_units: frozenset[int] | None = None,
     offload_inputs: bool = False,
+    kept_units: frozenset[int] = frozenset(),
 ) -> tuple[Step, ...]:
     """The steps of one pass over ``units``.
 
@@ -132,6 +133,9 @@ def build_schedule(
         mode: ``"train"`` (forward, then backward in reverse) or ``"forward"``.
         backward_units: units with a backward compute (train mode; default: all units).
         offload_inputs: add the activation steps (train mode; see the module docstring).
+        kept_units: units that keep their autograd graph from the forward (the plan's kept
+            activations): they have no checkpointed input, so none is offloaded; the others
+            offload as if the kept ones were not there.
 
     Returns:
         Fetch, Compute and Release steps (and OffloadInput, FetchInput) in the order the
@@ -157,7 +161,8 @@ def build_schedule(
     n_slots = slot_count(sum(1 for u in units if u not in resident), prefetch)
     steps = _Simulation(uses, frozenset(resident), prefetch, n_slots).run()
     if mode == "train" and offload_inputs:
-        steps = _with_offload(steps, [u for u, phase in uses if phase is Phase.BACKWARD], prefetch)
+        steps = _with_offload(steps, [u for u, phase in uses if phase is Phase.BACKWARD and u not in kept_units],
+                              prefetch)
     return steps
 
 

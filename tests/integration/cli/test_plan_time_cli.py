@@ -45,11 +45,17 @@ def test_calibrate_measures_caches_and_a_later_plan_reuses_it(config, tmp_path):
     entry = next(iter(json.loads(files[0].read_text()).values()))
     assert entry["calibrated"] and all(entry[k] > 0 for k in ("link_bytes_per_s", "matmul_flops_per_s",
                                                               "attention_flops_per_s", "memory_bytes_per_s"))
+    # the fixed costs are measured too (a toy of the model's family, the optimizer's tensors, the step's parts)
+    assert {k: entry[k] for k in ("layer_forward_overhead_s", "layer_backward_overhead_s", "head_overhead_s",
+                                  "tensor_overhead_s", "step_overhead_s") if not entry[k] > 0} == {}
+    assert entry["unit_overhead_s"] >= 0  # the engine's per-step bookkeeping: 5 toy layers against 1
+    assert "fixed costs: layer forward " in result.output
     data = json.loads(_plan("--model", str(config), *ARGS, "--json").stdout)
     time = data["time"]
     assert time["rates"]["calibrated"] and time["rates"] == entry
     assert time["step_seconds"] > 0 and time["bound"] in ("compute", "link", "disk") and 0 < time["bound_share"] <= 1
     assert time["tokens_per_second"] == pytest.approx(2 * 64 / time["step_seconds"])
+    assert 0 < time["fixed_seconds"] < time["step_seconds"]
     assert data["shape"]["kept_layers"] == 4 and data["choices"]
     # another shape is another calibration: the defaults again
     other = _plan("--model", str(config), *ARGS[:-4], "--seq", "32", "--strategy", "auto")

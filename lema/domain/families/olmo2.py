@@ -70,11 +70,11 @@ def plan_terms(model: ModelShape) -> PlanTerms:
 def block(p: DecoderParams, w: "Weights", lora: "Adapters | None", x: "torch.Tensor", ctx: "BlockContext", layer: int,
           kv_hook: "KVHook | None" = None) -> "torch.Tensor":
     """One decoder layer (``Olmo2DecoderLayer``)."""
-    from lema.domain.nn import attention, decoder_block, linear, norms
+    from lema.domain.nn import attention, decoder_block, layout, linear, norms
 
     proj = linear.projector(w, lora, ctx, layer, MODULE_KEYS)
     batch, seq, _ = x.shape
-    q, k, v = proj.many(x, decoder_block.QKV)
+    q, k, v = proj.many(x, layout.QKV)
     q = norms.rms_norm_fp32_scale(q, w["self_attn.q_norm.weight"], p.eps)
     k = norms.rms_norm_fp32_scale(k, w["self_attn.k_norm.weight"], p.eps)
     q, k, v = (t.view(batch, seq, -1, p.head_dim) for t in (q, k, v))

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from lema.domain.nn import attention, norms
+from lema.domain.nn.layout import GATE_UP, QKV
 
 if TYPE_CHECKING:
     import torch
@@ -28,13 +29,13 @@ if TYPE_CHECKING:
 
 __all__ = ["pre_norm_layer", "sandwich_layer", "swiglu"]
 
-QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
 
 
 def swiglu(proj: Projector, h: torch.Tensor, activation: str) -> torch.Tensor:
     """``down(act(gate(h)) * up(h))``, the gated MLP."""
     act = norms.activation(activation)
-    gate, up = proj.many(h, ("mlp.gate_proj", "mlp.up_proj"))
+    gate, up = proj.many(h, GATE_UP)
     return proj(act(gate) * up, "mlp.down_proj")
 
 

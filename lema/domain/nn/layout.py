@@ -158,3 +158,11 @@ _IGNORED = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$
 def is_ignored(name: str) -> bool:
     """True for non-weight buffers found in some checkpoints."""
     return bool(_IGNORED.search(name))
+
+
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+# Modules that read one input and stack their adapters' A products
+# (lema.domain.nn.linear.Projector.many, called by lema.domain.nn.decoder_block); the plan
+# counts one fp32 copy of the input per group (lema.domain.plan.items).
+SHARED_INPUTS = (QKV, GATE_UP)

@@ -145,9 +145,9 @@ class Projector:
 
     def many(self, h: torch.Tensor, keys: Sequence[str]) -> list[torch.Tensor]:
         """``[proj(h, key) for key in keys]``, the adapters' ``A`` products stacked (see the class)."""
-        adapters = [self.lora.get(key) for key in keys]
-        if (len(keys) < 2 or self.ctx.lora_dropout > 0.0
-                or any(a is None for a in adapters) or len({a[0].dtype for a in adapters}) > 1):
+        adapters = [self.lora[key] for key in keys if key in self.lora]
+        if (len(keys) < 2 or self.ctx.lora_dropout > 0.0 or len(adapters) < len(keys)
+                or len({a.dtype for a, _ in adapters}) > 1):
             return [self(h, key) for key in keys]
         outs = [self._linear(h, key, None) for key in keys]
         a_stacked = torch.cat([a for a, _ in adapters])

@@ -80,7 +80,8 @@ class _LoraUpdate(torch.autograd.Function):
         xa, a, *rest = ctx.saved_tensors
         parts, bs = rest[:n], rest[n:]
         scaling, exact = ctx.scaling, ctx.exact
-        grad_bs, grad_parts = [], []
+        grad_bs: list[torch.Tensor | None] = []
+        grad_parts: list[torch.Tensor] = []
         for grad, part, b in zip(grads, parts, bs):
             g = grad.to(b.dtype)
             if not exact:

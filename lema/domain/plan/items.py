@@ -21,7 +21,7 @@ import attrs
 
 from lema.domain.families import registry
 from lema.domain.nn import quant
-from lema.domain.nn.layout import LayerFormulas
+from lema.domain.nn.layout import SHARED_INPUTS, LayerFormulas
 from lema.domain.model.spec import ModelSpec, itemsize
 from lema.domain.plan import family_terms
 from lema.domain.schedule.slot_layout import SLOT_ALIGN
@@ -191,17 +191,10 @@ def lora_parameters(facts: ModelFacts, rank: int) -> int:
     return facts.n_layers * rank * sum(i + o for i, o in facts.lora_modules)
 
 
-# adapted modules whose A products are stacked on one fp32 copy of their common input
-# (lema.domain.nn.decoder_block's q/k/v and gate/up, through Projector.many)
-SHARED_INPUTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
-
-
 def _adapter_input_copies(t: int, ad: dict[str, tuple[int, int]]) -> int:
-    """The adapters' fp32 input copies: one per module, or per group of :data:`SHARED_INPUTS`
-    whose modules are all adapted."""
+    """The adapters' fp32 input copies: one per module or per fully adapted SHARED_INPUTS group."""
     shared = [g for g in SHARED_INPUTS if all(k in ad for k in g)]
-    alone = [k for k in ad if not any(k in g for g in shared)]
-    return t * FP32 * (sum(ad[k][0] for k in alone) + sum(ad[g[0]][0] for g in shared))
+    return t * FP32 * (sum(ad[k][0] for k in ad if not any(k in g for g in shared)) + sum(ad[g[0]][0] for g in shared))
 
 
 def _adapters(f: ModelFacts) -> dict[str, tuple[int, int]]:

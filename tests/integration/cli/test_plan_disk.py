@@ -33,7 +33,8 @@ def _plan(model: Path, *args: str) -> tuple[int, str]:
 
 def test_a_file_larger_than_the_ram_gets_the_disk_line_and_auto_its_host_tier(model, tmp_path, monkeypatch):
     monkeypatch.setenv("LEMA_CACHE", str(tmp_path / "cache"))
-    code, out = _plan(model, "--vram", "64M", "--ram", "120M", "--strategy", "auto")
+    # a named prefetch depth: AUTO's own choice of depth changes the staging beside the tier
+    code, out = _plan(model, "--vram", "64M", "--ram", "120M", "--strategy", "auto", "--prefetch", "2")
     assert code == 0, out
     line = next(x for x in out.splitlines() if x.startswith("disk: "))
     assert "AUTO holds 1 of 6 layers in host RAM" in line and "streams 6 units from disk" in line
@@ -53,7 +54,7 @@ def test_a_slow_drive_makes_the_step_disk_bound_and_the_json_says_so(model, tmp_
     time = next(x for x in out.splitlines() if x.startswith("time: "))
     assert "cached (a run's step from disk)" in disk and "disk-bound" in disk
     assert "disk-bound" in time and ", disk " in time
-    code, out = _plan(model, "--vram", "64M", "--ram", "120M", "--strategy", "auto", "--json")
+    code, out = _plan(model, "--vram", "64M", "--ram", "120M", "--strategy", "auto", "--prefetch", "2", "--json")
     data = json.loads(out)
     assert data["disk"]["read_bytes_per_s"] == 1e6 and data["disk"]["held_units"] == [1]
     assert data["time"]["bound"] == "disk"

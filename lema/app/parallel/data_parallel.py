@@ -119,7 +119,7 @@ class DataParallel:
         with torch.no_grad():
             flat = torch.cat([p.detach().reshape(-1) for p in params]).to(distributed.comm_device())
             try:
-                torch.distributed.broadcast(flat, src=0)
+                distributed.broadcast(flat, src=0)
             except Exception as exc:  # noqa: BLE001
                 raise peer_lost(exc) from None
             offset = 0
@@ -157,7 +157,7 @@ class DataParallel:
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
                               for _, p in named])
             try:
-                torch.distributed.all_reduce(flat)
+                distributed.all_reduce(flat)
             except Exception as exc:  # noqa: BLE001
                 raise peer_lost(exc) from None
             offset = 0

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from lema.app.parallel import distributed
 from lema.app.parallel.rank_agreement import peer_lost
 
 DEFAULT_BUCKET_BYTES = 25 * 1024**2  # DDP's default bucket size
@@ -83,7 +84,7 @@ class GradientBuckets:
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                           for p in self.buckets[k]])
         try:
-            work = torch.distributed.all_reduce(flat, async_op=True)
+            work = distributed.all_reduce(flat, async_op=True)
         except Exception as exc:  # noqa: BLE001 - a peer that went away
             raise peer_lost(exc) from None
         self._works.append(work)

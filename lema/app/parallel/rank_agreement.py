@@ -135,7 +135,7 @@ def peer_lost(cause: BaseException) -> Exception:
 def _all_reduce(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=distributed.comm_device())
     try:
-        torch.distributed.all_reduce(tensor)
+        distributed.all_reduce(tensor)
     except Exception as exc:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses
         raise peer_lost(exc) from None
     return tensor.tolist()
@@ -150,7 +150,7 @@ def _gather(text: str) -> list[str]:
     mine = mine.to(device)
     out = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
     try:
-        torch.distributed.all_gather(out, mine)
+        distributed.all_gather(out, mine)
     except Exception as exc:  # noqa: BLE001
         raise peer_lost(exc) from None
     return [bytes(t.cpu().tolist()).rstrip(b"\0").decode("utf-8", "replace") for t in out]

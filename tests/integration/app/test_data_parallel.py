@@ -71,3 +71,14 @@ def test_a_failure_on_one_rank_stops_both_naming_the_rank_without_a_hang(two_ran
     assert one["out_of_memory"]["type"] == "DeviceOutOfMemory"
     assert zero["out_of_memory"]["type"] == "RankFailedError"
     assert zero["out_of_memory"]["message"].startswith("rank 1 of 2 failed: device out of memory")
+
+
+@pytest.mark.slow
+def test_a_micro_step_waits_for_at_most_one_collective_besides_the_gradient_buckets(two_ranks):
+    _, _, ranks = two_ranks
+    for rank in ranks:
+        # Micro-step 0 also hands rank 0's adapters to every rank (after checking that all
+        # are well). After it, the token count travels while the forward runs; the loss sum
+        # rides in the last gradient bucket on the micro-step that ends an accumulation
+        # (odd ones here), and is settled on its own on the others.
+        assert rank["blocking"][1:] == [0 if k % 2 else 1 for k in range(1, len(rank["blocking"]))], rank["blocking"]

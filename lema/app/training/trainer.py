@@ -109,7 +109,7 @@ class LemaTrainer:
         n = int((targets != heads.IGNORE_INDEX).sum())  # counted on the host: no device wait
         return PreparedBatch(ctx, x0, targets.to(model.device.torch_device), n)
 
-    def run_batch(self, batch: PreparedBatch, token_count: int | None = None,
+    def run_batch(self, batch: PreparedBatch, token_count: int | Callable[[], int] | None = None,
                   keep_logits: bool = False) -> tuple[float, int, torch.Tensor | None]:
         """Forward and backward of a prepared micro-batch through the engine; gradients add
         into ``.grad``. The loss is divided by ``token_count`` target tokens (default: the

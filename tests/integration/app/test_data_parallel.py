@@ -55,10 +55,12 @@ def test_each_layers_gradients_start_summing_before_the_previous_layer_computes(
     _, _, ranks = two_ranks
     for rank in ranks:
         backward = [e for e in rank["events"] if e[0] == "grad_allreduce" or e[2:] == ["backward"]]
-        # units 3..1 are decoder layers 2..0; the head (unit 4) has no adapters
+        # units 3..1 are decoder layers 2..0; the head (unit 4) has no adapters. The last
+        # bucket (layer 0, which no layer follows) starts after the pass, carrying the loss
+        # sum and the failure flag, so the pass's timeline ends before it.
         assert backward == [["compute_start", 3, "backward"], ["grad_allreduce", [2]],
                             ["compute_start", 2, "backward"], ["grad_allreduce", [1]],
-                            ["compute_start", 1, "backward"], ["grad_allreduce", [0]]]
+                            ["compute_start", 1, "backward"]]
 
 
 @pytest.mark.slow

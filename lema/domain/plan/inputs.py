@@ -87,9 +87,10 @@ class TrainingShape:
             predicted step time within the budget (:mod:`lema.domain.plan.choose`). Without
             checkpointing every layer keeps its graph. Not with offload or tiles.
         block_sparse: the batches' attention runs by blocks (packed rows: per example; a
-            sliding window shorter than ``seq``: per band, :mod:`lema.domain.nn.attention`),
-            whose concatenated parts hold one more attention output ``T q a`` while a layer's
-            attention runs.
+            sliding window shorter than ``seq``: per band; left-padded rows: per row,
+            :mod:`lema.domain.nn.attention`), whose concatenated parts hold one more attention
+            output ``T q a`` while a layer's attention runs. LEMA's own batches pad on the
+            right; a Python API caller whose batches are left-padded sets it.
 
     Raises:
         ConfigError: naming every field whose value is out of range, at once.

@@ -13,6 +13,7 @@ import torch
 from lema.app.parallel import distributed
 from lema.app.runtime.batches import batches_to_tensors
 from lema.app.parallel.grad_buckets import DEFAULT_BUCKET_BYTES
+from lema.app.training.loss_scaling import LossScaler
 from lema.app.training.seeds import generator_state, set_generator_state
 from lema.app.runtime.training_pass import TrainingPass
 from lema.domain.model import heads
@@ -46,7 +47,15 @@ class LemaTrainer:
         self.last_report = None
         self.before_optimizer_step: Callable[[], None] = lambda: None  # see lema.app.training.stop_signals
         self._dp: DataParallel | None = None
+        # A float16 run scales its loss (lema.app.training.loss_scaling); no other dtype does.
+        self.scaler: LossScaler | None = LossScaler() if model.compute_dtype == torch.float16 else None
+        self.skipped_steps = 0  # optimizer steps skipped for inf/NaN gradients (float16 runs)
         _warn_base_dropouts(model)
+
+    @property
+    def loss_scale(self) -> float | None:
+        """The current loss scale of a float16 run (None in other dtypes)."""
+        return self.scaler.scale if self.scaler is not None else None
 
     @property
     def accumulation(self) -> int:
@@ -120,7 +129,8 @@ class LemaTrainer:
         """
         model = self.model
         step = TrainingPass(model.spec, model.require_lora(), batch.ctx, batch.x0, batch.targets,
-                            loss_scale=1.0 / self.accumulation, checkpointing=model.config.checkpointing,
+                            loss_scale=(self.loss_scale or 1.0) / self.accumulation,
+                            checkpointing=model.config.checkpointing,
                             keep_logits=keep_logits, token_count=token_count, n_tokens=batch.n_tokens,
                             tile_tokens=model.plan().tile_tokens, kept_units=model.plan().kept_units)
         batch.release()  # the pass owns the tensors now, so they are freed as it moves on
@@ -154,6 +164,14 @@ class LemaTrainer:
         params = self.model.get_trainable_parameters()
         max_norm = self.model.config.max_grad_norm
         grads = [p.grad for p in params if p.grad is not None]
+        if self.scaler is not None and self.scaler.unscale_(grads):
+            # The scale was too large for a float16 gradient: skip the update, halve the
+            # scale (GradScaler's step and update; the scheduler waits, as transformers' Trainer does).
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update(found_inf=True)
+            self.skipped_steps += 1
+            self.global_step, self.micro_step, self.last_grad_norm = self.global_step + 1, 0, None
+            return
         if max_norm:
             norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         else:
@@ -168,6 +186,8 @@ class LemaTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
+        if self.scaler is not None:
+            self.scaler.update(found_inf=False)
         self.global_step, self.micro_step, self.last_grad_norm = self.global_step + 1, 0, norm  # norm: before clipping
 
     @torch.no_grad()
@@ -259,6 +279,8 @@ class LemaTrainer:
             "rng": rng_state(),
             "dropout_rng": generator_state(model.dropout_generator),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "loss_scale": self.scaler.state_dict() if self.scaler is not None else None,
+            "skipped_steps": self.skipped_steps,
             "config": model.config.to_dict(),
             "lema_version": _version(),
         }
@@ -339,6 +361,9 @@ class LemaTrainer:
         if self.scheduler is not None and state.get("scheduler") is not None:
             check_scheduler_state(state["scheduler"], self.scheduler.state_dict(), "trainer_state.json")
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("loss_scale") is not None:
+            self.scaler.load_state_dict(state["loss_scale"], where)
+        self.skipped_steps = int(state.get("skipped_steps", 0) or 0)
         if state.get("rng") is not None:
             set_rng_state(state["rng"])
         if state.get("dropout_rng") is not None:

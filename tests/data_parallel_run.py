@@ -109,7 +109,8 @@ def main(model_path: str, out: str) -> None:
     losses = train(trainer, rank, world, blocking)
     events = [e[:-1] for e in trainer.last_report.timeline if e[0] in ("compute_start", "grad_allreduce")]
     result: dict[str, Any] = {
-        "device": type(trainer.model.device).__name__, "losses": losses, "blocking": blocking, "events": [[e[0], list(e[1]) if isinstance(e[1], tuple) else e[1], *e[2:]] for e in events],
+        "device": type(trainer.model.device).__name__, "losses": losses, "blocking": blocking,
+        "events": [[e[0], list(e[1]) if isinstance(e[1], tuple) else e[1], *e[2:]] for e in events],
         "eval": trainer.evaluate(eval_batches()), "global_step": trainer.global_step,
         "checkpoint": str(trainer.save_checkpoint(Path(out) / "ckpt")),
     }

@@ -48,7 +48,8 @@ class TrainingPass:
         ctx: the batch context (masks, rope, dropout seed) on the device.
         x0: the embedding output on the device, ``(batch, seq, hidden)``.
         targets: shifted targets ``(batch, seq)`` on the device (-100 ignored).
-        loss_scale: the loss is multiplied by this before backward (1 / accumulation steps).
+        loss_scale: the loss is multiplied by this before backward (1 / accumulation steps,
+            times a float16 run's loss scale: :mod:`lema.app.training.loss_scaling`).
         token_count: divide the summed loss by this many target tokens (default: the
             batch's own; data parallel passes the count of the whole batch over all ranks,
             as a function called where the divisor is first needed, at the head, so that
@@ -70,7 +71,8 @@ class TrainingPass:
     def __init__(self, spec: ModelSpec, lora: LoraState, ctx: BlockContext, x0: torch.Tensor,
                  targets: torch.Tensor, *, loss_scale: float = 1.0, checkpointing: bool = True,
                  chunk_tokens: int = heads.DEFAULT_CHUNK_TOKENS, keep_logits: bool = False,
-                 token_count: int | Callable[[], int] | None = None, tile_tokens: int = 0, objective: Objective = NEXT_TOKEN,
+                 token_count: int | Callable[[], int] | None = None, tile_tokens: int = 0,
+                 objective: Objective = NEXT_TOKEN,
                  kept_units: frozenset[int] = frozenset(), n_tokens: int | None = None) -> None:
         tiled = 0 < tile_tokens < x0.shape[1]
         if tiled and (not checkpointing or kept_units):

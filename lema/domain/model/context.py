@@ -121,7 +121,8 @@ def make_decode_context(spec: ModelSpec, batch: int, past_len: int, new_len: int
         lora: the adapters' spec (their scaling); None for no adapters.
 
     Returns:
-        The :class:`BlockContext`; its masks are ``(batch, 1, new_len, keys)`` or None.
+        The :class:`BlockContext`; its masks are ``(batch, 1, new_len, keys)`` or None (a
+        prefill's are :func:`make_context`'s: None or a ``BlockSparse`` for left-padded prompts).
 
     Raises:
         ConfigError: a negative ``past_len``, ``new_len < 1``, or a mask or position tensor of
@@ -159,9 +160,15 @@ def make_decode_context(spec: ModelSpec, batch: int, past_len: int, new_len: int
         raise ConfigError(f"position_ids has shape {list(position_ids.shape)}, expected [{batch}, {new_len}]")
     position_ids = position_ids.to(device).expand(batch, new_len)
     window = layout.sliding_window
-    masks = {FULL: attention_masks(pad, new_len, None, device, past_len)}
-    if SLIDING in layout.layer_types:
-        masks[SLIDING] = attention_masks(pad, new_len, window, device, past_len, sliding_keys_kept(window, past_len))
+    if past_len == 0:  # a prefill: a training batch's masks (left-padded prompts: no dense mask)
+        pad, lead = split_padding(attention_mask, device)
+        masks = {kind: training_mask(pad, None, batch, new_len, window if kind == SLIDING else None, device, lead=lead)
+                 for kind in attention_kinds(layout)}
+    else:
+        masks = {FULL: attention_masks(pad, new_len, None, device, past_len)}
+        if SLIDING in layout.layer_types:
+            masks[SLIDING] = attention_masks(pad, new_len, window, device, past_len,
+                                             sliding_keys_kept(window, past_len))
     return BlockContext(dtype=dtype, position_ids=position_ids, ropes=layout_ropes(layout, position_ids, dtype),
                         masks=masks, params=params, lora_scaling=lora.scaling if lora is not None else 1.0,
                         matmul_dtype=matmul_dtype)

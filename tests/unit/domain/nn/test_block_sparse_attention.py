@@ -205,3 +205,26 @@ def test_a_left_padded_batch_trains_as_the_dense_mask():
         F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)).backward()
         grads.append(x.grad)
     assert_close(grads[0], grads[1], floor=forward_floor(spec, SEQ, extra=2), what="input gradient")
+
+
+def test_a_left_padded_prefill_builds_no_mask_and_its_logits_are_the_dense_masks(monkeypatch):
+    """Generation's prefill (no cached keys) of left-padded prompts takes the training batch's
+    masks; the steps after it keep their (batch, 1, new, keys) masks over the cache."""
+    from lema.domain.model.context import make_decode_context
+    from lema.domain.nn.context import attention_masks
+
+    _, spec, units = _model("mistral")
+    ids, mask = _left_padded(spec.vocab_size)
+    ctx = make_decode_context(spec, 3, 0, SEQ, attention_mask=mask)
+    for m, keep in ctx.masks.values():
+        assert isinstance(m, BlockSparse) and m.lead == (0, 9, 1) and keep is None
+    spy = _SdpaSpy(monkeypatch)
+    ours = _logits(spec, units, ids, ctx)
+    window = ctx.params.layout.sliding_window
+    assert all(s is None or s[-2] * s[-1] <= window * 2 * window for s in spy.masks)
+    monkeypatch.undo()
+    dense = attrs.evolve(ctx, masks={k: attention_masks(mask.bool(), SEQ, window if k == "sliding_attention" else None,
+                                                        torch.device("cpu")) for k in ctx.masks})
+    assert_close(ours, _logits(spec, units, ids, dense), floor=forward_floor(spec, SEQ), what="prefill")
+    step = make_decode_context(spec, 3, SEQ, 1, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1))
+    assert all(isinstance(m, torch.Tensor) for m, _ in step.masks.values())

@@ -44,6 +44,7 @@ class LossScaler:
         self.growth_factor, self.backoff_factor = float(growth_factor), float(backoff_factor)
         self.growth_interval = int(growth_interval)
         self.growth_tracker = 0  # clean steps since the scale last changed
+        self.skipped = 0  # optimizer steps skipped for an inf or NaN gradient
 
     def unscale_(self, grads: Sequence[torch.Tensor]) -> bool:
         """Divide ``grads`` by the scale in place (as GradScaler: times the float32 reciprocal);
@@ -54,6 +55,16 @@ class LossScaler:
         torch._foreach_mul_(list(grads), inv)
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
         return not bool(finite)
+
+    def skips(self, grads: Sequence[torch.Tensor]) -> bool:
+        """Unscale ``grads``; when one holds an inf or NaN, count the optimizer step as skipped
+        and back off (GradScaler's ``step`` and ``update``) and return True; else False (the
+        caller steps, then calls ``update(False)``)."""
+        if not self.unscale_(grads):
+            return False
+        self.skipped += 1
+        self.update(True)
+        return True
 
     def update(self, found_inf: bool) -> None:
         """After an optimizer step (``found_inf``: it was skipped): back off at once, grow after
@@ -71,7 +82,8 @@ class LossScaler:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps (``trainer_state.json``'s ``loss_scale``)."""
-        return {"scale": self.scale, "growth_tracker": self.growth_tracker, "growth_factor": self.growth_factor,
+        return {"scale": self.scale, "growth_tracker": self.growth_tracker, "skipped": self.skipped,
+                "growth_factor": self.growth_factor,
                 "backoff_factor": self.backoff_factor, "growth_interval": self.growth_interval}
 
     def load_state_dict(self, state: dict[str, Any], where: str = "the checkpoint") -> None:
@@ -84,6 +96,7 @@ class LossScaler:
             raise CheckpointError(f"{where}: trainer_state.json's loss_scale has scale {scale} and growth "
                                   f"tracker {tracker}; restore the file from the run's checkpoint")
         self.scale, self.growth_tracker = scale, tracker
+        self.skipped = int(state.get("skipped", 0))
         self.growth_factor = float(state.get("growth_factor", self.growth_factor))
         self.backoff_factor = float(state.get("backoff_factor", self.backoff_factor))
         self.growth_interval = int(state.get("growth_interval", self.growth_interval))

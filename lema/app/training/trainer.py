@@ -13,6 +13,7 @@ import torch
 from lema.app.parallel import distributed
 from lema.app.runtime.batches import batches_to_tensors
 from lema.app.parallel.grad_buckets import DEFAULT_BUCKET_BYTES
+from lema.app.training.batch_pass import PreparedBatch, step_with_cast
 from lema.app.training.loss_scaling import LossScaler
 from lema.app.training.seeds import generator_state, set_generator_state
 from lema.app.runtime.training_pass import TrainingPass
@@ -49,7 +50,6 @@ class LemaTrainer:
         self._dp: DataParallel | None = None
         # A float16 run scales its loss (lema.app.training.loss_scaling); no other dtype does.
         self.scaler: LossScaler | None = LossScaler() if model.compute_dtype == torch.float16 else None
-        self.skipped_steps = 0  # optimizer steps skipped for inf/NaN gradients (float16 runs)
         _warn_base_dropouts(model)
 
     @property
@@ -164,13 +164,9 @@ class LemaTrainer:
         params = self.model.get_trainable_parameters()
         max_norm = self.model.config.max_grad_norm
         grads = [p.grad for p in params if p.grad is not None]
-        if self.scaler is not None and self.scaler.unscale_(grads):
-            # The scale was too large for a float16 gradient: skip the update, halve the
-            # scale (GradScaler's step and update; the scheduler waits, as transformers' Trainer does).
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.update(found_inf=True)
-            self.skipped_steps += 1
-            self.global_step, self.micro_step, self.last_grad_norm = self.global_step + 1, 0, None
+        if self.scaler is not None and self.scaler.skips(grads):  # float16: an inf/NaN gradient skips the
+            self.discard_accumulation()  # update (the scheduler waits, as transformers' Trainer does)
+            self.global_step, self.last_grad_norm = self.global_step + 1, None
             return
         if max_norm:
             norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -280,7 +276,6 @@ class LemaTrainer:
             "dropout_rng": generator_state(model.dropout_generator),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "loss_scale": self.scaler.state_dict() if self.scaler is not None else None,
-            "skipped_steps": self.skipped_steps,
             "config": model.config.to_dict(),
             "lema_version": _version(),
         }
@@ -363,7 +358,6 @@ class LemaTrainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("loss_scale") is not None:
             self.scaler.load_state_dict(state["loss_scale"], where)
-        self.skipped_steps = int(state.get("skipped_steps", 0) or 0)
         if state.get("rng") is not None:
             set_rng_state(state["rng"])
         if state.get("dropout_rng") is not None:
@@ -386,26 +380,6 @@ class LemaTrainer:
 
 
 _GRAD_PREFIX = "accumulated_grad."
-
-
-class PreparedBatch:
-    """A micro-batch validated and embedded on the device, waiting for its pass."""
-
-    def __init__(self, ctx: Any, x0: torch.Tensor, targets: torch.Tensor, n_tokens: int) -> None:
-        self.ctx, self.x0, self.targets, self.n_tokens = ctx, x0, targets, n_tokens
-
-    def release(self) -> None:
-        """Drop the references (the training pass holds what it still needs)."""
-        self.ctx = self.x0 = self.targets = None
-
-
-def step_with_cast(model: TrainableModel, step: TrainingPass):
-    """Wrap a training pass so weights are cast to the model's compute dtype first."""
-
-    def compute(phase, unit, weights):
-        step(phase, unit, model.cast_weights(weights))
-
-    return compute
 
 
 def _warn_base_dropouts(model: TrainableModel) -> None:

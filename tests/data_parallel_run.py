@@ -71,11 +71,23 @@ def rows(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, tor
     return {k: v[lo:hi] for k, v in batch.items()}
 
 
-def train(trainer: Any, rank: int = 0, world: int = 1) -> list[float]:
+def train(trainer: Any, rank: int = 0, world: int = 1, blocking: list[int] | None = None) -> list[float]:
+    """Train on this rank's rows of every micro-batch; under data parallel, ``blocking`` gets
+    how many collectives each micro-step waited for where it issued them."""
+    from lema.app.parallel import distributed
+
     losses = []
+    counts = [] if blocking is None else blocking
+
+    def count(name: str, waits: bool) -> None:
+        counts[-1] += waits
+
     for batch in global_batches():
         mine = rows(batch, rank, world)
-        _, loss = trainer.train_step(mine["input_ids"], labels=mine["labels"], attention_mask=mine["attention_mask"])
+        counts.append(0)
+        with distributed.observe_collectives(count):
+            _, loss = trainer.train_step(mine["input_ids"], labels=mine["labels"],
+                                         attention_mask=mine["attention_mask"])
         losses.append(loss)
     return losses
 
@@ -93,10 +105,12 @@ def main(model_path: str, out: str) -> None:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     budget = int(make_trainer(model_path).model.plan().device_total * 1.25)
     trainer = make_trainer(model_path, capacity=budget)
-    losses = train(trainer, rank, world)
+    blocking: list[int] = []
+    losses = train(trainer, rank, world, blocking)
     events = [e[:-1] for e in trainer.last_report.timeline if e[0] in ("compute_start", "grad_allreduce")]
     result: dict[str, Any] = {
-        "device": type(trainer.model.device).__name__, "losses": losses, "events": [[e[0], list(e[1]) if isinstance(e[1], tuple) else e[1], *e[2:]] for e in events],
+        "device": type(trainer.model.device).__name__, "losses": losses, "blocking": blocking,
+        "events": [[e[0], list(e[1]) if isinstance(e[1], tuple) else e[1], *e[2:]] for e in events],
         "eval": trainer.evaluate(eval_batches()), "global_step": trainer.global_step,
         "checkpoint": str(trainer.save_checkpoint(Path(out) / "ckpt")),
     }

@@ -5,17 +5,22 @@ hands its micro-steps, evaluations and checkpoints to :class:`DataParallel`. Eac
 streams the base weights to its own device and runs its rows of the batch; what must be
 the same everywhere is summed over the ranks:
 
-* the number of target tokens of the whole micro-batch, before the pass, so every rank
-  divides its summed loss by it: the gradients then add up to the gradient of the mean
-  over the whole batch's target tokens, which is how one process defines the loss (not a
-  mean of per-rank means);
+* the number of target tokens of the whole micro-batch, so every rank divides its summed
+  loss by it: the gradients then add up to the gradient of the mean over the whole
+  batch's target tokens, which is how one process defines the loss (not a mean of
+  per-rank means). Its all-reduce starts before the pass and travels while the forward
+  runs (:class:`~lema.app.parallel.rank_agreement.PendingSettle`); the pass waits for it
+  at the head, where the divisor is first needed;
 * the gradients, bucket by bucket while the backward runs (:mod:`lema.app.parallel.grad_buckets`),
   on the micro-step that ends an accumulation; clipping then sees the global norm on every
   rank and the optimizer steps agree;
-* the loss sum, for the reported loss.
+* the loss sum, for the reported loss: in the last gradient bucket on the micro-step that
+  ends an accumulation, else in a :func:`~lema.app.parallel.rank_agreement.settle` of its own.
 
-Every phase begins and ends with :func:`~lema.app.parallel.rank_agreement.settle`, so a failure on
-one rank (bad data, out of memory) stops all of them with its message.
+So a micro-step waits for at most one collective besides the gradient buckets. Each of
+these sums carries every rank's failure flag, so a failure on one rank (bad data, out of
+memory) stops all of them with its message; evaluations and checkpoints begin and end
+with a :func:`~lema.app.parallel.rank_agreement.settle`.
 
 Example (under ``torchrun --nproc-per-node 2 script.py``)::
 
@@ -35,7 +40,7 @@ import torch
 from lema.app.parallel import distributed
 from lema.app.runtime.batches import as_batch, batches_to_tensors
 from lema.app.parallel.grad_buckets import DEFAULT_BUCKET_BYTES, GradientBuckets
-from lema.app.parallel.rank_agreement import peer_lost, settle
+from lema.app.parallel.rank_agreement import PendingSettle, agree, peer_lost, settle
 
 if TYPE_CHECKING:
     from lema.app.parallel.local_trainer import LocalTrainer
@@ -77,22 +82,39 @@ class DataParallel:
                     torch.randint(0, 2**62, (1,), generator=model.dropout_generator)
             except Exception as exc:  # noqa: BLE001 - every rank learns of it in settle
                 error = exc
-            (total_tokens,) = self._settle(error, [batch.n_tokens if batch is not None else 0])
+            if not self._bound():
+                # Once per set of adapters: every rank must be well before rank 0's go out.
+                self._settle(error, [])
             buckets = self._bind()
+            # The whole micro-batch's token count travels while the forward runs; the pass
+            # waits for it at the head, where the loss divisor is first needed. A rank that
+            # failed (or one leaving, through settle_on_exit) makes every rank raise there.
+            pending = PendingSettle(error, [batch.n_tokens if batch is not None else 0])
             if sync:
-                buckets.arm()
+                buckets.arm(carry=2)  # the failure flag and the loss sum ride in the last bucket
+            error = None
             loss_sum = 0.0
             try:
                 if batch is not None:
-                    loss_sum, _, logits = trainer.run_batch(batch, token_count=int(total_tokens),
+                    loss_sum, _, logits = trainer.run_batch(batch, token_count=lambda: int(pending.result()[0]),
                                                             keep_logits=return_logits)
             except Exception as exc:  # noqa: BLE001
                 error = exc
             batch = None
-            # A rank without rows, or one that failed mid-backward, still issues every
-            # bucket's all-reduce (zeros), so the ranks' collectives stay in step.
-            buckets.wait()
-            (loss_total,) = self._settle(error, [loss_sum])
+            try:
+                (total_tokens,) = pending.result()  # raised already at the head when a rank failed before
+            except Exception:
+                buckets.disarm()
+                trainer.discard_accumulation()
+                raise
+            if sync:
+                # A rank without rows, or one that failed mid-backward, still issues every
+                # bucket's all-reduce (zeros), so the ranks' collectives stay in step.
+                buckets.finish([1.0 if error is not None else 0.0, loss_sum if error is None else 0.0])
+                failed, loss_total = buckets.wait()
+                (loss_total,) = self._agree(error, failed, [loss_total])
+            else:
+                (loss_total,) = self._settle(error, [loss_sum])
             loss = loss_total / max(total_tokens, 1)
             trainer.end_micro_step(loss)  # the same loss and summed gradients on every rank
         return logits, loss
@@ -106,9 +128,23 @@ class DataParallel:
             self.trainer.discard_accumulation()
             raise
 
+    def _agree(self, error: Exception | None, failed: float, sums: list[float]) -> list[float]:
+        """:func:`agree` on a failure flag summed elsewhere (the last gradient bucket), with
+        :meth:`_settle`'s dropping of the accumulation."""
+        try:
+            return agree(error, failed, sums)
+        except Exception:
+            self.trainer.discard_accumulation()
+            raise
+
+    def _bound(self) -> bool:
+        """Whether the gradient hooks are on the model's current adapters."""
+        return self._buckets is not None and self._lora is not None and self._lora is self.trainer.model.lora
+
     def _bind(self) -> GradientBuckets:
         """Once per set of adapters: give every rank rank 0's values and hook their gradients
-        (a collective: called right after a settle, where all ranks are)."""
+        (a collective: called right after a settle, where all ranks are; nothing to do when
+        :meth:`_bound`)."""
         model = self.trainer.model
         lora = model.require_lora()
         if lora is self._lora and self._buckets is not None:
@@ -119,7 +155,7 @@ class DataParallel:
         with torch.no_grad():
             flat = torch.cat([p.detach().reshape(-1) for p in params]).to(distributed.comm_device())
             try:
-                torch.distributed.broadcast(flat, src=0)
+                distributed.broadcast(flat, src=0)
             except Exception as exc:  # noqa: BLE001
                 raise peer_lost(exc) from None
             offset = 0
@@ -157,7 +193,7 @@ class DataParallel:
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
                               for _, p in named])
             try:
-                torch.distributed.all_reduce(flat)
+                distributed.all_reduce(flat)
             except Exception as exc:  # noqa: BLE001
                 raise peer_lost(exc) from None
             offset = 0

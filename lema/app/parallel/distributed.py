@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import atexit
 import os
-from typing import Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping
 
 import attrs
 import torch
@@ -147,6 +148,46 @@ def start(device: str) -> tuple[Ranks, str]:
         dist.init_process_group(backend=backend)
         atexit.register(_stop)
     return current(), name
+
+
+# -- the collectives LEMA issues (every one goes through these, so a test can count them) ----
+
+_observers: list[Callable[[str, bool], None]] = []
+
+
+@contextmanager
+def observe_collectives(callback: Callable[[str, bool], None]) -> Iterator[None]:
+    """Call ``callback(name, blocking)`` for each collective this process issues while the
+    block runs (``blocking``: the host waits for it where it is issued; an asynchronous one
+    is waited for later, after work it overlaps)."""
+    _observers.append(callback)
+    try:
+        yield
+    finally:
+        _observers.remove(callback)
+
+
+def _issued(name: str, blocking: bool) -> None:
+    for callback in list(_observers):
+        callback(name, blocking)
+
+
+def all_reduce(tensor: torch.Tensor, async_op: bool = False) -> Any:
+    """``torch.distributed.all_reduce`` (sum); with ``async_op`` its work handle."""
+    _issued("all_reduce", not async_op)
+    return torch.distributed.all_reduce(tensor, async_op=async_op)
+
+
+def broadcast(tensor: torch.Tensor, src: int) -> None:
+    """``torch.distributed.broadcast``, waited for."""
+    _issued("broadcast", True)
+    torch.distributed.broadcast(tensor, src=src)
+
+
+def all_gather(out: list[torch.Tensor], tensor: torch.Tensor) -> None:
+    """``torch.distributed.all_gather``, waited for."""
+    _issued("all_gather", True)
+    torch.distributed.all_gather(out, tensor)
 
 
 def _stop() -> None:

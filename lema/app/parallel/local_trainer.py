@@ -7,7 +7,7 @@ each other.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -21,6 +21,7 @@ class RankModel(Protocol):
 
     device: Device
     lora_spec: LoraSpec
+    lora: LoraState | None
     dropout_generator: torch.Generator
 
     def require_lora(self) -> LoraState: ...
@@ -40,7 +41,7 @@ class LocalTrainer(Protocol):
     def prepare_batch(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
                       attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None) -> Any: ...
 
-    def run_batch(self, batch: Any, token_count: int | None = None,
+    def run_batch(self, batch: Any, token_count: int | Callable[[], int] | None = None,
                   keep_logits: bool = False) -> tuple[float, int, torch.Tensor | None]: ...
 
     def end_micro_step(self, loss: float) -> None: ...

@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -49,12 +49,16 @@ def settle(error: Exception | None = None, values: Sequence[float] = ()) -> list
     Raises:
         ``error`` itself on the rank that failed; :class:`RankFailedError` on the others.
     """
-    if len(values) > SLOTS - 1:
-        raise ValueError(f"settle: at most {SLOTS - 1} values, got {len(values)}")
-    padded = [1.0 if error is not None else 0.0, *map(float, values)]
-    sums = _all_reduce(padded + [0.0] * (SLOTS - len(padded)))
-    if sums[0] == 0:
-        return sums[1:1 + len(values)]
+    sums = _all_reduce(_slots(error, values))
+    return agree(error, sums[0], sums[1:1 + len(values)])
+
+
+def agree(error: Exception | None, failed: float, sums: list[float]) -> list[float]:
+    """What :func:`settle` does once the ranks' failure flags are summed (``failed``): return
+    ``sums`` when no rank failed, else gather the messages and raise on every rank. Every
+    rank must call it with the same ``failed`` (a sum from one collective)."""
+    if failed == 0:
+        return sums
     failures = [(rank, text) for rank, text in enumerate(_gather(describe(error) if error is not None else ""))
                 if text]
     ranks = distributed.current()
@@ -64,6 +68,60 @@ def settle(error: Exception | None = None, values: Sequence[float] = ()) -> list
         error = RankFailedError(f"rank {first} of {ranks.world} failed: {text}"
                                 + (f" (ranks {', '.join(others)} failed too)" if others else ""))
     raise mark(error, reported_elsewhere=not ranks.is_main, together=True)
+
+
+class PendingSettle:
+    """A :func:`settle` whose all-reduce travels while the host does other work (the
+    forward): :meth:`result` waits for it where its sums are first needed.
+
+    It has the shape of :func:`settle` (a rank that meets it with :func:`settle_on_exit`
+    matches it). Between issuing it and :meth:`result`, a rank may issue no other collective
+    (a failure found by :meth:`result` gathers the messages, on every rank)."""
+
+    def __init__(self, error: Exception | None, values: Sequence[float]) -> None:
+        self._error, self._count = error, len(values)
+        self._tensor = torch.tensor(_slots(error, values), dtype=torch.float64, device=distributed.comm_device())
+        try:
+            self._work = distributed.all_reduce(self._tensor, async_op=True)
+        except Exception as exc:  # noqa: BLE001
+            raise peer_lost(exc) from None
+        self._host: torch.Tensor | None = None
+        self._ready: Any = None
+        if self._tensor.is_cuda:
+            # NCCL: read the sums through a side stream, so reading them waits for this
+            # all-reduce only, not for the compute queued on the current stream meanwhile.
+            stream = torch.cuda.Stream(device=self._tensor.device)
+            with torch.cuda.stream(stream):
+                self._work.wait()
+                self._host = torch.empty(SLOTS, dtype=torch.float64, pin_memory=True)
+                self._host.copy_(self._tensor, non_blocking=True)
+                self._ready = torch.cuda.Event()
+                self._ready.record(stream)
+        self._outcome: list[float] | Exception | None = None
+
+    def result(self) -> list[float]:
+        """The sums, as :func:`settle` returns them (the same raise on every rank when one
+        failed; asked again, the same answer without another collective)."""
+        if self._outcome is None:
+            try:
+                self._outcome = agree(self._error, *self._sums())
+            except Exception as exc:  # noqa: BLE001 - kept, raised again to a second caller
+                self._outcome = exc
+        if isinstance(self._outcome, Exception):
+            raise self._outcome
+        return self._outcome
+
+    def _sums(self) -> tuple[float, list[float]]:
+        try:
+            if self._ready is not None:
+                self._ready.synchronize()
+                sums = self._host.tolist()  # type: ignore[union-attr]
+            else:
+                self._work.wait()
+                sums = self._tensor.tolist()
+        except Exception as exc:  # noqa: BLE001
+            raise peer_lost(exc) from None
+        return sums[0], sums[1:1 + self._count]
 
 
 def settle_on_exit(error: Exception) -> Exception:
@@ -132,10 +190,17 @@ def peer_lost(cause: BaseException) -> Exception:
     return mark(error, reported_elsewhere=not distributed.current().is_main, together=False)
 
 
+def _slots(error: Exception | None, values: Sequence[float]) -> list[float]:
+    if len(values) > SLOTS - 1:
+        raise ValueError(f"settle: at most {SLOTS - 1} values, got {len(values)}")
+    padded = [1.0 if error is not None else 0.0, *map(float, values)]
+    return padded + [0.0] * (SLOTS - len(padded))
+
+
 def _all_reduce(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=distributed.comm_device())
     try:
-        torch.distributed.all_reduce(tensor)
+        distributed.all_reduce(tensor)
     except Exception as exc:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses
         raise peer_lost(exc) from None
     return tensor.tolist()
@@ -150,7 +215,7 @@ def _gather(text: str) -> list[str]:
     mine = mine.to(device)
     out = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
     try:
-        torch.distributed.all_gather(out, mine)
+        distributed.all_gather(out, mine)
     except Exception as exc:  # noqa: BLE001
         raise peer_lost(exc) from None
     return [bytes(t.cpu().tolist()).rstrip(b"\0").decode("utf-8", "replace") for t in out]

@@ -25,7 +25,7 @@ for the backward step (``torch.autograd.graph.saved_tensors_hooks``).
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -48,9 +48,12 @@ class TrainingPass:
         ctx: the batch context (masks, rope, dropout seed) on the device.
         x0: the embedding output on the device, ``(batch, seq, hidden)``.
         targets: shifted targets ``(batch, seq)`` on the device (-100 ignored).
-        loss_scale: the loss is multiplied by this before backward (1 / accumulation steps).
+        loss_scale: the loss is multiplied by this before backward (1 / accumulation steps,
+            times a float16 run's loss scale: :mod:`lema.app.training.loss_scaling`).
         token_count: divide the summed loss by this many target tokens (default: the
-            batch's own; data parallel passes the count of the whole batch over all ranks).
+            batch's own; data parallel passes the count of the whole batch over all ranks,
+            as a function called where the divisor is first needed, at the head, so that
+            the ranks' count travels while the forward runs).
         n_tokens: this batch's own count of targets, counted on the host before the upload
             (None: the objective counts them, reading the device).
         checkpointing: recompute each layer in backward (True) or keep its graph (False).
@@ -68,7 +71,8 @@ class TrainingPass:
     def __init__(self, spec: ModelSpec, lora: LoraState, ctx: BlockContext, x0: torch.Tensor,
                  targets: torch.Tensor, *, loss_scale: float = 1.0, checkpointing: bool = True,
                  chunk_tokens: int = heads.DEFAULT_CHUNK_TOKENS, keep_logits: bool = False,
-                 token_count: int | None = None, tile_tokens: int = 0, objective: Objective = NEXT_TOKEN,
+                 token_count: int | Callable[[], int] | None = None, tile_tokens: int = 0,
+                 objective: Objective = NEXT_TOKEN,
                  kept_units: frozenset[int] = frozenset(), n_tokens: int | None = None) -> None:
         tiled = 0 < tile_tokens < x0.shape[1]
         if tiled and (not checkpointing or kept_units):
@@ -159,7 +163,8 @@ class TrainingPass:
                                                      self.ctx.matmul_dtype, n_tokens=self._batch_tokens)
             self.n_tokens = n_tokens
             self._loss_sum = loss_sum.detach()  # no host read here: the backward is issued without waiting
-            denominator = n_tokens if self.token_count is None else self.token_count
+            count = self.token_count
+            denominator = n_tokens if count is None else count() if callable(count) else count
             (loss_sum * (self.loss_scale / max(denominator, 1))).backward()
         self.grad = x_last.grad
         self.x = None  # type: ignore[assignment]

@@ -45,6 +45,7 @@ def log_line(record: dict[str, Any], total: int, elapsed: float | None = None) -
     norm = record.get("grad_norm")
     return (f"step {record['step']}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}"
             + (f"  grad_norm {norm:.3g}" if norm is not None else "")
+            + (f"  loss_scale {record['loss_scale']:g}" if record.get("loss_scale") is not None else "")
             + (f"  {tps:,.0f} tok/s" if tps else "") + (f"  device {peak_text(record)}" if peak else "")
             + (f"  elapsed {clock(elapsed)}" if elapsed is not None else "")
             + (f"  ETA {clock(eta)}" if eta is not None and record['step'] < total else "")

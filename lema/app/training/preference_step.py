@@ -85,7 +85,8 @@ def preference_step(trainer: Any, input_ids: torch.Tensor, labels: torch.Tensor 
 
             precomputed = RowLogps(reference.to(answer.device, torch.float32), answer.sum(dim=1).float())
         step = PreferencePass(model.spec, model.require_lora(), batch.ctx, batch.x0, batch.targets,
-                              loss_scale=1.0 / trainer.accumulation, checkpointing=model.config.checkpointing,
+                              loss_scale=(trainer.loss_scale or 1.0) / trainer.accumulation,
+                              checkpointing=model.config.checkpointing,
                               tile_tokens=model.plan().tile_tokens, kept_units=model.plan().kept_units,
                               objective=objective, answer_mask=answer,
                               full_mask=full if objective.needs_full else None, reference=trainer.reference,

@@ -30,7 +30,7 @@ import torch
 
 from lema.app.runtime.training_pass import TrainingPass
 from lema.app.training.trainable import TrainableModel
-from lema.app.training.trainer import step_with_cast
+from lema.app.training.batch_pass import step_with_cast
 
 PassResult = tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor | None]
 

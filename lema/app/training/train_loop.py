@@ -284,6 +284,8 @@ def _run_steps(model: Any, trainer: Any, stream: Any, opts: LoopOptions, ranks: 
                 elapsed = time.perf_counter() - began
                 record = {"step": step, "loss": last_loss, "lr": lr,
                           "grad_norm": getattr(trainer, "last_grad_norm", None),
+                          **({"loss_scale": trainer.scaler.scale, "skipped_steps": trainer.scaler.skipped}
+                             if getattr(trainer, "scaler", None) is not None else {}),  # float16 runs
                           "epoch": None if not per_epoch else round(step * opts.grad_accum / per_epoch, 4),
                           "tokens_per_s": tokens / seconds if seconds > 0 else None,
                           "device_peak_bytes": peak, "device_peak_counts_compute": counted, "tokens": tokens,

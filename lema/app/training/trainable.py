@@ -32,6 +32,8 @@ class TrainableModel(Protocol):
     lora_spec: LoraSpec
     dropout_generator: torch.Generator
     last_report: StepReport | None
+    compute_dtype: torch.dtype  # float16: the trainer scales the loss (lema.app.training.loss_scaling)
+    lora: LoraState | None  # the adapters (None before initialize_lora / load_adapter)
 
     def require_lora(self) -> LoraState: ...
 
@@ -62,7 +64,5 @@ class TrainableModel(Protocol):
 class StreamedModel(TrainableModel, Protocol):
     """What generation reads of a model besides the trainer's surface (LemaModel has it)."""
 
-    lora: LoraState | None
     embedding: Any
-    compute_dtype: torch.dtype
     matmul_dtype: torch.dtype | None

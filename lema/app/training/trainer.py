@@ -13,6 +13,8 @@ import torch
 from lema.app.parallel import distributed
 from lema.app.runtime.batches import batches_to_tensors
 from lema.app.parallel.grad_buckets import DEFAULT_BUCKET_BYTES
+from lema.app.training.batch_pass import PreparedBatch, step_with_cast
+from lema.app.training.loss_scaling import LossScaler
 from lema.app.training.seeds import generator_state, set_generator_state
 from lema.app.runtime.training_pass import TrainingPass
 from lema.domain.model import heads
@@ -46,7 +48,14 @@ class LemaTrainer:
         self.last_report = None
         self.before_optimizer_step: Callable[[], None] = lambda: None  # see lema.app.training.stop_signals
         self._dp: DataParallel | None = None
+        # A float16 run scales its loss (lema.app.training.loss_scaling); no other dtype does.
+        self.scaler: LossScaler | None = LossScaler() if model.compute_dtype == torch.float16 else None
         _warn_base_dropouts(model)
+
+    @property
+    def loss_scale(self) -> float | None:
+        """The current loss scale of a float16 run (None in other dtypes)."""
+        return self.scaler.scale if self.scaler is not None else None
 
     @property
     def accumulation(self) -> int:
@@ -109,7 +118,7 @@ class LemaTrainer:
         n = int((targets != heads.IGNORE_INDEX).sum())  # counted on the host: no device wait
         return PreparedBatch(ctx, x0, targets.to(model.device.torch_device), n)
 
-    def run_batch(self, batch: PreparedBatch, token_count: int | None = None,
+    def run_batch(self, batch: PreparedBatch, token_count: int | Callable[[], int] | None = None,
                   keep_logits: bool = False) -> tuple[float, int, torch.Tensor | None]:
         """Forward and backward of a prepared micro-batch through the engine; gradients add
         into ``.grad``. The loss is divided by ``token_count`` target tokens (default: the
@@ -120,7 +129,8 @@ class LemaTrainer:
         """
         model = self.model
         step = TrainingPass(model.spec, model.require_lora(), batch.ctx, batch.x0, batch.targets,
-                            loss_scale=1.0 / self.accumulation, checkpointing=model.config.checkpointing,
+                            loss_scale=(self.loss_scale or 1.0) / self.accumulation,
+                            checkpointing=model.config.checkpointing,
                             keep_logits=keep_logits, token_count=token_count, n_tokens=batch.n_tokens,
                             tile_tokens=model.plan().tile_tokens, kept_units=model.plan().kept_units)
         batch.release()  # the pass owns the tensors now, so they are freed as it moves on
@@ -154,6 +164,10 @@ class LemaTrainer:
         params = self.model.get_trainable_parameters()
         max_norm = self.model.config.max_grad_norm
         grads = [p.grad for p in params if p.grad is not None]
+        if self.scaler is not None and self.scaler.skips(grads):  # float16: an inf/NaN gradient skips the
+            self.discard_accumulation()  # update (the scheduler waits, as transformers' Trainer does)
+            self.global_step, self.last_grad_norm = self.global_step + 1, None
+            return
         if max_norm:
             norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         else:
@@ -168,6 +182,8 @@ class LemaTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
+        if self.scaler is not None:
+            self.scaler.update(found_inf=False)
         self.global_step, self.micro_step, self.last_grad_norm = self.global_step + 1, 0, norm  # norm: before clipping
 
     @torch.no_grad()
@@ -259,6 +275,7 @@ class LemaTrainer:
             "rng": rng_state(),
             "dropout_rng": generator_state(model.dropout_generator),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "loss_scale": self.scaler.state_dict() if self.scaler is not None else None,
             "config": model.config.to_dict(),
             "lema_version": _version(),
         }
@@ -339,6 +356,8 @@ class LemaTrainer:
         if self.scheduler is not None and state.get("scheduler") is not None:
             check_scheduler_state(state["scheduler"], self.scheduler.state_dict(), "trainer_state.json")
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("loss_scale") is not None:
+            self.scaler.load_state_dict(state["loss_scale"], where)
         if state.get("rng") is not None:
             set_rng_state(state["rng"])
         if state.get("dropout_rng") is not None:
@@ -361,26 +380,6 @@ class LemaTrainer:
 
 
 _GRAD_PREFIX = "accumulated_grad."
-
-
-class PreparedBatch:
-    """A micro-batch validated and embedded on the device, waiting for its pass."""
-
-    def __init__(self, ctx: Any, x0: torch.Tensor, targets: torch.Tensor, n_tokens: int) -> None:
-        self.ctx, self.x0, self.targets, self.n_tokens = ctx, x0, targets, n_tokens
-
-    def release(self) -> None:
-        """Drop the references (the training pass holds what it still needs)."""
-        self.ctx = self.x0 = self.targets = None
-
-
-def step_with_cast(model: TrainableModel, step: TrainingPass):
-    """Wrap a training pass so weights are cast to the model's compute dtype first."""
-
-    def compute(phase, unit, weights):
-        step(phase, unit, model.cast_weights(weights))
-
-    return compute
 
 
 def _warn_base_dropouts(model: TrainableModel) -> None:

@@ -8,8 +8,8 @@ Example:
     ...        "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100}
     >>> spec = ModelSpec.from_config(cfg, dtype="F32")
     >>> ctx = make_context(spec, (2, 5), attention_mask=torch.tensor([[1] * 5, [0, 0, 1, 1, 1]]))
-    >>> ctx.attention("full_attention")[0].shape
-    torch.Size([2, 1, 5, 5])
+    >>> ctx.attention("full_attention")[0].lead   # left padding: no (batch, 1, seq, seq) mask
+    (0, 2)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from lema.domain.nn.context import (
     attention_kinds,
     attention_masks,
     decode_position_ids,
-    dense_padding,
+    split_padding,
     layout_ropes,
     packed_spans,
     sliding_keys_kept,
@@ -80,10 +80,11 @@ def make_context(spec: ModelSpec, input_shape: tuple[int, int], attention_mask: 
         raise ConfigError(f"attention_mask has shape {list(attention_mask.shape)}, expected [{batch}, {seq}]")
     if segments is not None and tuple(segments.shape) != (batch, seq):
         raise ConfigError(f"segments has shape {list(segments.shape)}, expected [{batch}, {seq}]")
-    pad = dense_padding(attention_mask, device)  # masks and segments are read on the host, once
+    # masks and segments are read on the host, once
+    pad, lead = split_padding(attention_mask, device, packed=segments is not None)
     spans = packed_spans(segments, attention_mask if pad is None else None)
     masks = {kind: training_mask(pad, spans, batch, seq, layout.sliding_window if kind == SLIDING else None, device,
-                                 segments=segments)
+                                 segments=segments, lead=lead)
              for kind in attention_kinds(layout)}
     p = lora.dropout if (lora is not None and training) else 0.0
     if dropout_seed is None:
@@ -120,7 +121,8 @@ def make_decode_context(spec: ModelSpec, batch: int, past_len: int, new_len: int
         lora: the adapters' spec (their scaling); None for no adapters.
 
     Returns:
-        The :class:`BlockContext`; its masks are ``(batch, 1, new_len, keys)`` or None.
+        The :class:`BlockContext`; its masks are ``(batch, 1, new_len, keys)`` or None (a
+        prefill's are :func:`make_context`'s: None or a ``BlockSparse`` for left-padded prompts).
 
     Raises:
         ConfigError: a negative ``past_len``, ``new_len < 1``, or a mask or position tensor of
@@ -158,9 +160,15 @@ def make_decode_context(spec: ModelSpec, batch: int, past_len: int, new_len: int
         raise ConfigError(f"position_ids has shape {list(position_ids.shape)}, expected [{batch}, {new_len}]")
     position_ids = position_ids.to(device).expand(batch, new_len)
     window = layout.sliding_window
-    masks = {FULL: attention_masks(pad, new_len, None, device, past_len)}
-    if SLIDING in layout.layer_types:
-        masks[SLIDING] = attention_masks(pad, new_len, window, device, past_len, sliding_keys_kept(window, past_len))
+    if past_len == 0:  # a prefill: a training batch's masks (left-padded prompts: no dense mask)
+        pad, lead = split_padding(attention_mask, device)
+        masks = {kind: training_mask(pad, None, batch, new_len, window if kind == SLIDING else None, device, lead=lead)
+                 for kind in attention_kinds(layout)}
+    else:
+        masks = {FULL: attention_masks(pad, new_len, None, device, past_len)}
+        if SLIDING in layout.layer_types:
+            masks[SLIDING] = attention_masks(pad, new_len, window, device, past_len,
+                                             sliding_keys_kept(window, past_len))
     return BlockContext(dtype=dtype, position_ids=position_ids, ropes=layout_ropes(layout, position_ids, dtype),
                         masks=masks, params=params, lora_scaling=lora.scaling if lora is not None else 1.0,
                         matmul_dtype=matmul_dtype)

@@ -89,14 +89,18 @@ def _banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | Non
 
 
 def _block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparse, scale: float) -> torch.Tensor:
-    """Attention under a :class:`BlockSparse` description: per packed example, per window band."""
-    if mask.spans is None:
+    """Attention under a :class:`BlockSparse` description: per packed example, per window band;
+    a row's left padding outputs zeros."""
+    if mask.spans is None and mask.lead is None:
         return _banded(q, k, v, mask.window, scale)
     rows = []
     for row in range(q.shape[0]):
         qr, kr, vr = q[row:row + 1], k[row:row + 1], v[row:row + 1]
-        rows.append(torch.cat([_banded(qr[:, :, a:b], kr[:, :, a:b], vr[:, :, a:b], mask.window, scale)
-                               for a, b in mask.row_spans(row)], dim=2))
+        lead = mask.row_lead(row)
+        parts = [qr.new_zeros(1, q.shape[1], lead, v.shape[-1])] if lead else []
+        parts += [_banded(qr[:, :, a:b], kr[:, :, a:b], vr[:, :, a:b], mask.window, scale)
+                  for a, b in mask.row_spans(row)]
+        rows.append(torch.cat(parts, dim=2))
     return torch.cat(rows, dim=0)
 
 
@@ -112,7 +116,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "BlockContext
     if isinstance(mask, BlockSparse):
         if softcap is None and mask.seq == q.shape[2] == k.shape[2]:
             return _block_sparse(q, k, v, mask, scale).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
-        mask = mask.dense(q.device)  # the eager path (soft-capped scores) takes the mask whole
+        # the eager path (soft-capped scores) takes the mask whole
+        mask, keep = mask.dense(q.device), mask.keep(q.device)
     if softcap is not None:
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

@@ -23,7 +23,11 @@ than a sliding window (:func:`training_mask`): right padding runs plain causal a
 and they carry no loss: only their own outputs differ), and packed rows and sliding
 windows are a :class:`BlockSparse` description that attention runs segment by segment and
 window band by window band (:func:`lema.domain.nn.attention.attend`), with masks of at most
-``(window, 2 window)``. Left padding (and decoding after a cache) keeps the dense mask.
+``(window, 2 window)``. Left-padded rows are one example after a run of padding
+(:attr:`BlockSparse.lead`): their real tokens attend causally among themselves, and the
+padded positions, which see no key, output zeros, as transformers' SDPA path gives them.
+Other padding (holes inside a row, left padding with packed rows) and decoding after a
+cache keep the dense mask.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ from lema.domain.nn.rope import rope_tables
 from lema.errors import ConfigError
 
 __all__ = ["FULL", "SLIDING", "AttentionMask", "BlockContext", "BlockSparse", "attention_kinds", "attention_masks",
-           "decode_position_ids", "dense_padding", "layout_ropes", "packed_spans", "segment_ids", "sliding_keys_kept",
-           "training_mask"]
+           "decode_position_ids", "layout_ropes", "packed_spans", "segment_ids", "sliding_keys_kept",
+           "split_padding", "training_mask"]
 
 
 
@@ -52,30 +56,46 @@ class BlockSparse:
         spans: for each row, the ``(start, end)`` of each packed example (causal inside,
             nothing across); None: each row is one example.
         window: a sliding window (keys kept per query, the query included), or None.
+        lead: for each row, how many positions of left padding come first (no query sees
+            them; they see no key, and their outputs are zeros), or None: none. Not with
+            ``spans``.
     """
 
     batch: int
     seq: int
     spans: tuple[tuple[tuple[int, int], ...], ...] | None = None
     window: int | None = None
+    lead: tuple[int, ...] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """The shape of the dense mask it stands for."""
         return (self.batch, 1, self.seq, self.seq)
 
+    def row_lead(self, row: int) -> int:
+        """Positions of left padding at the start of ``row`` (zero outputs)."""
+        return 0 if self.lead is None else self.lead[row]
+
     def row_spans(self, row: int) -> tuple[tuple[int, int], ...]:
-        return ((0, self.seq),) if self.spans is None else self.spans[row]
+        """The ``(start, end)`` of each example of ``row`` that attends (after its left padding)."""
+        if self.spans is not None:
+            return self.spans[row]
+        lead = self.row_lead(row)
+        return ((lead, self.seq),) if lead < self.seq else ()
 
     def dense(self, device: torch.device | str) -> torch.Tensor:
         """The boolean ``(batch, 1, seq, seq)`` mask it stands for (True attends): for the eager
-        path (soft-capped scores) and for tests."""
+        path (soft-capped scores) and for tests. A left-padded position attends to itself,
+        as :func:`attention_masks` has it (its output is zeroed by :meth:`keep`)."""
         q = torch.arange(self.seq, device=device)[:, None]
         k = torch.arange(self.seq, device=device)[None, :]
         allowed = k <= q
         if self.window is not None:
             allowed = allowed & (k > q - self.window)
         out = allowed[None, None].expand(self.batch, 1, self.seq, self.seq)
+        if self.lead is not None:
+            first = torch.tensor(self.lead, device=device)[:, None, None, None]
+            out = (out & (k >= first)) | ((q < first) & (q == k))
         if self.spans is None:
             return out
         same = torch.zeros(self.batch, self.seq, self.seq, dtype=torch.bool, device=device)
@@ -83,6 +103,15 @@ class BlockSparse:
             for start, end in self.spans[row]:
                 same[row, start:end, start:end] = True
         return out & same[:, None]
+
+
+    def keep(self, device: torch.device | str) -> torch.Tensor | None:
+        """The ``(batch, 1, seq, 1)`` multiplier that zeroes the left-padded positions' outputs
+        (with :meth:`dense`), or None when no row is left-padded."""
+        if self.lead is None:
+            return None
+        first = torch.tensor(self.lead, device=device)[:, None, None, None]
+        return (torch.arange(self.seq, device=device)[None, None, :, None] >= first).to(torch.float32)
 
 
 # A mask and the multiplier (1 keep / 0 zero) of its fully masked query rows, both optional;
@@ -116,30 +145,38 @@ def packed_spans(segments: torch.Tensor | None, attention_mask: torch.Tensor | N
     return tuple(tuple(zip(c, c[1:] + [seq])) for c in cuts)
 
 
-def dense_padding(attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """The ``(batch, seq)`` padding a batch with no cached keys needs a dense mask for: None when
-    there is no padding or only right padding (see the module docstring), else the mask as
-    booleans on ``device``. One device -> host read when ``attention_mask`` lives on a device."""
+def split_padding(attention_mask: torch.Tensor | None, device: torch.device, packed: bool = False
+                  ) -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
+    """``(pad, lead)``: the padding that needs a dense mask, as booleans on ``device`` (None
+    when there is none or only right padding, see the module docstring), or the left
+    padding of each row when every row is left-padded (real tokens after padding, ``lead``:
+    its length per row; not for ``packed`` rows). One device -> host read of the mask when
+    it lives on a device."""
     if attention_mask is None:
-        return None
+        return None, None
     real = attention_mask.detach().bool()
-    all_real, right_padded = torch.stack([real.all(), (real[:, 1:] <= real[:, :-1]).all()]).tolist()
-    return None if all_real or right_padded else real.to(device)
+    flags = torch.stack([(real[:, 1:] <= real[:, :-1]).all(), (real[:, 1:] >= real[:, :-1]).all()]).long()
+    right, left, *lead = torch.cat([flags, (~real).sum(-1)]).tolist()  # the one read
+    if right:
+        return None, None  # no padding, or right padding only
+    if left and not packed:
+        return None, tuple(lead)
+    return real.to(device), None
 
 
 def training_mask(pad: torch.Tensor | None, spans: tuple[tuple[tuple[int, int], ...], ...] | None, batch: int,
                   seq: int, window: int | None, device: torch.device,
-                  segments: torch.Tensor | None = None) -> AttentionMask:
+                  segments: torch.Tensor | None = None, lead: tuple[int, ...] | None = None) -> AttentionMask:
     """The mask of one attention kind for a batch with no cached keys (training, a forward, a
-    prefill): dense only for ``pad`` (:func:`dense_padding`), else None (causal) or a
+    prefill): dense only for ``pad`` (:func:`split_padding`), else None (causal) or a
     :class:`BlockSparse` (packed ``spans`` from :func:`packed_spans`, a ``window`` shorter
-    than ``seq``)."""
+    than ``seq``, left padding of ``lead`` positions per row)."""
     if pad is not None:
         return attention_masks(pad, seq, window, device, segments=None if segments is None else segments.to(device))
     windowed = window if window is not None and seq > window else None
-    if spans is None and windowed is None:
+    if spans is None and windowed is None and lead is None:
         return None, None
-    return BlockSparse(batch, seq, spans, windowed), None
+    return BlockSparse(batch, seq, spans, windowed, lead), None
 
 
 @attrs.frozen(eq=False)

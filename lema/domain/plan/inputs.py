@@ -94,9 +94,10 @@ class TrainingShape:
             checkpointing every layer keeps its graph. With activation offload only the
             recomputing layers' inputs are offloaded (a kept layer has none); not with tiles.
         block_sparse: the batches' attention runs by blocks (packed rows: per example; a
-            sliding window shorter than ``seq``: per band, :mod:`lema.domain.nn.attention`),
-            whose concatenated parts hold one more attention output ``T q a`` while a layer's
-            attention runs.
+            sliding window shorter than ``seq``: per band; left-padded rows: per row,
+            :mod:`lema.domain.nn.attention`), whose concatenated parts hold one more attention
+            output ``T q a`` while a layer's attention runs. LEMA's own batches pad on the
+            right; a Python API caller whose batches are left-padded sets it.
 
     Raises:
         ConfigError: naming every field whose value is out of range, at once.

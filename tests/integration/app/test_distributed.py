@@ -77,3 +77,43 @@ def test_a_failure_is_agreed_raised_as_itself_where_it_happened_and_drops_the_ac
     assert is_agreed(caught.value) and not reported_elsewhere(caught.value)  # rank 0 prints it
     assert trainer.micro_step == 0 and all(p.grad is None for p in trainer.model.get_trainable_parameters())
     assert settle(None, [2.0, 3.0]) == [2.0, 3.0]
+
+
+class _PassFails:
+    """A trainer (the LocalTrainer DataParallel drives) whose pass fails after its backward
+    once ``fail`` is set: the gradient buckets have started, the loss sum is known."""
+
+    def __init__(self, trainer) -> None:
+        self._trainer, self.fail = trainer, False
+
+    def __getattr__(self, name):
+        return getattr(self._trainer, name)
+
+    def run_batch(self, batch, token_count=None, keep_logits=False):
+        out = self._trainer.run_batch(batch, token_count, keep_logits)
+        if self.fail:
+            raise RuntimeError("planted: the pass failed after its backward")
+        return out
+
+
+def test_a_failure_at_an_accumulations_end_travels_in_the_last_gradient_bucket(llama_file, group):
+    """The micro-step that ends an accumulation settles nothing on its own: its failure flag
+    rides in the last gradient bucket, and the failure is agreed (only the messages are
+    gathered) and drops the accumulation; the next micro-step runs as usual."""
+    trainer = make_trainer(str(llama_file))
+    wrapped = _PassFails(trainer)
+    dp = DataParallel(wrapped, bucket_bytes=1)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    dp.micro_step(ids, None, None)  # half of an accumulation
+    wrapped.fail = True
+    issued = []
+    with distributed.observe_collectives(lambda name, blocking: issued.append((name, blocking))):
+        with pytest.raises(RuntimeError, match="planted") as caught:
+            dp.micro_step(ids, None, None)
+    assert is_agreed(caught.value)
+    assert [name for name, blocking in issued if blocking] == ["all_gather"]  # the messages, nothing else
+    assert trainer.micro_step == 0 and trainer.global_step == 0
+    assert all(p.grad is None for p in trainer.model.get_trainable_parameters())
+    wrapped.fail = False
+    dp.micro_step(ids, None, None)
+    assert trainer.micro_step == 1

@@ -162,11 +162,12 @@ PACKED = {
 }
 
 
-def _peak(model: LemaModel, trainer, ids: torch.Tensor, position_ids: torch.Tensor | None) -> int:
+def _peak(model: LemaModel, trainer, ids: torch.Tensor, position_ids: torch.Tensor | None,
+          attention_mask: torch.Tensor | None = None) -> int:
     peak = 0
     for _ in range(2):
         model.device.reset_peak()
-        trainer.train_step(ids, position_ids=position_ids)
+        trainer.train_step(ids, position_ids=position_ids, attention_mask=attention_mask)
         peak = max(peak, model.device.peak_bytes())
     return peak
 
@@ -236,3 +237,36 @@ def test_packed_rows_in_the_config_plan_attention_by_blocks(tmp_path):
     packed = bootstrap.make_plan(attrs.evolve(model.lema_config, packed_rows=True), model.spec, model.device)
     model.close()
     assert packed.device_total - plain == 2 * 64 * 128 * 4  # T q a, fp32
+
+
+@pytest.mark.parametrize("case", list(PACKED))
+def test_a_left_padded_batch_peak_matches_the_block_sparse_plan(tmp_path, case):
+    """Left-padded rows attend per row with no dense mask (issue 23): what they cost over an
+    unpadded batch is the block-sparse term the plan counts (the rows' outputs concatenated)
+    for their real tokens, within 10%, and the step's peak is the block-sparse plan's."""
+    import attrs
+
+    from lema.domain.plan.planner import plan
+
+    build, dtype, config, _ = PACKED[case]
+    model = _model(tmp_path, build, dtype, **config)
+    shape = bootstrap.training_shape(model.config, model.spec, model.device)
+    plain_plan = plan(model.spec, shape, None).device_total
+    sparse_plan = plan(model.spec, attrs.evolve(shape, block_sparse=True), None).device_total
+    model.initialize_lora()
+    trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3))
+    b, s = config["batch_size"], config["max_seq_len"]
+    ids = torch.randint(0, model.spec.vocab_size, (b, s))
+    mask = torch.ones(b, s, dtype=torch.long)
+    for row in range(b):
+        mask[row, :(row + 1) * s // 8] = 0
+    plain, padded = _peak(model, trainer, ids, None), _peak(model, trainer, ids, None, mask)
+    model.close()
+    print(f"plain {plain} / {plain_plan}, left-padded {padded} / {sparse_plan}")
+    assert abs(padded - sparse_plan) / sparse_plan <= TOLERANCE, (padded, sparse_plan)
+    # the rows' parts cover their real tokens (the padding's zeros are no part autograd
+    # keeps): the term for the real tokens, which the plan's term (every token) bounds
+    measured_extra, planned_extra = padded - plain, sparse_plan - plain_plan
+    real = float(mask.sum()) / mask.numel()
+    assert measured_extra <= planned_extra
+    assert abs(measured_extra - planned_extra * real) <= TOLERANCE * measured_extra, (measured_extra, planned_extra)

@@ -261,3 +261,28 @@ def test_three_adamw_steps_equal_peft_trained_on_the_formula(base, method):
     relative = float(torch.cat([(mine[k] - want[k]).flatten() for k in mine]).norm()
                      / torch.cat([want[k].flatten() for k in mine]).norm())
     assert relative <= 1e-3, (method, relative)  # the issue's bound for adapters after 3 AdamW steps
+
+
+def test_a_float16_preference_step_scales_its_loss_as_the_trainer_unscales_it(base):
+    """In float16 the trainer scales the loss (issue 23): the preference pass multiplies by
+    the same scale the optimizer step divides by, so one SGD step moves the adapters as the
+    unscaled float16 step does (to float16's rounding), not 65536 times less."""
+    import warnings
+
+    batch = _batch(base)
+    moves = {}
+    for scaled in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the float16 warning
+            model = _model(base, max_grad_norm=None, dtype="float16")
+        with model:
+            trainer = model.get_trainer(torch.optim.SGD(model.get_trainable_parameters(), lr=0.1))
+            assert trainer.loss_scale == 2.0**16
+            if not scaled:
+                trainer.scaler = None
+            use_preference(trainer, PreferenceObjective("dpo"), frozen_adapter(model.require_lora()))
+            start = torch.cat([p.detach().flatten().clone() for p in model.get_trainable_parameters()])
+            trainer.train_step(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"])
+            moves[scaled] = torch.cat([p.detach().flatten() for p in model.get_trainable_parameters()]) - start
+    assert float(moves[False].norm()) > 0
+    assert float((moves[True] - moves[False]).norm() / moves[False].norm()) <= 1e-2

@@ -203,3 +203,19 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_continues(tmp_path, mode
     result = run(*base_args(model_dir, data["txt"], out, "--steps", str(step + 2), "--resume"))
     assert result.exit_code == 0, result.output
     assert [r["step"] for r in metrics(out)] == list(range(1, step + 3))
+
+
+def test_a_float16_run_logs_its_loss_scale_and_keeps_it_in_the_checkpoint(tmp_path, model_dir, data):
+    """--dtype float16 computes in float16, so the run scales its loss (issue 23): each
+    metrics record and log line says the scale, and the checkpoint keeps it."""
+    out = tmp_path / "run"
+    result = run(*base_args(model_dir, data["text"], out, "--steps", "2", "--dtype", "float16"))
+    assert result.exit_code == 0, result.output
+    rows = metrics(out)
+    assert [r["loss_scale"] for r in rows] == [65536.0, 65536.0] and all(r["skipped_steps"] == 0 for r in rows)
+    assert "loss_scale 65536" in result.output
+    state = json.loads((out / "final" / "trainer_state.json").read_text())
+    assert state["loss_scale"]["scale"] == 65536.0 and state["loss_scale"]["growth_tracker"] == 2
+    plain = tmp_path / "plain"
+    assert run(*base_args(model_dir, data["text"], plain, "--steps", "1")).exit_code == 0
+    assert "loss_scale" not in metrics(plain)[0]

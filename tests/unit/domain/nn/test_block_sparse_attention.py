@@ -151,3 +151,80 @@ def test_a_window_shorter_than_the_sequence_matches_transformers_without_a_dense
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     assert_close(ours, expected, noise=logits_noise(model, ids), floor=forward_floor(spec, SEQ), what="mistral")
+
+
+def _left_padded(vocab: int):
+    ids = torch.randint(0, vocab, (3, SEQ), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(3, SEQ, dtype=torch.long)
+    mask[1, :9] = 0
+    mask[2, :1] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "qwen2_window"])
+def test_a_left_padded_batch_builds_no_mask_and_its_logits_are_transformers(kind, monkeypatch):
+    """Each row's real tokens attend causally among themselves (by window bands where the
+    window is shorter), its padding outputs zeros: no SDPA call sees a (batch, 1, seq, seq)
+    mask, and every position's logits, the padded ones too, are transformers'."""
+    model, spec, units = _model(kind)
+    ids, mask = _left_padded(spec.vocab_size)
+    ctx = make_context(spec, tuple(ids.shape), attention_mask=mask)
+    for m, keep in ctx.masks.values():
+        assert isinstance(m, BlockSparse) and m.lead == (0, 9, 1) and keep is None
+    window = ctx.params.layout.sliding_window or 0
+    spy = _SdpaSpy(monkeypatch)
+    ours = _logits(spec, units, ids, ctx)
+    assert spy.masks and all(s is None or s[-2] * s[-1] <= window * 2 * window for s in spy.masks), spy.masks
+    monkeypatch.undo()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    noise = logits_noise(model, ids, mask)
+    assert_close(ours, expected, noise=noise, floor=forward_floor(spec, SEQ), what="transformers")
+
+
+def test_a_left_padded_batch_trains_as_the_dense_mask():
+    """Gradients equal the dense mask's (``BlockSparse.dense`` and its ``keep``: the mask
+    :func:`attention_masks` builds), for every position's input."""
+    from lema.domain.nn.context import attention_masks
+
+    _, spec, units = _model("llama")
+    ids, mask = _left_padded(spec.vocab_size)
+    ctx = make_context(spec, tuple(ids.shape), attention_mask=mask)
+    (sparse, _), = {id(m): (m, k) for m, k in ctx.masks.values()}.values()
+    dense_mask, keep = attention_masks(mask.bool(), SEQ, None, torch.device("cpu"))
+    assert torch.equal(sparse.dense("cpu"), dense_mask) and torch.equal(sparse.keep("cpu"), keep)
+    dense = attrs.evolve(ctx, masks={k: (dense_mask, keep) for k in ctx.masks})
+    grads = []
+    for c in (ctx, dense):
+        x = embed(spec, units[0], ids, c).detach().requires_grad_(True)
+        h = x
+        for i in range(spec.n_layers):
+            h = decoder_block(spec, units[i + 1], None, h, c, layer=i)
+        logits = head_logits(spec, units[-1], h)
+        labels = ids.masked_fill(mask == 0, -100)
+        F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)).backward()
+        grads.append(x.grad)
+    assert_close(grads[0], grads[1], floor=forward_floor(spec, SEQ, extra=2), what="input gradient")
+
+
+def test_a_left_padded_prefill_builds_no_mask_and_its_logits_are_the_dense_masks(monkeypatch):
+    """Generation's prefill (no cached keys) of left-padded prompts takes the training batch's
+    masks; the steps after it keep their (batch, 1, new, keys) masks over the cache."""
+    from lema.domain.model.context import make_decode_context
+    from lema.domain.nn.context import attention_masks
+
+    _, spec, units = _model("mistral")
+    ids, mask = _left_padded(spec.vocab_size)
+    ctx = make_decode_context(spec, 3, 0, SEQ, attention_mask=mask)
+    for m, keep in ctx.masks.values():
+        assert isinstance(m, BlockSparse) and m.lead == (0, 9, 1) and keep is None
+    spy = _SdpaSpy(monkeypatch)
+    ours = _logits(spec, units, ids, ctx)
+    window = ctx.params.layout.sliding_window
+    assert all(s is None or s[-2] * s[-1] <= window * 2 * window for s in spy.masks)
+    monkeypatch.undo()
+    dense = attrs.evolve(ctx, masks={k: attention_masks(mask.bool(), SEQ, window if k == "sliding_attention" else None,
+                                                        torch.device("cpu")) for k in ctx.masks})
+    assert_close(ours, _logits(spec, units, ids, dense), floor=forward_floor(spec, SEQ), what="prefill")
+    step = make_decode_context(spec, 3, SEQ, 1, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1))
+    assert all(isinstance(m, torch.Tensor) for m, _ in step.masks.values())

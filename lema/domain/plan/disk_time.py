@@ -212,8 +212,10 @@ def with_disk(step: "StepTime", disk: DiskTime | None, plan: "MemoryPlan | None"
               spec: "ModelSpec | None" = None) -> "StepTime":
     """The predicted step with the drive's term.
 
-    The reads run on the prefetch thread, overlapped with the compute, so the step takes at
-    least :attr:`DiskTime.seconds`. Given the ``plan`` and ``spec`` the step was predicted for
+    On a device that computes on the host's cores (the CPU, given the ``plan``), the reads and
+    the compute take turns on them: the step is the drive's seconds plus the step without it.
+    Elsewhere the reads run on the prefetch thread, overlapped with the compute, so the step
+    takes at least :attr:`DiskTime.seconds`. Given the ``plan`` and ``spec`` the step was predicted for
     (and weights fetched through slots), the schedule is played again with each fetch taking
     its share of the drive's time (the fetches' bytes at ``moved / disk.seconds``): a compute
     that waits on a slot still being read shows, not only the longer of the two. The bound is
@@ -221,6 +223,15 @@ def with_disk(step: "StepTime", disk: DiskTime | None, plan: "MemoryPlan | None"
     """
     if disk is None or disk.keep is None or not disk.read_rate > 0 or disk.seconds <= 0:
         return step
+    if plan is not None and not plan.shape.device.async_compute:
+        # A device that computes on the host's cores (the CPU): the reads (page faults, copies
+        # out of the page cache) take the cores the compute runs on, so they add up rather than
+        # overlap. Measured on a 2-core guest streaming a 31 GiB file (docs/benchmarks.md 15):
+        # reads took 17.0 s of a 23.4 s step whose compute alone is predicted at 4.4 s.
+        total = disk.seconds + step.step_seconds
+        tokens = step.tokens_per_second * step.step_seconds / total
+        return attrs.evolve(step, step_seconds=total, disk_seconds=disk.seconds, bound="disk",
+                            share=disk.seconds / total, tokens_per_second=tokens)
     played = step
     if plan is not None and spec is not None and step.moved_bytes > 0:
         from lema.domain.plan.timing import predict

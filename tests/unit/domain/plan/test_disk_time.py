@@ -118,3 +118,24 @@ def test_replayed_through_the_schedule_a_compute_waiting_on_a_slot_still_being_r
     assert bare.step_seconds == pytest.approx(max(step.step_seconds, disk.seconds))
     assert played.step_seconds > bare.step_seconds
     assert played.disk_seconds == disk.seconds and played.rates == step.rates
+
+
+def test_on_the_cpu_the_reads_and_the_compute_take_turns_on_the_cores():
+    # The CPU computes on the cores that read the file (page faults, copies out of the page
+    # cache): the drive's seconds add to the step instead of hiding it. On CUDA they overlap.
+    from lema.domain.model.spec import ModelSpec
+    from lema.domain.plan.planner import Budget, TrainingShape, plan
+    from lema.domain.plan.timing import predict
+    from tests.streamed_steps import llama_config
+
+    spec = ModelSpec.from_config({**llama_config(8, 512, 1408, 2000, 4), "torch_dtype": "float32"})
+    for kind, serial in (("cpu", True), ("cuda", False)):
+        p = plan(spec, TrainingShape(batch=1, seq=16, device_kind=kind), Budget(96 << 20))
+        step = predict(p, spec)
+        disk = DiskTime(int(2 * step.step_seconds * 1e9), 1e9, 0, "measured")
+        got = with_disk(step, disk, p, spec)
+        if serial:
+            assert got.step_seconds == pytest.approx(disk.seconds + step.step_seconds)
+            assert got.bound == "disk" and got.share == pytest.approx(disk.seconds / got.step_seconds)
+        else:
+            assert got.step_seconds < disk.seconds + step.step_seconds

@@ -7,7 +7,7 @@ one run:
 1. ``dd if=FILE of=/dev/null iflag=direct bs=16M``: the drive's sequential rate, no cache;
 2. the sustained calibration LEMA's plan uses (:func:`lema.adapters.weights.read_rate.measure`:
    buffered with pages dropped, as the run reads; run-sized requests in parallel over the
-   whole file, up to 8 GiB / 15 s), with a
+   whole file, up to 24 GiB / 15 s), with a
    fresh ``$LEMA_CACHE`` so the plan measures it now;
 3. LEMA's reader alone: every unit of the model read into a slot as a streamed step does
    (the run's readers and page-cache policy), pages dropped first;

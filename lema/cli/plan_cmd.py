@@ -52,7 +52,7 @@ DEFAULT_BANDWIDTH = "24G"  # bytes/s: PCIe 4.0 x16 host -> device from pinned me
 @click.option("--calibrate", is_flag=True,
               help="Measure this machine's link, matmul, attention and memory rates at the run's dtype and shapes "
                    "(a few seconds), and the sustained read rate of the drive holding the model's file (up to "
-                   "8 GiB or 15 s), for the predicted step time, and cache them (under $LEMA_CACHE, default "
+                   "24 GiB or 15 s), for the predicted step time, and cache them (under $LEMA_CACHE, default "
                    "~/.cache/lema). Without it the plan uses a cached calibration of the same run, else the device "
                    "kind's stated defaults, and says which.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")

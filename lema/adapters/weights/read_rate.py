@@ -8,8 +8,8 @@ through the page cache as the run reads (with the kernel's readahead), the piece
 dropped with ``posix_fadvise(DONTNEED)`` before and after so they come from the drive (not
 ``O_DIRECT``: it measures another workload, half the run's rate on this project's virtual
 disk), for at most ``sample``
-bytes (8 GiB) or ``seconds`` (15 s), stopping early once the rate is stable (the last four
-windows of 256 MiB within 5% of their mean, after at least 3 s). The rate reported is the
+bytes (24 GiB) or ``seconds`` (15 s), stopping early once the rate is stable (the last four
+windows of 256 MiB within 5% of their mean, after at least 10 s). The rate reported is the
 second half's (what the drive sustains once any burst allowance is spent). Holes of a
 sparse file (zeros read without touching the drive) are skipped; a file with no data to
 sample, or whose pages cannot be dropped, gives None.
@@ -22,14 +22,14 @@ calibration: it is the rate of this workload, over a whole step. Rates cached by
 versions from a short sample are ignored (measured again).
 
 Limit: a drive whose rate falls only after more than ``sample`` bytes (burst credits of a
-cloud volume larger than 8 GiB) is still overstated by the calibration; the first full step
+cloud volume larger than 24 GiB) is still overstated by the calibration; the first full step
 from disk corrects it (the progress line's prediction, and every later plan).
 
 Torch-free: ``lema plan --calibrate`` measures with it.
 
 Example:
     >>> read_rate("/models/llama.safetensors")           # doctest: +SKIP
-    (1.1e9, 'measured: 8.0 GiB in 7.2 s, buffered, pages dropped, 4 threads')
+    (1.1e9, 'measured: 16.0 GiB in 14.6 s, buffered, pages dropped, 4 threads')
 """
 
 from __future__ import annotations
@@ -49,9 +49,10 @@ import attrs
 
 CHUNK = 32 << 20  # bytes per sampled spot of the file
 PIECE = 8 << 20  # bytes per request: the run's (parallel_read.READ_PIECE)
-SAMPLE = 8 << 30  # bytes read at most
+SAMPLE = 24 << 30  # bytes read at most
 SECONDS = 15.0  # seconds spent at most
-MIN_SECONDS = 3.0  # before a stable rate may stop the measurement
+MIN_SECONDS = 10.0  # before a stable rate may stop the measurement (a 4 s sample of a virtual
+# disk read 2.2 GiB/s where the run's steps read at 1.4-1.8: docs/benchmarks.md 15)
 WINDOW = 256 << 20  # bytes per rate window
 STABLE = 0.05  # the last windows within this share of their mean: stable
 THREADS = 4  # requests in flight, as a streamed run from the drive keeps (bootstrap.disk_readers)
@@ -162,6 +163,7 @@ def measure(path: str | os.PathLike[str], sample: int = SAMPLE, threads: int = T
                     done += got
             finally:
                 view.release()
+            os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)  # behind the read, as the run's policy does
             return n
 
         marks = [(0.0, 0)]  # (seconds, bytes) after each piece, in completion order

@@ -47,7 +47,8 @@ from pathlib import Path
 
 import attrs
 
-CHUNK = 32 << 20  # bytes per sampled spot of the file
+CHUNK = 512 << 20  # bytes per sampled spot of the file: a decoder layer's worth read end to end,
+# as the run reads a unit (32 MiB spots read at another rate than the run's reads)
 PIECE = 8 << 20  # bytes per request: the run's (parallel_read.READ_PIECE)
 SAMPLE = 24 << 30  # bytes read at most
 SECONDS = 15.0  # seconds spent at most
@@ -163,7 +164,6 @@ def measure(path: str | os.PathLike[str], sample: int = SAMPLE, threads: int = T
                     done += got
             finally:
                 view.release()
-            os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)  # behind the read, as the run's policy does
             return n
 
         marks = [(0.0, 0)]  # (seconds, bytes) after each piece, in completion order

@@ -4,8 +4,7 @@ A short sample overstates what a drive sustains: a virtual disk read 1.5 GiB/s o
 but 0.9-1.3 GiB/s over 31 GiB, and a step of a model larger than the page cache reads
 gigabytes. So :func:`measure` reads *enough* of the model's own file: pieces of 8 MiB (the
 run's request size) spread over the whole file, by as many threads as the run reads with,
-through the page cache as the run reads (``WILLNEED`` on each spot as its first piece is
-read, the kernel's readahead), the pieces' pages
+through the page cache as the run reads (with the kernel's readahead), the pieces' pages
 dropped with ``posix_fadvise(DONTNEED)`` before and after so they come from the drive (not
 ``O_DIRECT``: it measures another workload, half the run's rate on this project's virtual
 disk), for at most ``sample``
@@ -48,8 +47,7 @@ from pathlib import Path
 
 import attrs
 
-CHUNK = 512 << 20  # bytes per sampled spot of the file: a decoder layer's worth read end to end,
-# as the run reads a unit (32 MiB spots read at another rate than the run's reads)
+CHUNK = 32 << 20  # bytes per sampled spot of the file
 PIECE = 8 << 20  # bytes per request: the run's (parallel_read.READ_PIECE)
 SAMPLE = 24 << 30  # bytes read at most
 SECONDS = 15.0  # seconds spent at most
@@ -89,12 +87,10 @@ def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
 
 def sample_chunks(ranges: list[tuple[int, int]], sample: int = SAMPLE, chunk: int = CHUNK) -> list[tuple[int, int]]:
     """Up to ``sample // chunk`` chunks ``(offset, length)`` spread evenly over the data ranges
-    (aligned to 1 MiB, each inside one range; a range shorter than ``chunk``, not than a request, is one chunk)."""
+    (aligned to 1 MiB, each inside one range)."""
     slots = []
     for start, end in ranges:
         first = -(-start // ALIGN) * ALIGN
-        if PIECE <= end - first < chunk:  # a range shorter than a chunk is one spot, read whole
-            slots.append((first, end - first))
         slots += [(off, chunk) for off in range(first, end - chunk + 1, chunk)]
     want = max(1, sample // chunk)
     if len(slots) <= want:
@@ -146,20 +142,13 @@ def measure(path: str | os.PathLike[str], sample: int = SAMPLE, threads: int = T
     local = threading.local()
     try:
         chunks = sample_chunks(_data_ranges(fd, os.fstat(fd).st_size), sample, chunk)
-        # (offset, length, the chunk to ask the drive for first): as the run does for a unit
-        # (SafetensorsSource.read_unit), each spot gets WILLNEED when its first piece is read
-        pieces = [(off + p, min(PIECE, n - p), (off, n) if p == 0 else None)
-                  for off, n in chunks for p in range(0, n, PIECE)]
+        pieces = [(off + p, min(PIECE, n - p)) for off, n in chunks for p in range(0, n, PIECE)]
         if not pieces:
             return None
         for off, n in chunks:
             os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
 
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-
-        def read(off: int, n: int, ahead: tuple[int, int] | None) -> int:
-            if ahead is not None:
-                os.posix_fadvise(fd, ahead[0], ahead[1], os.POSIX_FADV_WILLNEED)
+        def read(off: int, n: int) -> int:
             buf = getattr(local, "buf", None)
             if buf is None:
                 buf = local.buf = mmap.mmap(-1, PIECE)  # page-aligned
@@ -174,13 +163,14 @@ def measure(path: str | os.PathLike[str], sample: int = SAMPLE, threads: int = T
                     done += got
             finally:
                 view.release()
+            os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)  # behind the read, as the run's policy does
             return n
 
         marks = [(0.0, 0)]  # (seconds, bytes) after each piece, in completion order
         stopped = "file" if len(pieces) * PIECE < sample else "sample"
         start = time.perf_counter()
         with ThreadPoolExecutor(threads, thread_name_prefix="lema-disk-rate") as pool:
-            futures = [pool.submit(read, off, n, ahead) for off, n, ahead in pieces]
+            futures = [pool.submit(read, off, n) for off, n in pieces]
             total = 0
             for future in futures:
                 total += future.result()

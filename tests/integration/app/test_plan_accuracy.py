@@ -269,4 +269,7 @@ def test_a_left_padded_batch_peak_matches_the_block_sparse_plan(tmp_path, case):
     measured_extra, planned_extra = padded - plain, sparse_plan - plain_plan
     real = float(mask.sum()) / mask.numel()
     assert measured_extra <= planned_extra
-    assert abs(measured_extra - planned_extra * real) <= TOLERANCE * measured_extra, (measured_extra, planned_extra)
+    if measured_extra > 0:  # the layer's peak is at attention
+        assert abs(measured_extra - planned_extra * real) <= TOLERANCE * measured_extra, (measured_extra, planned_extra)
+    else:  # bf16: the peak is elsewhere (as in the packed test above); the term stays conservative
+        assert 0 < planned_extra <= TOLERANCE * padded, (measured_extra, planned_extra)

@@ -59,17 +59,17 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 def _lora_delta(x: torch.Tensor, adapter: tuple[torch.Tensor, torch.Tensor], ctx: "BlockContext",
                 site: int) -> torch.Tensor:
-    """PEFT's ``lora_B(lora_A(dropout(x))) * scaling`` with ``x`` cast to the adapter dtype
-    (with dropout: without, :func:`lema.domain.nn.lora_update.lora_update` adds it)."""
+    """PEFT's ``lora_B(lora_A(dropout(x))) * scaling`` with ``x`` cast to the adapter dtype,
+    for ``ctx.lora_dropout > 0`` (without dropout :func:`lema.domain.nn.lora_update.lora_update`
+    computes the update)."""
     a, b = adapter
     h = x.to(a.dtype)
-    if ctx.lora_dropout > 0.0:
-        # One seeded generator per (layer, module, first token): a recomputed layer, or a tile
-        # of one (lema.domain.model.tiling), redraws the same mask.
-        seed = (ctx.dropout_seed + 7919 * site + 104729 * ctx.token_offset) % (2**63 - 1)
-        gen = torch.Generator(device=h.device).manual_seed(seed)
-        keep = torch.empty_like(h).bernoulli_(1.0 - ctx.lora_dropout, generator=gen)
-        h = h * keep / (1.0 - ctx.lora_dropout)
+    # One seeded generator per (layer, module, first token): a recomputed layer, or a tile
+    # of one (lema.domain.model.tiling), redraws the same mask.
+    seed = (ctx.dropout_seed + 7919 * site + 104729 * ctx.token_offset) % (2**63 - 1)
+    gen = torch.Generator(device=h.device).manual_seed(seed)
+    keep = torch.empty_like(h).bernoulli_(1.0 - ctx.lora_dropout, generator=gen)
+    h = h * keep / (1.0 - ctx.lora_dropout)
     scaling = ctx.lora_scaling
     if power_of_two(scaling):
         # as lora_update does: the same to the bit, r/out of the multiply
@@ -146,8 +146,7 @@ class Projector:
     def many(self, h: torch.Tensor, keys: Sequence[str]) -> list[torch.Tensor]:
         """``[proj(h, key) for key in keys]``, the adapters' ``A`` products stacked (see the class)."""
         adapters = [self.lora[key] for key in keys if key in self.lora]
-        if (len(keys) < 2 or self.ctx.lora_dropout > 0.0 or len(adapters) < len(keys)
-                or len({a.dtype for a, _ in adapters}) > 1):
+        if self.ctx.lora_dropout > 0.0 or len(adapters) < len(keys) or len({a.dtype for a, _ in adapters}) > 1:
             return [self(h, key) for key in keys]
         outs = [self._linear(h, key, None) for key in keys]
         a_stacked = torch.cat([a for a, _ in adapters])

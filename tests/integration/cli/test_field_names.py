@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from lema.cli import main
 from tests.chat_models import chat_llama_folder, chat_tokenizer, conversations
-from tests.demo_models import tiny_llama_folder, write_data
 
 pytest.importorskip("transformers")
 
@@ -30,16 +29,6 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     # the same options run the same ops in the same order: bit-identical (docs/testing.md)
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tiny_llama_folder(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    return write_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 
 from lema.cli import main
 from tests.chat_models import ANSWER, chat_tokenizer
-from tests.demo_models import tiny_llama_folder, write_data
 
 pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[3]
@@ -21,16 +20,6 @@ ROOT = Path(__file__).resolve().parents[3]
 
 def train(*args: str):
     return CliRunner().invoke(main, ["train", *args], catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tiny_llama_folder(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    return write_data(tmp_path_factory.mktemp("data"))
 
 
 def args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:

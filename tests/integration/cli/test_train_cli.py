@@ -17,21 +17,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from lema.cli import main
-from tests.demo_models import tiny_llama_folder, write_data
+from tests.demo_models import tiny_llama_folder
 
 pytest.importorskip("transformers")
 
 METRIC_FIELDS = {"step", "loss", "lr", "tokens_per_s", "device_peak_bytes"}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tiny_llama_folder(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    return write_data(tmp_path_factory.mktemp("data"))
 
 
 def run(*args: str) -> "click.testing.Result":  # noqa: F821

@@ -21,15 +21,10 @@ from safetensors.torch import load_file
 
 from lema.adapters.checkpoints.atomic import backup_path
 from lema.cli import main
-from tests.demo_models import tiny_llama_folder, write_data
+from tests.demo_models import write_data
 
 pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tiny_llama_folder(tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="module")

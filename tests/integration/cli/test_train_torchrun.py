@@ -18,20 +18,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from lema.cli import main
-from tests.demo_models import tiny_llama_folder, write_data
 from tests.tolerance import assert_close, forward_floor
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "rank_data_launcher.py"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tiny_llama_folder(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    return write_data(tmp_path_factory.mktemp("data"))
 
 
 def args(model: Path, data: Path, out: Path, batch: int, *extra: str) -> list[str]:

@@ -36,11 +36,6 @@ LEMA = "import sys; from lema.cli import main; sys.exit(main())"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tiny_llama_folder(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_data(tmp_path_factory.mktemp("data"))["text"]
 
